@@ -25,7 +25,7 @@ those wait in ``_orphans`` until their prefix appears, so a trie lookup always a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -368,6 +368,15 @@ class CodecSession:
         """Hyper ids ``V .. V + n - 1`` may be emitted next; all others must be masked."""
         return len(self._s.entries) + (1 if self._s.next_new_ok() else 0)
 
+    def candidate(self) -> tuple[int, tuple[int, ...]] | None:
+        """The new id the decoder would accept next (LZW's cScSc case) and the entry it would make."""
+        s = self._s
+        return (s.V + len(s.entries), s.buf + s.buf[:1]) if s.next_new_ok() else None
+
+    def expand(self, code: int) -> tuple[int, ...]:
+        """Base ids of an existing code (base, disabled or created hypertoken)."""
+        return (code,) if code < self._s.V else self._s.entries[code - self._s.V]
+
     def take_new_entries(self) -> list[tuple[int, tuple[int, ...]]]:
         """Entries created since the last call, as ``(id, base ids)``, in id order."""
         s = self._s
@@ -475,9 +484,3 @@ class CodecSession:
         s.fresh = int(d["fresh"])
         self._s = s
         self.num_codes = int(d["num_codes"])
-
-
-def merge_spans(codes: Iterable[int], codebook: Codebook) -> list[int]:
-    """Number of base tokens behind each code (1 for base and disabled ids)."""
-    V = codebook._V
-    return [1 if c < V else len(codebook[c]) for c in codes]

@@ -243,6 +243,11 @@ def test_allowed_hyper_ids_are_exactly_the_decodable_ones():
         for c in model_like(rng, config, rng.randint(0, 30)):
             s.push(c)
         V, k = config.base_vocab_size, s.num_allowed_hyper()
+        cand = s.candidate()
+        assert (cand is not None) == (k > len(s))
+        if cand is not None:
+            assert cand[0] == V + k - 1
+            assert CodecSession.from_dict(s.to_dict()).push(cand[0]) == cand[1]
         snap = s.to_dict()
         for c in range(V, V + k + 2):
             t = CodecSession.from_dict(snap)

@@ -1,0 +1,168 @@
+"""``zip2zip_config.json``: read, validate, write (framework-free).
+
+The file format is the one the ``zip2zip`` 0.2.0 package writes (``asdict`` of its config,
+``indent=2, sort_keys=True``), so checkpoints move both ways:
+
+    {"base_model_name_or_path": ..., "format_version": 1, "position_mode": "compressed",
+     "encoder_type": "transformer" | "res_latent_attn",
+     "encoder": {...fields of that type...},
+     "compression": {"initial_vocab_size", "max_codebook_size", "max_subtokens", "disabled_ids"}}
+
+Validation errors are ``ConfigError`` naming the file and the field. ``codec_config(pad_id)``
+derives the ``CodecConfig`` (pad = tokenizer pad, else eos; pad is always disabled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .codec import CodecConfig
+
+CONFIG_NAME = "zip2zip_config.json"
+POSITION_MODES = ("compressed", "base_token_end")
+
+# Encoder fields per type, with defaults (None = required unless noted in ``_OPTIONAL``).
+_COMMON = {"hidden_size": None, "tie_encoders": False, "position_encoding": None}
+ENCODER_FIELDS: dict[str, dict[str, Any]] = {
+    # v0.1 models: post-LN transformer in the model's hidden size, mean over all M slots
+    "transformer": {**_COMMON, "num_hidden_layers": None, "intermediate_size": None, "num_heads": None},
+    # zip2zip++ models: pre-LN latent transformer, masked-mean or last-token pooling, residual
+    "res_latent_attn": {**_COMMON, "model_hidden_size": None, "num_hidden_layers": None,
+                        "intermediate_size": None, "num_heads": None, "causal": False, "residual": True},
+}
+_OPTIONAL = {"position_encoding", "intermediate_size", "model_hidden_size"}
+
+
+class ConfigError(ValueError):
+    """A zip2zip config is missing a field or has a bad value; the message names both."""
+
+
+@dataclass
+class CompressionSettings:
+    initial_vocab_size: int
+    max_codebook_size: int
+    max_subtokens: int
+    disabled_ids: list[int]
+
+
+@dataclass
+class Zip2ZipConfig:
+    base_model_name_or_path: str
+    encoder_type: str
+    encoder: dict[str, Any]
+    compression: CompressionSettings
+    position_mode: str = "compressed"
+    format_version: int = 1
+    source: str = field(default="", compare=False, repr=False)  # where it was read from, for errors
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def _err(self, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source or CONFIG_NAME}: {msg}")
+
+    def validate(self) -> None:
+        if self.encoder_type not in ENCODER_FIELDS:
+            hint = (" (the reference's 'attention' encoder is broken upstream and not supported)"
+                    if self.encoder_type == "attention" else "")
+            raise self._err(f"encoder_type {self.encoder_type!r} is not one of "
+                            f"{sorted(ENCODER_FIELDS)}{hint}")
+        if self.position_mode not in POSITION_MODES:
+            raise self._err(f"position_mode {self.position_mode!r} is not one of {POSITION_MODES}")
+        known = ENCODER_FIELDS[self.encoder_type]
+        unknown = sorted(set(self.encoder) - set(known))
+        if unknown:
+            raise self._err(f"encoder has unknown field(s) {unknown} for encoder_type {self.encoder_type!r}")
+        self.encoder = {**known, **self.encoder}
+        for k, v in self.encoder.items():
+            if v is None and k not in _OPTIONAL:
+                raise self._err(f"encoder.{k} is required")
+            if k in ("hidden_size", "num_hidden_layers", "num_heads", "intermediate_size",
+                     "model_hidden_size") and v is not None and (not isinstance(v, int) or v < 1):
+                raise self._err(f"encoder.{k} must be a positive integer, got {v!r}")
+        if self.encoder["hidden_size"] % self.encoder["num_heads"]:
+            raise self._err(f"encoder.hidden_size {self.encoder['hidden_size']} is not divisible "
+                            f"by encoder.num_heads {self.encoder['num_heads']}")
+        if self.encoder["position_encoding"] not in (None, "learnable"):
+            raise self._err(f"encoder.position_encoding {self.encoder['position_encoding']!r} "
+                            "must be null or 'learnable'")
+        c = self.compression
+        for k in ("initial_vocab_size", "max_codebook_size", "max_subtokens"):
+            v = getattr(c, k)
+            if not isinstance(v, int) or v < (0 if k == "max_codebook_size" else 1):
+                raise self._err(f"compression.{k} must be a {'non-negative' if k == 'max_codebook_size' else 'positive'} integer, got {v!r}")
+        if not c.disabled_ids:
+            raise self._err("compression.disabled_ids is empty: it must list the tokenizer's special "
+                            "tokens, e.g. list(tokenizer.get_added_vocab().values())")
+        if len(set(c.disabled_ids)) != len(c.disabled_ids):
+            raise self._err("compression.disabled_ids has duplicates")
+        bad = [i for i in c.disabled_ids if not isinstance(i, int) or not 0 <= i < c.initial_vocab_size]
+        if bad:
+            raise self._err(f"compression.disabled_ids {bad[:5]} are outside [0, initial_vocab_size)")
+
+    @property
+    def model_dim(self) -> int:
+        """Width of the vectors the hyper-encoders produce (the decoder's hidden size)."""
+        return self.encoder.get("model_hidden_size") or self.encoder["hidden_size"]
+
+    def codec_config(self, pad_id: int) -> CodecConfig:
+        c = self.compression
+        return CodecConfig(c.initial_vocab_size, c.max_codebook_size, c.max_subtokens,
+                           frozenset(c.disabled_ids), pad_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("source")
+        d["compression"]["disabled_ids"] = sorted(d["compression"]["disabled_ids"])
+        return d
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "") -> Zip2ZipConfig:
+        where = source or CONFIG_NAME
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object")
+        known = {f.name for f in fields(cls)} - {"source"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}")
+        for k in ("base_model_name_or_path", "encoder_type", "encoder", "compression"):
+            if d.get(k) is None:
+                raise ConfigError(f"{where}: field {k!r} is missing")
+        comp = d["compression"]
+        ckeys = {f.name for f in fields(CompressionSettings)}
+        if not isinstance(comp, dict) or set(comp) - ckeys or ckeys - set(comp) - {"disabled_ids"}:
+            raise ConfigError(f"{where}: compression must have exactly the fields {sorted(ckeys)}, "
+                              f"got {sorted(comp) if isinstance(comp, dict) else comp!r}")
+        return cls(
+            base_model_name_or_path=d["base_model_name_or_path"],
+            encoder_type=d["encoder_type"],
+            encoder=dict(d["encoder"]),
+            compression=CompressionSettings(**{"disabled_ids": None, **comp}),
+            position_mode=d.get("position_mode", "compressed"),
+            format_version=d.get("format_version", 1),
+            source=source,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Zip2ZipConfig:
+        """Read ``zip2zip_config.json`` from a file or a checkpoint directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist: is this a zip2zip checkpoint directory?") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e})") from None
+        return cls.from_dict(data, str(path))

@@ -1,0 +1,191 @@
+"""The zip2zip model in torch: a transformers causal LM plus two hyper-encoders and their caches.
+
+Vocabulary: ids ``0..V-1`` are base tokens, ``V..V+C-1`` hypertoken slots. ``V`` is the
+tokenizer's size; an LM head with more rows than V (Phi-3.5: 32064 vs 32011) has its extra rows
+dropped: they are not tokens and must never be sampled (the reference shifts them behind the
+hyper slots where a model can pick them).
+
+- ``add_entries([(id, base ids), ...])`` runs both encoders once on the new entries and stores
+  the results in the per-session caches ``hyper_in`` / ``hyper_out`` (C, D). ``candidate`` is the
+  one id the decoder could still accept as new (LZW's cScSc case): only its output vector is
+  computed, so the model can predict it.
+- ``embed(codes)`` looks base ids up in the embedding matrix and hyper ids in ``hyper_in``.
+- ``hidden(codes, positions, cache)`` runs the decoder body at explicit positions (both position
+  modes are just different positions) and returns its final hidden states.
+- ``logits(hidden)`` = base logits (V) ++ hyper logits (C); slots that are neither created nor
+  the candidate are -inf, so a nonexistent code can never be emitted.
+- ``sequence_logits(codes)`` scores whole compressed sequences with a fresh codebook, masking at
+  each position what did not exist yet there (as inference sees it): for tests and evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..codec import CodecSession
+from ..config import Zip2ZipConfig
+from .encoders import build_encoder
+
+Entry = tuple[int, tuple[int, ...]]
+
+
+def entry_tensor(entries: Sequence[tuple[int, ...]], M: int, pad_id: int, device) -> torch.Tensor:
+    """(N, M) long: each entry's base ids right-padded with pad, as the reference feeds them."""
+    rows = [list(e) + [pad_id] * (M - len(e)) for e in entries]
+    return torch.tensor(rows, dtype=torch.long, device=device).view(len(rows), M)
+
+
+def base_token_end_positions(spans: Sequence[int], start: int) -> list[int]:
+    """zip2zip++ positions: each code sits at the base-token index of its last subtoken."""
+    out, p = [], start - 1
+    for s in spans:
+        p += s
+        out.append(p)
+    return out
+
+
+class Zip2ZipLM(nn.Module):
+    def __init__(self, config: Zip2ZipConfig, lm: nn.Module, pad_id: int):
+        super().__init__()
+        self.config = config
+        self.lm = lm  # a transformers *ForCausalLM (LoRA merged, or a PeftModel while training)
+        c = config.compression
+        self.V, self.C, self.M, self.pad_id = c.initial_vocab_size, c.max_codebook_size, c.max_subtokens, pad_id
+        emb = lm.get_input_embeddings()
+        head = lm.get_output_embeddings()
+        if head is None:
+            raise ValueError("the base model has no output embeddings (LM head)")
+        if emb.weight.shape[0] < self.V or head.weight.shape[0] < self.V:
+            raise ValueError(f"the base model has {emb.weight.shape[0]} embedding rows and "
+                             f"{head.weight.shape[0]} LM head rows, fewer than the "
+                             f"initial_vocab_size {self.V} of the zip2zip config")
+        D = emb.weight.shape[1]
+        if config.model_dim != D:
+            raise ValueError(f"the hyper-encoders produce vectors of size {config.model_dim} "
+                             f"but the base model's hidden size is {D}")
+        enc = config.encoder
+        self.input_encoder = build_encoder(config.encoder_type, enc, self.M, pad_id)
+        self.output_encoder = None if enc["tie_encoders"] else build_encoder(config.encoder_type, enc, self.M, pad_id)
+        w = emb.weight
+        self.input_encoder.to(device=w.device, dtype=w.dtype)
+        if self.output_encoder is not None:
+            self.output_encoder.to(device=head.weight.device, dtype=head.weight.dtype)
+        self.register_buffer("hyper_in", torch.zeros(self.C, D, dtype=w.dtype, device=w.device), persistent=False)
+        self.register_buffer("hyper_out", torch.zeros(self.C, D, dtype=w.dtype, device=w.device), persistent=False)
+        self.n_created = 0  # slots V .. V + n_created - 1 hold real entries
+        self.candidate: int | None = None  # a further slot whose output vector is live
+
+    # --- hypertoken vectors -------------------------------------------------------------------
+
+    @property
+    def out_encoder(self) -> nn.Module:
+        return self.output_encoder if self.output_encoder is not None else self.input_encoder
+
+    def hyper_vectors(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, M) entry rows -> input vectors (N, D) and output vectors (N, D)."""
+        emb = self.lm.get_input_embeddings().weight
+        head = self.lm.get_output_embeddings().weight
+        return self.input_encoder(rows, emb), self.out_encoder(rows, head)
+
+    @torch.no_grad()
+    def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
+        if entries:
+            ids = [i - self.V for i, _ in entries]
+            if min(ids) < 0 or max(ids) >= self.C:
+                raise ValueError(f"hypertoken ids {[i for i, _ in entries]} are outside [{self.V}, {self.V + self.C})")
+            rows = entry_tensor([e for _, e in entries], self.M, self.pad_id, self.hyper_in.device)
+            vin, vout = self.hyper_vectors(rows)
+            idx = torch.tensor(ids, device=rows.device)
+            self.hyper_in[idx] = vin.to(self.hyper_in.dtype)
+            self.hyper_out[idx] = vout.to(self.hyper_out.dtype)
+            self.n_created = max(self.n_created, max(ids) + 1)
+        self.candidate = None
+        if candidate is not None:
+            slot = candidate[0] - self.V
+            row = entry_tensor([candidate[1]], self.M, self.pad_id, self.hyper_out.device)
+            head = self.lm.get_output_embeddings().weight
+            self.hyper_out[slot] = self.out_encoder(row, head)[0].to(self.hyper_out.dtype)
+            self.candidate = slot
+
+    def reset_entries(self) -> None:
+        self.hyper_in.zero_()
+        self.hyper_out.zero_()
+        self.n_created, self.candidate = 0, None
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, T) codes -> (B, T, D) input embeddings."""
+        hi = self.V + self.n_created
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= hi):
+            bad = codes[(codes < 0) | (codes >= hi)][0].item()
+            raise ValueError(f"code {bad} does not exist (valid: 0..{hi - 1}); add its entry first")
+        is_hyper = codes >= self.V
+        base = self.lm.get_input_embeddings()(codes.clamp(max=self.V - 1))  # (B, T, D)
+        if not bool(is_hyper.any()):
+            return base
+        hyper = self.hyper_in[(codes - self.V).clamp(min=0)]  # (B, T, D)
+        return torch.where(is_hyper.unsqueeze(-1), hyper, base)
+
+    def hidden(self, codes: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        """(B, T) codes at (B, T) positions -> (B, T, D) final hidden states; appends to ``cache``."""
+        if cache is None:
+            # Without a cache transformers reads gaps in position_ids as packed-sequence boundaries
+            # and blocks attention across them; base_token_end positions have gaps by design.
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.lm.config)
+        out = self.lm.get_decoder()(inputs_embeds=self.embed(codes), position_ids=positions,
+                                    cache=cache, use_cache=True)
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., V + C) with slots that cannot be emitted at -inf."""
+        head = self.lm.get_output_embeddings()
+        base = nn.functional.linear(hidden, head.weight[: self.V],
+                                    None if head.bias is None else head.bias[: self.V])
+        live = self.n_created if self.candidate is None else max(self.n_created, self.candidate + 1)
+        hyper = hidden.new_full((*hidden.shape[:-1], self.C), float("-inf"))
+        if live:
+            hyper[..., :live] = hidden @ self.hyper_out[:live].T  # (..., live)
+            if self.candidate is not None and self.candidate > self.n_created:
+                hyper[..., self.n_created:self.candidate] = float("-inf")
+        return torch.cat([base, hyper], dim=-1)
+
+    # --- whole sequences (tests, evaluation) --------------------------------------------------
+
+    def sequence_logits(self, codes: Sequence[int], session: CodecSession) -> torch.Tensor:
+        """Logits (T, V + C) of one compressed sequence fed to ``session`` (usually a fresh one).
+
+        Position t sees exactly the hyper slots inference allows after code t: the entries
+        created so far, and the valid new id scored with its would-be entry's output vector.
+        """
+        created, cands = [], []
+        for t, c in enumerate(codes):
+            session.push(c)
+            created.append(len(session))
+            cand = session.candidate()
+            if cand is not None:
+                cands.append((t, cand[1]))
+        self.reset_entries()
+        self.add_entries(session.take_new_entries())
+        dev = self.hyper_in.device
+        if self.config.position_mode == "base_token_end":
+            pos = base_token_end_positions([len(session.expand(c)) for c in codes], 0)
+        else:
+            pos = list(range(len(codes)))
+        h = self.hidden(torch.tensor([list(codes)], device=dev), torch.tensor([pos], device=dev))[0]  # (T, D)
+        out = self.logits(h)  # (T, V + C), every final entry live
+        slot = torch.arange(self.C, device=dev)
+        not_yet = slot[None, :] >= torch.tensor(created, device=dev)[:, None]  # (T, C)
+        out[:, self.V:] = out[:, self.V:].masked_fill(not_yet, float("-inf"))
+        if cands:
+            rows = entry_tensor([e for _, e in cands], self.M, self.pad_id, dev)
+            with torch.no_grad():
+                vc = self.out_encoder(rows, self.lm.get_output_embeddings().weight)  # (K, D)
+            ts = torch.tensor([t for t, _ in cands], device=dev)
+            out[ts, self.V + torch.tensor(created, device=dev)[ts]] = (h[ts] * vc).sum(-1).to(out.dtype)
+        return out

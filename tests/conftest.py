@@ -1,0 +1,80 @@
+"""Shared fixtures: a real BPE tokenizer trained here, tiny random Llama / Phi-3 models, and tiny
+zip2zip checkpoints built from them. No network, no hub."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def corpus() -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = ["argparse.py", "textwrap.py", "string.py", "glob.py"]
+    texts = [(stdlib / f).read_text() for f in files]
+    texts.append("Le café est très bon. Über die Brücke gehen wir. ¿Dónde está el baño? 日本語のテキスト。🙂" * 20)
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (vocab 320, ChatML specials) trained on stdlib sources."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   unk_token=None, additional_special_tokens=SPECIALS)
+    fast.chat_template = CHATML
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def tiny_lm(kind: str, vocab: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=True, eos_token_id=2, bos_token_id=None, pad_token_id=None)
+        return LlamaForCausalLM(cfg).eval()
+    # Phi-3 style: fused qkv / gate_up, untied head, and more LM head rows than tokens
+    cfg = Phi3Config(vocab_size=vocab + 13, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                     tie_word_embeddings=False, eos_token_id=2, bos_token_id=None, pad_token_id=None,
+                     original_max_position_embeddings=512)
+    return Phi3ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def base_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """Tiny random base models saved with the tokenizer: {'llama': dir, 'phi3': dir}."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dirs = {}
+    for kind in ("llama", "phi3"):
+        d = tmp_path_factory.mktemp(f"base-{kind}")
+        tiny_lm(kind, len(tok)).save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs[kind] = d
+    return dirs
