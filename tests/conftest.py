@@ -78,3 +78,21 @@ def base_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
         tok.save_pretrained(d)
         dirs[kind] = d
     return dirs
+
+
+@pytest.fixture(scope="session")
+def ref_checkpoints(tmp_path_factory, base_dirs, tokenizer_dir):
+    """Checkpoints saved by the reference package: {(kind, encoder, position mode): (model, dir)}."""
+    pytest.importorskip("zip2zip", reason="reference: pip install --no-deps zip2zip==0.2.0 "
+                        "zip2zip-compression==0.3.4 omegaconf")
+    from reference import CASES, ref_model
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = {}
+    for kind, enc, mode in CASES:
+        ref = ref_model(kind, enc, mode, base_dirs[kind], tok)
+        d = tmp_path_factory.mktemp(f"ref-{kind}-{enc}")
+        ref.save_pretrained(d)
+        out[(kind, enc, mode)] = (ref, d)
+    return out

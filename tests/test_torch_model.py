@@ -13,60 +13,14 @@ z2z = pytest.importorskip("zip2zip", reason="reference: pip install --no-deps zi
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
-from zip2zip.config import CompressionConfig as RefCompression  # noqa: E402
-from zip2zip.config import Zip2ZipConfig as RefConfig  # noqa: E402
+from reference import C, CASES, LORA, randomize, ref_logits, ref_model  # noqa: E402
 from zip2zip.model import Zip2ZipModel  # noqa: E402
-from zip2zip.nn.encoders.config import ResLatentAttnConfig, TransformerEncoderConfig  # noqa: E402
 
 from backends.codec import CodecSession, encode  # noqa: E402
 from backends.config import Zip2ZipConfig  # noqa: E402
 from backends.torch_backend import checkpoint  # noqa: E402
 from backends.torch_backend.checkpoint import CheckpointError  # noqa: E402
 from backends.torch_backend.model import Zip2ZipLM, base_token_end_positions  # noqa: E402
-
-C, M = 64, 3
-LORA = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
-ENCODERS = {
-    "transformer": lambda: TransformerEncoderConfig(hidden_size=64, num_hidden_layers=2, num_heads=4,
-                                                    intermediate_size=96, position_encoding="learnable",
-                                                    tie_encoders=False),
-    "res_latent_attn": lambda: ResLatentAttnConfig(hidden_size=32, model_hidden_size=64, num_hidden_layers=2,
-                                                   num_heads=4, intermediate_size=48, causal=True,
-                                                   residual=True, tie_encoders=False),
-}
-CASES = [("llama", "transformer", "compressed"), ("llama", "res_latent_attn", "base_token_end"),
-         ("phi3", "transformer", "compressed"), ("phi3", "res_latent_attn", "base_token_end")]
-
-
-def randomize(modules, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in modules:
-            for name, p in m.named_parameters():
-                base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
-
-
-def ref_model(kind, enc, mode, base_dir, tok):
-    lm = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = RefConfig(base_model_name_or_path=str(base_dir), position_mode=mode, encoder_type=enc,
-                    encoder=ENCODERS[enc](),
-                    compression=RefCompression(initial_vocab_size=len(tok), max_codebook_size=C,
-                                               max_subtokens=M, disabled_ids=list(tok.get_added_vocab().values())))
-    ref = Zip2ZipModel(cfg, base_model=lm, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LORA[kind]))
-    lora = [m for n, m in ref.base_model.named_modules() if n.endswith("lora_B")]
-    randomize([ref.input_encoder, ref.output_encoder, *lora])
-    return ref.eval()
-
-
-def ref_logits(ref, codes):
-    ref.codebook_manager.reset()
-    with torch.no_grad():
-        out = ref(input_ids=torch.tensor([codes])).logits[0]
-    ref.codebook_manager.reset()
-    return out
-
 
 def sequences(tok, codec, seed=0):
     """A canonical chat-formatted sequence with repetition, and a model-like one."""
@@ -104,18 +58,6 @@ def comparable(ours, codes, session_codec):
             if cand[0] < V + len(final) and final.expand(cand[0]) == cand[1]:
                 mask[t, cand[0]] = True
     return mask, live
-
-
-@pytest.fixture(scope="module")
-def ref_checkpoints(tmp_path_factory, base_dirs, tokenizer_dir):
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    out = {}
-    for kind, enc, mode in CASES:
-        ref = ref_model(kind, enc, mode, base_dirs[kind], tok)
-        d = tmp_path_factory.mktemp(f"ref-{kind}-{enc}")
-        ref.save_pretrained(d)
-        out[(kind, enc, mode)] = (ref, d)
-    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])

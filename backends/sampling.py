@@ -1,0 +1,71 @@
+"""Sampling over the joint vocabulary (base ids ++ hyper slots), in numpy, shared by all backends.
+
+``Sampler.sample(logits, n_allowed, history)`` first masks every hyper slot past ``n_allowed``
+(codes that do not exist can never be emitted, whatever the backend returned), then applies the
+repetition penalty over ``history``, temperature, top-k and top-p, and draws with its own seeded
+generator. Temperature 0 is greedy (argmax, lowest id on ties).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # 1.0: off
+    repetition_window: int = 64  # most recent codes the penalty looks at
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+class Sampler:
+    def __init__(self, settings: SamplingSettings, base_vocab_size: int):
+        self.s = settings
+        self.V = base_vocab_size
+        self.rng = np.random.default_rng(settings.seed)
+
+    def sample(self, logits: np.ndarray, n_allowed: int, history: Sequence[int] = ()) -> int:
+        """One code from (V + C,) logits; hyper slots >= n_allowed are never chosen."""
+        x = np.array(logits, dtype=np.float32)  # a copy: the caller's logits stay untouched
+        x[self.V + n_allowed:] = -np.inf
+        x[np.isnan(x)] = -np.inf
+        s = self.s
+        if s.repetition_penalty != 1.0 and history:
+            idx = np.unique(np.asarray(history[-s.repetition_window:], dtype=np.int64))
+            idx = idx[idx < len(x)]
+            v = x[idx]
+            x[idx] = np.where(v > 0, v / s.repetition_penalty, v * s.repetition_penalty)
+        if not np.isfinite(x).any():
+            raise ValueError("every code is masked: the backend returned no finite logit")
+        if s.temperature == 0:
+            return int(np.argmax(x))
+        x = x / s.temperature
+        if s.top_k and s.top_k < np.isfinite(x).sum():
+            kth = np.partition(x, -s.top_k)[-s.top_k]
+            x[x < kth] = -np.inf
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        if s.top_p < 1.0:
+            order = np.argsort(-p, kind="stable")
+            cum = np.cumsum(p[order])
+            keep = order[: int(np.searchsorted(cum, s.top_p)) + 1]
+            q = np.zeros_like(p)
+            q[keep] = p[keep]
+            p = q / q.sum()
+        return int(self.rng.choice(len(p), p=p))

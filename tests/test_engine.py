@@ -1,0 +1,247 @@
+"""The engine over the torch backend on tiny random models: parity with the reference package's
+generate, multi-turn state, cancel, save/restore, context overflow, sampling and detokenization."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from transformers import AutoTokenizer  # noqa: E402
+
+from backends.codec import CodecSession  # noqa: E402
+from backends.detok import Detokenizer  # noqa: E402
+from backends.engine import Done, GenerationSettings, Notice, Session, Token  # noqa: E402
+from backends.sampling import Sampler, SamplingSettings  # noqa: E402
+from backends.torch_backend import checkpoint  # noqa: E402
+from backends.torch_backend.backend import TorchBackend  # noqa: E402
+
+GREEDY = GenerationSettings(max_tokens=40)
+
+
+class Recording:
+    """Wraps a backend: keeps the last logits; can hide the candidate (the reference's rule)."""
+
+    def __init__(self, inner, with_candidate=True, context_length=None):
+        self.inner, self.with_candidate = inner, with_candidate
+        self.context_length = context_length or inner.context_length
+        self.last = None
+        self.forwards = []
+
+    def add_entries(self, entries, candidate=None):
+        self.inner.add_entries(entries, candidate if self.with_candidate else None)
+
+    def forward(self, codes, positions):
+        self.forwards.append((list(codes), list(positions)))
+        self.last = self.inner.forward(codes, positions)
+        return self.last
+
+    def trim(self, n):
+        self.inner.trim(n)
+
+    def reset(self):
+        self.inner.reset()
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.fixture(scope="module")
+def loaded(ref_checkpoints):
+    return checkpoint.load(ref_checkpoints[("llama", "transformer", "compressed")][1])
+
+
+def new_session(loaded, **kw):
+    rec = Recording(TorchBackend(loaded.model), **kw)
+    return Session(rec, loaded.tokenizer, loaded.codec, position_mode=loaded.config.position_mode), rec
+
+
+def run(session, text, settings=GREEDY, cancel=None):
+    events = list(session.send(text, settings, cancel))
+    codes = [e.code for e in events if isinstance(e, Token) and e.code is not None]
+    done = events[-1]
+    assert isinstance(done, Done)
+    return codes, "".join(e.text for e in events if isinstance(e, Token)), done, events
+
+
+def from_scratch_logits(loaded, session):
+    """Prefill the session's whole fed stream into a fresh backend in one forward."""
+    backend = TorchBackend(loaded.model)
+    backend.reset()
+    codec = CodecSession(loaded.codec)
+    for c in session.codes[:session.fed]:
+        codec.push(c)
+    backend.add_entries(codec.take_new_entries(), codec.candidate())
+    return backend.forward(session.codes[:session.fed], session.positions[:session.fed]), codec
+
+
+PROMPT = "def f(x):\n    return x + 1\n\ndef g(x):\n    return x + 2\n\nprint(f(1), g(2))"
+
+
+@pytest.mark.parametrize("case", [("llama", "transformer", "compressed"), ("llama", "res_latent_attn", "base_token_end")])
+def test_greedy_codes_equal_reference_generate(case, ref_checkpoints):
+    ref, d = ref_checkpoints[case]
+    loaded = checkpoint.load(d)
+    session, rec = new_session(loaded, with_candidate=False)  # the reference cannot predict a new id
+    codes, _, done, _ = run(session, PROMPT, GenerationSettings(max_tokens=40))
+    prompt = rec.forwards[0][0]
+    ref.codebook_manager.reset()
+    with torch.no_grad():
+        out = ref.generate(input_ids=torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    want = out[0, len(prompt):].tolist()
+    assert codes == want[:len(codes)]
+    assert len(codes) >= 32 or done.reason == "stop"
+    assert sum(c >= loaded.codec.base_vocab_size for c in codes) >= 3  # hypertokens were emitted
+
+
+def test_two_turns_equal_the_conversation_from_scratch(loaded):
+    session, rec = new_session(loaded)
+    run(session, PROMPT, GenerationSettings(max_tokens=12))
+    n_after_1 = len(session.codes)
+    run(session, "again: " + PROMPT, GenerationSettings(max_tokens=12))
+    # the second turn prefilled only its new codes (plus the previous reply's last code)
+    assert sum(len(c) for c, _ in rec.forwards) == session.fed  # nothing was fed twice
+    second_prefill = next(c for c, _ in rec.forwards[1:] if len(c) > 1)
+    # it starts at the first reply's last code (sampled, not yet fed) and holds only the new turn
+    assert second_prefill == session.codes[n_after_1 - 1:n_after_1 - 1 + len(second_prefill)]
+    want, codec = from_scratch_logits(loaded, session)
+    assert set(codec.codebook.to_dict().items()) <= set(session.codec.codebook.to_dict().items())
+    np.testing.assert_allclose(rec.last, want, atol=1e-4)
+
+
+def test_cancel_mid_reply_then_next_turn_works(loaded):
+    session, rec = new_session(loaded)
+    cancel = threading.Event()
+    events = []
+    for ev in session.send(PROMPT, GenerationSettings(max_tokens=40), cancel):
+        events.append(ev)
+        if sum(isinstance(e, Token) for e in events) == 3:
+            cancel.set()
+    assert isinstance(events[-1], Done) and events[-1].reason == "cancelled"
+    assert session.messages[-1]["role"] == "assistant"  # the partial reply stays
+    codes, _, done, _ = run(session, "next", GenerationSettings(max_tokens=8))
+    assert done.reason in ("stop", "length") and codes
+    want, _ = from_scratch_logits(loaded, session)
+    np.testing.assert_allclose(rec.last, want, atol=1e-4)
+
+
+def test_consumer_that_stops_early_keeps_state_consistent(loaded):
+    session, rec = new_session(loaded)
+    gen = session.send(PROMPT, GenerationSettings(max_tokens=40))
+    for ev in gen:
+        if isinstance(ev, Token):
+            break
+    gen.close()
+    codes, _, done, _ = run(session, "next", GenerationSettings(max_tokens=6))
+    want, _ = from_scratch_logits(loaded, session)
+    np.testing.assert_allclose(rec.last, want, atol=1e-4)
+
+
+def test_save_restore_resumes_identically(loaded):
+    a, _ = new_session(loaded)
+    run(a, PROMPT, GenerationSettings(max_tokens=10))
+    snap = json.loads(json.dumps(a.to_dict()))
+    b, rec_b = new_session(loaded)
+    b.restore(snap)
+    ca, ta, _, _ = run(a, "more please", GenerationSettings(max_tokens=10))
+    cb, tb, _, _ = run(b, "more please", GenerationSettings(max_tokens=10))
+    assert (ca, ta) == (cb, tb)
+    assert len(rec_b.forwards[0][0]) > 20  # the history was rebuilt by one prefill
+
+
+def test_reset_clears_codebook_and_cache(loaded):
+    session, rec = new_session(loaded)
+    first, *_ = run(session, PROMPT, GenerationSettings(max_tokens=8))
+    session.reset()
+    assert len(session.codec) == 0 and session.messages == []
+    again, *_ = run(session, PROMPT, GenerationSettings(max_tokens=8))
+    assert first == again
+
+
+def test_context_overflow_drops_oldest_turns(loaded):
+    session, rec = new_session(loaded, context_length=160)
+    notices = []
+    for i in range(6):
+        _, _, done, events = run(session, f"turn {i}: " + "x = 1\n" * 6, GenerationSettings(max_tokens=16))
+        notices += [e for e in events if isinstance(e, Notice)]
+        assert max(session.positions) < 160
+    assert notices and "dropped" in notices[0].text
+    want, _ = from_scratch_logits(loaded, session)
+    np.testing.assert_allclose(rec.last, want, atol=1e-4)
+
+
+def test_message_too_long_for_context_is_a_clear_error(loaded):
+    from backends.engine import ContextFullError
+
+    session, _ = new_session(loaded, context_length=64)
+    with pytest.raises(ContextFullError, match="context window holds 64"):
+        run(session, "word " * 200, GenerationSettings(max_tokens=8))
+
+
+# --- sampling --------------------------------------------------------------------------------
+
+
+def test_sampler_never_emits_codes_that_do_not_exist():
+    V, C = 10, 6
+    logits = np.full(V + C, -5.0, dtype=np.float32)
+    logits[V + 3:] = 1e9  # adversarial: huge logits on slots that do not exist
+    logits[V + 4] = np.inf
+    for settings in (SamplingSettings(), SamplingSettings(temperature=1.5, seed=1),
+                     SamplingSettings(temperature=1.0, top_k=3, seed=2), SamplingSettings(temperature=1.0, top_p=0.5, seed=3)):
+        s = Sampler(settings, V)
+        picks = {s.sample(logits, n_allowed=3) for _ in range(200)}
+        assert max(picks) < V + 3
+
+
+def test_sampler_settings_behave():
+    V = 8
+    x = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 0], dtype=np.float32)
+    assert Sampler(SamplingSettings(), V).sample(x, 2) == 7
+    topk = {Sampler(SamplingSettings(temperature=1, top_k=2, seed=i), V).sample(x, 2) for i in range(50)}
+    assert topk == {6, 7}
+    topp = {Sampler(SamplingSettings(temperature=1, top_p=0.5, seed=i), V).sample(x, 2) for i in range(50)}
+    assert topp <= {6, 7}
+    a = [Sampler(SamplingSettings(temperature=1, seed=7), V).sample(x, 2) for _ in range(5)]
+    b = [Sampler(SamplingSettings(temperature=1, seed=7), V).sample(x, 2) for _ in range(5)]
+    assert a == b
+    assert Sampler(SamplingSettings(repetition_penalty=100.0), V).sample(x, 2, history=[7]) == 6
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingSettings(top_p=0)
+
+
+# --- detokenizer -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.mark.parametrize("text", ["plain words here", "Über die Brücke 🙂 日本語", "a🙂🙂b", "  spaces\n\ttabs  "])
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_detokenizer_streams_exact_text(tok, text, chunk):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    d = Detokenizer(tok)
+    parts = [d.add(ids[i:i + chunk]) for i in range(0, len(ids), chunk)] + [d.flush()]
+    assert "".join(parts) == tok.decode(ids) == text
+    assert all("\ufffd" not in p for p in parts)
+
+
+def test_detokenizer_holds_back_split_characters(tok):
+    ids = tok("🙂", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1  # the emoji is split across byte-level tokens
+    d = Detokenizer(tok)
+    assert [d.add([i]) for i in ids[:-1]] == [""] * (len(ids) - 1)
+    assert d.add(ids[-1:]) == "🙂"
+
+
+def test_detokenizer_flushes_incomplete_bytes(tok):
+    ids = tok("🙂", add_special_tokens=False)["input_ids"]
+    d = Detokenizer(tok)
+    assert d.add(ids[:1]) == ""
+    assert d.flush() == "\ufffd"  # what was generated is shown, not lost
