@@ -110,7 +110,7 @@ def test_two_turns_equal_the_conversation_from_scratch(loaded):
     # it starts at the first reply's last code (sampled, not yet fed) and holds only the new turn
     assert second_prefill == session.codes[n_after_1 - 1:n_after_1 - 1 + len(second_prefill)]
     want, codec = from_scratch_logits(loaded, session)
-    assert set(codec.codebook.to_dict().items()) <= set(session.codec.codebook.to_dict().items())
+    assert dict(codec.codebook.items()).items() <= dict(session.codec.codebook.items()).items()
     np.testing.assert_allclose(rec.last, want, atol=1e-4)
 
 
