@@ -1,0 +1,39 @@
+"""``python -m train CONFIG [--key value ...]`` (also the ``z2z-train`` console script)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="z2z-train", description="Train a zip2zip model (LoRA + hyper-encoders).",
+                                epilog="Overrides: --optim.steps 200 --data.seq_len 256 --lora.r 8 ... "
+                                       "Many GPUs: accelerate launch -m train CONFIG")
+    p.add_argument("config", help="TOML or YAML config (see train/recipes/)")
+    args, overrides = p.parse_known_args(argv)
+    from backends.sources import SourceError
+    from backends.torch_backend.checkpoint import CheckpointError
+
+    from .config import TrainConfigError, load_config
+    from .data import DataError
+
+    try:
+        cfg = load_config(args.config, overrides)
+        from .trainer import train
+
+        final = train(cfg)
+    except (TrainConfigError, DataError, CheckpointError, SourceError) as e:
+        print(f"z2z-train: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, TrainConfigError) else 1
+    except KeyboardInterrupt:
+        print("z2z-train: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if os.environ.get("RANK", "0") == "0":
+        print(f"final checkpoint: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
