@@ -65,20 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         parser.error("--max-tokens must be >= 1")
-    if args.model is None:
+    if args.model is None and args.prompt is not None:
         parser.error("--model is required (no embedded default model is bundled yet)")
     try:
         if args.prompt is not None:
             return one_shot(args)
-        from app.tui import run_app  # noqa: PLC0415 (the UI pulls in textual)
-
+        try:
+            from app.tui import run_app  # the UI pulls in textual
+        except ImportError as e:
+            print(f"z2z-chat: the chat UI needs textual ({e}): pip install \"z2z-chat[app]\"", file=sys.stderr)
+            return 1
         return run_app(args)
     except KeyboardInterrupt:
         print("z2z-chat: interrupted", file=sys.stderr)
         return 130
-    except ImportError as e:
-        print(f"z2z-chat: {e}. Install the UI with: pip install \"z2z-chat[app]\"", file=sys.stderr)
-        return 1
     except (RuntimeError, ValueError, OSError) as e:
         print(f"z2z-chat: error: {e}", file=sys.stderr)
         return 1

@@ -28,6 +28,60 @@ def cmd_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime(args: argparse.Namespace):
+    from .runtime import open_runtime
+
+    _progress(f"loading {args.model} on {args.backend}")
+    return open_runtime(args.model, args.backend, args.device, args.dtype, base=args.base)
+
+
+def _emit(args: argparse.Namespace, title: str, rows: list[dict]) -> None:
+    from .bench_model import format_rows
+
+    print(json.dumps(rows, indent=2) if args.json else f"{title}\n{format_rows(rows)}")
+
+
+def cmd_prefill(args: argparse.Namespace) -> int:
+    from . import bench_model
+
+    rt = _runtime(args)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    _emit(args, f"prefill, {rt.describe()} (ratio: zip2zip / plain base-token throughput)",
+          bench_model.prefill(rt, lengths, args.repeat, _progress))
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from . import bench_model
+
+    rt = _runtime(args)
+    _emit(args, f"decode, {rt.describe()} (step_overhead: zip2zip step time / plain step time - 1)",
+          bench_model.decode(rt, args.prompt_tokens, args.steps, _progress))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from . import bench_model
+
+    rt = _runtime(args)
+    ref = None
+    if args.reference:
+        _progress("loading the zip2zip reference package on the same checkpoint")
+        ref = bench_model.reference_ttft(rt, args.model, args.reference)
+    rows = bench_model.chat(rt, args.turns, args.reply_tokens, ref, _progress)
+    _emit(args, f"chat, {rt.describe()} (time to first token per turn)", rows)
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="zip2zip checkpoint directory or repo id")
+    p.add_argument("--base", help="override the checkpoint's base model")
+    p.add_argument("--backend", default="torch", choices=["auto", "torch", "mlx"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="z2z-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -40,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repeat", type=int, default=5, help="timing repeats, best kept (default 5)")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.set_defaults(func=cmd_codec)
+    pf = sub.add_parser("prefill", help="prefill throughput, zip2zip vs plain (Table 5 lengths)")
+    _model_args(pf)
+    pf.add_argument("--lengths", default="256,512,1024,2048")
+    pf.add_argument("--repeat", type=int, default=3)
+    pf.set_defaults(func=cmd_prefill)
+    dc = sub.add_parser("decode", help="decode throughput and per-step overhead, own and forced")
+    _model_args(dc)
+    dc.add_argument("--prompt-tokens", type=int, default=256)
+    dc.add_argument("--steps", type=int, default=256)
+    dc.set_defaults(func=cmd_decode)
+    ch = sub.add_parser("chat", help="time to first token over a scripted multi-turn chat")
+    _model_args(ch)
+    ch.add_argument("--turns", type=int, default=10)
+    ch.add_argument("--reply-tokens", type=int, default=48)
+    ch.add_argument("--reference", metavar="BASE_HF_DIR",
+                    help="also time the zip2zip package's generate (needs the base as an HF directory)")
+    ch.set_defaults(func=cmd_chat)
     return p
 
 
@@ -50,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"z2z-bench: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -273,19 +273,39 @@ class Session:
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": 1, "system": self.system, "position_mode": self.position_mode,
-                "messages": [dict(m) for m in self.messages], "codes": list(self.codes),
+                "messages": [dict(m) for m in self.messages], "codes": list(self.codes), "fed": self.fed,
                 "fed_text": self.fed_text, "codec": self.codec.to_dict()}
 
-    def restore(self, d: dict[str, Any]) -> None:
-        """Resume a saved conversation; the KV cache is rebuilt by one prefill at the next send."""
+    def _load(self, d: dict[str, Any]) -> CodecSession:
         codec = CodecSession.from_dict(d["codec"])
         if codec.config != self.codec_config:
             raise ValueError("the saved conversation was made with a different codec configuration "
                              "(another model?); start a new conversation")
+        return codec
+
+    def restore(self, d: dict[str, Any]) -> None:
+        """Resume a saved conversation; the KV cache is rebuilt by one prefill at the next send."""
+        codec = self._load(d)
         self._clear_stream()
-        self.system, self.messages = d.get("system"), [dict(m) for m in d["messages"]]
-        self.codec, self.fed_text = codec, d["fed_text"]
-        for c in d["codes"]:
-            self._append(c, len(codec.expand(c)))
+        self._set(d, codec)
         codec.take_new_entries()
         self.backend.add_entries(list(codec.codebook.items()), codec.candidate())
+
+    def rewind(self, d: dict[str, Any]) -> None:
+        """Go back to an earlier ``to_dict()`` of this session (e.g. to regenerate a reply),
+        trimming the KV cache instead of rebuilding it."""
+        codec = self._load(d)
+        if self.codes[:len(d["codes"])] != list(d["codes"]):
+            self.restore(d)  # not an earlier state of this stream
+            return
+        keep = min(int(d["fed"]), self.fed)
+        self.backend.trim(self.fed - keep)
+        self._set(d, codec)
+        self.fed = keep
+
+    def _set(self, d: dict[str, Any], codec: CodecSession) -> None:
+        self.system, self.messages = d.get("system"), [dict(m) for m in d["messages"]]
+        self.codec, self.fed_text = codec, d["fed_text"]
+        self.codes, self.positions = [], []
+        for c in d["codes"]:
+            self._append(c, len(codec.expand(c)))

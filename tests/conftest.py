@@ -54,7 +54,7 @@ def tiny_lm(kind: str, vocab: int, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "llama":
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                           tie_word_embeddings=True, eos_token_id=2, bos_token_id=None, pad_token_id=None)
         return LlamaForCausalLM(cfg).eval()
     # Phi-3 style: fused qkv / gate_up, untied head, and more LM head rows than tokens
@@ -96,3 +96,27 @@ def ref_checkpoints(tmp_path_factory, base_dirs, tokenizer_dir):
         ref.save_pretrained(d)
         out[(kind, enc, mode)] = (ref, d)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, base_dirs, tokenizer_dir) -> Path:
+    """A zip2zip checkpoint made with our own code: tiny Llama, random encoders (no LoRA)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from backends.config import CompressionSettings, Zip2ZipConfig
+    from backends.torch_backend import checkpoint
+    from backends.torch_backend.model import Zip2ZipLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = Zip2ZipConfig(str(base_dirs["llama"]), "transformer",
+                        {"hidden_size": 64, "num_hidden_layers": 1, "num_heads": 4, "position_encoding": "learnable"},
+                        CompressionSettings(len(tok), 64, 3, sorted(tok.all_special_ids)))
+    model = Zip2ZipLM(cfg, AutoModelForCausalLM.from_pretrained(base_dirs["llama"]), tok.eos_token_id)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in [*model.input_encoder.named_parameters(), *model.output_encoder.named_parameters()]:
+            p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=g))
+    d = tmp_path_factory.mktemp("tiny-ckpt")
+    checkpoint.save(model, d, tok)
+    return d

@@ -247,8 +247,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
 @torch.no_grad()
 def evaluate(objective: ZipObjective, data: Prepared, cfg: TrainConfig, rows) -> float:
-    was = objective.training
+    was, causal = objective.training, objective.causal
     objective.eval()
+    objective.causal = True  # held-out loss is always scored as inference sees it
     micro = cfg.optim.micro_batch_size
     n = min(len(data.val), cfg.eval_batches * micro)
     total, weight = 0.0, 0
@@ -259,6 +260,7 @@ def evaluate(objective: ZipObjective, data: Prepared, cfg: TrainConfig, rows) ->
         total += objective(batch)["lm_loss"].item() * w
         weight += w
     objective.train(was)
+    objective.causal = causal
     return total / max(weight, 1)
 
 

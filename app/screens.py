@@ -1,0 +1,94 @@
+"""Dialogs and the stats view of the chat app (no model work happens here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, DataTable, Footer, Input, Label, Sparkline, Static, TextArea
+
+
+class PromptDialog(ModalScreen[str | None]):
+    """Ask for one value (a title, a model path, a setting); Esc cancels."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, title: str, value: str = "", multiline: bool = False):
+        super().__init__()
+        self.title_text, self.value, self.multiline = title, value, multiline
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self.title_text)
+            if self.multiline:
+                yield TextArea(self.value, id="value")
+                yield Label("Ctrl+S saves, Esc cancels", classes="hint")
+            else:
+                yield Input(self.value, id="value")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value)
+
+    def key_ctrl_s(self) -> None:
+        if self.multiline:
+            self.dismiss(self.query_one(TextArea).text)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class ConfirmDialog(ModalScreen[bool]):
+    BINDINGS = [Binding("escape", "no", "No"), Binding("y", "yes", "Yes"), Binding("n", "no", "No")]
+
+    def __init__(self, question: str):
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self.question)
+            with Horizontal(id="buttons"):
+                yield Button("Yes (y)", id="yes", variant="error")
+                yield Button("No (n)", id="no", variant="primary")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_yes(self) -> None:
+        self.dismiss(True)
+
+    def action_no(self) -> None:
+        self.dismiss(False)
+
+
+class StatsScreen(Screen):
+    """Per-turn compression of the conversation, with a small chart (codes / base tokens)."""
+
+    BINDINGS = [Binding("escape,q,f3", "app.pop_screen", "Back")]
+
+    def __init__(self, title: str, turns: list[dict[str, Any]]):
+        super().__init__()
+        self.title_text, self.turns = title, turns
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"[b]Statistics[/b] of {self.title_text}", id="stats-title")
+        table = DataTable(id="stats-table", cursor_type="none", zebra_stripes=True)
+        table.add_columns("turn", "prompt tok", "prompt codes", "reply tok", "reply codes", "reply codes/tok",
+                          "codebook")
+        for i, t in enumerate(self.turns, 1):
+            rt = t.get("reply_tokens", 0)
+            table.add_row(str(i), str(t.get("prompt_tokens", 0)), str(t.get("prompt_codes", 0)), str(rt),
+                          str(t.get("reply_codes", 0)), f"{t.get('reply_codes', 0) / rt:.2f}" if rt else "-",
+                          f"{t.get('codebook_size', 0)}/{t.get('codebook_capacity', 0)}")
+        yield table
+        ratios = [t["reply_codes"] / t["reply_tokens"] for t in self.turns if t.get("reply_tokens")]
+        tok = sum(t.get("prompt_tokens", 0) + t.get("reply_tokens", 0) for t in self.turns)
+        codes = sum(t.get("prompt_codes", 0) + t.get("reply_codes", 0) for t in self.turns)
+        yield Label("Reply compression per turn (codes per base token; lower is better):")
+        yield Sparkline(ratios or [0], id="stats-chart")
+        saved = f"{tok - codes} of {tok} tokens saved ({codes / tok:.2f} codes per token)" if tok else "no turns yet"
+        yield Static(f"Whole conversation: {saved}", id="stats-total")
+        yield Footer()

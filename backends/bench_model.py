@@ -1,0 +1,197 @@
+"""``z2z-bench prefill | decode | chat``: zip2zip against the same model without it, side by side.
+
+"Plain" is the same checkpoint on the same backend fed base ids only (no codebook, no encoders):
+the base model as it runs without zip2zip. All throughput is in base-token equivalents per
+second, so the two compare directly; every number is measured in this run.
+
+- ``prefill``: prompts of 256/512/1024/2048 base tokens (the paper's Table 5), Python sources.
+- ``decode``: after a 256-token prompt, 256 steps of (a) the model's own greedy output and
+  (b) "forced" decoding: the canonical codes of a known continuation fed one step at a time
+  (plain: its base ids), so the step count and per-step cost reflect real compression even for
+  a model that does not emit hypertokens yet.
+- ``chat``: time to first token at each turn of a scripted conversation (ours keeps the KV cache
+  and codebook; with ``--reference``, the ``zip2zip`` package's ``generate``, which re-encodes the
+  whole conversation every turn).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .bench_codec import documents
+from .codec import CodecSession
+from .runtime import Runtime
+
+
+def _code_ids(rt: Runtime, n: int) -> list[int]:
+    docs, _ = documents(rt.tokenizer, "code", 1, n)
+    if not docs:
+        raise RuntimeError(f"no {n}-token Python source document found on this machine")
+    ids = [t for t in docs[0] if t not in rt.codec.disabled_ids]
+    return ids[:n]
+
+
+def _best(f: Callable[[], Any], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _positions(rt: Runtime, spans: list[int], start: int = 0) -> list[int]:
+    if rt.config.position_mode == "base_token_end":
+        return list(np.cumsum(spans) - 1 + start)
+    return list(range(start, start + len(spans)))
+
+
+def prefill(rt: Runtime, lengths: list[int], repeat: int, progress: Callable[[str], None]) -> list[dict]:
+    be, rows = rt.backend, []
+    ids_all = _code_ids(rt, max(lengths))
+    for n in lengths:
+        ids = ids_all[:n]
+        if n + 1 > be.context_length:
+            progress(f"prefill {n}: longer than the context window ({be.context_length}), skipped")
+            continue
+        progress(f"prefill {n} tokens")
+
+        def plain() -> None:
+            be.reset()
+            be.forward(ids, list(range(n)))
+
+        def zipped() -> int:
+            be.reset()
+            s = CodecSession(rt.codec)
+            codes = s.encode(ids)
+            be.add_entries(s.take_new_entries(), s.candidate())
+            be.forward(codes, _positions(rt, [len(s.expand(c)) for c in codes]))
+            return len(codes)
+
+        n_codes = zipped()
+        tp, tz = _best(plain, repeat), _best(zipped, repeat)
+        rho = n_codes / n
+        rows.append({"tokens": n, "codes": n_codes, "rho": rho, "plain_tok_s": n / tp, "zip_tok_s": n / tz,
+                     "ratio": tp / tz, "target_ratio": 0.9 / rho})
+    return rows
+
+
+def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forced: list[int] | None) -> dict:
+    """One decode run; returns steps, base tokens and seconds spent in the step loop."""
+    from .sampling import Sampler, SamplingSettings
+
+    be, V = rt.backend, rt.codec.base_vocab_size
+    be.reset()
+    sampler = Sampler(SamplingSettings(), V)
+    s = CodecSession(rt.codec)
+    if zip2zip:
+        codes = s.encode(prompt)
+        pos = _positions(rt, [len(s.expand(c)) for c in codes])
+        be.add_entries(s.take_new_entries(), s.candidate())
+    else:
+        codes, pos = list(prompt), list(range(len(prompt)))
+    logits = be.forward(codes, pos)
+    last, base_tokens, n = pos[-1], 0, 0
+    feed = None
+    if forced is not None:
+        feed = CodecSession.from_dict(s.to_dict()).encode(forced) if zip2zip else list(forced)
+    t = time.perf_counter()
+    for i in range(steps if feed is None else len(feed)):
+        allowed = s.num_allowed_hyper() if zip2zip else 0
+        code = sampler.sample(logits, allowed) if feed is None else feed[i]  # an eos is fed on like any code
+        span = len(s.push(code)) if zip2zip else 1
+        if zip2zip:
+            be.add_entries(s.take_new_entries(), s.candidate())
+        last = last + span if rt.config.position_mode == "base_token_end" and zip2zip else last + 1
+        logits = be.forward([code], [last])
+        base_tokens += span
+        n += 1
+    return {"steps": n, "base_tokens": base_tokens, "seconds": time.perf_counter() - t}
+
+
+def decode(rt: Runtime, prompt_tokens: int, steps: int, progress: Callable[[str], None]) -> list[dict]:
+    ids = _code_ids(rt, prompt_tokens + steps)
+    prompt, cont = ids[:prompt_tokens], ids[prompt_tokens:prompt_tokens + steps]
+    rows = []
+    for mode, forced in (("own", None), ("forced", cont)):
+        progress(f"decode ({mode}): plain")
+        p = _decode_loop(rt, prompt, steps, False, forced)
+        progress(f"decode ({mode}): zip2zip")
+        z = _decode_loop(rt, prompt, steps, True, forced)
+        step_p, step_z = p["seconds"] / p["steps"], z["seconds"] / z["steps"]
+        rows.append({"mode": mode, "plain_steps": p["steps"], "zip_steps": z["steps"],
+                     "zip_base_tokens": z["base_tokens"], "plain_ms_step": step_p * 1e3, "zip_ms_step": step_z * 1e3,
+                     "step_overhead": step_z / step_p - 1,
+                     "plain_tok_s": p["base_tokens"] / p["seconds"], "zip_tok_s": z["base_tokens"] / z["seconds"],
+                     "ratio": (z["base_tokens"] / z["seconds"]) / (p["base_tokens"] / p["seconds"])})
+    return rows
+
+
+CHAT_SCRIPT = [
+    "Write a Python function that returns the squares of a list of numbers.",
+    "Now make it skip negative numbers.",
+    "Add a docstring and type hints.",
+    "Write a test for it with pytest.",
+    "Explain what a list comprehension is.",
+    "Rewrite the function with a for loop instead.",
+    "What is the time complexity?",
+    "Write a version that works on a generator.",
+    "Summarize what we did so far.",
+    "Thank you! One more: reverse a string in Python.",
+]
+
+
+def chat(rt: Runtime, turns: int, reply_tokens: int, reference: Any, progress: Callable[[str], None]) -> list[dict]:
+    from .engine import Done, GenerationSettings
+
+    session = rt.session()
+    settings = GenerationSettings(max_tokens=reply_tokens)
+    rows, history = [], []
+    for i, text in enumerate((CHAT_SCRIPT * 2)[:turns]):
+        progress(f"chat turn {i + 1}/{turns}")
+        done = [e for e in session.send(text, settings) if isinstance(e, Done)][-1]
+        row = {"turn": i + 1, "ttft_s": done.stats.ttft_s, "prompt_codes": done.stats.prompt_codes,
+               "context_codes": len(session.codes)}
+        history = session.messages
+        if reference is not None:
+            row["reference_ttft_s"] = reference(history[:-1])
+        rows.append(row)
+    return rows
+
+
+def reference_ttft(rt: Runtime, checkpoint_dir: str, base_dir: str) -> Callable[[list[dict]], float]:
+    """Time to first token of the zip2zip package's generate on the whole conversation so far."""
+    import torch
+    import zip2zip_compression as zc
+    from transformers import AutoModelForCausalLM
+    from zip2zip.model import Zip2ZipModel
+
+    ref = Zip2ZipModel.from_pretrained(checkpoint_dir, base_model=AutoModelForCausalLM.from_pretrained(base_dir)).eval()
+    c = rt.codec
+    comp = zc.LZWCompressor(c.base_vocab_size, c.max_codebook_size, c.max_merge_size, c.pad_id, sorted(c.disabled_ids))
+
+    def ttft(messages: list[dict]) -> float:
+        t = time.perf_counter()
+        ids = rt.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        codes = comp.encode(rt.tokenizer(ids, add_special_tokens=False)["input_ids"])[0]
+        with torch.no_grad():
+            ref.generate(input_ids=torch.tensor([codes]), max_new_tokens=1, do_sample=False,
+                         attention_mask=torch.ones(1, len(codes), dtype=torch.long))
+        return time.perf_counter() - t
+
+    return ttft
+
+
+def format_rows(rows: list[dict]) -> str:
+    if not rows:
+        return "(nothing measured)"
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    widths = [max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)) for k in keys]
+    lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(fmt(r.get(k, "")).rjust(w) for k, w in zip(keys, widths)) for r in rows]
+    return "\n".join(lines)
