@@ -9,8 +9,10 @@ otherwise. Errors are ``RuntimeOpenError`` with a message that says what to do.
 from __future__ import annotations
 
 import importlib.util
+import json
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .codec import CodecConfig
@@ -42,20 +44,47 @@ class Runtime:
         return f"{self.backend_name} | {self.model_name} | {self.device}"
 
 
-def _pick(backend: str) -> str:
+MLX_MARKER = "z2z_mlx.json"  # written into every MLX conversion (backends/mlx_convert.py)
+
+
+def is_mlx_dir(model: str) -> bool:
+    return (Path(model) / MLX_MARKER).is_file()
+
+
+def _pick(backend: str, model: str) -> str:
     if backend not in BACKENDS:
         raise RuntimeOpenError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         apple = platform.system() == "Darwin" and platform.machine() == "arm64"
-        backend = "mlx" if apple and importlib.util.find_spec("mlx") else "torch"
+        backend = "mlx" if is_mlx_dir(model) or (apple and importlib.util.find_spec("mlx_lm")) else "torch"
     return backend
+
+
+def mlx_conversion(model: str, base: str | None) -> str:
+    """An MLX conversion of a torch checkpoint, made once into the user's cache."""
+    import hashlib
+
+    from .assets import cache_dir
+
+    if is_mlx_dir(model):
+        return model
+    key = hashlib.sha256(f"{Path(model).resolve() if Path(model).exists() else model}|{base}".encode()).hexdigest()[:16]
+    dst = cache_dir() / "mlx" / key
+    if not is_mlx_dir(str(dst)):
+        from .mlx_convert import ConvertError, convert
+
+        try:
+            convert(model, dst, force=True, base=base)
+        except ConvertError as e:
+            raise RuntimeOpenError(str(e)) from None
+    return str(dst)
 
 
 def open_runtime(model: str, backend: str = "auto", device: str = "auto", dtype: str = "auto",
                  base: str | None = None) -> Runtime:
-    name = _pick(backend)
+    name = _pick(backend, model)
     if name == "mlx":
-        raise RuntimeOpenError("the MLX backend is not available in this version; use --backend torch")
+        return _open_mlx(mlx_conversion(model, base))
     if importlib.util.find_spec("torch") is None:
         raise RuntimeOpenError('the torch backend needs torch and transformers: pip install "z2z-chat[torch]"')
     from .torch_backend import checkpoint
@@ -68,3 +97,20 @@ def open_runtime(model: str, backend: str = "auto", device: str = "auto", dtype:
         raise RuntimeOpenError(str(e)) from None
     return Runtime(TorchBackend(loaded.model), loaded.tokenizer, loaded.codec, loaded.config,
                    "torch", str(model), f"{dev.type} {str(dt).removeprefix('torch.')}")
+
+
+def _open_mlx(model: str) -> Runtime:
+    if importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx_lm") is None:
+        raise RuntimeOpenError('the MLX backend needs mlx and mlx-lm: pip install "z2z-chat[mlx]" '
+                               '(on Linux: pip install "mlx[cpu]" mlx-lm)')
+    from .mlx_backend.backend import MLXBackend
+
+    try:
+        backend, tok = MLXBackend.open(model)
+    except (ValueError, OSError) as e:
+        raise RuntimeOpenError(f"{e}. Convert a torch checkpoint with: python convert/to_mlx.py SRC DST") from None
+    import mlx.core as mx
+
+    m = backend.model
+    return Runtime(backend, tok, m.config.codec_config(m.pad_id), m.config, "mlx", str(model),
+                   f"{mx.default_device()} {str(m.dtype).removeprefix('mlx.core.')}")

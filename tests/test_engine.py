@@ -55,9 +55,31 @@ def loaded(ref_checkpoints):
     return checkpoint.load(ref_checkpoints[("llama", "transformer", "compressed")][1])
 
 
-def new_session(loaded, **kw):
-    rec = Recording(TorchBackend(loaded.model), **kw)
-    return Session(rec, loaded.tokenizer, loaded.codec, position_mode=loaded.config.position_mode), rec
+class Runtime:
+    """What the shared suite needs of a backend: a factory of fresh backends, tokenizer, codec."""
+
+    def __init__(self, name, factory, tokenizer, codec, position_mode):
+        self.name, self.factory, self.tokenizer, self.codec = name, factory, tokenizer, codec
+        self.config = type("C", (), {"position_mode": position_mode})
+
+
+@pytest.fixture(scope="module", params=["torch", "mlx"])
+def rt(request, loaded, ref_checkpoints, tmp_path_factory):
+    if request.param == "torch":
+        return Runtime("torch", lambda: TorchBackend(loaded.model), loaded.tokenizer, loaded.codec,
+                       loaded.config.position_mode)
+    pytest.importorskip("mlx_lm", reason='MLX backend: pip install "mlx[cpu]" mlx-lm')
+    from backends.mlx_backend.backend import MLXBackend
+    from backends.mlx_convert import convert
+
+    dst = tmp_path_factory.mktemp("mlx") / "llama"
+    convert(str(ref_checkpoints[("llama", "transformer", "compressed")][1]), dst, dtype="float32")
+    return Runtime("mlx", lambda: MLXBackend.open(dst)[0], loaded.tokenizer, loaded.codec, loaded.config.position_mode)
+
+
+def new_session(rt, **kw):
+    rec = Recording(rt.factory(), **kw)
+    return Session(rec, rt.tokenizer, rt.codec, position_mode=rt.config.position_mode), rec
 
 
 def run(session, text, settings=GREEDY, cancel=None):
@@ -68,11 +90,10 @@ def run(session, text, settings=GREEDY, cancel=None):
     return codes, "".join(e.text for e in events if isinstance(e, Token)), done, events
 
 
-def from_scratch_logits(loaded, session):
+def from_scratch_logits(rt, session):
     """Prefill the session's whole fed stream into a fresh backend in one forward."""
-    backend = TorchBackend(loaded.model)
-    backend.reset()
-    codec = CodecSession(loaded.codec)
+    backend = rt.factory()
+    codec = CodecSession(rt.codec)
     for c in session.codes[:session.fed]:
         codec.push(c)
     backend.add_entries(codec.take_new_entries(), codec.candidate())
@@ -86,7 +107,9 @@ PROMPT = "def f(x):\n    return x + 1\n\ndef g(x):\n    return x + 2\n\nprint(f(
 def test_greedy_codes_equal_reference_generate(case, ref_checkpoints):
     ref, d = ref_checkpoints[case]
     loaded = checkpoint.load(d)
-    session, rec = new_session(loaded, with_candidate=False)  # the reference cannot predict a new id
+    torch_rt = Runtime("torch", lambda: TorchBackend(loaded.model), loaded.tokenizer, loaded.codec,
+                       loaded.config.position_mode)
+    session, rec = new_session(torch_rt, with_candidate=False)  # the reference cannot predict a new id
     codes, _, done, _ = run(session, PROMPT, GenerationSettings(max_tokens=40))
     prompt = rec.forwards[0][0]
     ref.codebook_manager.reset()
@@ -99,8 +122,8 @@ def test_greedy_codes_equal_reference_generate(case, ref_checkpoints):
     assert sum(c >= loaded.codec.base_vocab_size for c in codes) >= 3  # hypertokens were emitted
 
 
-def test_two_turns_equal_the_conversation_from_scratch(loaded):
-    session, rec = new_session(loaded)
+def test_two_turns_equal_the_conversation_from_scratch(rt):
+    session, rec = new_session(rt)
     run(session, PROMPT, GenerationSettings(max_tokens=12))
     n_after_1 = len(session.codes)
     run(session, "again: " + PROMPT, GenerationSettings(max_tokens=12))
@@ -109,13 +132,13 @@ def test_two_turns_equal_the_conversation_from_scratch(loaded):
     second_prefill = next(c for c, _ in rec.forwards[1:] if len(c) > 1)
     # it starts at the first reply's last code (sampled, not yet fed) and holds only the new turn
     assert second_prefill == session.codes[n_after_1 - 1:n_after_1 - 1 + len(second_prefill)]
-    want, codec = from_scratch_logits(loaded, session)
+    want, codec = from_scratch_logits(rt, session)
     assert dict(codec.codebook.items()).items() <= dict(session.codec.codebook.items()).items()
     np.testing.assert_allclose(rec.last, want, atol=1e-4)
 
 
-def test_cancel_mid_reply_then_next_turn_works(loaded):
-    session, rec = new_session(loaded)
+def test_cancel_mid_reply_then_next_turn_works(rt):
+    session, rec = new_session(rt)
     cancel = threading.Event()
     events = []
     for ev in session.send(PROMPT, GenerationSettings(max_tokens=40), cancel):
@@ -126,27 +149,27 @@ def test_cancel_mid_reply_then_next_turn_works(loaded):
     assert session.messages[-1]["role"] == "assistant"  # the partial reply stays
     codes, _, done, _ = run(session, "next", GenerationSettings(max_tokens=8))
     assert done.reason in ("stop", "length") and codes
-    want, _ = from_scratch_logits(loaded, session)
+    want, _ = from_scratch_logits(rt, session)
     np.testing.assert_allclose(rec.last, want, atol=1e-4)
 
 
-def test_consumer_that_stops_early_keeps_state_consistent(loaded):
-    session, rec = new_session(loaded)
+def test_consumer_that_stops_early_keeps_state_consistent(rt):
+    session, rec = new_session(rt)
     gen = session.send(PROMPT, GenerationSettings(max_tokens=40))
     for ev in gen:
         if isinstance(ev, Token):
             break
     gen.close()
     codes, _, done, _ = run(session, "next", GenerationSettings(max_tokens=6))
-    want, _ = from_scratch_logits(loaded, session)
+    want, _ = from_scratch_logits(rt, session)
     np.testing.assert_allclose(rec.last, want, atol=1e-4)
 
 
-def test_save_restore_resumes_identically(loaded):
-    a, _ = new_session(loaded)
+def test_save_restore_resumes_identically(rt):
+    a, _ = new_session(rt)
     run(a, PROMPT, GenerationSettings(max_tokens=10))
     snap = json.loads(json.dumps(a.to_dict()))
-    b, rec_b = new_session(loaded)
+    b, rec_b = new_session(rt)
     b.restore(snap)
     ca, ta, _, _ = run(a, "more please", GenerationSettings(max_tokens=10))
     cb, tb, _, _ = run(b, "more please", GenerationSettings(max_tokens=10))
@@ -154,8 +177,8 @@ def test_save_restore_resumes_identically(loaded):
     assert len(rec_b.forwards[0][0]) > 20  # the history was rebuilt by one prefill
 
 
-def test_reset_clears_codebook_and_cache(loaded):
-    session, rec = new_session(loaded)
+def test_reset_clears_codebook_and_cache(rt):
+    session, rec = new_session(rt)
     first, *_ = run(session, PROMPT, GenerationSettings(max_tokens=8))
     session.reset()
     assert len(session.codec) == 0 and session.messages == []
@@ -163,22 +186,22 @@ def test_reset_clears_codebook_and_cache(loaded):
     assert first == again
 
 
-def test_context_overflow_drops_oldest_turns(loaded):
-    session, rec = new_session(loaded, context_length=160)
+def test_context_overflow_drops_oldest_turns(rt):
+    session, rec = new_session(rt, context_length=160)
     notices = []
     for i in range(6):
         _, _, done, events = run(session, f"turn {i}: " + "x = 1\n" * 6, GenerationSettings(max_tokens=16))
         notices += [e for e in events if isinstance(e, Notice)]
         assert max(session.positions) < 160
     assert notices and "dropped" in notices[0].text
-    want, _ = from_scratch_logits(loaded, session)
+    want, _ = from_scratch_logits(rt, session)
     np.testing.assert_allclose(rec.last, want, atol=1e-4)
 
 
-def test_message_too_long_for_context_is_a_clear_error(loaded):
+def test_message_too_long_for_context_is_a_clear_error(rt):
     from backends.engine import ContextFullError
 
-    session, _ = new_session(loaded, context_length=64)
+    session, _ = new_session(rt, context_length=64)
     with pytest.raises(ContextFullError, match="context window holds 64"):
         run(session, "word " * 200, GenerationSettings(max_tokens=8))
 

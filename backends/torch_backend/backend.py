@@ -34,7 +34,8 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
 class TorchBackend:
     def __init__(self, model: Zip2ZipLM):
         self.model = model.eval()
-        self.device = model.hyper_in.device
+        self.device = model.device
+        self.hyper = model.new_cache()  # this session's hypertoken vectors
         cfg = model.lm.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 2048))
         self.cache = DynamicCache(config=cfg)
@@ -42,14 +43,14 @@ class TorchBackend:
     @torch.inference_mode()
     def add_entries(self, entries: Sequence[tuple[int, tuple[int, ...]]],
                     candidate: tuple[int, tuple[int, ...]] | None = None) -> None:
-        self.model.add_entries(entries, candidate)
+        self.model.add_entries(entries, candidate, self.hyper)
 
     @torch.inference_mode()
     def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         ids = torch.tensor([list(codes)], device=self.device)
         pos = torch.tensor([list(positions)], device=self.device)
-        h = self.model.hidden(ids, pos, self.cache)  # (1, T, D)
-        return self.model.logits(h[0, -1]).float().cpu().numpy()  # (V + C,)
+        h = self.model.hidden(ids, pos, self.cache, self.hyper)  # (1, T, D)
+        return self.model.logits(h[0, -1], self.hyper).float().cpu().numpy()  # (V + C,)
 
     def trim(self, n: int) -> None:
         if n > 0:
@@ -57,7 +58,7 @@ class TorchBackend:
 
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.model.lm.config)
-        self.model.reset_entries()
+        self.model.reset_entries(self.hyper)
 
     def close(self) -> None:
         self.cache = None

@@ -5,10 +5,11 @@ tokenizer's size; an LM head with more rows than V (Phi-3.5: 32064 vs 32011) has
 dropped: they are not tokens and must never be sampled (the reference shifts them behind the
 hyper slots where a model can pick them).
 
-- ``add_entries([(id, base ids), ...])`` runs both encoders once on the new entries and stores
-  the results in the per-session caches ``hyper_in`` / ``hyper_out`` (C, D). ``candidate`` is the
-  one id the decoder could still accept as new (LZW's cScSc case): only its output vector is
-  computed, so the model can predict it.
+- ``add_entries([(id, base ids), ...], candidate, hyper)`` runs both encoders once on the new
+  entries and stores the results in a ``HyperCache`` (``hyper_in`` / ``hyper_out``, (C, D)); each
+  backend session owns one (the model keeps a default for whole-sequence scoring). ``candidate``
+  is the one id the decoder could still accept as new (LZW's cScSc case): only its output
+  vector is computed, so the model can predict it.
 - ``embed(codes)`` looks base ids up in the embedding matrix and hyper ids in ``hyper_in``.
 - ``hidden(codes, positions, cache)`` runs the decoder body at explicit positions (both position
   modes are just different positions) and returns its final hidden states.
@@ -21,6 +22,7 @@ hyper slots where a model can pick them).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,6 +32,17 @@ from ..config import Zip2ZipConfig
 from .encoders import build_encoder
 
 Entry = tuple[int, tuple[int, ...]]
+
+
+@dataclass
+class HyperCache:
+    """One session's hypertoken vectors: slots V .. V + n_created - 1 hold real entries; ``candidate``
+    is a further slot whose output vector is live (the valid new id)."""
+
+    hyper_in: torch.Tensor  # (C, D)
+    hyper_out: torch.Tensor  # (C, D)
+    n_created: int = 0
+    candidate: int | None = None
 
 
 def entry_tensor(entries: Sequence[tuple[int, ...]], M: int, pad_id: int, device) -> torch.Tensor:
@@ -73,12 +86,19 @@ class Zip2ZipLM(nn.Module):
         self.input_encoder.to(device=w.device, dtype=w.dtype)
         if self.output_encoder is not None:
             self.output_encoder.to(device=head.weight.device, dtype=head.weight.dtype)
-        self.register_buffer("hyper_in", torch.zeros(self.C, D, dtype=w.dtype, device=w.device), persistent=False)
-        self.register_buffer("hyper_out", torch.zeros(self.C, D, dtype=w.dtype, device=w.device), persistent=False)
-        self.n_created = 0  # slots V .. V + n_created - 1 hold real entries
-        self.candidate: int | None = None  # a further slot whose output vector is live
+        self.hyper = self.new_cache()  # the default one; each backend session makes its own
 
     # --- hypertoken vectors -------------------------------------------------------------------
+
+    def new_cache(self) -> HyperCache:
+        w = self.lm.get_input_embeddings().weight
+        D = w.shape[1]
+        return HyperCache(torch.zeros(self.C, D, dtype=w.dtype, device=w.device),
+                          torch.zeros(self.C, D, dtype=w.dtype, device=w.device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
 
     @property
     def out_encoder(self) -> nn.Module:
@@ -91,35 +111,39 @@ class Zip2ZipLM(nn.Module):
         return self.input_encoder(rows, emb), self.out_encoder(rows, head)
 
     @torch.no_grad()
-    def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
+    def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None,
+                    hyper: HyperCache | None = None) -> None:
+        c = hyper or self.hyper
         if entries:
             ids = [i - self.V for i, _ in entries]
             if min(ids) < 0 or max(ids) >= self.C:
                 raise ValueError(f"hypertoken ids {[i for i, _ in entries]} are outside [{self.V}, {self.V + self.C})")
-            rows = entry_tensor([e for _, e in entries], self.M, self.pad_id, self.hyper_in.device)
+            rows = entry_tensor([e for _, e in entries], self.M, self.pad_id, self.device)
             vin, vout = self.hyper_vectors(rows)
             idx = torch.tensor(ids, device=rows.device)
-            self.hyper_in[idx] = vin.to(self.hyper_in.dtype)
-            self.hyper_out[idx] = vout.to(self.hyper_out.dtype)
-            self.n_created = max(self.n_created, max(ids) + 1)
-        self.candidate = None
+            c.hyper_in[idx] = vin.to(c.hyper_in.dtype)
+            c.hyper_out[idx] = vout.to(c.hyper_out.dtype)
+            c.n_created = max(c.n_created, max(ids) + 1)
+        c.candidate = None
         if candidate is not None:
             slot = candidate[0] - self.V
-            row = entry_tensor([candidate[1]], self.M, self.pad_id, self.hyper_out.device)
+            row = entry_tensor([candidate[1]], self.M, self.pad_id, self.device)
             head = self.lm.get_output_embeddings().weight
-            self.hyper_out[slot] = self.out_encoder(row, head)[0].to(self.hyper_out.dtype)
-            self.candidate = slot
+            c.hyper_out[slot] = self.out_encoder(row, head)[0].to(c.hyper_out.dtype)
+            c.candidate = slot
 
-    def reset_entries(self) -> None:
-        self.hyper_in.zero_()
-        self.hyper_out.zero_()
-        self.n_created, self.candidate = 0, None
+    def reset_entries(self, hyper: HyperCache | None = None) -> None:
+        c = hyper or self.hyper
+        c.hyper_in.zero_()
+        c.hyper_out.zero_()
+        c.n_created, c.candidate = 0, None
 
     # --- forward ------------------------------------------------------------------------------
 
-    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+    def embed(self, codes: torch.Tensor, hyper: HyperCache | None = None) -> torch.Tensor:
         """(B, T) codes -> (B, T, D) input embeddings."""
-        hi = self.V + self.n_created
+        c = hyper or self.hyper
+        hi = self.V + c.n_created
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= hi):
             bad = codes[(codes < 0) | (codes >= hi)][0].item()
             raise ValueError(f"code {bad} does not exist (valid: 0..{hi - 1}); add its entry first")
@@ -127,10 +151,11 @@ class Zip2ZipLM(nn.Module):
         base = self.lm.get_input_embeddings()(codes.clamp(max=self.V - 1))  # (B, T, D)
         if not bool(is_hyper.any()):
             return base
-        hyper = self.hyper_in[(codes - self.V).clamp(min=0)]  # (B, T, D)
+        hyper = c.hyper_in[(codes - self.V).clamp(min=0)]  # (B, T, D)
         return torch.where(is_hyper.unsqueeze(-1), hyper, base)
 
-    def hidden(self, codes: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+    def hidden(self, codes: torch.Tensor, positions: torch.Tensor, cache=None,
+               hyper: HyperCache | None = None) -> torch.Tensor:
         """(B, T) codes at (B, T) positions -> (B, T, D) final hidden states; appends to ``cache``."""
         if cache is None:
             # Without a cache transformers reads gaps in position_ids as packed-sequence boundaries
@@ -138,21 +163,22 @@ class Zip2ZipLM(nn.Module):
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.lm.config)
-        out = self.lm.get_decoder()(inputs_embeds=self.embed(codes), position_ids=positions,
+        out = self.lm.get_decoder()(inputs_embeds=self.embed(codes, hyper), position_ids=positions,
                                     cache=cache, use_cache=True)
         return out.last_hidden_state
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, hyper: HyperCache | None = None) -> torch.Tensor:
         """(..., D) -> (..., V + C) with slots that cannot be emitted at -inf."""
+        c = hyper or self.hyper
         head = self.lm.get_output_embeddings()
         base = nn.functional.linear(hidden, head.weight[: self.V],
                                     None if head.bias is None else head.bias[: self.V])
-        live = self.n_created if self.candidate is None else max(self.n_created, self.candidate + 1)
+        live = c.n_created if c.candidate is None else max(c.n_created, c.candidate + 1)
         hyper = hidden.new_full((*hidden.shape[:-1], self.C), float("-inf"))
         if live:
-            hyper[..., :live] = hidden @ self.hyper_out[:live].T  # (..., live)
-            if self.candidate is not None and self.candidate > self.n_created:
-                hyper[..., self.n_created:self.candidate] = float("-inf")
+            hyper[..., :live] = hidden @ c.hyper_out[:live].T  # (..., live): one product per step
+            if c.candidate is not None and c.candidate > c.n_created:
+                hyper[..., c.n_created:c.candidate] = float("-inf")
         return torch.cat([base, hyper], dim=-1)
 
     # --- whole sequences (tests, evaluation) --------------------------------------------------
@@ -172,7 +198,7 @@ class Zip2ZipLM(nn.Module):
                 cands.append((t, cand[1]))
         self.reset_entries()
         self.add_entries(session.take_new_entries())
-        dev = self.hyper_in.device
+        dev = self.device
         if self.config.position_mode == "base_token_end":
             pos = base_token_end_positions([len(session.expand(c)) for c in codes], 0)
         else:

@@ -1,0 +1,172 @@
+"""The zip2zip model in MLX over an mlx-lm decoder (Llama, Qwen2, Mistral, Phi-3/3.5).
+
+mlx-lm's attention puts every token at RoPE position ``cache.offset``; zip2zip++
+(``base_token_end``) needs each code at the base-token index of its last subtoken. So the decoder
+blocks are driven here with their own weights: the attention is recomputed with explicit
+positions (RoPE applied per run of consecutive positions, since ``mx.fast.rope`` takes one
+offset per call), the MLP and norms are the blocks' own. ``compressed`` positions are one run.
+
+Hyper vectors: the encoders read the embedding rows (``embed_tokens`` returns dequantized rows
+for a quantized decoder) and the LM head rows (``mx.dequantize`` of the gathered rows when the
+head is quantized); the logits are base (V) ++ hyper (C), slots that do not exist at -inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+
+from ..config import Zip2ZipConfig
+from ..mlx_convert import ARCHITECTURES
+from .encoders import build_encoder
+
+
+def rope_runs(rope: nn.Module, x: mx.array, positions: Sequence[int]) -> mx.array:
+    """RoPE on (B, H, T, d) at explicit positions: one call per run of consecutive positions."""
+    out, start = [], 0
+    for t in range(1, len(positions) + 1):
+        if t == len(positions) or positions[t] != positions[t - 1] + 1:
+            out.append(rope(x[:, :, start:t], offset=int(positions[start])))
+            start = t
+    return out[0] if len(out) == 1 else mx.concatenate(out, axis=2)
+
+
+def attention(attn: nn.Module, x: mx.array, positions: Sequence[int], cache: Any, mask: Any) -> mx.array:
+    B, L, _ = x.shape
+    if hasattr(attn, "qkv_proj"):  # Phi-3: fused projections
+        qkv = attn.qkv_proj(x)
+        qn = attn.n_heads * attn.head_dim
+        q, k, v = mx.split(qkv, [qn, qn + attn.n_kv_heads * attn.head_dim], axis=-1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q = q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+    k = k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    q, k = rope_runs(attn.rope, q, positions), rope_runs(attn.rope, k, positions)
+    k, v = cache.update_and_fetch(k, v)
+    out = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class Zip2ZipMLX:
+    def __init__(self, config: Zip2ZipConfig, lm: nn.Module, pad_id: int, encoders: dict[str, mx.array],
+                 model_type: str):
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"architecture {model_type!r} is not supported by the MLX backend "
+                             f"(supported: {', '.join(ARCHITECTURES)})")
+        c = config.compression
+        self.config, self.lm, self.pad_id = config, lm, pad_id
+        self.V, self.C, self.M = c.initial_vocab_size, c.max_codebook_size, c.max_subtokens
+        enc = config.encoder
+        self.input_encoder = build_encoder(config.encoder_type, enc, self.M)
+        self.output_encoder = None if enc["tie_encoders"] else build_encoder(config.encoder_type, enc, self.M)
+        for prefix, module in (("input_encoder", self.input_encoder), ("output_encoder", self.output_encoder)):
+            if module is not None:
+                sub = [(k[len(prefix) + 1:], v) for k, v in encoders.items() if k.startswith(prefix + ".")]
+                module.load_weights(sub, strict=True)
+        D = config.model_dim
+        self.dtype = self.lm.model.embed_tokens(mx.array([0])).dtype
+        self.hyper_in = mx.zeros((self.C, D), dtype=self.dtype)
+        self.hyper_out = mx.zeros((self.C, D), dtype=self.dtype)
+        self.n_created = 0
+        self.candidate: int | None = None
+
+    # --- vectors ----------------------------------------------------------------------------
+
+    def embed_rows(self, ids: mx.array) -> mx.array:
+        return self.lm.model.embed_tokens(ids)
+
+    def head_rows(self, ids: mx.array) -> mx.array:
+        head = getattr(self.lm, "lm_head", None)
+        if head is None:  # tied embeddings
+            return self.embed_rows(ids)
+        if isinstance(head, nn.QuantizedLinear):
+            return mx.dequantize(head.weight[ids], head.scales[ids], head.biases[ids],
+                                 group_size=head.group_size, bits=head.bits)
+        return head.weight[ids]
+
+    def _entry_rows(self, entries: Sequence[tuple[int, ...]]) -> tuple[mx.array, mx.array]:
+        rows = mx.array([list(e) + [self.pad_id] * (self.M - len(e)) for e in entries])  # (N, M)
+        return rows, rows != self.pad_id
+
+    def add_entries(self, entries: Sequence[tuple[int, tuple[int, ...]]],
+                    candidate: tuple[int, tuple[int, ...]] | None = None) -> None:
+        out_enc = self.output_encoder or self.input_encoder
+        if entries:
+            ids = [i - self.V for i, _ in entries]
+            if min(ids) < 0 or max(ids) >= self.C:
+                raise ValueError(f"hypertoken ids {[i for i, _ in entries]} are outside [{self.V}, {self.V + self.C})")
+            rows, valid = self._entry_rows([e for _, e in entries])
+            idx = mx.array(ids)
+            self.hyper_in[idx] = self.input_encoder(self.embed_rows(rows), valid).astype(self.dtype)
+            self.hyper_out[idx] = out_enc(self.head_rows(rows), valid).astype(self.dtype)
+            self.n_created = max(self.n_created, max(ids) + 1)
+        self.candidate = None
+        if candidate is not None:
+            rows, valid = self._entry_rows([candidate[1]])
+            slot = candidate[0] - self.V
+            self.hyper_out[slot] = out_enc(self.head_rows(rows), valid)[0].astype(self.dtype)
+            self.candidate = slot
+
+    def reset_entries(self) -> None:
+        self.hyper_in = mx.zeros_like(self.hyper_in)
+        self.hyper_out = mx.zeros_like(self.hyper_out)
+        self.n_created, self.candidate = 0, None
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def embed(self, codes: Sequence[int]) -> mx.array:
+        hi = self.V + self.n_created
+        bad = [c for c in codes if not 0 <= c < hi]
+        if bad:
+            raise ValueError(f"code {bad[0]} does not exist (valid: 0..{hi - 1}); add its entry first")
+        ids = mx.array(list(codes))
+        is_hyper = ids >= self.V
+        base = self.embed_rows(mx.minimum(ids, self.V - 1))
+        hyper = self.hyper_in[mx.maximum(ids - self.V, 0)]
+        return mx.where(is_hyper[:, None], hyper, base)[None]  # (1, T, D)
+
+    def hidden(self, codes: Sequence[int], positions: Sequence[int], cache: list[Any]) -> mx.array:
+        h = self.embed(codes)
+        mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.lm.model.layers, cache):
+            h = h + attention(layer.self_attn, layer.input_layernorm(h), positions, c, mask)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.lm.model.norm(h)  # (1, T, D)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """(D,) -> (V + C,) with slots that cannot be emitted at -inf."""
+        head = getattr(self.lm, "lm_head", None)
+        base = (self.lm.model.embed_tokens.as_linear(h) if head is None else head(h))[..., : self.V]
+        slots = mx.arange(self.C)
+        ok = slots < self.n_created
+        if self.candidate is not None:
+            ok = ok | (slots == self.candidate)
+        hyper = mx.where(ok, h @ self.hyper_out.T, -mx.inf)  # (C,)
+        return mx.concatenate([base.astype(mx.float32), hyper.astype(mx.float32)], axis=-1)
+
+
+def load_converted(path: str | Path) -> tuple[Zip2ZipMLX, Any, dict[str, Any]]:
+    """A directory written by ``convert/to_mlx.py`` -> (model, tokenizer, mlx-lm config)."""
+    from mlx_lm.utils import load_model
+    from transformers import AutoTokenizer
+
+    from ..config import ConfigError
+
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "zip2zip_encoders.safetensors").is_file():
+        raise ValueError(f"{path} is not an MLX zip2zip directory (run python convert/to_mlx.py first)")
+    try:
+        config = Zip2ZipConfig.load(path)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    lm, lm_config = load_model(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    encoders = mx.load(str(path / "zip2zip_encoders.safetensors"))
+    return Zip2ZipMLX(config, lm, pad, encoders, lm_config["model_type"]), tok, lm_config

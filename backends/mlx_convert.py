@@ -1,0 +1,86 @@
+"""Torch zip2zip checkpoint -> MLX directory (the work behind ``convert/to_mlx.py``).
+
+``convert(src, dst, ...)`` merges the LoRA adapter, writes the decoder through ``mlx_lm.convert``
+(quantized if asked), then the hyper-encoders in ``dtype`` (never quantized),
+``zip2zip_config.json`` (base ``"."``) and ``z2z_mlx.json`` (provenance; marks the directory as an
+MLX conversion). torch, transformers and mlx-lm are imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .runtime import MLX_MARKER
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
+
+
+class ConvertError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[to_mlx] {msg}", file=sys.stderr, flush=True)  # progress of a long job goes to stderr
+
+
+def write_hf_decoder(lm, tokenizer, out: Path) -> None:
+    """The merged decoder as a plain HF directory (a GGUF-loaded model refuses save_pretrained)."""
+    from safetensors.torch import save_file
+
+    cfg = lm.config.to_dict()
+    for k in ("quantization_config", "_name_or_path"):
+        cfg.pop(k, None)
+    cfg["torch_dtype"] = "float32"
+    state = {k: v.detach().float().contiguous().cpu() for k, v in lm.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tokenizer.save_pretrained(out)
+
+
+def convert(src: str, dst: Path, *, quantize: int | None = None, q_group_size: int = 64,
+            dtype: str = "float16", force: bool = False, base: str | None = None) -> list[Path]:
+    if dst.exists():
+        if not force:
+            raise ConvertError(f"{dst} already exists; pass --force to replace it")
+        shutil.rmtree(dst)
+    import torch
+    from mlx_lm import convert as mlx_convert
+    from safetensors.torch import save_file
+
+    from .torch_backend import checkpoint
+
+    log(f"loading {src} (torch, float32)")
+    try:
+        loaded = checkpoint.load(src, base=base, dtype=torch.float32, merge_lora=True)
+    except checkpoint.CheckpointError as e:
+        raise ConvertError(str(e)) from None
+    lm = loaded.model.lm
+    arch = lm.config.model_type
+    if arch not in ARCHITECTURES:
+        raise ConvertError(f"architecture {arch!r} is not supported by the MLX backend ({', '.join(ARCHITECTURES)})")
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"writing the merged {arch} decoder")
+        write_hf_decoder(lm, loaded.tokenizer, Path(tmp) / "hf")
+        log("converting the decoder with mlx_lm" + (f" ({quantize}-bit, group {q_group_size})" if quantize else ""))
+        mlx_convert(str(Path(tmp) / "hf"), str(dst), quantize=bool(quantize), q_group_size=q_group_size if quantize else None,
+                    q_bits=quantize, dtype=dtype)
+    log("writing the hyper-encoders and zip2zip_config.json")
+    tdtype = getattr(torch, dtype)
+    m = loaded.model
+    state = {f"input_encoder.{k}": v for k, v in m.input_encoder.state_dict().items()}
+    if m.output_encoder is not None:
+        state |= {f"output_encoder.{k}": v for k, v in m.output_encoder.state_dict().items()}
+    save_file({k: v.detach().to(tdtype).contiguous() for k, v in state.items()}, dst / "zip2zip_encoders.safetensors")
+    cfg = loaded.config.to_dict() | {"base_model_name_or_path": "."}
+    (dst / "zip2zip_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    (dst / MLX_MARKER).write_text(json.dumps({"source": str(src), "base": loaded.config.base_model_name_or_path,
+                                                  "dtype": dtype, "quantize": quantize,
+                                                  "q_group_size": q_group_size if quantize else None}, indent=2))
+    return sorted(p for p in dst.iterdir() if p.is_file())

@@ -1,0 +1,189 @@
+"""MLX backend and ``convert/to_mlx.py`` on Linux CPU (``mlx[cpu]``): torch vs MLX after conversion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx_lm", reason='MLX backend: pip install "mlx[cpu]" mlx-lm')
+torch = pytest.importorskip("torch")
+
+from backends.codec import CodecSession  # noqa: E402
+from backends.engine import GenerationSettings, Session, Token  # noqa: E402
+from backends.mlx_backend.backend import MLXBackend  # noqa: E402
+from backends.mlx_convert import ConvertError, convert  # noqa: E402
+from backends.torch_backend import checkpoint  # noqa: E402
+from backends.torch_backend.backend import TorchBackend  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [("llama", "transformer", "compressed"), ("llama", "res_latent_attn", "base_token_end"),
+         ("phi3", "transformer", "compressed"), ("phi3", "res_latent_attn", "base_token_end")]
+TEXT = "def f(x):\n    return x + 1\n\ndef g(x):\n    return x + 2\n\n" * 3
+
+
+@pytest.fixture(scope="module")
+def converted(ref_checkpoints, tmp_path_factory):
+    out = {}
+    for case in CASES:
+        dst = tmp_path_factory.mktemp("mlx") / "-".join(case)
+        convert(str(ref_checkpoints[case][1]), dst, dtype="float32")
+        out[case] = dst
+    return out
+
+
+def stream(loaded, ids):
+    """Codes of ``ids`` (a fresh codebook) and their positions in the checkpoint's position mode."""
+    s = CodecSession(loaded.codec)
+    codes = s.encode(ids)
+    spans = [len(s.expand(c)) for c in codes]
+    if loaded.config.position_mode == "base_token_end":
+        pos = list(np.cumsum(spans) - 1)
+    else:
+        pos = list(range(len(codes)))
+    return codes, [int(p) for p in pos]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_mlx_logits_match_torch(case, ref_checkpoints, converted):
+    loaded = checkpoint.load(ref_checkpoints[case][1])
+    mlx_backend, _ = MLXBackend.open(converted[case])
+    torch_backend = TorchBackend(loaded.model)
+    ids = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    codes, pos = stream(loaded, ids)
+    assert sum(c >= loaded.codec.base_vocab_size for c in codes) >= 5
+    sessions = [CodecSession(loaded.codec), CodecSession(loaded.codec)]
+    k, worst = 10, 0.0
+    for backend, s in zip((torch_backend, mlx_backend), sessions):
+        for c in codes[:k]:
+            s.push(c)
+    outs = [[], []]
+    for i, (backend, s) in enumerate(zip((torch_backend, mlx_backend), sessions)):
+        backend.add_entries(s.take_new_entries(), s.candidate())
+        outs[i].append(backend.forward(codes[:k], pos[:k]))
+        for t in range(k, len(codes)):  # hypertokens created mid-stream, as inputs and as targets
+            s.push(codes[t])
+            backend.add_entries(s.take_new_entries(), s.candidate())
+            outs[i].append(backend.forward([codes[t]], [pos[t]]))
+    for a, b in zip(*outs):
+        assert np.array_equal(np.isfinite(a), np.isfinite(b))
+        fin = np.isfinite(a)
+        worst = max(worst, float(np.abs(a[fin] - b[fin]).max()))
+    assert worst <= 1e-4
+
+
+def greedy_codes(backend, loaded, n, prompt="Write code: x = x + 1; x = x + 1;"):
+    session = Session(backend, loaded.tokenizer, loaded.codec, position_mode=loaded.config.position_mode)
+    session.stop_ids = set()  # run the full length even through end-of-turn
+    return [e.code for e in session.send(prompt, GenerationSettings(max_tokens=n))
+            if isinstance(e, Token) and e.code is not None]
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=["-".join(c) for c in CASES[:2]])
+def test_greedy_codes_equal_torch(case, ref_checkpoints, converted):
+    loaded = checkpoint.load(ref_checkpoints[case][1])
+    a = greedy_codes(TorchBackend(loaded.model), loaded, 32)
+    b = greedy_codes(MLXBackend.open(converted[case])[0], loaded, 32)
+    assert a == b and len(a) == 32
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory, tokenizer_dir):
+    """A tiny Llama trained for a few seconds on Python sources, under random encoders: a random
+    model's logits are nearly flat, so quantization noise alone would decide its greedy picks."""
+    from conftest import corpus, tiny_lm
+    from transformers import AutoTokenizer
+
+    from backends.config import CompressionSettings, Zip2ZipConfig
+    from backends.torch_backend.model import Zip2ZipLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    lm = tiny_lm("llama", len(tok), seed=1).train()
+    ids = torch.tensor(tok("".join(corpus()[:2]), add_special_tokens=False)["input_ids"])
+    rows = ids[: len(ids) // 65 * 65].view(-1, 65)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        batch = rows[torch.randint(len(rows), (16,), generator=g)]
+        loss = lm(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    cfg = Zip2ZipConfig("trained-tiny", "transformer",
+                        {"hidden_size": 64, "num_hidden_layers": 1, "num_heads": 4, "position_encoding": "learnable"},
+                        CompressionSettings(len(tok), 64, 3, sorted(tok.all_special_ids)))
+    d = tmp_path_factory.mktemp("trained")
+    lm.eval().save_pretrained(d / "base")
+    tok.save_pretrained(d / "base")
+    cfg.base_model_name_or_path = "base"  # relative to the checkpoint
+    checkpoint.save(Zip2ZipLM(cfg, lm, tok.eos_token_id), d, tok)
+    return d
+
+
+def test_4bit_conversion_agrees_with_fp32(trained_ckpt, tmp_path):
+    loaded = checkpoint.load(trained_ckpt)
+    dst = tmp_path / "q4"
+    convert(str(trained_ckpt), dst, quantize=4, q_group_size=32, dtype="float32")
+    assert json.loads((dst / "config.json").read_text())["quantization"]["bits"] == 4
+    prompt = "def parse_args(self, args=None, namespace=None):"
+    fp32 = greedy_codes(TorchBackend(loaded.model), loaded, 64, prompt)
+    # teacher-forced: at each of the 64 steps, does the 4-bit model pick the fp32 model's code?
+    q4, _ = MLXBackend.open(dst)
+    session = Session(q4, loaded.tokenizer, loaded.codec, position_mode=loaded.config.position_mode)
+    ids = loaded.tokenizer(session._render([{"role": "user", "content": prompt}], True),
+                           add_special_tokens=False)["input_ids"]
+    s, V = CodecSession(loaded.codec), loaded.codec.base_vocab_size
+    codes = s.encode(ids)
+    q4.add_entries(s.take_new_entries(), s.candidate())
+    logits = q4.forward(codes, list(range(len(codes))))
+    agree = 0
+    for t, code in enumerate(fp32):
+        masked = logits.copy()
+        masked[V + s.num_allowed_hyper():] = -np.inf
+        agree += int(np.argmax(masked)) == code
+        s.push(code)
+        q4.add_entries(s.take_new_entries(), s.candidate())
+        logits = q4.forward([code], [len(codes) + t])
+    assert agree / len(fp32) >= 0.9, f"{agree}/{len(fp32)}"
+
+
+def test_converter_errors(ref_checkpoints, tmp_path, tokenizer_dir):
+    with pytest.raises(ConvertError, match="neither a checkpoint directory"):
+        convert(str(tmp_path / "missing"), tmp_path / "out")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(ConvertError, match="already exists; pass --force"):
+        convert(str(ref_checkpoints[CASES[0]][1]), tmp_path / "exists")
+    r = subprocess.run([sys.executable, "convert/to_mlx.py", str(ref_checkpoints[CASES[0]][1]), str(tmp_path / "exists")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "already exists" in r.stderr
+    # an architecture the MLX backend does not have
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from backends.config import CompressionSettings, Zip2ZipConfig
+    from backends.torch_backend.model import Zip2ZipLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=1, n_head=4)).save_pretrained(base)
+    tok.save_pretrained(base)
+    cfg = Zip2ZipConfig(str(base), "transformer", {"hidden_size": 64, "num_hidden_layers": 1, "num_heads": 4},
+                        CompressionSettings(len(tok), 16, 3, sorted(tok.all_special_ids)))
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tmp_path / "gpt2-z2z"
+    checkpoint.save(Zip2ZipLM(cfg, AutoModelForCausalLM.from_pretrained(base), tok.eos_token_id), ckpt, tok)
+    with pytest.raises(ConvertError, match="'gpt2' is not supported by the MLX backend"):
+        convert(str(ckpt), tmp_path / "gpt2-mlx")
+
+
+def test_runtime_opens_a_converted_directory_with_auto(converted):
+    from backends.runtime import open_runtime
+
+    rt = open_runtime(str(converted[CASES[0]]))
+    assert rt.backend_name == "mlx"
+    events = list(rt.session().send("hi", GenerationSettings(max_tokens=4)))
+    assert events
