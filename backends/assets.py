@@ -44,11 +44,24 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _verified(path: Path) -> bool:
+    """sha256 check, remembered next to the file for as long as its size and mtime stay the same."""
+    st = path.stat()
+    stamp = f"{st.st_size} {st.st_mtime_ns} {SMOLLM2_SHA256}"
+    mark = path.with_name(path.name + ".verified")
+    if mark.exists() and mark.read_text() == stamp:
+        return True
+    if sha256(path) != SMOLLM2_SHA256:
+        return False
+    mark.write_text(stamp)
+    return True
+
+
 def smollm2_gguf(fetch: bool = True) -> Path:
     """Path of the verified SmolLM2-135M-Instruct GGUF, fetched into the cache on first use."""
     path = cache_dir() / "smollm2" / SMOLLM2_GGUF
     if path.exists():
-        if sha256(path) == SMOLLM2_SHA256:
+        if _verified(path):
             return path
         raise AssetError(f"{path} is corrupt (sha256 mismatch). Delete it and run again to re-fetch it.")
     if not fetch:

@@ -73,8 +73,46 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import bench_quality
+    from .runtime import open_plain
+
+    texts = {}
+    for item in args.text:
+        name, _, path = item.partition("=")
+        if not path or not Path(path).is_file():
+            raise ValueError(f"--text {item}: expected DOMAIN=FILE with an existing file")
+        texts[name] = Path(path).read_text(encoding="utf-8", errors="replace")
+    rt = _runtime(args)
+    plain = open_plain(rt, args.base, args.device, args.dtype)
+    rows = bench_quality.byte_perplexity(rt, plain.backend.lm, texts, args.window, args.max_windows, _progress)
+    _emit(args, f"byte-level perplexity, {rt.describe()} (ratio: zip2zip / base)", rows)
+    return 0
+
+
+def cmd_answers(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import bench_quality
+    from .runtime import open_plain
+
+    rt = _runtime(args)
+    plain = open_plain(rt, args.base, args.device, args.dtype)
+    rows = bench_quality.answers(rt, plain, bench_quality.PROMPTS[: args.limit or None], args.max_tokens, _progress)
+    if args.markdown:
+        Path(args.markdown).write_text(bench_quality.format_answers(rows))
+        _progress(f"answers side by side: {args.markdown}")
+    if args.json:
+        print(json.dumps({"answers": rows, "summary": bench_quality.summarize_answers(rows)}, indent=2))
+    else:
+        _emit(args, f"answers, {rt.describe()} vs its base model", bench_quality.summarize_answers(rows))
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="zip2zip checkpoint directory or repo id")
+    p.add_argument("--model", help="zip2zip checkpoint directory or repo id (default: the embedded model)")
     p.add_argument("--base", help="override the checkpoint's base model")
     p.add_argument("--backend", default="torch", choices=["auto", "torch", "mlx"])
     p.add_argument("--device", default="auto")
@@ -111,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--reference", metavar="BASE_HF_DIR",
                     help="also time the zip2zip package's generate (needs the base as an HF directory)")
     ch.set_defaults(func=cmd_chat)
+    pp = sub.add_parser("ppl", help="byte-level perplexity of the zip2zip model and its base, per domain")
+    _model_args(pp)
+    pp.add_argument("--text", action="append", required=True, metavar="DOMAIN=FILE", help="held-out text")
+    pp.add_argument("--window", type=int, default=512, help="base tokens per scored window")
+    pp.add_argument("--max-windows", type=int, default=20)
+    pp.set_defaults(func=cmd_ppl)
+    an = sub.add_parser("answers", help="answers of the zip2zip model and its base to a fixed prompt set")
+    _model_args(an)
+    an.add_argument("--max-tokens", type=int, default=160)
+    an.add_argument("--limit", type=int, default=0, help="first N prompts only")
+    an.add_argument("--markdown", help="write the answers side by side to this file")
+    an.set_defaults(func=cmd_answers)
     return p
 
 

@@ -80,8 +80,18 @@ def mlx_conversion(model: str, base: str | None) -> str:
     return str(dst)
 
 
-def open_runtime(model: str, backend: str = "auto", device: str = "auto", dtype: str = "auto",
+def open_runtime(model: str | None = None, backend: str = "auto", device: str = "auto", dtype: str = "auto",
                  base: str | None = None) -> Runtime:
+    """Open ``model`` (a checkpoint directory, repo id or MLX conversion; None: the embedded default)."""
+    if model is None:
+        from .assets import AssetError
+        from .defaults import default_model
+
+        try:
+            model, default_base = default_model()
+        except AssetError as e:
+            raise RuntimeOpenError(str(e)) from None
+        base = base or default_base
     name = _pick(backend, model)
     if name == "mlx":
         return _open_mlx(mlx_conversion(model, base))
@@ -114,3 +124,23 @@ def _open_mlx(model: str) -> Runtime:
     m = backend.model
     return Runtime(backend, tok, m.config.codec_config(m.pad_id), m.config, "mlx", str(model),
                    f"{mx.default_device()} {str(m.dtype).removeprefix('mlx.core.')}")
+
+
+def open_plain(rt: Runtime, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Runtime:
+    """The base model of ``rt`` without zip2zip (torch), for side-by-side comparisons."""
+    from dataclasses import replace
+
+    from .codec import CodecConfig
+    from .torch_backend import checkpoint
+    from .torch_backend.backend import PlainBackend, pick_device
+
+    dev, dt = pick_device(device, dtype)
+    spec = base or rt.config.base_model_name_or_path
+    try:
+        lm = checkpoint.load_base(spec, dt, dev)
+    except checkpoint.CheckpointError as e:
+        raise RuntimeOpenError(str(e)) from None
+    c = rt.codec
+    plain = CodecConfig(c.base_vocab_size, 0, 1, c.disabled_ids, c.pad_id)
+    return Runtime(PlainBackend(lm, c.base_vocab_size), rt.tokenizer, plain,
+                   replace(rt.config, position_mode="compressed"), "torch", f"{spec} (plain)", rt.device)

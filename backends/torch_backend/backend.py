@@ -63,3 +63,36 @@ class TorchBackend:
     def close(self) -> None:
         self.cache = None
         self.model = None
+
+
+class PlainBackend:
+    """The base model without zip2zip, behind the same protocol (no hypertokens, C = 0): the
+    baseline that benchmarks and quality comparisons run on the same engine and device."""
+
+    def __init__(self, lm, vocab_size: int):
+        self.lm = lm.eval()
+        self.V = vocab_size
+        self.device = next(lm.parameters()).device
+        self.context_length = int(getattr(lm.config, "max_position_embeddings", 2048))
+        self.cache = DynamicCache(config=lm.config)
+
+    def add_entries(self, entries, candidate=None) -> None:
+        if entries:
+            raise ValueError("the plain base model has no hypertokens")
+
+    @torch.inference_mode()
+    def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        ids = torch.tensor([list(codes)], device=self.device)
+        pos = torch.tensor([list(positions)], device=self.device)
+        out = self.lm(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1, : self.V].float().cpu().numpy()
+
+    def trim(self, n: int) -> None:
+        if n > 0:
+            self.cache.crop(-n)
+
+    def reset(self) -> None:
+        self.cache = DynamicCache(config=self.lm.config)
+
+    def close(self) -> None:
+        self.cache = None

@@ -1,0 +1,77 @@
+"""The embedded default model (zip2zip SmolLM2-135M-Instruct) from the package, over the real base
+GGUF (fetched once by ``assets.smollm2_gguf`` into the user cache; CI keeps that cache)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+pytest.importorskip("torch")
+
+from backends.assets import SMOLLM2_GGUF, AssetError, smollm2_gguf  # noqa: E402
+from backends.defaults import DEFAULT_MODEL_DIR  # noqa: E402
+from backends.engine import Done, GenerationSettings, Token  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+if not (DEFAULT_MODEL_DIR / "zip2zip_config.json").is_file():
+    pytest.skip("the embedded default model is not in this checkout", allow_module_level=True)
+
+# recorded_codes.json (shipped with the model) holds the first greedy codes for this prompt
+# (torch, CPU, float32), written by train/recipes/record_default_codes.py.
+FIXED_PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from backends.runtime import open_runtime
+
+    smollm2_gguf()  # fetch once (or find it cached)
+    return open_runtime(None, "torch", "cpu", "float32")
+
+
+def reply(rt, prompt: str, n: int):
+    codes, text, done = [], [], None
+    for ev in rt.session().send(prompt, GenerationSettings(max_tokens=n)):
+        if isinstance(ev, Token):
+            text.append(ev.text)
+            if ev.code is not None:
+                codes.append(ev.code)
+        elif isinstance(ev, Done):
+            done = ev
+    return codes, "".join(text), done
+
+
+def test_fixed_prompt_is_deterministic(runtime):
+    import json
+
+    recorded = json.loads((DEFAULT_MODEL_DIR / "recorded_codes.json").read_text())
+    assert recorded["prompt"] == FIXED_PROMPT
+    codes, text, _ = reply(runtime, FIXED_PROMPT, len(recorded["codes"]))
+    assert codes == recorded["codes"], text
+    assert "Paris" in text
+
+
+def test_emits_hypertokens_on_a_repetitive_prompt(runtime):
+    prompt = "Repeat exactly, five times, one per line: print('hello world')"
+    codes, text, done = reply(runtime, prompt, 80)
+    V = runtime.codec.base_vocab_size
+    assert sum(c >= V for c in codes) >= 5, text
+    assert done.stats.reply_codes < done.stats.reply_tokens
+
+
+def test_missing_or_corrupt_base_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("Z2Z_CACHE_DIR", str(tmp_path))
+    with pytest.raises(AssetError, match="is missing. Run `z2z-chat --fetch-default`"):
+        smollm2_gguf(fetch=False)
+    bad = tmp_path / "smollm2" / SMOLLM2_GGUF
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(AssetError, match="corrupt"):
+        smollm2_gguf(fetch=False)
+    from backends.runtime import RuntimeOpenError, open_runtime
+
+    with pytest.raises(RuntimeOpenError, match="corrupt"):
+        open_runtime(None, "torch", "cpu")
+    shutil.rmtree(bad.parent)
