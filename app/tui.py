@@ -109,7 +109,8 @@ class Z2ZChat(App):
     TITLE = "z2z-chat"
     AUTO_FOCUS = "ChatInput"
     CSS = """
-    #history { width: 28; border-right: solid $panel; }
+    #sidebar { width: 28; border-right: solid $panel; }
+    #sidebar-title { background: $panel; text-style: bold; padding: 0 1; }
     #chat { padding: 0 1; }
     .user { background: $boost; padding: 0 1; margin: 1 0 0 0; }
     .reply { height: auto; margin: 1 0 0 0; }
@@ -162,7 +163,9 @@ class Z2ZChat(App):
 
     def compose(self) -> ComposeResult:
         with Horizontal():
-            yield ListView(id="history")
+            with Vertical(id="sidebar"):
+                yield Static("Chats", id="sidebar-title")
+                yield ListView(id="history")
             with Vertical():
                 yield VerticalScroll(id="chat")
                 yield LoadingIndicator(id="loading")

@@ -164,20 +164,32 @@ def chat(rt: Runtime, turns: int, reply_tokens: int, reference: Any, progress: C
 
 
 def reference_ttft(rt: Runtime, checkpoint_dir: str, base_dir: str) -> Callable[[list[dict]], float]:
-    """Time to first token of the zip2zip package's generate on the whole conversation so far."""
+    """Time to first token of the zip2zip package's generate on the whole conversation so far.
+
+    The package loads its tokenizer from ``base_model_name_or_path``, so it gets a copy of the
+    checkpoint whose config names ``base_dir`` (an HF directory of the base model)."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
     import torch
     import zip2zip_compression as zc
     from transformers import AutoModelForCausalLM
     from zip2zip.model import Zip2ZipModel
 
-    ref = Zip2ZipModel.from_pretrained(checkpoint_dir, base_model=AutoModelForCausalLM.from_pretrained(base_dir)).eval()
+    tmp = Path(tempfile.mkdtemp(prefix="z2z-ref-"))
+    shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
+    cfg = json.loads((tmp / "zip2zip_config.json").read_text()) | {"base_model_name_or_path": str(base_dir)}
+    (tmp / "zip2zip_config.json").write_text(json.dumps(cfg))
+    ref = Zip2ZipModel.from_pretrained(str(tmp), base_model=AutoModelForCausalLM.from_pretrained(base_dir)).eval()
     c = rt.codec
     comp = zc.LZWCompressor(c.base_vocab_size, c.max_codebook_size, c.max_merge_size, c.pad_id, sorted(c.disabled_ids))
 
     def ttft(messages: list[dict]) -> float:
         t = time.perf_counter()
-        ids = rt.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        codes = comp.encode(rt.tokenizer(ids, add_special_tokens=False)["input_ids"])[0]
+        text = rt.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        codes = comp.encode(rt.tokenizer(text, add_special_tokens=False)["input_ids"])[0]
         with torch.no_grad():
             ref.generate(input_ids=torch.tensor([codes]), max_new_tokens=1, do_sample=False,
                          attention_mask=torch.ones(1, len(codes), dtype=torch.long))

@@ -35,6 +35,7 @@ class Runtime:
     backend_name: str
     model_name: str
     device: str
+    base: str = ""  # the base model it runs on, as loaded
 
     def session(self, system: str | None = None) -> Session:
         return Session(self.backend, self.tokenizer, self.codec,
@@ -106,7 +107,7 @@ def open_runtime(model: str | None = None, backend: str = "auto", device: str = 
     except (checkpoint.CheckpointError, ValueError) as e:
         raise RuntimeOpenError(str(e)) from None
     return Runtime(TorchBackend(loaded.model), loaded.tokenizer, loaded.codec, loaded.config,
-                   "torch", str(model), f"{dev.type} {str(dt).removeprefix('torch.')}")
+                   "torch", str(model), f"{dev.type} {str(dt).removeprefix('torch.')}", loaded.base)
 
 
 def _open_mlx(model: str) -> Runtime:
@@ -135,7 +136,7 @@ def open_plain(rt: Runtime, base: str | None = None, device: str = "auto", dtype
     from .torch_backend.backend import PlainBackend, pick_device
 
     dev, dt = pick_device(device, dtype)
-    spec = base or rt.config.base_model_name_or_path
+    spec = base or rt.base or rt.config.base_model_name_or_path
     try:
         lm = checkpoint.load_base(spec, dt, dev)
     except checkpoint.CheckpointError as e:

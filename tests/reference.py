@@ -25,13 +25,13 @@ CASES = [("llama", "transformer", "compressed"), ("llama", "res_latent_attn", "b
          ("phi3", "transformer", "compressed"), ("phi3", "res_latent_attn", "base_token_end")]
 
 
-def randomize(modules, seed=0):
+def randomize(modules, seed=0, scale=0.2):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in modules:
             for name, p in m.named_parameters():
                 base = 1.0 if ("norm" in name and name.endswith("weight")) else 0.0
-                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(base + scale * torch.randn(p.shape, generator=g))
 
 
 def ref_model(kind, enc, mode, base_dir, tok):
@@ -41,8 +41,10 @@ def ref_model(kind, enc, mode, base_dir, tok):
                     compression=RefCompression(initial_vocab_size=len(tok), max_codebook_size=C,
                                                max_subtokens=M, disabled_ids=list(tok.get_added_vocab().values())))
     ref = Zip2ZipModel(cfg, base_model=lm, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LORA[kind]))
-    lora = [m for n, m in ref.base_model.named_modules() if n.endswith("lora_B")]
-    randomize([ref.input_encoder, ref.output_encoder, *lora])
+    # every random part is set from a seeded generator (lora_A's own init uses the global RNG)
+    named = list(ref.base_model.named_modules())
+    randomize([ref.input_encoder, ref.output_encoder, *[m for n, m in named if n.endswith("lora_B")]])
+    randomize([m for n, m in named if n.endswith("lora_A")], seed=2, scale=0.02)  # seed: hypertokens among greedy picks
     return ref.eval()
 
 

@@ -242,3 +242,17 @@ def test_relative_base_path_moves_with_the_checkpoint(ckpt_copy, base_dirs):
     moved = ckpt_copy.parent / "moved"
     ckpt_copy.rename(moved)
     assert checkpoint.load(moved).model is not None
+
+
+def test_bfloat16_on_cpu_runs_close_to_float32(ref_checkpoints):
+    _, d = ref_checkpoints[("llama", "res_latent_attn", "base_token_end")]
+    fp = checkpoint.load(d)
+    bf = checkpoint.load(d, dtype=torch.bfloat16)
+    assert bf.model.input_encoder.pos_embed.weight.dtype == torch.bfloat16
+    codes = sequences(fp.tokenizer, fp.codec)[0]
+    with torch.no_grad():
+        a = fp.model.sequence_logits(codes, CodecSession(fp.codec))
+        b = bf.model.sequence_logits(codes, CodecSession(bf.codec)).float()
+    fin = torch.isfinite(a)
+    assert torch.equal(fin, torch.isfinite(b))
+    assert (a[fin] - b[fin]).abs().max() / a[fin].abs().max() < 0.05

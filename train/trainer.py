@@ -242,7 +242,24 @@ def train(cfg: TrainConfig, log=print) -> Path:
             say(f"stopping after step {done} (stop_at); run the same command to resume")
             break
     bar.close()
+    if cfg.push_to_hub and acc.is_main_process and (out / "final").is_dir():
+        push_to_hub(out / "final", cfg.push_to_hub, say)
     return out / "final"
+
+
+def push_to_hub(folder: Path, repo_id: str, say) -> None:
+    """Upload the final checkpoint (needs `hf auth login` or HF_TOKEN, and the hub)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="zip2zip checkpoint from z2z-train")
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise TrainConfigError(f"push_to_hub: could not upload {folder} to {repo_id} ({e}); the checkpoint "
+                               "is saved locally, upload it later with `hf upload`") from None
+    say(f"pushed {folder} to https://huggingface.co/{repo_id}")
 
 
 @torch.no_grad()

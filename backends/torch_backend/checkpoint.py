@@ -42,6 +42,7 @@ class Loaded:
     config: Zip2ZipConfig
     codec: CodecConfig
     path: Path
+    base: str  # the base model actually loaded (resolved path, GGUF file or repo id)
 
 
 def resolve(spec: str | os.PathLike) -> Path:
@@ -176,7 +177,7 @@ def load(spec: str | os.PathLike, *, base: str | os.PathLike | None = None,
     except ValueError as e:
         raise CheckpointError(f"{ckpt}: {e}") from None
     _load_encoders(model, ckpt)
-    return Loaded(model.eval(), tokenizer, config, config.codec_config(pad), ckpt)
+    return Loaded(model.eval(), tokenizer, config, config.codec_config(pad), ckpt, base_spec)
 
 
 def save(model: Zip2ZipLM, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
