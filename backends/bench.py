@@ -67,7 +67,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     ref = None
     if args.reference:
         _progress("loading the zip2zip reference package on the same checkpoint")
-        ref = bench_model.reference_ttft(rt, args.model, args.reference)
+        ref = bench_model.reference_ttft(rt, rt.model_name, args.reference)
     rows = bench_model.chat(rt, args.turns, args.reply_tokens, ref, _progress)
     _emit(args, f"chat, {rt.describe()} (time to first token per turn)", rows)
     return 0

@@ -385,71 +385,36 @@ class CodecSession:
         return new
 
     def encode(self, ids: Sequence[int]) -> list[int]:
-        """Compress base ids as the continuation of this stream and feed the codes to the codebook.
+        """Compress base ids as the continuation of this stream; each code goes through ``push``.
 
-        The encoder greedily matches the shared codebook; its new entries are created (one code
-        later, as LZW does) by the decoder step that every code goes through. If the stream does
-        not end on a clean boundary (a generated code still pending as a merge prefix), the few
-        ids whose codes would mean something else to the decoder are fed as base ids instead.
+        At each position the longest match is walked in the trie of the codebook as the decoder
+        holds it, and the valid new id (LZW's one-entry lag, the cScSc case) is taken when the
+        text continues with its entry: that is exactly the LZW encoder's choice, so a fresh
+        session gives ``encode(ids)``'s codes, and a turn that starts while a generated code is
+        still a merge prefix stays in step with the decoder instead of diverging from it.
         """
         ids = list(ids)
         s = self._s
         _check_ids(ids, s.V)
-        codes = self._greedy_codes(ids)
-        snapshot = self.to_dict()
-        try:
-            pos = 0
-            for c in codes:
-                d = self.push(c)
-                if tuple(ids[pos:pos + len(d)]) != d:
-                    raise ValueError("diverged")
-                pos += len(d)
-        except ValueError:
-            # Only reachable when the previous turn left a pending buffer; base ids always decode.
-            self._restore(snapshot)
-            codes = ids
-            for c in codes:
-                self.push(c)
-        return codes
-
-    def _greedy_codes(self, ids: list[int]) -> list[int]:
-        """Run the encoder over ``ids`` against the shared codebook without modifying it."""
-        s = self._s
         V, M, disabled, child = s.V, s.M, s.disabled, s.child
-        local: dict[int, int] = {}  # entries the encoder creates; the decoder recreates them
-        nid, limit = V + len(s.entries), s.limit
-        out: list[int] = []
-        emit = out.append
-        cur, n = -1, 0
-        for t in ids:
-            if t in disabled:
-                if cur >= 0:
-                    emit(cur)
-                    cur = -1
-                emit(t)
-                continue
-            if cur < 0:
-                cur, n = t, 1
-            else:
-                key = cur * V + t
-                nxt = child.get(key)
-                if nxt is None:
-                    nxt = local.get(key)
-                if nxt is None:
-                    if nid < limit:
-                        local[key] = nid
-                        nid += 1
-                    emit(cur)
-                    cur, n = t, 1
-                else:
-                    cur = nxt
-                    n += 1
-            if n == M:
-                emit(cur)
-                cur, n = -1, 0
-        if cur >= 0:
-            emit(cur)
-        return out
+        codes: list[int] = []
+        i, n = 0, len(ids)
+        while i < n:
+            code, length = ids[i], 1
+            if code not in disabled:
+                while length < M and i + length < n:
+                    nxt = child.get(code * V + ids[i + length])
+                    if nxt is None:
+                        break
+                    code, length = nxt, length + 1
+                if s.next_new_ok():
+                    cand = s.buf + s.buf[:1]
+                    if len(cand) > length and tuple(ids[i:i + len(cand)]) == cand:
+                        code, length = V + len(s.entries), len(cand)
+            self.push(code)
+            codes.append(code)
+            i += length
+        return codes
 
     def to_dict(self) -> dict[str, Any]:
         """Full state as plain JSON data."""

@@ -323,3 +323,17 @@ def test_pad_is_always_disabled():
     config = cfg(10, 100, 3, pad=5)
     assert 5 in config.disabled_ids
     assert encode([5, 5, 5, 5], config)[0] == [5, 5, 5, 5]
+
+
+def test_encode_after_a_pending_code_keeps_compressing():
+    """A turn that starts while the last generated code is still a merge prefix is encoded in
+    step with the decoder, hypertokens included (not as a fallback to base ids)."""
+    config = cfg(10, 100, 3)
+    s = CodecSession(config)
+    for c in (1, 2, 3):  # generated codes; the decoder's buffer holds (3,)
+        s.push(c)
+    ids = [1, 2, 3, 1, 2, 3, 1, 2, 3]
+    codes = s.encode(ids)
+    assert len(codes) < len(ids) and any(c >= 10 for c in codes)
+    whole, cb = decode([1, 2, 3] + codes, config)
+    assert whole == [1, 2, 3] + ids and cb.to_dict() == s.codebook.to_dict()

@@ -53,6 +53,8 @@ def test_fixed_prompt_is_deterministic(runtime):
     assert "Paris" in text
 
 
+@pytest.mark.xfail(strict=True, reason="the CPU-trained default (200 steps) reads hypertokens but does not yet "
+                   "emit them on its own; see MODEL_CARD.md. strict: this fails loudly once it does")
 def test_emits_hypertokens_on_a_repetitive_prompt(runtime):
     prompt = "Repeat exactly, five times, one per line: print('hello world')"
     codes, text, done = reply(runtime, prompt, 80)
