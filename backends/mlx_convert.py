@@ -8,6 +8,7 @@ MLX conversion). torch, transformers and mlx-lm are imported only when it runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -69,8 +70,9 @@ def convert(src: str, dst: Path, *, quantize: int | None = None, q_group_size: i
         log(f"writing the merged {arch} decoder")
         write_hf_decoder(lm, loaded.tokenizer, Path(tmp) / "hf")
         log("converting the decoder with mlx_lm" + (f" ({quantize}-bit, group {q_group_size})" if quantize else ""))
-        mlx_convert(str(Path(tmp) / "hf"), str(dst), quantize=bool(quantize), q_group_size=q_group_size if quantize else None,
-                    q_bits=quantize, dtype=dtype)
+        with contextlib.redirect_stdout(sys.stderr):  # mlx_lm prints its progress; stdout stays clean
+            mlx_convert(str(Path(tmp) / "hf"), str(dst), quantize=bool(quantize),
+                        q_group_size=q_group_size if quantize else None, q_bits=quantize, dtype=dtype)
     log("writing the hyper-encoders and zip2zip_config.json")
     tdtype = getattr(torch, dtype)
     m = loaded.model
