@@ -42,7 +42,8 @@ class Runtime:
                        position_mode=self.config.position_mode, system=system)
 
     def describe(self) -> str:
-        return f"{self.backend_name} | {self.model_name} | {self.device}"
+        name = Path(self.model_name).name if Path(self.model_name).exists() else self.model_name
+        return f"{self.backend_name} | {name} | {self.device}"
 
 
 MLX_MARKER = "z2z_mlx.json"  # written into every MLX conversion (backends/mlx_convert.py)
