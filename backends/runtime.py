@@ -9,7 +9,6 @@ otherwise. Errors are ``RuntimeOpenError`` with a message that says what to do.
 from __future__ import annotations
 
 import importlib.util
-import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path

@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 
 from app.cli import build_parser  # noqa: E402
 from app.store import open_store  # noqa: E402
-from app.tui import ReplyView, UserView, Z2ZChat  # noqa: E402
+from app.tui import ReplyView, Z2ZChat  # noqa: E402
 
 
 def make_app(ckpt, db: Path, *extra: str) -> Z2ZChat:

@@ -52,7 +52,7 @@ class Batch:
 
 def collate(rows: list[tuple[list[int], int]], codec: CodecConfig, position_mode: str) -> Batch:
     """Batch of (codes, length) rows; codes are padded to a common L + 1."""
-    V, M, pad = codec.base_vocab_size, codec.max_merge_size, codec.pad_id
+    M, pad = codec.max_merge_size, codec.pad_id
     L = len(rows[0][0]) - 1
     entries, offsets, n_entries, created, positions, cand_rows, cand_at = [], [], [], [], [], [], []
     base_tokens = 0
