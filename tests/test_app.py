@@ -216,7 +216,12 @@ def test_real_terminal_with_tmux(tiny_ckpt, tmp_path):
         while "codebook" not in screen() and time.time() < deadline:
             time.sleep(0.5)
         assert "codebook" in screen(), screen()
+        time.sleep(1.0)  # let the first frames after loading settle before typing
         subprocess.run([*tmux, "send-keys", "-l", "hello tmux"], check=True)
+        deadline = time.time() + 20
+        while "hello tmux" not in screen() and time.time() < deadline:  # typed text is echoed in the input
+            time.sleep(0.25)
+        assert "hello tmux" in screen(), screen()
         subprocess.run([*tmux, "send-keys", "Enter"], check=True)
         deadline = time.time() + 60
         while "ttft" not in screen() and time.time() < deadline:
