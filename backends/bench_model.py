@@ -20,10 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from .bench_codec import documents
 from .codec import CodecSession
+from .config import positions
 from .runtime import Runtime
 
 
@@ -42,12 +41,6 @@ def _best(f: Callable[[], Any], repeat: int) -> float:
         f()
         best = min(best, time.perf_counter() - t)
     return best
-
-
-def _positions(rt: Runtime, spans: list[int], start: int = 0) -> list[int]:
-    if rt.config.position_mode == "base_token_end":
-        return list(np.cumsum(spans) - 1 + start)
-    return list(range(start, start + len(spans)))
 
 
 def prefill(rt: Runtime, lengths: list[int], repeat: int, progress: Callable[[str], None]) -> list[dict]:
@@ -69,7 +62,7 @@ def prefill(rt: Runtime, lengths: list[int], repeat: int, progress: Callable[[st
             s = CodecSession(rt.codec)
             codes = s.encode(ids)
             be.add_entries(s.take_new_entries(), s.candidate())
-            be.forward(codes, _positions(rt, [len(s.expand(c)) for c in codes]))
+            be.forward(codes, positions([len(s.expand(c)) for c in codes], rt.config.position_mode))
             return len(codes)
 
         n_codes = zipped()
@@ -90,7 +83,7 @@ def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forc
     s = CodecSession(rt.codec)
     if zip2zip:
         codes = s.encode(prompt)
-        pos = _positions(rt, [len(s.expand(c)) for c in codes])
+        pos = positions([len(s.expand(c)) for c in codes], rt.config.position_mode)
         be.add_entries(s.take_new_entries(), s.candidate())
     else:
         codes, pos = list(prompt), list(range(len(prompt)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,19 @@ ENCODER_FIELDS: dict[str, dict[str, Any]] = {
                         "intermediate_size": None, "num_heads": None, "causal": False, "residual": True},
 }
 _OPTIONAL = {"position_encoding", "intermediate_size", "model_hidden_size"}
+
+
+def positions(spans: Sequence[int], mode: str, start: int = 0) -> list[int]:
+    """RoPE positions of codes with these spans (base tokens per code), from base position ``start``:
+    consecutive in ``compressed`` mode; in ``base_token_end`` mode each code sits at the
+    base-token index of its last subtoken (``start - 1 + cumsum(spans)``)."""
+    if mode == "compressed":
+        return list(range(start, start + len(spans)))
+    out, p = [], start - 1
+    for s in spans:
+        p += s
+        out.append(p)
+    return out
 
 
 class ConfigError(ValueError):

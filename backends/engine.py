@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -166,28 +166,26 @@ class Session:
             return full[len(self.fed_text):], False
         return full, True  # the template re-rendered history differently: start the stream over
 
-    def _feed_text(self, text: str) -> tuple[int, int]:
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        codes = self.codec.encode(ids)
-        for c in codes:
+    def _feed(self, text: str, ids: list[int]) -> None:
+        for c in self.codec.encode(ids):
             self._append(c, len(self.codec.expand(c)))
         self.fed_text += text
-        return len(ids), len(codes)
 
-    def _fit(self, user_text: str, max_tokens: int) -> Iterator[Notice]:
-        """Drop the oldest turns until prompt + reply budget fit the context window."""
+    def _fit(self, user_text: str, max_tokens: int) -> Generator[Notice, None, tuple[str, list[int]]]:
+        """Drop the oldest turns until prompt + reply budget fit the context window; returns the
+        text to feed for the new turn and its base ids."""
         dropped = 0
         while True:
             delta, restart = self._prompt_delta(user_text)
             if restart:
                 self._clear_stream()
-            n_new = len(self.tok(delta, add_special_tokens=False)["input_ids"])  # >= its codes
+            ids = self.tok(delta, add_special_tokens=False)["input_ids"]  # at least as many as its codes
             budget = self.backend.context_length - max(len(self.codes), self._next_position(1))
-            if n_new + max_tokens <= budget:
+            if len(ids) + max_tokens <= budget:
                 break
             if not self.messages:
                 raise ContextFullError(
-                    f"the message needs about {n_new} tokens plus {max_tokens} for the reply, but the "
+                    f"the message needs about {len(ids)} tokens plus {max_tokens} for the reply, but the "
                     f"context window holds {self.backend.context_length}: shorten it or lower max tokens")
             self.messages = self.messages[2:] if len(self.messages) >= 2 else []
             dropped += 1
@@ -195,6 +193,7 @@ class Session:
         if dropped:
             yield Notice(f"dropped the {dropped} oldest turn(s) to fit the context window "
                          f"({self.backend.context_length} tokens); the rest was re-read")
+        return delta, ids
 
     # --- one turn ---------------------------------------------------------------------------
 
@@ -202,12 +201,11 @@ class Session:
              cancel: threading.Event | None = None) -> Iterator[Event]:
         """Add a user message and stream the reply (see the module docstring)."""
         settings = settings or GenerationSettings()
-        yield from self._fit(user_text, settings.max_tokens)
-        delta, _ = self._prompt_delta(user_text)  # _fit made fed_text a prefix of the rendering
+        delta, ids = yield from self._fit(user_text, settings.max_tokens)
         self.messages.append({"role": "user", "content": user_text})
         start = len(self.codes)
-        n_tok, _ = self._feed_text(delta)
-        stats = TurnStats(prompt_tokens=n_tok, codebook_capacity=self.codec_config.max_codebook_size)
+        self._feed(delta, ids)
+        stats = TurnStats(prompt_tokens=len(ids), codebook_capacity=self.codec_config.max_codebook_size)
         reply: list[str] = []
         try:
             yield from self._generate(settings, cancel, stats, start, reply)

@@ -14,6 +14,7 @@ pytest.importorskip("mlx_lm", reason='MLX backend: pip install "mlx[cpu]" mlx-lm
 torch = pytest.importorskip("torch")
 
 from backends.codec import CodecSession  # noqa: E402
+from backends.config import positions  # noqa: E402
 from backends.engine import GenerationSettings, Session, Token  # noqa: E402
 from backends.mlx_backend.backend import MLXBackend  # noqa: E402
 from backends.mlx_convert import ConvertError, convert  # noqa: E402
@@ -40,12 +41,7 @@ def stream(loaded, ids):
     """Codes of ``ids`` (a fresh codebook) and their positions in the checkpoint's position mode."""
     s = CodecSession(loaded.codec)
     codes = s.encode(ids)
-    spans = [len(s.expand(c)) for c in codes]
-    if loaded.config.position_mode == "base_token_end":
-        pos = list(np.cumsum(spans) - 1)
-    else:
-        pos = list(range(len(codes)))
-    return codes, [int(p) for p in pos]
+    return codes, positions([len(s.expand(c)) for c in codes], loaded.config.position_mode)
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])

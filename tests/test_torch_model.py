@@ -20,7 +20,8 @@ from backends.codec import CodecSession, encode  # noqa: E402
 from backends.config import Zip2ZipConfig  # noqa: E402
 from backends.torch_backend import checkpoint  # noqa: E402
 from backends.torch_backend.checkpoint import CheckpointError  # noqa: E402
-from backends.torch_backend.model import Zip2ZipLM, base_token_end_positions  # noqa: E402
+from backends.config import positions  # noqa: E402
+from backends.torch_backend.model import Zip2ZipLM  # noqa: E402
 
 def sequences(tok, codec, seed=0):
     """A canonical chat-formatted sequence with repetition, and a model-like one."""
@@ -114,10 +115,7 @@ def test_full_forward_equals_prefill_plus_cached_steps(case, ref_checkpoints):
         model.reset_entries()
         for c in codes[:k]:
             s.push(c)
-        if loaded.config.position_mode == "base_token_end":
-            pos = base_token_end_positions(spans, 0)
-        else:
-            pos = list(range(len(codes)))
+        pos = positions(spans, loaded.config.position_mode)
         model.add_entries(s.take_new_entries(), s.candidate())
         h = model.hidden(torch.tensor([codes[:k]]), torch.tensor([pos[:k]]), cache)
         steps = [model.logits(h[0, -1])]

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.codec import CodecConfig, CodecSession
-from backends.torch_backend.model import Zip2ZipLM, base_token_end_positions, entry_tensor
+from backends.config import positions
+from backends.torch_backend.model import Zip2ZipLM, entry_tensor
 
 
 @dataclass
@@ -54,7 +55,7 @@ def collate(rows: list[tuple[list[int], int]], codec: CodecConfig, position_mode
     """Batch of (codes, length) rows; codes are padded to a common L + 1."""
     M, pad = codec.max_merge_size, codec.pad_id
     L = len(rows[0][0]) - 1
-    entries, offsets, n_entries, created, positions, cand_rows, cand_at = [], [], [], [], [], [], []
+    entries, offsets, n_entries, created, pos_rows, cand_rows, cand_at = [], [], [], [], [], [], []
     base_tokens = 0
     for b, (codes, n) in enumerate(rows):
         s = CodecSession(codec)
@@ -73,12 +74,12 @@ def collate(rows: list[tuple[list[int], int]], codec: CodecConfig, position_mode
         n_entries.append(len(s))
         entries += [e for _, e in s.codebook.items()]
         created.append(row_created)
-        pos = base_token_end_positions(spans, 0) if position_mode == "base_token_end" else list(range(n))
-        positions.append((pos + [0] * (L + 1))[:L])
+        pos = positions(spans, position_mode)
+        pos_rows.append((pos + [0] * (L + 1))[:L])
     return Batch(
         codes=torch.tensor([c for c, _ in rows], dtype=torch.long),
         lengths=torch.tensor([n for _, n in rows], dtype=torch.long),
-        positions=torch.tensor(positions, dtype=torch.long),
+        positions=torch.tensor(pos_rows, dtype=torch.long),
         entries=entry_tensor(entries, M, pad, "cpu"),
         offsets=torch.tensor(offsets, dtype=torch.long),
         n_entries=torch.tensor(n_entries, dtype=torch.long),

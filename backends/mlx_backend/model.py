@@ -96,22 +96,24 @@ class Zip2ZipMLX:
 
     def add_entries(self, entries: Sequence[tuple[int, tuple[int, ...]]],
                     candidate: tuple[int, tuple[int, ...]] | None = None) -> None:
-        out_enc = self.output_encoder or self.input_encoder
-        if entries:
-            ids = [i - self.V for i, _ in entries]
-            if min(ids) < 0 or max(ids) >= self.C:
-                raise ValueError(f"hypertoken ids {[i for i, _ in entries]} are outside [{self.V}, {self.V + self.C})")
-            rows, valid = self._entry_rows([e for _, e in entries])
-            idx = mx.array(ids)
-            self.hyper_in[idx] = self.input_encoder(self.embed_rows(rows), valid).astype(self.dtype)
-            self.hyper_out[idx] = out_enc(self.head_rows(rows), valid).astype(self.dtype)
-            self.n_created = max(self.n_created, max(ids) + 1)
         self.candidate = None
+        items = [*entries, candidate] if candidate is not None else list(entries)
+        if not items:
+            return
+        ids = [i - self.V for i, _ in items]
+        if min(ids) < 0 or max(ids) >= self.C:
+            raise ValueError(f"hypertoken ids {[i for i, _ in items]} are outside [{self.V}, {self.V + self.C})")
+        rows, valid = self._entry_rows([e for _, e in items])  # (N, M)
+        idx = mx.array(ids)
+        # one output-encoder call for the new entries and the candidate (a decode step has both)
+        out_enc = self.output_encoder or self.input_encoder
+        self.hyper_out[idx] = out_enc(self.head_rows(rows), valid).astype(self.dtype)
+        n = len(entries)
+        if n:
+            self.hyper_in[idx[:n]] = self.input_encoder(self.embed_rows(rows[:n]), valid[:n]).astype(self.dtype)
+            self.n_created = max(self.n_created, max(ids[:n]) + 1)
         if candidate is not None:
-            rows, valid = self._entry_rows([candidate[1]])
-            slot = candidate[0] - self.V
-            self.hyper_out[slot] = out_enc(self.head_rows(rows), valid)[0].astype(self.dtype)
-            self.candidate = slot
+            self.candidate = ids[-1]
 
     def reset_entries(self) -> None:
         self.hyper_in = mx.zeros_like(self.hyper_in)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..codec import CodecSession
-from ..config import Zip2ZipConfig
+from ..config import Zip2ZipConfig, positions
 from .encoders import build_encoder
 
 Entry = tuple[int, tuple[int, ...]]
@@ -49,15 +49,6 @@ def entry_tensor(entries: Sequence[tuple[int, ...]], M: int, pad_id: int, device
     """(N, M) long: each entry's base ids right-padded with pad, as the reference feeds them."""
     rows = [list(e) + [pad_id] * (M - len(e)) for e in entries]
     return torch.tensor(rows, dtype=torch.long, device=device).view(len(rows), M)
-
-
-def base_token_end_positions(spans: Sequence[int], start: int) -> list[int]:
-    """zip2zip++ positions: each code sits at the base-token index of its last subtoken."""
-    out, p = [], start - 1
-    for s in spans:
-        p += s
-        out.append(p)
-    return out
 
 
 class Zip2ZipLM(nn.Module):
@@ -114,23 +105,24 @@ class Zip2ZipLM(nn.Module):
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None,
                     hyper: HyperCache | None = None) -> None:
         c = hyper or self.hyper
-        if entries:
-            ids = [i - self.V for i, _ in entries]
-            if min(ids) < 0 or max(ids) >= self.C:
-                raise ValueError(f"hypertoken ids {[i for i, _ in entries]} are outside [{self.V}, {self.V + self.C})")
-            rows = entry_tensor([e for _, e in entries], self.M, self.pad_id, self.device)
-            vin, vout = self.hyper_vectors(rows)
-            idx = torch.tensor(ids, device=rows.device)
-            c.hyper_in[idx] = vin.to(c.hyper_in.dtype)
-            c.hyper_out[idx] = vout.to(c.hyper_out.dtype)
-            c.n_created = max(c.n_created, max(ids) + 1)
         c.candidate = None
+        items = [*entries, candidate] if candidate is not None else list(entries)
+        if not items:
+            return
+        ids = [i - self.V for i, _ in items]
+        if min(ids) < 0 or max(ids) >= self.C:
+            raise ValueError(f"hypertoken ids {[i for i, _ in items]} are outside [{self.V}, {self.V + self.C})")
+        rows = entry_tensor([e for _, e in items], self.M, self.pad_id, self.device)  # (N, M)
+        idx = torch.tensor(ids, device=rows.device)
+        # one output-encoder call for the new entries and the candidate (a decode step has both)
+        c.hyper_out[idx] = self.out_encoder(rows, self.lm.get_output_embeddings().weight).to(c.hyper_out.dtype)
+        n = len(entries)
+        if n:
+            emb = self.lm.get_input_embeddings().weight
+            c.hyper_in[idx[:n]] = self.input_encoder(rows[:n], emb).to(c.hyper_in.dtype)
+            c.n_created = max(c.n_created, max(ids[:n]) + 1)
         if candidate is not None:
-            slot = candidate[0] - self.V
-            row = entry_tensor([candidate[1]], self.M, self.pad_id, self.device)
-            head = self.lm.get_output_embeddings().weight
-            c.hyper_out[slot] = self.out_encoder(row, head)[0].to(c.hyper_out.dtype)
-            c.candidate = slot
+            c.candidate = ids[-1]
 
     def reset_entries(self, hyper: HyperCache | None = None) -> None:
         c = hyper or self.hyper
@@ -199,10 +191,7 @@ class Zip2ZipLM(nn.Module):
         self.reset_entries()
         self.add_entries(session.take_new_entries())
         dev = self.device
-        if self.config.position_mode == "base_token_end":
-            pos = base_token_end_positions([len(session.expand(c)) for c in codes], 0)
-        else:
-            pos = list(range(len(codes)))
+        pos = positions([len(session.expand(c)) for c in codes], self.config.position_mode)
         h = self.hidden(torch.tensor([list(codes)], device=dev), torch.tensor([pos], device=dev))[0]  # (T, D)
         out = self.logits(h)  # (T, V + C), every final entry live
         slot = torch.arange(self.C, device=dev)
