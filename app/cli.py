@@ -1,15 +1,25 @@
 """``z2z-chat``: the command line. With ``--prompt`` it answers once on stdout (scriptable);
-without, it opens the Textual chat UI.
+without, it opens the Textual chat UI (which needs a terminal on stdin and stdout).
 
-Exit status: 0 on success, 2 on usage errors (argparse), 1 with a one-line message on runtime
-errors (a bad model path, a full context, ...), 130 on Ctrl-C.
+Exit status: 0 on success (also when stdout is closed early, as by ``| head``), 2 on usage
+errors (argparse, invalid settings), 1 with a one-line message on the errors we expect (a bad
+model path, a full context, ...: ``Z2ZError``), 130 on Ctrl-C, 143 on SIGTERM. Anything else is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import warnings
+
+BACKEND_CHOICES = ["auto", "torch", "mlx", "llamacpp"]
+
+
+class Terminated(Exception):
+    """SIGTERM arrived."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,12 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="zip2zip checkpoint: a directory, a Hugging Face repo id or an MLX "
                                    "conversion (default: the embedded zip2zip SmolLM2-135M-Instruct)")
     p.add_argument("--base", help="override the checkpoint's base model (HF dir, repo id or .gguf)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--prompt", help="answer this once on stdout instead of opening the UI")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=512, help="most codes per reply (default 512)")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="most base tokens per reply; the reply stops at the code that reaches it "
+                        "(a hypertoken counts as the tokens it stands for; default 512)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -35,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace):
+    """The generation settings of the command line (the app starts from the same ones)."""
     from backends.engine import GenerationSettings
     from backends.sampling import SamplingSettings
 
@@ -43,34 +56,69 @@ def settings_from(args: argparse.Namespace):
         repetition_penalty=args.repetition_penalty, seed=args.seed))
 
 
-def one_shot(args: argparse.Namespace) -> int:
+def _quiet_libraries() -> None:
+    """Library progress bars and warnings are not the user's business in one-shot output."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers warns about its own deprecated API when peft merges an adapter
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def one_shot(args: argparse.Namespace, settings) -> int:
     from backends.engine import Done, Notice, Token
     from backends.runtime import open_runtime
 
-    settings = settings_from(args)
     rt = open_runtime(args.model, args.backend, args.device, args.dtype, base=args.base)
     session = rt.session(system=args.system)
-    for ev in session.send(args.prompt, settings):
-        if isinstance(ev, Token):
-            sys.stdout.write(ev.text)
-            sys.stdout.flush()
-        elif isinstance(ev, Notice):
-            print(f"[z2z-chat] {ev.text}", file=sys.stderr)
-        elif isinstance(ev, Done):
+    at_line_start = True
+    try:
+        for ev in session.send(args.prompt, settings):
+            if isinstance(ev, Token) and ev.text:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+                at_line_start = ev.text.endswith("\n")
+            elif isinstance(ev, Notice):
+                print(f"[z2z-chat] {ev.text}", file=sys.stderr)
+            elif isinstance(ev, Done):
+                sys.stdout.write("\n")
+                at_line_start = True
+                if args.stats:
+                    print(f"[{rt.describe()}] {ev.reason} | {ev.stats.summary()}", file=sys.stderr)
+    finally:
+        if not at_line_start:  # interrupted mid-line: leave the shell prompt on a line of its own
             sys.stdout.write("\n")
-            if args.stats:
-                print(f"[{rt.describe()}] {ev.reason} | {ev.stats.summary()}", file=sys.stderr)
-    rt.backend.close()
+            sys.stdout.flush()
+        rt.backend.close()
     return 0
 
 
+def _valid_utf8(parser: argparse.ArgumentParser, name: str, value: str | None) -> None:
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        parser.error(f"{name} is not valid UTF-8 text")
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    # transformers warns about its own deprecated API when peft merges an adapter: not the user's business
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.max_tokens < 1:
-        parser.error("--max-tokens must be >= 1")
+    for name in ("prompt", "system", "model", "base"):
+        _valid_utf8(parser, f"--{name}", getattr(args, name))
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("--prompt is empty")
+    from backends.errors import SettingsError, Z2ZError
+
+    try:
+        settings = settings_from(args)
+    except SettingsError as e:
+        parser.error(str(e))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.fetch_default:
             from backends.assets import smollm2_gguf
@@ -78,17 +126,30 @@ def main(argv: list[str] | None = None) -> int:
             print(smollm2_gguf())
             return 0
         if args.prompt is not None:
-            return one_shot(args)
+            _quiet_libraries()
+            return one_shot(args, settings)
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            print("z2z-chat: the chat UI needs a terminal on stdin and stdout; "
+                  "use --prompt TEXT for scripted use", file=sys.stderr)
+            return 2
         try:
             from app.tui import run_app  # the UI pulls in textual
         except ImportError as e:
             print(f"z2z-chat: the chat UI needs textual ({e}): pip install \"z2z-chat[app]\"", file=sys.stderr)
             return 1
         return run_app(args)
+    except BrokenPipeError:
+        # the reader went away (| head): exit quietly like other Unix tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("z2z-chat: interrupted", file=sys.stderr)
         return 130
-    except (RuntimeError, ValueError, OSError) as e:
+    except Terminated:
+        print("z2z-chat: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    except Z2ZError as e:
         print(f"z2z-chat: error: {e}", file=sys.stderr)
         return 1
 

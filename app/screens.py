@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, DataTable, Footer, Input, Label, Sparkline, Static, TextArea
+from textual.widgets import (
+    Button,
+    DataTable,
+    Footer,
+    Input,
+    Label,
+    Sparkline,
+    Static,
+    TextArea,
+)
+
+from backends.engine import TurnStats
 
 
 class PromptDialog(ModalScreen[str | None]):
@@ -28,6 +37,9 @@ class PromptDialog(ModalScreen[str | None]):
                 yield Label("Ctrl+S saves, Esc cancels", classes="hint")
             else:
                 yield Input(self.value, id="value")
+
+    def on_mount(self) -> None:
+        self.query_one("#value").focus()  # typed text goes into the field at once
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value)
@@ -54,6 +66,9 @@ class ConfirmDialog(ModalScreen[bool]):
                 yield Button("Yes (y)", id="yes", variant="error")
                 yield Button("No (n)", id="no", variant="primary")
 
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
+
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")
 
@@ -69,7 +84,7 @@ class StatsScreen(Screen):
 
     BINDINGS = [Binding("escape,q,f3", "app.pop_screen", "Back")]
 
-    def __init__(self, title: str, turns: list[dict[str, Any]]):
+    def __init__(self, title: str, turns: list[TurnStats]):
         super().__init__()
         self.title_text, self.turns = title, turns
 
@@ -77,18 +92,22 @@ class StatsScreen(Screen):
         yield Static(f"[b]Statistics[/b] of {self.title_text}", id="stats-title")
         table = DataTable(id="stats-table", cursor_type="none", zebra_stripes=True)
         table.add_columns("turn", "prompt tok", "prompt codes", "reply tok", "reply codes", "reply codes/tok",
-                          "codebook")
+                          "codebook", "decode tok/s")
         for i, t in enumerate(self.turns, 1):
-            rt = t.get("reply_tokens", 0)
-            table.add_row(str(i), str(t.get("prompt_tokens", 0)), str(t.get("prompt_codes", 0)), str(rt),
-                          str(t.get("reply_codes", 0)), f"{t.get('reply_codes', 0) / rt:.2f}" if rt else "-",
-                          f"{t.get('codebook_size', 0)}/{t.get('codebook_capacity', 0)}")
+            table.add_row(str(i), str(t.prompt_tokens), str(t.prompt_codes), str(t.reply_tokens),
+                          str(t.reply_codes), f"{t.reply_codes / t.reply_tokens:.2f}" if t.reply_tokens else "-",
+                          f"{t.codebook_size}/{t.codebook_capacity}",
+                          f"{t.decode_tok_s:.1f}" if t.meaningful_speed else "-")
         yield table
-        ratios = [t["reply_codes"] / t["reply_tokens"] for t in self.turns if t.get("reply_tokens")]
-        tok = sum(t.get("prompt_tokens", 0) + t.get("reply_tokens", 0) for t in self.turns)
-        codes = sum(t.get("prompt_codes", 0) + t.get("reply_codes", 0) for t in self.turns)
+        ratios = [t.reply_codes / t.reply_tokens for t in self.turns if t.reply_tokens]
+        tok = sum(t.prompt_tokens + t.reply_tokens for t in self.turns)
+        codes = sum(t.prompt_codes + t.reply_codes for t in self.turns)
         yield Label("Reply compression per turn (codes per base token; lower is better):")
+        if ratios:
+            yield Label(f"max {max(ratios):.2f}", classes="axis")
         yield Sparkline(ratios or [0], id="stats-chart")
+        if ratios:
+            yield Label(f"min {min(ratios):.2f}    turns 1 .. {len(ratios)} from left to right", classes="axis")
         saved = f"{tok - codes} of {tok} tokens saved ({codes / tok:.2f} codes per token)" if tok else "no turns yet"
         yield Static(f"Whole conversation: {saved}", id="stats-total")
         yield Footer()

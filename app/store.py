@@ -2,9 +2,21 @@
 
 Tables: ``conversations`` (title, model, settings and the engine state needed to resume: codec
 snapshot and code stream) and ``messages`` (role, content, the reply's units for colouring,
-whether it was stopped, its statistics). ``open_store(path)`` checks the file first: a database
-that is locked by another process or is not a valid z2z-chat database is left untouched, and a
-fresh one is opened next to it; ``Store.warning`` then says what happened and where.
+whether it was stopped, its statistics).
+
+``open_store(path)`` looks at the file read-only before writing anything:
+- a file that is not a z2z-chat database (another program's SQLite file, or not SQLite at all
+  but readable) is never written to: the store opens ``<name>-fallback.db`` next to it instead,
+  always the same file, so history written meanwhile stays visible at every launch;
+- a corrupt z2z-chat database (its integrity check fails) is moved aside once to
+  ``<name>.corrupt-<time>`` and a fresh one is created at the usual path;
+- a database locked by another process at launch also uses the fallback file.
+``Store.warning`` says what happened, naming both paths.
+
+During a session every write retries for up to ``BUSY_WAIT_S`` while another process holds the
+lock, then raises ``StoreBusy``; nothing is lost because the caller keeps the write queued
+(``PendingWrites``) and retries it. Text that is not valid UTF-8 or JSON that does not parse is
+read as what can be read (U+FFFD, or an empty value) and counted in ``Store.repaired``.
 """
 
 from __future__ import annotations
@@ -13,9 +25,21 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from backends.errors import Z2ZError
+
+BUSY_WAIT_S = 5.0
+T = TypeVar("T")
+TABLES = {"conversations": {"id", "title", "model", "system", "settings", "state", "created", "updated"},
+          "messages": {"id", "conversation", "role", "content", "units", "stopped", "stats", "created"}}
+
+
+class StoreBusy(Z2ZError):
+    """Another process holds the history database's lock for longer than ``BUSY_WAIT_S``."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -75,65 +99,147 @@ class Conversation:
 class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path, warning: str | None = None):
         self.db, self.path, self.warning = conn, path, warning
+        self.repaired = 0  # stored values that could only be read in part
+        conn.text_factory = self._text
+
+    def _text(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.repaired += 1
+            return raw.decode("utf-8", errors="replace")
+
+    def _json(self, raw: str | None, default: Any) -> Any:
+        if not raw:
+            return default
+        try:
+            return json.loads(raw)
+        except ValueError:
+            self.repaired += 1
+            return default
+
+    def _write(self, fn: Callable[[], T]) -> T:
+        """Run one write transaction, retrying while another process holds the lock."""
+        deadline = time.monotonic() + BUSY_WAIT_S
+        while True:
+            try:
+                with self.db:
+                    return fn()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+                if time.monotonic() > deadline:
+                    raise StoreBusy(f"the history database {self.path} is locked by another program; "
+                                    "what you wrote is kept and will be saved when it is released") from None
+                time.sleep(0.1)
 
     # conversations
     def conversations(self) -> list[Conversation]:
         rows = self.db.execute("SELECT id, title, model, system, settings, updated FROM conversations "
                                "ORDER BY updated DESC, id DESC").fetchall()
-        return [Conversation(r[0], r[1], r[2], r[3], json.loads(r[4]), None, r[5]) for r in rows]
+        return [Conversation(r[0], r[1], r[2], r[3], self._json(r[4], {}), None, r[5]) for r in rows]
 
     def get(self, cid: int) -> Conversation:
         r = self.db.execute("SELECT id, title, model, system, settings, state, updated FROM conversations "
                             "WHERE id = ?", (cid,)).fetchone()
         if r is None:
             raise KeyError(f"no conversation {cid}")
-        return Conversation(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]) if r[5] else None, r[6])
+        settings = self._json(r[4], {})
+        state = self._json(r[5], None)
+        return Conversation(r[0], r[1], r[2], r[3], settings if isinstance(settings, dict) else {},
+                            state if isinstance(state, dict) else None, r[6])
 
     def create(self, title: str, model: str, system: str | None, settings: dict[str, Any]) -> int:
         now = time.time()
-        with self.db:
-            cur = self.db.execute("INSERT INTO conversations (title, model, system, settings, created, updated) "
-                                  "VALUES (?, ?, ?, ?, ?, ?)", (title, model, system, json.dumps(settings), now, now))
+        cur = self._write(lambda: self.db.execute(
+            "INSERT INTO conversations (title, model, system, settings, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
+            (title, model, system, json.dumps(settings), now, now)))
         return int(cur.lastrowid)
 
     def update(self, cid: int, **fields: Any) -> None:
         cols = {k: (json.dumps(v) if k in ("settings", "state") and v is not None else v) for k, v in fields.items()}
         cols["updated"] = time.time()
-        with self.db:
-            self.db.execute(f"UPDATE conversations SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?",
-                            (*cols.values(), cid))
+        self._write(lambda: self.db.execute(
+            f"UPDATE conversations SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?", (*cols.values(), cid)))
 
     def delete(self, cid: int) -> None:
-        with self.db:
-            self.db.execute("DELETE FROM messages WHERE conversation = ?", (cid,))
-            self.db.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+        self._write(lambda: self.db.execute("DELETE FROM conversations WHERE id = ?", (cid,)))  # messages cascade
 
     # messages
     def messages(self, cid: int) -> list[Message]:
         rows = self.db.execute("SELECT role, content, units, stopped, stats, id FROM messages "
                                "WHERE conversation = ? ORDER BY id", (cid,)).fetchall()
-        return [Message(r[0], r[1], json.loads(r[2]) if r[2] else None, bool(r[3]),
-                        json.loads(r[4]) if r[4] else None, r[5]) for r in rows]
+        out = []
+        for r in rows:
+            units, stats = self._json(r[2], None), self._json(r[4], None)
+            out.append(Message(r[0], r[1], units if isinstance(units, list) else None, bool(r[3]),
+                               stats if isinstance(stats, dict) else None, r[5]))
+        return out
 
     def add_message(self, cid: int, m: Message) -> int:
-        with self.db:
+        def write() -> sqlite3.Cursor:
             cur = self.db.execute(
                 "INSERT INTO messages (conversation, role, content, units, stopped, stats, created) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (cid, m.role, m.content, json.dumps(m.units) if m.units is not None else None, int(m.stopped),
                  json.dumps(m.stats) if m.stats is not None else None, time.time()))
             self.db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), cid))
-        return int(cur.lastrowid)
+            return cur
+
+        return int(self._write(write).lastrowid)
 
     def delete_message(self, mid: int) -> None:
-        with self.db:
-            self.db.execute("DELETE FROM messages WHERE id = ?", (mid,))
+        self._write(lambda: self.db.execute("DELETE FROM messages WHERE id = ?", (mid,)))
 
     def close(self) -> None:
         self.db.close()
 
 
+class PendingWrites:
+    """Writes that could not be made yet (the database was locked), retried in order."""
+
+    def __init__(self) -> None:
+        self.queue: list[Callable[[], Any]] = []
+
+    def run(self, write: Callable[[], T]) -> T | None:
+        """Flush what is queued, then ``write``; on ``StoreBusy`` queue it and re-raise."""
+        self.queue.append(write)
+        result = None
+        while self.queue:
+            result = self.queue[0]()  # raises StoreBusy: the write stays queued
+            self.queue.pop(0)
+        return result
+
+
+class NotOurs(Exception):
+    """The file is a readable database, but not a z2z-chat one."""
+
+
+def _check_ours(path: Path) -> None:
+    """Read-only look at an existing file: NotOurs if it is not a z2z-chat database (or empty)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            raise NotOurs("it is not an SQLite database")
+    ro = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=1.0)
+    try:
+        tables = {r[0] for r in ro.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables.discard("sqlite_sequence")
+        if not tables:
+            return
+        if tables != set(TABLES):
+            raise NotOurs(f"it holds other tables ({', '.join(sorted(tables))})")
+        for t, cols in TABLES.items():
+            have = {r[1] for r in ro.execute(f"PRAGMA table_info({t})")}
+            if have != cols:
+                raise NotOurs(f"its table {t} has other columns")
+    finally:
+        ro.close()
+
+
 def _connect(path: Path) -> sqlite3.Connection:
+    _check_ours(path)
     conn = sqlite3.connect(path, timeout=1.0, check_same_thread=False)
     try:
         conn.execute("PRAGMA foreign_keys = ON")
@@ -142,8 +248,6 @@ def _connect(path: Path) -> sqlite3.Connection:
             raise sqlite3.DatabaseError("integrity check failed")
         with conn:
             conn.executescript(SCHEMA)
-        conn.execute("SELECT id, title, model, system, settings, state FROM conversations LIMIT 1")
-        conn.execute("SELECT role, content, units, stopped, stats FROM messages LIMIT 1")
         conn.execute("BEGIN IMMEDIATE")  # fails now, not at the first message, if another writer holds it
         conn.rollback()
     except sqlite3.Error:
@@ -155,11 +259,22 @@ def _connect(path: Path) -> sqlite3.Connection:
 def open_store(path: Path | None = None) -> Store:
     path = path or default_path()
     path.parent.mkdir(parents=True, exist_ok=True)
+    fallback = path.with_name(f"{path.stem}-fallback{path.suffix}")
     try:
         return Store(_connect(path), path)
+    except NotOurs as e:
+        why = f"is not a z2z-chat history database ({e}); it was left untouched"
     except sqlite3.Error as e:
-        fresh = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
-        what = "locked by another program" if "locked" in str(e) else f"unreadable ({e})"
-        warning = (f"History database {path} is {what}; it was left untouched and this session uses "
-                   f"{fresh}. Close the other z2z-chat, or move the old file away, to use it again.")
-        return Store(_connect(fresh), fresh, warning)
+        if "locked" in str(e) or "busy" in str(e):
+            why = "is locked by another program (another z2z-chat?); it was left untouched"
+        else:
+            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            for ext in ("-wal", "-shm"):
+                side = path.with_name(path.name + ext)
+                if side.exists():
+                    os.replace(side, aside.with_name(aside.name + ext))
+            return Store(_connect(path), path, f"History database {path} was unreadable ({e}); it was moved "
+                                               f"to {aside} and a new one was started at {path}.")
+    return Store(_connect(fallback), fallback,
+                 f"History database {path} {why}. This session uses {fallback} (the same file every time).")

@@ -1,165 +1,104 @@
 """The Textual chat app: a conversation list, a streamed Markdown chat, and zip2zip made visible.
 
-The model runs in a thread worker (``_generate``) that drives the engine's ``Session.send`` and
-hands each event to the UI with ``call_from_thread``; Esc sets the engine's cancel event, which
-it honours between decode steps, so the UI never blocks. Every message is committed to the
-history store as it completes; the engine state needed to resume (codec snapshot and code
-stream) is stored with the conversation after each reply.
+The rules live in ``controller.ChatController`` (store, session, turns, settings); this module
+renders them. The model runs in a thread worker (``_generate``) that drives the engine's
+``Session.send`` and hands each event to the UI with ``call_from_thread``; Esc sets the engine's
+cancel event (honoured between prefill chunks and decode steps), so the UI never blocks.
+
+Errors: the ones we expect (``Z2ZError``) become a notification. Anything else in an action or
+in the model worker is logged with its traceback to ``<data dir>/z2z-chat.log`` and shown as an
+error notification, and the app keeps running; what the user typed is already in the store
+(or queued, when the database is locked) before anything can fail. An exception that escapes
+Textual ends the app with a non-zero exit status.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 import threading
+import traceback
 from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.message import Message as TMessage
-from textual.widgets import Footer, Label, ListItem, ListView, LoadingIndicator, Markdown, Static, TextArea
+from textual.widgets import Footer, ListView, LoadingIndicator, Static
 
+from backends.errors import Z2ZError
+
+from .controller import ChatController
 from .screens import ConfirmDialog, PromptDialog, StatsScreen
-from .store import Message, Store, open_store
-
-# Unit colours: mid-luminance so they read on dark and light themes alike.
-UNIT_STYLES = {1: "", 2: "bold #2f80ed", 3: "bold #e67e22"}
+from .store import StoreBusy, default_path, open_store
+from .widgets import ChatInput, ConversationItem, ReplyView, UserView
 
 
-class ChatInput(TextArea):
-    """Multi-line input: Enter sends, Ctrl+J (or Shift+Enter where the terminal has it) breaks the line."""
-
-    BINDINGS = [Binding("enter", "submit", "Send", priority=True),
-                Binding("ctrl+j,shift+enter", "newline", "New line", show=False, priority=True),
-                Binding("escape", "app.stop", "Stop reply", show=False)]
-
-    class Submitted(TMessage):
-        def __init__(self, text: str):
-            super().__init__()
-            self.text = text
-
-    def action_submit(self) -> None:
-        text = self.text.strip()
-        if text:
-            self.post_message(self.Submitted(text))
-            self.clear()
-
-    def action_newline(self) -> None:
-        self.insert("\n")
+@dataclass(frozen=True)
+class Action:
+    name: str
+    keys: str
+    title: str
+    help: str
+    show: bool = True
 
 
-class UserView(Static):
-    def __init__(self, text: str):
-        super().__init__(Text(text), classes="user")
+# One table makes both the key bindings and the command palette (Ctrl+P).
+ACTIONS = [
+    Action("stop", "escape", "Stop reply", "Stop the reply being written"),
+    Action("new_chat", "ctrl+n", "New chat", "Start a new conversation"),
+    Action("regenerate", "ctrl+r", "Regenerate", "Drop the last reply and answer again"),
+    Action("toggle_units", "ctrl+t", "Hypertokens", "Colour replies by base token / hypertoken (plain text)"),
+    Action("stats", "f3", "Stats", "Compression per turn"),
+    Action("export", "f4", "Export", "Write this conversation to a Markdown file"),
+    Action("system_prompt", "f5", "System prompt", "Change the system prompt of this conversation", False),
+    Action("settings", "f8", "Settings", "max_tokens, temperature, top_p, top_k, repetition_penalty", False),
+    Action("rename", "f2", "Rename", "Change the title of this conversation", False),
+    Action("delete", "f12", "Delete chat", "Delete this conversation from the history", False),
+    Action("open_model", "f9", "Open model", "Load another zip2zip checkpoint", False),
+]
 
 
-class ReplyView(Vertical):
-    """A streamed reply: Markdown, or coloured by unit (base token / 2-token / 3+-token hypertoken)."""
+def log_path() -> Path:
+    return default_path().parent / "z2z-chat.log"
 
-    def __init__(self, units: list[list[Any]] | None = None, coloured: bool = False):
-        super().__init__(classes="reply")
-        self.units: list[list[Any]] = units or []
-        self.coloured = coloured
 
-    @property
-    def text(self) -> str:
-        return "".join(t for t, _ in self.units)
+def guarded(method):
+    """Run a UI handler; a bug in it is logged and shown instead of closing the app."""
 
-    def compose(self) -> ComposeResult:
-        yield Markdown(self.text, classes="body")
-        yield Static(self.coloured_text(), classes="units")
-        yield Static("", classes="meta")
+    @functools.wraps(method)
+    def wrapper(self: Z2ZChat, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the boundary: report, keep running
+            self.report(e)
+            return None
 
-    def on_mount(self) -> None:
-        self.set_coloured(self.coloured)
-
-    def coloured_text(self) -> Text:
-        out = Text()
-        for text, span in self.units:
-            out.append(text, style=UNIT_STYLES[min(span, 3)] if span else "")
-        return out
-
-    def append(self, text: str, span: int) -> None:
-        self.units.append([text, span])
-        if not text:
-            return
-        if self.coloured:
-            self.query_one(".units", Static).update(self.coloured_text())
-        else:
-            self.query_one(Markdown).append(text)
-
-    def set_coloured(self, on: bool) -> None:
-        self.coloured = on
-        md, units = self.query_one(Markdown), self.query_one(".units", Static)
-        if on:
-            units.update(self.coloured_text())
-        else:
-            md.update(self.text)
-        md.display, units.display = not on, on
-
-    def finish(self, note: str) -> None:
-        self.query_one(".meta", Static).update(Text(note, style="italic dim"))
+    return wrapper
 
 
 class Z2ZChat(App):
     TITLE = "z2z-chat"
     AUTO_FOCUS = "ChatInput"
-    CSS = """
-    #sidebar { width: 28; border-right: solid $panel; }
-    #sidebar-title { background: $panel; text-style: bold; padding: 0 1; }
-    #chat { padding: 0 1; }
-    .user { background: $boost; padding: 0 1; margin: 1 0 0 0; }
-    .reply { height: auto; margin: 1 0 0 0; }
-    .reply Markdown { margin: 0; padding: 0; }
-    .meta { color: $text-muted; }
-    #input { height: 5; border: tall $accent; }
-    #status { height: 1; background: $panel; color: $text; padding: 0 1; }
-    #loading { height: 1; display: none; }
-    #dialog { width: 70; height: auto; max-height: 80%; border: thick $accent; padding: 1 2; background: $surface; }
-    #dialog TextArea { height: 10; }
-    PromptDialog, ConfirmDialog { align: center middle; }
-    #buttons { height: auto; align: right middle; }
-    #stats-table { height: auto; max-height: 60%; }
-    #stats-chart { height: 3; margin: 1 2; }
-    """
-    BINDINGS = [
-        Binding("ctrl+q", "quit", "Quit", priority=True),
-        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
-        Binding("escape", "stop", "Stop reply"),
-        Binding("ctrl+n", "new_chat", "New chat"),
-        Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("ctrl+t", "toggle_units", "Hypertokens"),
-        Binding("f3", "stats", "Stats"),
-        Binding("f4", "export", "Export"),
-        Binding("f5", "system_prompt", "System prompt", show=False),
-        Binding("f8", "settings", "Settings", show=False),
-        Binding("f2", "rename", "Rename", show=False),
-        Binding("f12", "delete", "Delete chat", show=False),
-        Binding("f9", "open_model", "Open model", show=False),
-    ]
+    CSS_PATH = "z2z.tcss"
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True),
+                Binding("ctrl+c", "quit", "Quit", show=False, priority=True)] + [
+        Binding(a.keys, a.name, a.title, show=a.show) for a in ACTIONS]
 
     def __init__(self, args: Namespace, store_path: Path | None = None):
         super().__init__()
         self.args = args
         self.store_path = store_path
-        self.store: Store | None = None
-        self.runtime = None
-        self.session = None
-        self.conv_id: int | None = None
+        self.ctl: ChatController | None = None
         self.coloured = False
         self.cancel = threading.Event()
         self.reply: ReplyView | None = None
         self.reply_saved = True
-        self.turns: list[dict[str, Any]] = []
-        self.before_last: dict[str, Any] | None = None
-        self.settings = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens}
-        self.last_stats = ""
+        self.status_text = ""
 
-    # --- layout ---------------------------------------------------------------------------
+    # --- layout and errors --------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
         with Horizontal():
@@ -173,10 +112,27 @@ class Z2ZChat(App):
         yield Static("", id="status")
         yield Footer()
 
+    def report(self, error: BaseException) -> None:
+        """Show an error; an unexpected one is logged with its traceback first."""
+        if isinstance(error, Z2ZError):
+            self.notify(str(error), severity="error", timeout=20)
+            return
+        path = log_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("".join(traceback.format_exception(error)) + "\n")
+            where = f"details in {path}"
+        except OSError as e:
+            where = f"and the log {path} could not be written ({e})"
+        self.notify(f"Something went wrong: {type(error).__name__}: {error} ({where}). Your messages are saved.",
+                    severity="error", timeout=30)
+
     def on_mount(self) -> None:
-        self.store = open_store(self.store_path)
-        if self.store.warning:
-            self.notify(self.store.warning, severity="warning", timeout=20)
+        store = open_store(self.store_path)
+        self.ctl = ChatController(self.args, store)
+        if store.warning:
+            self.notify(store.warning, severity="warning", timeout=30)
         self.refresh_history()
         self.query_one("#chat", VerticalScroll).anchor()
         self.load_model(self.args.model)
@@ -185,13 +141,22 @@ class Z2ZChat(App):
 
     @work(thread=True, exclusive=True, group="load")
     def load_model(self, model: str | None) -> None:
-        from backends.runtime import RuntimeOpenError, open_runtime
+        from backends.runtime import open_runtime
 
         self.call_from_thread(self._loading, True, f"loading {model or 'the default model'} ...")
+
+        def progress(line: str) -> None:
+            self.call_from_thread(self._loading, True, line)
+
         try:
-            rt = open_runtime(model, self.args.backend, self.args.device, self.args.dtype, base=self.args.base)
-        except (RuntimeOpenError, ValueError, OSError) as e:
+            rt = open_runtime(model, self.args.backend, self.args.device, self.args.dtype, base=self.args.base,
+                              progress=progress)
+        except Z2ZError as e:
             self.call_from_thread(self._load_failed, str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - a bug while loading: log it, keep the app
+            self.call_from_thread(self.report, e)
+            self.call_from_thread(self._load_failed, f"{type(e).__name__}: {e}")
             return
         self.call_from_thread(self._loaded, rt)
 
@@ -204,66 +169,54 @@ class Z2ZChat(App):
         self._loading(False, "no model loaded: F9 opens one")
         self.notify(f"Could not load the model: {error}", severity="error", timeout=30)
 
+    @guarded
     def _loaded(self, rt) -> None:
-        if self.runtime is not None:
-            self.runtime.backend.close()
-        self.runtime = rt
-        self.session = rt.session(system=self.args.system)
         self._loading(False)
-        if self.conv_id is not None:
-            self.open_conversation(self.conv_id)
+        for note in self.ctl.attach(rt):
+            self.notify(note, severity="warning", timeout=15)
         self.update_status()
 
-    def update_status(self) -> None:
-        if self.runtime is None:
+    def update_status(self, running: bool = False) -> None:
+        ctl = self.ctl
+        if ctl is None or ctl.runtime is None:
             return
-        tok = sum(t.get("prompt_tokens", 0) + t.get("reply_tokens", 0) for t in self.turns)
-        codes = sum(t.get("prompt_codes", 0) + t.get("reply_codes", 0) for t in self.turns)
-        n, C = (len(self.session.codec), self.runtime.codec.max_codebook_size) if self.session else (0, 0)
+        tok, codes = ctl.totals()
+        n, C = len(ctl.session.codec), ctl.runtime.codec.max_codebook_size
         saved = f"saved {tok - codes}/{tok} tok" if tok else "saved -"
+        state = "writing a reply (Esc stops)" if running else (self.status_text or "ready")
         self.query_one("#status", Static).update(
-            f"{self.runtime.describe()} | {self.last_stats or 'ready'} | {saved} | codebook {n}/{C}")
+            f"{ctl.runtime.describe()} | {state} | {saved} | codebook {n}/{C}")
 
     # --- conversations --------------------------------------------------------------------
 
-    def refresh_history(self) -> None:
+    @work(exclusive=True, group="history")
+    async def refresh_history(self) -> None:
         lv = self.query_one("#history", ListView)
-        lv.clear()
-        for c in self.store.conversations():
-            lv.append(ListItem(Label(c.title), id=f"conv-{c.id}"))
+        await lv.clear()
+        await lv.extend(ConversationItem(c.id, c.title) for c in self.ctl.store.conversations())
 
+    @guarded
     def on_list_view_selected(self, event: ListView.Selected) -> None:
         if self.generating:
             self.notify("Stop the reply first (Esc)", severity="warning")
             return
-        self.open_conversation(int(event.item.id.removeprefix("conv-")))
+        self.open_conversation(event.item.conv_id)
+        self.query_one(ChatInput).focus()
 
     def open_conversation(self, cid: int) -> None:
-        conv = self.store.get(cid)
-        self.conv_id = cid
+        opened = self.ctl.open(cid)
         chat = self.query_one("#chat", VerticalScroll)
         chat.remove_children()
-        self.turns = []
-        for m in self.store.messages(cid):
+        for m in opened.messages:
             if m.role == "user":
                 chat.mount(UserView(m.content))
             else:
                 view = ReplyView(m.units or [[m.content, 0]], self.coloured)
                 chat.mount(view)
                 self.call_after_refresh(view.finish, "stopped" if m.stopped else "")
-                if m.stats:
-                    self.turns.append(m.stats)
-        self.settings.update(conv.settings)
-        state = conv.state or {}
-        self.before_last = state.get("before_last")
-        if self.session is not None:
-            self.session.reset()
-            self.session.system = conv.system
-            if state.get("engine"):
-                try:
-                    self.session.restore(state["engine"])
-                except ValueError as e:
-                    self.notify(f"{e}; the history is shown but the model starts fresh", severity="warning")
+        for note in opened.notes:
+            self.notify(note, severity="warning", timeout=15)
+        self.status_text = ""
         self.update_status()
 
     @property
@@ -272,40 +225,43 @@ class Z2ZChat(App):
 
     # --- chatting -------------------------------------------------------------------------
 
+    @guarded
     def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
-        if self.runtime is None:
-            self.notify("No model is loaded yet (F9 opens one)", severity="error")
+        # refused messages stay in the input: nothing the user typed is thrown away
+        if self.ctl.runtime is None:
+            self.notify("No model is loaded yet (F9 opens one); your message is kept in the input",
+                        severity="error")
             return
-        if self.generating:
-            self.notify("A reply is still running (Esc stops it)", severity="warning")
+        if self.generating or not self.reply_saved:
+            self.notify("A reply is still running (Esc stops it); your message is kept in the input",
+                        severity="warning")
             return
-        if self.conv_id is None:
-            title = re.sub(r"\s+", " ", event.text)[:40]
-            self.conv_id = self.store.create(title, self.runtime.model_name, self.session.system, self.settings)
+        new = self.ctl.conv_id is None
+        try:
+            self.ctl.begin_turn(event.text)
+        except StoreBusy as e:
+            self.notify(str(e), severity="warning", timeout=15)
+        self.query_one(ChatInput).clear()
+        if new:
             self.refresh_history()
-        self.store.add_message(self.conv_id, Message("user", event.text))
         self.query_one("#chat", VerticalScroll).mount(UserView(event.text))
         self.start_reply(event.text)
 
     def start_reply(self, text: str) -> None:
-        self.before_last = self.session.to_dict()
         self.reply = ReplyView(coloured=self.coloured)
         self.query_one("#chat", VerticalScroll).mount(self.reply)
         self.cancel.clear()
         self.reply_saved = False
-        self._generate(text, self.reply)
+        self.update_status(running=True)
+        self._generate(text, self.reply, self.ctl.generation_settings())
 
     @work(thread=True, exclusive=True, group="gen")
-    def _generate(self, text: str, reply: ReplyView) -> None:
-        from backends.engine import ContextFullError, Done, GenerationSettings, Notice, Token
-        from backends.sampling import SamplingSettings
+    def _generate(self, text: str, reply: ReplyView, settings) -> None:
+        from backends.engine import Done, Notice, Token
 
-        st = self.settings
-        settings = GenerationSettings(int(st["max_tokens"]), SamplingSettings(
-            temperature=float(st["temperature"]), top_p=float(st["top_p"]), seed=self.args.seed))
         note, stats = "", None
         try:
-            for ev in self.session.send(text, settings, self.cancel):
+            for ev in self.ctl.session.send(text, settings, self.cancel):
                 if isinstance(ev, Token):
                     self.call_from_thread(reply.append, ev.text, ev.span)
                 elif isinstance(ev, Notice):
@@ -314,56 +270,51 @@ class Z2ZChat(App):
                     stats = ev.stats
                     note = {"cancelled": "stopped", "length": "max tokens reached",
                             "context": "context window full"}.get(ev.reason, "")
-        except (ContextFullError, RuntimeError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - the worker's boundary
             note = "error"
-            self.call_from_thread(self.notify, f"The model failed: {e}", severity="error", timeout=20)
+            self.call_from_thread(self.report, e)
         self.call_from_thread(self.finish_reply, reply, note, stats)
 
+    @guarded
     def finish_reply(self, reply: ReplyView, note: str, stats, save_state: bool = True) -> None:
         if self.reply_saved:
             return
         self.reply_saved = True
-        d = stats.to_dict() if stats else None
-        if d:
-            self.turns.append(d)
-            self.last_stats = (f"ttft {stats.ttft_s * 1000:.0f} ms | {stats.decode_tok_s:.1f} tok/s "
-                               f"({stats.decode_codes_s:.1f} codes/s)")
+        if stats is not None:
+            speed = (f" | {stats.decode_tok_s:.1f} tok/s ({stats.decode_codes_s:.1f} codes/s)"
+                     if stats.meaningful_speed else "")
+            self.status_text = f"ttft {stats.ttft_s * 1000:.0f} ms{speed}"
         reply.finish(note)
-        self.store.add_message(self.conv_id, Message("assistant", reply.text, reply.units, note == "stopped", d))
-        if save_state and self.session is not None and note != "error":
-            self.store.update(self.conv_id, state={"engine": self.session.to_dict(), "before_last": self.before_last})
+        try:
+            self.ctl.end_turn(reply.text, reply.units, note == "stopped", stats,
+                              save_state=save_state and note != "error")
+        except StoreBusy as e:
+            self.notify(str(e), severity="warning", timeout=15)
         self.update_status()
 
     def action_stop(self) -> None:
         if not self.reply_saved:  # a reply is pending, whether or not its worker has started yet
             self.cancel.set()
 
+    @guarded
     def action_regenerate(self) -> None:
-        if self.generating or self.conv_id is None or self.before_last is None:
+        text = None if self.generating else self.ctl.prepare_regenerate()
+        if text is None:
             self.notify("Nothing to regenerate", severity="warning")
             return
-        msgs = self.store.messages(self.conv_id)
-        if not msgs or msgs[-1].role != "assistant" or len(msgs) < 2:
-            self.notify("Nothing to regenerate", severity="warning")
-            return
-        self.store.delete_message(msgs[-1].id)
         replies = self.query(ReplyView)
         if replies:
             replies.last().remove()
-        if self.turns:
-            self.turns.pop()
-        self.session.rewind(self.before_last)  # the state before the last user message was added
-        self.start_reply(msgs[-2].content)
+        self.start_reply(text)
 
+    @guarded
     def action_new_chat(self) -> None:
         if self.generating:
             self.notify("Stop the reply first (Esc)", severity="warning")
             return
-        self.conv_id, self.turns, self.before_last, self.last_stats = None, [], None, ""
+        self.ctl.new_chat()
+        self.status_text = ""
         self.query_one("#chat", VerticalScroll).remove_children()
-        if self.session is not None:
-            self.session.reset()
-            self.session.system = self.args.system
         self.query_one(ChatInput).focus()
         self.update_status()
 
@@ -372,89 +323,65 @@ class Z2ZChat(App):
         for view in self.query(ReplyView):
             view.set_coloured(self.coloured)
         if self.coloured:
-            self.notify("Colours: plain = base token, blue = 2-token, orange = 3+-token hypertoken", timeout=6)
+            self.notify("Plain-text view coloured by unit: plain = base token, blue = 2-token, "
+                        "orange = 3+-token hypertoken. Ctrl+T returns to Markdown.", timeout=8)
 
     def action_stats(self) -> None:
-        title = self.store.get(self.conv_id).title if self.conv_id else "this conversation"
-        self.push_screen(StatsScreen(title, self.turns))
+        title = self.ctl.store.get(self.ctl.conv_id).title if self.ctl.conv_id else "this conversation"
+        self.push_screen(StatsScreen(title, self.ctl.turns))
 
+    @guarded
     def action_export(self) -> None:
-        if self.conv_id is None:
+        if self.ctl.conv_id is None:
             self.notify("Nothing to export yet", severity="warning")
             return
-        conv = self.store.get(self.conv_id)
-        lines = [f"# {conv.title}", ""]
-        if conv.system:
-            lines += [f"*System:* {conv.system}", ""]
-        for m in self.store.messages(self.conv_id):
-            lines += [f"## {'You' if m.role == 'user' else 'Assistant'}", "", m.content, ""]
-        safe = re.sub(r"[^\w-]+", "-", conv.title).strip("-")[:40] or "chat"
-        path = Path.cwd() / f"z2z-chat-{conv.id}-{safe}.md"
-        path.write_text("\n".join(lines))
-        self.notify(f"Exported to {path}")
+        self.notify(f"Exported to {self.ctl.export()}", timeout=15)
 
     def action_system_prompt(self) -> None:
-        def done(value: str | None) -> None:
-            if value is None:
-                return
-            if self.session is not None:
-                self.session.system = value or None
-            self.args.system = value or None
-            if self.conv_id is not None:
-                self.store.update(self.conv_id, system=value or None)
+        @guarded
+        def done(self: Z2ZChat, value: str | None) -> None:
+            if value is not None:
+                self.ctl.set_system(value or None)
 
-        current = self.session.system if self.session else self.args.system
-        self.push_screen(PromptDialog("System prompt", current or "", multiline=True), done)
+        current = self.ctl.session.system if self.ctl.session else self.args.system
+        self.push_screen(PromptDialog("System prompt", current or "", multiline=True),
+                         lambda v: done(self, v))
 
     def action_settings(self) -> None:
         def done(value: str | None) -> None:
             if value is None:
                 return
             try:
-                new = dict(self.settings)
-                for part in value.split():
-                    k, v = part.split("=", 1)
-                    if k not in new:
-                        raise ValueError(f"unknown setting {k}")
-                    new[k] = int(v) if k == "max_tokens" else float(v)
-                from backends.sampling import SamplingSettings
-
-                SamplingSettings(temperature=new["temperature"], top_p=new["top_p"])
-                if new["max_tokens"] < 1:
-                    raise ValueError("max_tokens must be >= 1")
-            except ValueError as e:
+                self.ctl.set_settings(value)
+            except Z2ZError as e:
                 self.notify(f"Settings not changed: {e}", severity="error")
-                return
-            self.settings = new
-            if self.conv_id is not None:
-                self.store.update(self.conv_id, settings=new)
 
-        cur = " ".join(f"{k}={v}" for k, v in self.settings.items())
-        self.push_screen(PromptDialog("Settings (temperature, top_p, max_tokens)", cur), done)
+        self.push_screen(PromptDialog("Settings (max_tokens counts base tokens)", self.ctl.settings_text()), done)
 
     def action_rename(self) -> None:
-        if self.conv_id is None:
+        cid = self.ctl.conv_id
+        if cid is None:
             return
 
         def done(value: str | None) -> None:
             if value:
-                self.store.update(self.conv_id, title=value)
+                self.ctl.rename(cid, value)
                 self.refresh_history()
 
-        self.push_screen(PromptDialog("Rename conversation", self.store.get(self.conv_id).title), done)
+        self.push_screen(PromptDialog("Rename conversation", self.ctl.store.get(cid).title), done)
 
     def action_delete(self) -> None:
-        if self.conv_id is None or self.generating:
+        cid = self.ctl.conv_id
+        if cid is None or self.generating:
             return
-        cid = self.conv_id
 
         def done(yes: bool | None) -> None:
             if yes:
-                self.store.delete(cid)
+                self.ctl.delete(cid)
                 self.action_new_chat()
                 self.refresh_history()
 
-        self.push_screen(ConfirmDialog(f"Delete “{self.store.get(cid).title}”? This cannot be undone."), done)
+        self.push_screen(ConfirmDialog(f"Delete “{self.ctl.store.get(cid).title}”? This cannot be undone."), done)
 
     def action_open_model(self) -> None:
         def done(value: str | None) -> None:
@@ -462,24 +389,13 @@ class Z2ZChat(App):
                 self.args.model = value
                 self.load_model(value)
 
-        self.push_screen(PromptDialog("Model (zip2zip checkpoint directory or repo id)", self.args.model or ""), done)
+        loaded = self.ctl.runtime.model_name if self.ctl.runtime else (self.args.model or "")
+        self.push_screen(PromptDialog("Model (zip2zip checkpoint directory or repo id)", loaded), done)
 
     def get_system_commands(self, screen) -> Any:
         yield from super().get_system_commands(screen)
-        for name, title, help_ in [
-            ("new_chat", "New chat", "Start a new conversation"),
-            ("regenerate", "Regenerate last reply", "Drop the last reply and answer again"),
-            ("stop", "Stop reply", "Stop the reply being written"),
-            ("toggle_units", "Toggle hypertoken colours", "Colour replies by base token / hypertoken"),
-            ("stats", "Conversation statistics", "Compression per turn"),
-            ("export", "Export to Markdown", "Write this conversation to a .md file"),
-            ("system_prompt", "Edit system prompt", "Change the system prompt of this conversation"),
-            ("settings", "Sampling settings", "temperature, top_p, max_tokens"),
-            ("rename", "Rename conversation", "Change the title"),
-            ("delete", "Delete conversation", "Delete it from the history"),
-            ("open_model", "Open model", "Load another zip2zip checkpoint"),
-        ]:
-            yield SystemCommand(title, help_, getattr(self, f"action_{name}"))
+        for a in ACTIONS:
+            yield SystemCommand(a.title, a.help, getattr(self, f"action_{a.name}"))
 
     async def action_quit(self) -> None:
         if self.generating and self.reply is not None:
@@ -489,10 +405,15 @@ class Z2ZChat(App):
         self.exit()
 
     def on_unmount(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        if self.ctl is not None:
+            try:
+                self.ctl.flush()
+            except StoreBusy as e:
+                print(f"z2z-chat: {e}; the last messages could not be saved")
+            self.ctl.store.close()
 
 
 def run_app(args: Namespace) -> int:
-    Z2ZChat(args).run()
-    return 0
+    app = Z2ZChat(args)
+    app.run()
+    return app.return_code or 0

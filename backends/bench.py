@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from .errors import Z2ZError
+
 
 def _progress(msg: str) -> None:
     print(f"[z2z-bench] {msg}", file=sys.stderr, flush=True)
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (RuntimeError, ValueError, OSError) as e:
+    except Z2ZError as e:
         print(f"z2z-bench: error: {e}", file=sys.stderr)
         return 1
 

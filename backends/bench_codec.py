@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .codec import CodecConfig, CodecSession, decode, encode
+from .sources import pad_id_of
 
 
 def _python_sources() -> Iterator[str]:
@@ -81,7 +82,7 @@ def run(tokenizer: Any, *, M: int, C: int, n_docs: int, doc_tokens: int, repeat:
                  "(pip install --no-deps zip2zip-compression==0.3.4 for the side-by-side ratio)")
     V = len(tokenizer)
     disabled = frozenset(tokenizer.all_special_ids) | frozenset(tokenizer.get_added_vocab().values())
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     config = CodecConfig(V, C, M, disabled, pad)
     rows = []
     for domain in DOMAINS:

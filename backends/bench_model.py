@@ -21,9 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 from .bench_codec import documents
-from .codec import CodecSession
-from .config import positions
+from .codec import CodecConfig, CodecSession
+from .generate import Stream, generate_codes, sync_entries
+from .generate import prefill as prefill_stream
 from .runtime import Runtime
+from .sampling import Sampler, SamplingSettings
 
 
 def _code_ids(rt: Runtime, n: int) -> list[int]:
@@ -59,11 +61,11 @@ def prefill(rt: Runtime, lengths: list[int], repeat: int, progress: Callable[[st
 
         def zipped() -> int:
             be.reset()
-            s = CodecSession(rt.codec)
-            codes = s.encode(ids)
-            be.add_entries(s.take_new_entries(), s.candidate())
-            be.forward(codes, positions([len(s.expand(c)) for c in codes], rt.config.position_mode))
-            return len(codes)
+            s, stream = CodecSession(rt.codec), Stream(rt.config.position_mode)
+            stream.extend(s.encode(ids), s)
+            sync_entries(be, s)
+            be.forward(stream.codes, stream.positions)  # one forward: the figure is throughput
+            return len(stream.codes)
 
         n_codes = zipped()
         tp, tz = _best(plain, repeat), _best(zipped, repeat)
@@ -73,36 +75,39 @@ def prefill(rt: Runtime, lengths: list[int], repeat: int, progress: Callable[[st
     return rows
 
 
-def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forced: list[int] | None) -> dict:
-    """One decode run; returns steps, base tokens and seconds spent in the step loop."""
-    from .sampling import Sampler, SamplingSettings
+class _Forced:
+    """A sampler that returns given codes (then greedy): forced decoding through the real loop."""
 
-    be, V = rt.backend, rt.codec.base_vocab_size
+    def __init__(self, codes: list[int], V: int):
+        self.codes, self.greedy = list(codes), Sampler(SamplingSettings(), V)
+
+    def sample(self, logits, n_allowed: int, history=()) -> int:
+        return self.codes.pop(0) if self.codes else self.greedy.sample(logits, n_allowed)
+
+
+def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forced: list[int] | None) -> dict:
+    """One decode run through ``generate_codes``; returns steps, base tokens and seconds spent in
+    the step loop. Plain: the same backend fed base ids (a codec without a codebook)."""
+    be, c = rt.backend, rt.codec
     be.reset()
-    sampler = Sampler(SamplingSettings(), V)
-    s = CodecSession(rt.codec)
-    if zip2zip:
-        codes = s.encode(prompt)
-        pos = positions([len(s.expand(c)) for c in codes], rt.config.position_mode)
-        be.add_entries(s.take_new_entries(), s.candidate())
-    else:
-        codes, pos = list(prompt), list(range(len(prompt)))
-    logits = be.forward(codes, pos)
-    last, base_tokens, n = pos[-1], 0, 0
-    feed = None
-    if forced is not None:
-        feed = CodecSession.from_dict(s.to_dict()).encode(forced) if zip2zip else list(forced)
+    config = c if zip2zip else CodecConfig(c.base_vocab_size, 0, 1, c.disabled_ids, c.pad_id)
+    codec, stream = CodecSession(config), Stream(rt.config.position_mode if zip2zip else "compressed")
+    stream.extend(codec.encode(prompt), codec)
+    sync_entries(be, codec)
+    logits = prefill_stream(be, stream)
+    sampler = Sampler(SamplingSettings(), c.base_vocab_size)
+    if forced is not None:  # an eos is fed on like any code
+        feed = CodecSession.from_dict(codec.to_dict()).encode(forced)
+        sampler, steps = _Forced(feed, c.base_vocab_size), len(feed)
+    n = base_tokens = 0
     t = time.perf_counter()
-    for i in range(steps if feed is None else len(feed)):
-        allowed = s.num_allowed_hyper() if zip2zip else 0
-        code = sampler.sample(logits, allowed) if feed is None else feed[i]  # an eos is fed on like any code
-        span = len(s.push(code)) if zip2zip else 1
-        if zip2zip:
-            be.add_entries(s.take_new_entries(), s.candidate())
-        last = last + span if rt.config.position_mode == "base_token_end" and zip2zip else last + 1
-        logits = be.forward([code], [last])
-        base_tokens += span
+    # each yielded step was preceded by one forward; the (steps + 1)-th yield closes the last one
+    for step in generate_codes(be, codec, stream, logits, sampler, max_tokens=1 << 62, stop_ids=frozenset(),
+                               context_length=be.context_length):
+        if n == steps or step.reason is not None:
+            break
         n += 1
+        base_tokens += len(step.ids)
     return {"steps": n, "base_tokens": base_tokens, "seconds": time.perf_counter() - t}
 
 

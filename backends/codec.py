@@ -25,6 +25,7 @@ those wait in ``_orphans`` until their prefix appears, so a trie lookup always a
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,7 +115,19 @@ class Codebook(Mapping[int, tuple[int, ...]]):
         return f"Codebook({len(self)} entries, next_code={self.next_code})"
 
 
+def _is_int(x: Any) -> bool:
+    """Only integers are ids and codes: not bools, not floats that happen to be whole."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_ints(xs: Sequence[Any], what: str) -> None:
+    for pos, x in enumerate(xs):
+        if not _is_int(x):
+            raise ValueError(f"{what} {x!r} at position {pos} is not an integer")
+
+
 def _check_ids(ids: Sequence[int], V: int) -> None:
+    _check_ints(ids, "token id")
     if ids and (min(ids) < 0 or max(ids) >= V):
         pos, val = next((i, t) for i, t in enumerate(ids) if not 0 <= t < V)
         raise ValueError(f"token id {val} at position {pos} is outside the base vocabulary [0, {V})")
@@ -295,6 +308,8 @@ class _DecoderState:
 
 def decode(codes: Sequence[int], config: CodecConfig) -> tuple[list[int], Codebook]:
     """Expand codes to base ids with a fresh codebook. Raises ValueError on codes that cannot exist."""
+    codes = list(codes)
+    _check_ints(codes, "code")
     st = _DecoderState(config)
     V, M, limit, disabled = st.V, st.M, st.limit, st.disabled
     entries, child, orphans = st.entries, st.child, st.orphans
@@ -360,6 +375,9 @@ class CodecSession:
 
     def push(self, code: int) -> tuple[int, ...]:
         """Take one generated code; returns its base ids. ValueError if the code cannot exist now."""
+        if not _is_int(code):
+            raise ValueError(f"code {code!r} at position {self.num_codes} is not an integer")
+        code = int(code)
         d = self._s.step(code, self.num_codes)
         self.num_codes += 1
         return d
@@ -429,23 +447,47 @@ class CodecSession:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CodecSession:
-        session = cls(CodecConfig.from_dict(d["config"]))
+        """Restore a ``to_dict()`` snapshot; anything malformed is a ``ValueError`` saying what."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"codec snapshot must be a mapping, got {type(d).__name__}")
+        missing = [k for k in ("config", "entries", "buffer", "fresh", "num_codes") if k not in d]
+        if missing:
+            raise ValueError(f"codec snapshot lacks {missing}")
+        if not isinstance(d["config"], Mapping):
+            raise ValueError("codec snapshot config must be a mapping")
+        try:
+            config = CodecConfig.from_dict(d["config"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"codec snapshot has a malformed config ({e!r})") from None
+        session = cls(config)
         session._restore(d)
         return session
 
     def _restore(self, d: Mapping[str, Any]) -> None:
         s = _DecoderState(self.config)
-        for e in d["entries"]:
-            e = tuple(int(t) for t in e)
-            if not 2 <= len(e) <= s.M or any(not 0 <= t < s.V for t in e):
+        for e in _int_lists(d["entries"], "entries"):
+            e = tuple(e)
+            if not 2 <= len(e) <= s.M or any(not 0 <= t < s.V or t in s.disabled for t in e):
                 raise ValueError(f"codec snapshot has an invalid entry {list(e)}")
             if e in s.index or s.V + len(s.entries) >= s.limit:
                 raise ValueError(f"codec snapshot has a duplicate or excess entry {list(e)}")
             s.insert(e)
-        s.buf = tuple(int(t) for t in d["buffer"])
-        if len(s.buf) > s.M:
-            raise ValueError(f"codec snapshot buffer {list(s.buf)} is longer than M={s.M}")
+        (buf,) = _int_lists([d["buffer"]], "buffer")
+        s.buf = tuple(buf)
+        if len(s.buf) > s.M or any(not 0 <= t < s.V or t in s.disabled for t in s.buf):
+            raise ValueError(f"codec snapshot buffer {list(s.buf)} is invalid (ids in [0, {s.V}), "
+                             f"not disabled, at most M={s.M})")
         s.node = s.code_of(s.buf) if s.buf else -1
+        for k, hi in (("fresh", len(s.entries)), ("num_codes", None)):
+            v = d[k]
+            if not _is_int(v) or v < 0 or (hi is not None and v > hi):
+                raise ValueError(f"codec snapshot {k} must be an integer in [0, {hi if hi is not None else 'inf'}], got {v!r}")
         s.fresh = int(d["fresh"])
         self._s = s
         self.num_codes = int(d["num_codes"])
+
+
+def _int_lists(xs: Any, what: str) -> list[list[int]]:
+    if not isinstance(xs, list) or any(not isinstance(x, list) or not all(_is_int(t) for t in x) for x in xs):
+        raise ValueError(f"codec snapshot {what} must be lists of integers")
+    return [[int(t) for t in x] for x in xs]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .codec import CodecConfig
+from .errors import Z2ZError
 
 CONFIG_NAME = "zip2zip_config.json"
 POSITION_MODES = ("compressed", "base_token_end")
@@ -51,7 +52,7 @@ def positions(spans: Sequence[int], mode: str, start: int = 0) -> list[int]:
     return out
 
 
-class ConfigError(ValueError):
+class ConfigError(Z2ZError, ValueError):
     """A zip2zip config is missing a field or has a bad value; the message names both."""
 
 

@@ -4,6 +4,7 @@ GGUF that ``assets.smollm2_gguf()`` fetches once into the user's cache."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from .assets import AssetError, smollm2_gguf
@@ -11,9 +12,9 @@ from .assets import AssetError, smollm2_gguf
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 
-def default_model(fetch: bool = True) -> tuple[str, str]:
+def default_model(fetch: bool = True, progress: Callable[[str], None] | None = None) -> tuple[str, str]:
     """(checkpoint directory, base GGUF path) of the embedded default model."""
     if not (DEFAULT_MODEL_DIR / "zip2zip_config.json").is_file():
         raise AssetError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; "
                          "reinstall z2z-chat or pass --model")
-    return str(DEFAULT_MODEL_DIR), str(smollm2_gguf(fetch=fetch))
+    return str(DEFAULT_MODEL_DIR), str(smollm2_gguf(fetch=fetch, progress=progress))

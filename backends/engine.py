@@ -1,10 +1,13 @@
-"""The engine: one conversation driven step by step over any backend (framework-free).
+"""The engine: one conversation driven turn by turn over any backend (framework-free).
 
 A ``Session`` owns the conversation (messages), its ``CodecSession`` (one codebook shared by
-prompt and reply) and the backend's state (KV cache and hypertoken caches). ``send(text)``
-renders the new turn with the tokenizer's chat template, encodes only the new tokens, prefills
-them, then samples codes one by one until end-of-turn, ``max_tokens``, the context limit or a
-cancel request (``cancel.set()`` from any thread, honoured between steps). It yields events:
+prompt and reply), its code ``Stream`` and the backend's state (KV cache and hypertoken caches).
+``send(text)`` renders the new turn with the tokenizer's chat template (message text is
+tokenized as text: a typed ``<|im_end|>`` is not a marker), encodes only the new tokens,
+prefills them in chunks, then runs ``generate.generate_codes`` until end-of-turn, ``max_tokens``
+base tokens, the context limit or a cancel request (``cancel.set()`` from any thread, honoured
+between prefill chunks and decode steps). This module is the text level; ``generate.py`` is
+the id level. It yields events:
 
 - ``Token(text, code, span)``: one emitted code, its number of base tokens, and the text that
   became final with it (possibly ``""`` while a multi-byte character is incomplete);
@@ -17,23 +20,31 @@ The backend only sees codes, positions and new codebook entries::
     forward(codes, positions) -> np.ndarray   # logits of the last position, (V + C,)
     trim(n); reset(); close(); context_length: int
 
+    drop_entries(keep)   # forget hyper entries with ids >= V + keep (after a rewind)
+
 A new turn continues the codebook and KV cache: nothing already fed is encoded or prefilled
-again. ``to_dict``/``from_dict`` save and resume a conversation; the KV cache is rebuilt by one
-prefill at the next ``send``.
+again. When the context is full the oldest turns are dropped (budgeted in positions, the unit
+the context is measured in); a message that cannot fit even alone raises ``ContextFullError``
+and leaves the conversation exactly as it was. ``to_dict``/``restore`` save and resume a
+conversation (the KV cache is rebuilt by one prefill at the next ``send``); ``rewind`` goes
+back to an earlier ``to_dict`` of the same stream by trimming the KV cache.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
 
 from .codec import CodecConfig, CodecSession
 from .detok import Detokenizer
+from .errors import SettingsError, Z2ZError
+from .generate import Stream, generate_codes, prefill, sync_entries
 from .sampling import Sampler, SamplingSettings
 
 
@@ -44,11 +55,12 @@ class Backend(Protocol):
                     candidate: tuple[int, tuple[int, ...]] | None = None) -> None: ...
     def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray: ...
     def trim(self, n: int) -> None: ...
+    def drop_entries(self, keep: int) -> None: ...
     def reset(self) -> None: ...
     def close(self) -> None: ...
 
 
-class ContextFullError(RuntimeError):
+class ContextFullError(Z2ZError, RuntimeError):
     """The new message alone does not fit in the model's context window."""
 
 
@@ -88,12 +100,28 @@ class TurnStats:
     def decode_codes_s(self) -> float:
         return self.reply_codes / self.decode_s if self.decode_s else 0.0
 
+    @property
+    def meaningful_speed(self) -> bool:
+        """Throughput of a reply of a few codes, or of a few milliseconds, is noise."""
+        return self.reply_codes >= 8 and self.decode_s >= 0.05
+
     def summary(self) -> str:
+        speed = (f"decode {self.decode_tok_s:.1f} tok/s ({self.decode_codes_s:.1f} codes/s)"
+                 if self.meaningful_speed else "decode -")
         return (f"prompt {self.prompt_tokens} tok -> {self.prompt_codes} codes | "
                 f"reply {self.reply_tokens} tok -> {self.reply_codes} codes | "
                 f"codebook {self.codebook_size}/{self.codebook_capacity} | "
-                f"ttft {self.ttft_s * 1000:.0f} ms | prefill {self.prefill_tok_s:.1f} tok/s | "
-                f"decode {self.decode_tok_s:.1f} tok/s ({self.decode_codes_s:.1f} codes/s)")
+                f"ttft {self.ttft_s * 1000:.0f} ms | prefill {self.prefill_tok_s:.1f} tok/s | {speed}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TurnStats:
+        """Read back ``to_dict()`` (derived and unknown keys ignored, bad values zeroed)."""
+        out = cls()
+        for f in fields(cls):
+            v = d.get(f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                setattr(out, f.name, type(getattr(out, f.name))(v))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
@@ -111,8 +139,22 @@ Event = Token | Notice | Done
 
 @dataclass
 class GenerationSettings:
-    max_tokens: int = 512  # codes generated per reply
+    max_tokens: int = 512  # base tokens per reply: generation stops at the code that reaches it
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise SettingsError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+
+
+_SENTINEL = "\x00z2z-content-{}\x00"  # stands for a message's text while the template renders
+
+
+def _reply_room(max_tokens: int, context_length: int) -> int:
+    """Positions kept free for a reply: max_tokens, but never more than a quarter of the window,
+    so a large max_tokens does not make every message too long (the reply then stops at
+    ``context``)."""
+    return min(max_tokens, max(context_length // 4, 1))
 
 
 class Session:
@@ -138,62 +180,79 @@ class Session:
 
     def _clear_stream(self) -> None:
         self.codec = CodecSession(self.codec_config)
-        self.codes: list[int] = []  # every code of the conversation, in order
-        self.positions: list[int] = []
-        self.fed = 0  # codes[:fed] are in the backend's KV cache; the rest are pending
-        self.fed_text = ""  # the text equivalent of codes (template markers included)
+        self.stream = Stream(self.position_mode)
+        self.fed_text = ""  # the text equivalent of the stream (template markers included)
         self.backend.reset()
 
-    def _next_position(self, span: int) -> int:
-        if self.position_mode == "base_token_end":
-            return (self.positions[-1] if self.positions else -1) + span
-        return len(self.positions)
+    @property
+    def codes(self) -> list[int]:
+        return self.stream.codes
 
-    def _append(self, code: int, span: int) -> None:
-        self.codes.append(code)
-        self.positions.append(self._next_position(span))
+    @property
+    def positions(self) -> list[int]:
+        return self.stream.positions
+
+    @property
+    def fed(self) -> int:
+        return self.stream.fed
 
     # --- prompt -----------------------------------------------------------------------------
 
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """The chat template's rendering of ``messages`` plus a generation prompt, as pieces
+        ``(text, is_message_text)`` so message text is tokenized as text, never as markers."""
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        real = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        marked = self.tok.apply_chat_template(
+            [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(msgs)], tokenize=False,
+            add_generation_prompt=True)
+        pieces: list[tuple[str, bool]] = []
+        for i, m in enumerate(msgs):
+            before, sep, marked = marked.partition(_SENTINEL.format(i))
+            if not sep:
+                return [(real, False)]  # the template transforms message text: no split possible
+            pieces += [(before, False), (m["content"], True)]
+        pieces.append((marked, False))
+        return pieces if "".join(p for p, _ in pieces) == real else [(real, False)]
 
-    def _prompt_delta(self, user_text: str) -> tuple[str, bool]:
-        """Text to feed for the new turn; True when the whole conversation must be re-fed."""
-        full = self._render(self.messages + [{"role": "user", "content": user_text}], True)
-        if full.startswith(self.fed_text):
-            return full[len(self.fed_text):], False
-        return full, True  # the template re-rendered history differently: start the stream over
+    def _tokenize(self, pieces: list[tuple[str, bool]], skip: int) -> tuple[str, list[int]]:
+        """Text and base ids of the pieces after their first ``skip`` characters."""
+        text, ids = "", []
+        for piece, is_text in pieces:
+            if skip >= len(piece):
+                skip -= len(piece)
+                continue
+            piece, skip = piece[skip:], 0
+            if piece:
+                text += piece
+                ids += self.tok(piece, add_special_tokens=False, split_special_tokens=is_text)["input_ids"]
+        return text, ids
 
-    def _feed(self, text: str, ids: list[int]) -> None:
-        for c in self.codec.encode(ids):
-            self._append(c, len(self.codec.expand(c)))
-        self.fed_text += text
+    def _plan(self, user_text: str, reply_room: int) -> tuple[int, bool, str, list[int]]:
+        """How to add the new message: (turns to drop, restart the stream, text to feed, its ids).
 
-    def _fit(self, user_text: str, max_tokens: int) -> Generator[Notice, None, tuple[str, list[int]]]:
-        """Drop the oldest turns until prompt + reply budget fit the context window; returns the
-        text to feed for the new turn and its base ids."""
-        dropped = 0
-        while True:
-            delta, restart = self._prompt_delta(user_text)
-            if restart:
-                self._clear_stream()
-            ids = self.tok(delta, add_special_tokens=False)["input_ids"]  # at least as many as its codes
-            budget = self.backend.context_length - max(len(self.codes), self._next_position(1))
-            if len(ids) + max_tokens <= budget:
-                break
-            if not self.messages:
-                raise ContextFullError(
-                    f"the message needs about {len(ids)} tokens plus {max_tokens} for the reply, but the "
-                    f"context window holds {self.backend.context_length}: shorten it or lower max tokens")
-            self.messages = self.messages[2:] if len(self.messages) >= 2 else []
-            dropped += 1
-            self._clear_stream()
-        if dropped:
-            yield Notice(f"dropped the {dropped} oldest turn(s) to fit the context window "
-                         f"({self.backend.context_length} tokens); the rest was re-read")
-        return delta, ids
+        Pure: nothing changes until the caller applies the plan, so a message that cannot fit
+        leaves the conversation as it was."""
+        ctx = self.backend.context_length
+        M = self.codec_config.max_merge_size
+        pieces = self._render(self.messages + [{"role": "user", "content": user_text}])
+        if "".join(p for p, _ in pieces).startswith(self.fed_text):
+            text, ids = self._tokenize(pieces, len(self.fed_text))
+            trial = CodecSession.from_dict(self.codec.to_dict())
+            stream = Stream(self.position_mode, list(self.codes), list(self.positions), self.stream.n_base)
+            stream.extend(trial.encode(ids), trial)
+            if stream.next_position(M) + reply_room <= ctx:
+                return 0, False, text, ids
+        for drop in range(0, len(self.messages) // 2 + 1):
+            kept = self.messages[2 * drop:]
+            text, ids = self._tokenize(self._render(kept + [{"role": "user", "content": user_text}]), 0)
+            trial, stream = CodecSession(self.codec_config), Stream(self.position_mode)
+            stream.extend(trial.encode(ids), trial)
+            if stream.next_position(M) + reply_room <= ctx:
+                return drop, True, text, ids
+        raise ContextFullError(
+            f"the message needs {stream.next_position(M)} positions plus {reply_room} for the reply, "
+            f"but the context window holds {ctx}: shorten it or lower max tokens")
 
     # --- one turn ---------------------------------------------------------------------------
 
@@ -201,61 +260,56 @@ class Session:
              cancel: threading.Event | None = None) -> Iterator[Event]:
         """Add a user message and stream the reply (see the module docstring)."""
         settings = settings or GenerationSettings()
-        delta, ids = yield from self._fit(user_text, settings.max_tokens)
+        reply_room = _reply_room(settings.max_tokens, self.backend.context_length)
+        drop, restart, text, ids = self._plan(user_text, reply_room)
+        if restart:
+            self.messages = self.messages[2 * drop:]
+            self._clear_stream()
+        if drop:
+            yield Notice(f"dropped the {drop} oldest turn(s) to fit the context window "
+                         f"({self.backend.context_length} positions); the rest was re-read")
         self.messages.append({"role": "user", "content": user_text})
         start = len(self.codes)
-        self._feed(delta, ids)
-        stats = TurnStats(prompt_tokens=len(ids), codebook_capacity=self.codec_config.max_codebook_size)
+        self.stream.extend(self.codec.encode(ids), self.codec)
+        self.fed_text += text
+        stats = TurnStats(prompt_tokens=len(ids), prompt_codes=len(self.codes) - start,
+                          codebook_capacity=self.codec_config.max_codebook_size)
         reply: list[str] = []
         try:
-            yield from self._generate(settings, cancel, stats, start, reply)
+            yield from self._reply(settings, cancel, stats, reply)
         finally:  # also when the consumer stops early: what was said stays said
             self.messages.append({"role": "assistant", "content": "".join(reply)})
 
-    def _sync_entries(self) -> None:
-        self.backend.add_entries(self.codec.take_new_entries(), self.codec.candidate())
-
-    def _generate(self, settings: GenerationSettings, cancel: threading.Event | None,
-                  stats: TurnStats, prompt_start: int, reply: list[str]) -> Iterator[Event]:
-        sampler = Sampler(settings.sampling, self.V)
+    def _reply(self, settings: GenerationSettings, cancel: threading.Event | None, stats: TurnStats,
+               reply: list[str]) -> Iterator[Event]:
         detok = Detokenizer(self.tok)
-        window = settings.sampling.repetition_window
         t0 = time.perf_counter()
-        self._sync_entries()
-        logits = self.backend.forward(self.codes[self.fed:], self.positions[self.fed:])
-        stats.prompt_codes = len(self.codes) - prompt_start
-        self.fed = len(self.codes)
+        sync_entries(self.backend, self.codec)
+        logits = prefill(self.backend, self.stream, cancel)
         stats.prefill_s = time.perf_counter() - t0
+        if logits is None:
+            yield Done("cancelled", stats)
+            return
         reply_ids: list[int] = []
         reason = "length"
         t_dec = time.perf_counter()
+        steps = generate_codes(self.backend, self.codec, self.stream, logits,
+                               Sampler(settings.sampling, self.V), max_tokens=settings.max_tokens,
+                               stop_ids=self.stop_ids, context_length=self.backend.context_length,
+                               cancel=cancel, window=settings.sampling.repetition_window)
         try:
-            while True:
-                code = sampler.sample(logits, self.codec.num_allowed_hyper(), self.codes[-window:])
-                ids = self.codec.push(code)
-                self._append(code, len(ids))
-                reply_ids += ids
+            for step in steps:
                 if stats.reply_codes == 0:
                     stats.ttft_s = time.perf_counter() - t0
                 stats.reply_codes += 1
-                stats.reply_tokens += len(ids)
-                if code in self.stop_ids:
-                    reason = "stop"
+                stats.reply_tokens += len(step.ids)
+                reply_ids += step.ids
+                reason = step.reason or reason
+                if step.reason == "stop":
                     break
-                text = detok.add(ids)
+                text = detok.add(step.ids)
                 reply.append(text)
-                yield Token(text, code, len(ids))
-                if stats.reply_codes >= settings.max_tokens:
-                    break
-                if cancel is not None and cancel.is_set():
-                    reason = "cancelled"
-                    break
-                if self._next_position(self.codec_config.max_merge_size) >= self.backend.context_length:
-                    reason = "context"
-                    break
-                self._sync_entries()
-                logits = self.backend.forward([code], [self.positions[-1]])
-                self.fed = len(self.codes)
+                yield Token(text, step.code, len(step.ids))
         finally:
             # the stream holds every sampled code (the last one is fed with the next turn)
             self.fed_text += self.tok.decode(reply_ids, skip_special_tokens=False)
@@ -274,36 +328,75 @@ class Session:
                 "messages": [dict(m) for m in self.messages], "codes": list(self.codes), "fed": self.fed,
                 "fed_text": self.fed_text, "codec": self.codec.to_dict()}
 
-    def _load(self, d: dict[str, Any]) -> CodecSession:
+    def _load(self, d: dict[str, Any]) -> tuple[CodecSession, list[dict[str, str]]]:
+        """Validate a saved state against this model; ``ValueError`` says what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError("the saved engine state is not a mapping")
+        missing = [k for k in ("messages", "codes", "fed", "fed_text", "codec") if k not in d]
+        if missing:
+            raise ValueError(f"the saved engine state lacks {missing}")
         codec = CodecSession.from_dict(d["codec"])
         if codec.config != self.codec_config:
             raise ValueError("the saved conversation was made with a different codec configuration "
-                             "(another model?); start a new conversation")
-        return codec
+                             "(another model?)")
+        msgs = d["messages"]
+        if not isinstance(msgs, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise ValueError("the saved engine state has malformed messages")
+        if not isinstance(d["fed_text"], str) or not isinstance(d["fed"], int) or not isinstance(d["codes"], list):
+            raise ValueError("the saved engine state has malformed fields")
+        # the codes must be exactly what this codec state came from
+        replay = CodecSession(self.codec_config)
+        for c in d["codes"]:
+            replay.push(c)  # ValueError on ids that cannot exist
+        if replay.to_dict() | {"fresh": 0} != codec.to_dict() | {"fresh": 0}:
+            raise ValueError("the saved codes do not match the saved codebook")
+        if not 0 <= d["fed"] <= len(d["codes"]):
+            raise ValueError(f"the saved engine state has fed={d['fed']} outside [0, {len(d['codes'])}]")
+        return codec, [dict(m) for m in msgs]
 
     def restore(self, d: dict[str, Any]) -> None:
-        """Resume a saved conversation; the KV cache is rebuilt by one prefill at the next send."""
-        codec = self._load(d)
+        """Resume a saved conversation; the KV cache is rebuilt by one prefill at the next send.
+        A state that does not fit this model raises ``ValueError`` and changes nothing."""
+        codec, messages = self._load(d)
         self._clear_stream()
-        self._set(d, codec)
+        self._set(d, codec, messages)
+        self.stream.fed = 0
         codec.take_new_entries()
         self.backend.add_entries(list(codec.codebook.items()), codec.candidate())
 
+    def restore_or_rebuild(self, d: dict[str, Any] | None, messages: list[dict[str, str]]) -> str | None:
+        """Resume from ``d``; when it is unusable, rebuild the conversation from ``messages``
+        (re-encoded at the next send). Returns a note for the user when it had to rebuild."""
+        if d:
+            try:
+                self.restore(d)
+                return None
+            except ValueError as e:
+                note = f"the saved model state was unusable ({e}); it was rebuilt from the messages"
+        else:
+            note = None
+        self.reset()
+        self.messages = [dict(m) for m in messages]
+        return note
+
     def rewind(self, d: dict[str, Any]) -> None:
         """Go back to an earlier ``to_dict()`` of this session (e.g. to regenerate a reply),
-        trimming the KV cache instead of rebuilding it."""
-        codec = self._load(d)
+        trimming the KV cache and dropping the hyper entries created since, instead of rebuilding."""
+        codec, messages = self._load(d)
         if self.codes[:len(d["codes"])] != list(d["codes"]):
             self.restore(d)  # not an earlier state of this stream
             return
         keep = min(int(d["fed"]), self.fed)
         self.backend.trim(self.fed - keep)
-        self._set(d, codec)
-        self.fed = keep
+        self._set(d, codec, messages)
+        self.stream.fed = keep
+        # the backend had every entry the snapshot had handed over; the rest come with the next sync
+        self.backend.drop_entries(int(d["codec"]["fresh"]))
 
-    def _set(self, d: dict[str, Any], codec: CodecSession) -> None:
-        self.system, self.messages = d.get("system"), [dict(m) for m in d["messages"]]
+    def _set(self, d: dict[str, Any], codec: CodecSession, messages: list[dict[str, str]]) -> None:
+        self.system, self.messages = d.get("system"), messages
         self.codec, self.fed_text = codec, d["fed_text"]
-        self.codes, self.positions = [], []
-        for c in d["codes"]:
-            self._append(c, len(codec.expand(c)))
+        self.stream = Stream(self.position_mode)
+        self.stream.extend(d["codes"], codec)

@@ -15,12 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .errors import Z2ZError
 from .runtime import MLX_MARKER
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
 
 
-class ConvertError(RuntimeError):
+class ConvertError(Z2ZError, RuntimeError):
     pass
 
 

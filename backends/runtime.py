@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,12 @@ from typing import Any
 from .codec import CodecConfig
 from .config import Zip2ZipConfig
 from .engine import Backend, Session
+from .errors import Z2ZError
 
 BACKENDS = ("auto", "torch", "mlx")
 
 
-class RuntimeOpenError(RuntimeError):
+class RuntimeOpenError(Z2ZError, RuntimeError):
     """A model or backend could not be opened."""
 
 
@@ -82,19 +84,20 @@ def mlx_conversion(model: str, base: str | None) -> str:
 
 
 def open_runtime(model: str | None = None, backend: str = "auto", device: str = "auto", dtype: str = "auto",
-                 base: str | None = None) -> Runtime:
+                 base: str | None = None, progress: Callable[[str], None] | None = None) -> Runtime:
     """Open ``model`` (a checkpoint directory, repo id or MLX conversion; None: the embedded default)."""
     if model is None:
         from .assets import AssetError
         from .defaults import default_model
 
         try:
-            model, default_base = default_model()
+            model, default_base = default_model(progress=progress)
         except AssetError as e:
             raise RuntimeOpenError(str(e)) from None
         base = base or default_base
     name = _pick(backend, model)
     if name == "mlx":
+        _need_mlx()
         return _open_mlx(mlx_conversion(model, base))
     if importlib.util.find_spec("torch") is None:
         raise RuntimeOpenError('the torch backend needs torch and transformers: pip install "z2z-chat[torch]"')
@@ -110,10 +113,13 @@ def open_runtime(model: str | None = None, backend: str = "auto", device: str = 
                    "torch", str(model), f"{dev.type} {str(dt).removeprefix('torch.')}", loaded.base)
 
 
-def _open_mlx(model: str) -> Runtime:
+def _need_mlx() -> None:
     if importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx_lm") is None:
         raise RuntimeOpenError('the MLX backend needs mlx and mlx-lm: pip install "z2z-chat[mlx]" '
                                '(on Linux: pip install "mlx[cpu]" mlx-lm)')
+
+
+def _open_mlx(model: str) -> Runtime:
     from .mlx_backend.backend import MLXBackend
 
     try:

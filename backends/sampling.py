@@ -8,10 +8,13 @@ generator. Temperature 0 is greedy (argmax, lowest id on ties).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from .errors import BackendError, SettingsError
 
 
 @dataclass
@@ -24,14 +27,24 @@ class SamplingSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for k in ("temperature", "top_p", "repetition_penalty"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise SettingsError(f"{k} must be a finite number, got {v!r}")
+        for k in ("top_k", "repetition_window"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SettingsError(f"{k} must be an integer, got {v!r}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise SettingsError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SettingsError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise SettingsError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise SettingsError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.repetition_window < 1:
+            raise SettingsError(f"repetition_window must be >= 1, got {self.repetition_window}")
 
 
 class Sampler:
@@ -52,7 +65,8 @@ class Sampler:
             v = x[idx]
             x[idx] = np.where(v > 0, v / s.repetition_penalty, v * s.repetition_penalty)
         if not np.isfinite(x).any():
-            raise ValueError("every code is masked: the backend returned no finite logit")
+            raise BackendError("every code is masked: the backend returned no finite logit "
+                               "(NaN weights in the model or its hyper-encoders?)")
         if s.temperature == 0:
             return int(np.argmax(x))
         x = x / s.temperature

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .assets import cache_dir
+from .errors import Z2ZError
 
 
-class SourceError(RuntimeError):
+class SourceError(Z2ZError, RuntimeError):
     """A model, checkpoint or tokenizer could not be found or read."""
 
 
@@ -51,3 +52,14 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
         raise
     except (OSError, ValueError) as e:
         raise SourceError(f"cannot load a tokenizer from {spec}: {e}") from e
+
+
+def pad_id_of(tokenizer: Any) -> int | None:
+    """The id zip2zip pads entries with: the tokenizer's pad token, else its eos (the reference's rule)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def context_length_of(config: Any, default: int = 2048) -> int:
+    """The context window of a decoder config (a transformers config object or an mlx-lm dict)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return int(get("max_position_embeddings", None) or default)

@@ -11,10 +11,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from reference import ref_logits  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from backends.codec import CodecSession  # noqa: E402
-from reference import ref_logits  # noqa: E402
 from backends.detok import Detokenizer  # noqa: E402
 from backends.engine import Done, GenerationSettings, Notice, Session, Token  # noqa: E402
 from backends.sampling import Sampler, SamplingSettings  # noqa: E402
@@ -43,6 +43,9 @@ class Recording:
 
     def trim(self, n):
         self.inner.trim(n)
+
+    def drop_entries(self, keep):
+        self.inner.drop_entries(keep)
 
     def reset(self):
         self.inner.reset()
@@ -111,12 +114,12 @@ def test_greedy_codes_equal_reference_generate(case, ref_checkpoints):
     torch_rt = Runtime("torch", lambda: TorchBackend(loaded.model), loaded.tokenizer, loaded.codec,
                        loaded.config.position_mode)
     session, rec = new_session(torch_rt, with_candidate=False)  # the reference cannot predict a new id
-    codes, _, done, _ = run(session, PROMPT, GenerationSettings(max_tokens=40))
+    codes, _, done, _ = run(session, PROMPT, GenerationSettings(max_tokens=120))  # base tokens
     prompt = rec.forwards[0][0]
     if loaded.config.position_mode == "compressed":
         ref.codebook_manager.reset()
         with torch.no_grad():
-            out = ref.generate(input_ids=torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+            out = ref.generate(input_ids=torch.tensor([prompt]), max_new_tokens=len(codes), do_sample=False,
                                attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
         ref.codebook_manager.reset()
         want = out[0, len(prompt):].tolist()
@@ -125,7 +128,7 @@ def test_greedy_codes_equal_reference_generate(case, ref_checkpoints):
         # adapter (PeftModel.generate swaps in its own prepare_inputs_for_generation, bypassing
         # zip2zip's position hook), so its own forward, which places positions right, is the oracle.
         want = list(prompt)
-        for _ in range(40):
+        for _ in range(len(codes)):
             want.append(int(ref_logits(ref, want)[-1].argmax()))
         want = want[len(prompt):]
     assert codes == want[:len(codes)]

@@ -75,8 +75,9 @@ def test_mlx_logits_match_torch(case, ref_checkpoints, converted):
 def greedy_codes(backend, loaded, n, prompt="Write code: x = x + 1; x = x + 1;"):
     session = Session(backend, loaded.tokenizer, loaded.codec, position_mode=loaded.config.position_mode)
     session.stop_ids = set()  # run the full length even through end-of-turn
-    return [e.code for e in session.send(prompt, GenerationSettings(max_tokens=n))
-            if isinstance(e, Token) and e.code is not None]
+    codes = [e.code for e in session.send(prompt, GenerationSettings(max_tokens=3 * n))  # base tokens
+             if isinstance(e, Token) and e.code is not None]
+    return codes[:n]
 
 
 @pytest.mark.parametrize("case", CASES[:2], ids=["-".join(c) for c in CASES[:2]])
@@ -130,8 +131,7 @@ def test_4bit_conversion_agrees_with_fp32(trained_ckpt, tmp_path):
     # teacher-forced: at each of the 64 steps, does the 4-bit model pick the fp32 model's code?
     q4, _ = MLXBackend.open(dst)
     session = Session(q4, loaded.tokenizer, loaded.codec, position_mode=loaded.config.position_mode)
-    ids = loaded.tokenizer(session._render([{"role": "user", "content": prompt}], True),
-                           add_special_tokens=False)["input_ids"]
+    ids = session._tokenize(session._render([{"role": "user", "content": prompt}]), 0)[1]
     s, V = CodecSession(loaded.codec), loaded.codec.base_vocab_size
     codes = s.encode(ids)
     q4.add_entries(s.take_new_entries(), s.candidate())

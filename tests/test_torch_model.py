@@ -12,16 +12,19 @@ torch = pytest.importorskip("torch")
 z2z = pytest.importorskip("zip2zip", reason="reference: pip install --no-deps zip2zip==0.2.0 zip2zip-compression==0.3.4 omegaconf")
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from reference import CASES, LORA, C, randomize, ref_logits, ref_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
-from reference import C, CASES, LORA, randomize, ref_logits, ref_model  # noqa: E402
 from zip2zip.model import Zip2ZipModel  # noqa: E402
 
 from backends.codec import CodecSession, encode  # noqa: E402
-from backends.config import Zip2ZipConfig  # noqa: E402
+from backends.config import (
+    Zip2ZipConfig,  # noqa: E402
+    positions,  # noqa: E402
+)
 from backends.torch_backend import checkpoint  # noqa: E402
 from backends.torch_backend.checkpoint import CheckpointError  # noqa: E402
-from backends.config import positions  # noqa: E402
 from backends.torch_backend.model import Zip2ZipLM  # noqa: E402
+
 
 def sequences(tok, codec, seed=0):
     """A canonical chat-formatted sequence with repetition, and a model-like one."""

@@ -196,9 +196,10 @@ def test_chunking_counts_codes_and_loses_nothing(tokenizer_dir):
 
 def test_objective_masks_like_inference(tokenizer_dir, base_dirs):
     """With causal_codebook the training logits equal the inference logits at every position."""
+    from transformers import AutoModelForCausalLM
+
     from backends.config import CompressionSettings, Zip2ZipConfig
     from backends.torch_backend.model import Zip2ZipLM
-    from transformers import AutoModelForCausalLM
     from train.objective import ZipObjective, collate
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

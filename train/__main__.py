@@ -13,18 +13,16 @@ def main(argv: list[str] | None = None) -> int:
                                        "Many GPUs: accelerate launch -m train CONFIG")
     p.add_argument("config", help="TOML or YAML config (see train/recipes/)")
     args, overrides = p.parse_known_args(argv)
-    from backends.sources import SourceError
-    from backends.torch_backend.checkpoint import CheckpointError
+    from backends.errors import Z2ZError
 
     from .config import TrainConfigError, load_config
-    from .data import DataError
 
     try:
         cfg = load_config(args.config, overrides)
         from .trainer import train
 
         final = train(cfg)
-    except (TrainConfigError, DataError, CheckpointError, SourceError) as e:
+    except Z2ZError as e:
         print(f"z2z-train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, TrainConfigError) else 1
     except KeyboardInterrupt:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from backends.errors import Z2ZError
+
 # LoRA target presets by transformers model_type. Phi-3 fuses q/k/v and gate/up.
 LORA_PRESETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -22,7 +24,7 @@ LORA_PRESETS = {
 }
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(Z2ZError, ValueError):
     """A training config key is unknown or has a bad value."""
 
 

@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 
 from backends.codec import CodecConfig, encode
+from backends.errors import Z2ZError
 
 from .config import DataConfig, Source
 
 CHAT_ROLES = {"system", "user", "assistant"}
 
 
-class DataError(ValueError):
+class DataError(Z2ZError, ValueError):
     """A data source cannot be read; the message names it."""
 
 

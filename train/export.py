@@ -13,13 +13,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from backends.errors import Z2ZError
+
+
+class ExportError(Z2ZError):
+    """The source is not a checkpoint that can be exported."""
+
+
 KEEP = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
         "adapter_config.json")
 
 
 def export(src: Path, dst: Path, base: str | None, dtype: torch.dtype) -> list[Path]:
     if not (src / "zip2zip_config.json").is_file():
-        raise SystemExit(f"{src} is not a zip2zip checkpoint (no zip2zip_config.json)")
+        raise ExportError(f"{src} is not a zip2zip checkpoint (no zip2zip_config.json)")
     dst.mkdir(parents=True, exist_ok=True)
     written = []
     for name in ("zip2zip_encoders.safetensors", "adapter_model.safetensors"):
@@ -50,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", help="base model to record (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     a = p.parse_args(argv)
-    files = export(a.src, a.dst, a.base, getattr(torch, a.dtype))
+    try:
+        files = export(a.src, a.dst, a.base, getattr(torch, a.dtype))
+    except Z2ZError as e:
+        print(f"train.export: error: {e}", file=sys.stderr)
+        return 1
     total = sum(f.stat().st_size for f in files)
     for f in files:
         print(f"{f}  {f.stat().st_size / 1e6:.2f} MB")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from backends.config import CompressionSettings, Zip2ZipConfig
-from backends.sources import load_tokenizer
+from backends.sources import load_tokenizer, pad_id_of
 from backends.torch_backend import checkpoint
 from backends.torch_backend.model import Zip2ZipLM
 
@@ -96,7 +96,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Built:
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
         lm.enable_input_require_grads()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id_of(tok)
     torch.manual_seed(cfg.seed)
     model = Zip2ZipLM(zcfg, lm, pad)
     return Built(model, tok, tok_dir)

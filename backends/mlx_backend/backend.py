@@ -9,6 +9,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
+from ..hyper import Entry
+from ..sources import context_length_of
 from .model import Zip2ZipMLX, load_converted
 
 
@@ -17,19 +19,22 @@ class MLXBackend:
         self.model = model
         self.context_length = context_length
         self.cache = make_prompt_cache(model.lm)
+        self.hyper = model.new_cache()  # this session's hypertoken vectors
 
     @classmethod
     def open(cls, path: str | Path):
         model, tok, lm_config = load_converted(path)
-        return cls(model, int(lm_config.get("max_position_embeddings", 2048))), tok
+        return cls(model, context_length_of(lm_config)), tok
 
-    def add_entries(self, entries: Sequence[tuple[int, tuple[int, ...]]],
-                    candidate: tuple[int, tuple[int, ...]] | None = None) -> None:
-        self.model.add_entries(entries, candidate)
+    def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
+        self.model.add_entries(entries, candidate, self.hyper)
+
+    def drop_entries(self, keep: int) -> None:
+        self.hyper.slots.drop(keep)
 
     def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-        h = self.model.hidden(codes, positions, self.cache)
-        out = self.model.logits(h[0, -1])
+        h = self.model.hidden(codes, positions, self.cache, self.hyper)
+        out = self.model.logits(h[0, -1], self.hyper)
         mx.eval(out)
         return np.array(out, copy=False)  # (V + C,) float32
 
@@ -39,7 +44,7 @@ class MLXBackend:
 
     def reset(self) -> None:
         self.cache = make_prompt_cache(self.model.lm)
-        self.model.reset_entries()
+        self.hyper.slots.reset()
 
     def close(self) -> None:
         self.cache = None

@@ -14,6 +14,7 @@ head is quantized); the logits are base (V) ++ hyper (C), slots that do not exis
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,19 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
 from ..config import Zip2ZipConfig
+from ..hyper import Entry, HyperSlots
 from ..mlx_convert import ARCHITECTURES
+from ..sources import pad_id_of
 from .encoders import build_encoder
+
+
+@dataclass
+class HyperCache:
+    """One session's hypertoken vectors; ``slots`` says which are live (``backends/hyper.py``)."""
+
+    hyper_in: mx.array  # (C, D)
+    hyper_out: mx.array  # (C, D)
+    slots: HyperSlots
 
 
 def rope_runs(rope: nn.Module, x: mx.array, positions: Sequence[int]) -> mx.array:
@@ -69,12 +81,12 @@ class Zip2ZipMLX:
             if module is not None:
                 sub = [(k[len(prefix) + 1:], v) for k, v in encoders.items() if k.startswith(prefix + ".")]
                 module.load_weights(sub, strict=True)
-        D = config.model_dim
         self.dtype = self.lm.model.embed_tokens(mx.array([0])).dtype
-        self.hyper_in = mx.zeros((self.C, D), dtype=self.dtype)
-        self.hyper_out = mx.zeros((self.C, D), dtype=self.dtype)
-        self.n_created = 0
-        self.candidate: int | None = None
+
+    def new_cache(self) -> HyperCache:
+        D = self.config.model_dim
+        return HyperCache(mx.zeros((self.C, D), dtype=self.dtype), mx.zeros((self.C, D), dtype=self.dtype),
+                          HyperSlots(self.V, self.C, self.M, self.pad_id))
 
     # --- vectors ----------------------------------------------------------------------------
 
@@ -90,67 +102,46 @@ class Zip2ZipMLX:
                                  group_size=head.group_size, bits=head.bits)
         return head.weight[ids]
 
-    def _entry_rows(self, entries: Sequence[tuple[int, ...]]) -> tuple[mx.array, mx.array]:
-        rows = mx.array([list(e) + [self.pad_id] * (self.M - len(e)) for e in entries])  # (N, M)
-        return rows, rows != self.pad_id
-
-    def add_entries(self, entries: Sequence[tuple[int, tuple[int, ...]]],
-                    candidate: tuple[int, tuple[int, ...]] | None = None) -> None:
-        self.candidate = None
-        items = [*entries, candidate] if candidate is not None else list(entries)
-        if not items:
+    def add_entries(self, entries: Sequence[Entry], candidate: Entry | None, hyper: HyperCache) -> None:
+        plan = hyper.slots.plan(entries, candidate)
+        if plan is None:
             return
-        ids = [i - self.V for i, _ in items]
-        if min(ids) < 0 or max(ids) >= self.C:
-            raise ValueError(f"hypertoken ids {[i for i, _ in items]} are outside [{self.V}, {self.V + self.C})")
-        rows, valid = self._entry_rows([e for _, e in items])  # (N, M)
-        idx = mx.array(ids)
+        rows = mx.array(plan.rows)  # (N, M)
+        valid = rows != self.pad_id
+        idx = mx.array(plan.slots)
         # one output-encoder call for the new entries and the candidate (a decode step has both)
         out_enc = self.output_encoder or self.input_encoder
-        self.hyper_out[idx] = out_enc(self.head_rows(rows), valid).astype(self.dtype)
-        n = len(entries)
+        hyper.hyper_out[idx] = out_enc(self.head_rows(rows), valid).astype(self.dtype)
+        n = plan.n_new
         if n:
-            self.hyper_in[idx[:n]] = self.input_encoder(self.embed_rows(rows[:n]), valid[:n]).astype(self.dtype)
-            self.n_created = max(self.n_created, max(ids[:n]) + 1)
-        if candidate is not None:
-            self.candidate = ids[-1]
-
-    def reset_entries(self) -> None:
-        self.hyper_in = mx.zeros_like(self.hyper_in)
-        self.hyper_out = mx.zeros_like(self.hyper_out)
-        self.n_created, self.candidate = 0, None
+            hyper.hyper_in[idx[:n]] = self.input_encoder(self.embed_rows(rows[:n]), valid[:n]).astype(self.dtype)
 
     # --- forward ----------------------------------------------------------------------------
 
-    def embed(self, codes: Sequence[int]) -> mx.array:
-        hi = self.V + self.n_created
-        bad = [c for c in codes if not 0 <= c < hi]
-        if bad:
-            raise ValueError(f"code {bad[0]} does not exist (valid: 0..{hi - 1}); add its entry first")
+    def embed(self, codes: Sequence[int], hyper: HyperCache) -> mx.array:
+        hyper.slots.check_codes(codes)
         ids = mx.array(list(codes))
         is_hyper = ids >= self.V
         base = self.embed_rows(mx.minimum(ids, self.V - 1))
-        hyper = self.hyper_in[mx.maximum(ids - self.V, 0)]
-        return mx.where(is_hyper[:, None], hyper, base)[None]  # (1, T, D)
+        vec = hyper.hyper_in[mx.maximum(ids - self.V, 0)]
+        return mx.where(is_hyper[:, None], vec, base)[None]  # (1, T, D)
 
-    def hidden(self, codes: Sequence[int], positions: Sequence[int], cache: list[Any]) -> mx.array:
-        h = self.embed(codes)
+    def hidden(self, codes: Sequence[int], positions: Sequence[int], cache: list[Any],
+               hyper: HyperCache) -> mx.array:
+        h = self.embed(codes, hyper)
         mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.lm.model.layers, cache):
             h = h + attention(layer.self_attn, layer.input_layernorm(h), positions, c, mask)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm.model.norm(h)  # (1, T, D)
 
-    def logits(self, h: mx.array) -> mx.array:
+    def logits(self, h: mx.array, hyper: HyperCache) -> mx.array:
         """(D,) -> (V + C,) with slots that cannot be emitted at -inf."""
         head = getattr(self.lm, "lm_head", None)
         base = (self.lm.model.embed_tokens.as_linear(h) if head is None else head(h))[..., : self.V]
-        slots = mx.arange(self.C)
-        ok = slots < self.n_created
-        if self.candidate is not None:
-            ok = ok | (slots == self.candidate)
-        hyper = mx.where(ok, h @ self.hyper_out.T, -mx.inf)  # (C,)
-        return mx.concatenate([base.astype(mx.float32), hyper.astype(mx.float32)], axis=-1)
+        ok = mx.array(hyper.slots.allowed())
+        scores = mx.where(ok, h @ hyper.hyper_out.T, -mx.inf)  # (C,)
+        return mx.concatenate([base.astype(mx.float32), scores.astype(mx.float32)], axis=-1)
 
 
 def load_converted(path: str | Path) -> tuple[Zip2ZipMLX, Any, dict[str, Any]]:
@@ -169,6 +160,6 @@ def load_converted(path: str | Path) -> tuple[Zip2ZipMLX, Any, dict[str, Any]]:
         raise ValueError(str(e)) from None
     lm, lm_config = load_model(path)
     tok = AutoTokenizer.from_pretrained(path)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id_of(tok)
     encoders = mx.load(str(path / "zip2zip_encoders.safetensors"))
     return Zip2ZipMLX(config, lm, pad, encoders, lm_config["model_type"]), tok, lm_config

@@ -13,6 +13,9 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from ..errors import BackendError
+from ..hyper import Entry
+from ..sources import context_length_of
 from .model import Zip2ZipLM
 
 
@@ -21,9 +24,9 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
+        raise BackendError("--device cuda: no CUDA device is available here")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: MPS is not available here")
+        raise BackendError("--device mps: MPS is not available here")
     if dtype == "auto":
         dt = {"cuda": torch.bfloat16, "mps": torch.float16}.get(dev.type, torch.float32)
     else:
@@ -31,68 +34,74 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
     return dev, dt
 
 
-class TorchBackend:
-    def __init__(self, model: Zip2ZipLM):
-        self.model = model.eval()
-        self.device = model.device
-        self.hyper = model.new_cache()  # this session's hypertoken vectors
-        cfg = model.lm.config
-        self.context_length = int(getattr(cfg, "max_position_embeddings", 2048))
-        self.cache = DynamicCache(config=cfg)
+class _CachedDecoder:
+    """What both torch backends share: a transformers KV cache and its trim/reset."""
 
-    @torch.inference_mode()
-    def add_entries(self, entries: Sequence[tuple[int, tuple[int, ...]]],
-                    candidate: tuple[int, tuple[int, ...]] | None = None) -> None:
-        self.model.add_entries(entries, candidate, self.hyper)
+    lm: torch.nn.Module
 
-    @torch.inference_mode()
-    def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-        ids = torch.tensor([list(codes)], device=self.device)
-        pos = torch.tensor([list(positions)], device=self.device)
-        h = self.model.hidden(ids, pos, self.cache, self.hyper)  # (1, T, D)
-        return self.model.logits(h[0, -1], self.hyper).float().cpu().numpy()  # (V + C,)
+    def _new_cache(self) -> None:
+        self.cache = DynamicCache(config=self.lm.config)
+
+    def _tensors(self, codes: Sequence[int], positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = next(self.lm.parameters()).device
+        return torch.tensor([list(codes)], device=dev), torch.tensor([list(positions)], device=dev)
 
     def trim(self, n: int) -> None:
         if n > 0:
             self.cache.crop(-n)
 
-    def reset(self) -> None:
-        self.cache = DynamicCache(config=self.model.lm.config)
-        self.model.reset_entries(self.hyper)
-
     def close(self) -> None:
         self.cache = None
-        self.model = None
 
 
-class PlainBackend:
+class TorchBackend(_CachedDecoder):
+    def __init__(self, model: Zip2ZipLM):
+        self.model = model.eval()
+        self.lm = model.lm
+        self.hyper = model.new_cache()  # this session's hypertoken vectors
+        self.context_length = context_length_of(self.lm.config)
+        self._new_cache()
+
+    @torch.inference_mode()
+    def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
+        self.model.add_entries(entries, candidate, self.hyper)
+
+    def drop_entries(self, keep: int) -> None:
+        self.hyper.slots.drop(keep)
+
+    @torch.inference_mode()
+    def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        ids, pos = self._tensors(codes, positions)
+        h = self.model.hidden(ids, pos, self.cache, self.hyper)  # (1, T, D)
+        return self.model.logits(h[0, -1], self.hyper).float().cpu().numpy()  # (V + C,)
+
+    def reset(self) -> None:
+        self._new_cache()
+        self.model.reset_entries(self.hyper)
+
+
+class PlainBackend(_CachedDecoder):
     """The base model without zip2zip, behind the same protocol (no hypertokens, C = 0): the
     baseline that benchmarks and quality comparisons run on the same engine and device."""
 
     def __init__(self, lm, vocab_size: int):
         self.lm = lm.eval()
         self.V = vocab_size
-        self.device = next(lm.parameters()).device
-        self.context_length = int(getattr(lm.config, "max_position_embeddings", 2048))
-        self.cache = DynamicCache(config=lm.config)
+        self.context_length = context_length_of(self.lm.config)
+        self._new_cache()
 
-    def add_entries(self, entries, candidate=None) -> None:
+    def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
         if entries:
-            raise ValueError("the plain base model has no hypertokens")
+            raise BackendError("the plain base model has no hypertokens")
+
+    def drop_entries(self, keep: int) -> None:
+        pass
 
     @torch.inference_mode()
     def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-        ids = torch.tensor([list(codes)], device=self.device)
-        pos = torch.tensor([list(positions)], device=self.device)
+        ids, pos = self._tensors(codes, positions)
         out = self.lm(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1, : self.V].float().cpu().numpy()
 
-    def trim(self, n: int) -> None:
-        if n > 0:
-            self.cache.crop(-n)
-
     def reset(self) -> None:
-        self.cache = DynamicCache(config=self.lm.config)
-
-    def close(self) -> None:
-        self.cache = None
+        self._new_cache()

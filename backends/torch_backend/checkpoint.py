@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from ..codec import CodecConfig
 from ..config import CONFIG_NAME, ConfigError, Zip2ZipConfig
-from ..sources import SourceError, is_gguf, load_tokenizer
+from ..errors import Z2ZError
+from ..sources import SourceError, is_gguf, load_tokenizer, pad_id_of
 from .model import Zip2ZipLM
 
 ENCODER_FILES = ("zip2zip_encoders.safetensors", "encoders.safetensors")
@@ -31,7 +32,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Z2ZError, RuntimeError):
     """A checkpoint or its base model could not be loaded; the message names the file."""
 
 
@@ -165,7 +166,7 @@ def load(spec: str | os.PathLike, *, base: str | os.PathLike | None = None,
     if len(tokenizer) != V:
         raise CheckpointError(f"the tokenizer of {tok_src} has {len(tokenizer)} tokens but "
                               f"{ckpt / CONFIG_NAME} says initial_vocab_size={V}: wrong base model?")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     if pad is None:
         raise CheckpointError(f"the tokenizer of {tok_src} has neither a pad nor an eos token")
     device = torch.device(device)

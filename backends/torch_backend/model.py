@@ -29,20 +29,17 @@ from torch import nn
 
 from ..codec import CodecSession
 from ..config import Zip2ZipConfig, positions
+from ..hyper import Entry, HyperSlots
 from .encoders import build_encoder
-
-Entry = tuple[int, tuple[int, ...]]
 
 
 @dataclass
 class HyperCache:
-    """One session's hypertoken vectors: slots V .. V + n_created - 1 hold real entries; ``candidate``
-    is a further slot whose output vector is live (the valid new id)."""
+    """One session's hypertoken vectors; ``slots`` says which are live (``backends/hyper.py``)."""
 
     hyper_in: torch.Tensor  # (C, D)
     hyper_out: torch.Tensor  # (C, D)
-    n_created: int = 0
-    candidate: int | None = None
+    slots: HyperSlots
 
 
 def entry_tensor(entries: Sequence[tuple[int, ...]], M: int, pad_id: int, device) -> torch.Tensor:
@@ -85,7 +82,8 @@ class Zip2ZipLM(nn.Module):
         w = self.lm.get_input_embeddings().weight
         D = w.shape[1]
         return HyperCache(torch.zeros(self.C, D, dtype=w.dtype, device=w.device),
-                          torch.zeros(self.C, D, dtype=w.dtype, device=w.device))
+                          torch.zeros(self.C, D, dtype=w.dtype, device=w.device),
+                          HyperSlots(self.V, self.C, self.M, self.pad_id))
 
     @property
     def device(self) -> torch.device:
@@ -105,40 +103,27 @@ class Zip2ZipLM(nn.Module):
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None,
                     hyper: HyperCache | None = None) -> None:
         c = hyper or self.hyper
-        c.candidate = None
-        items = [*entries, candidate] if candidate is not None else list(entries)
-        if not items:
+        plan = c.slots.plan(entries, candidate)
+        if plan is None:
             return
-        ids = [i - self.V for i, _ in items]
-        if min(ids) < 0 or max(ids) >= self.C:
-            raise ValueError(f"hypertoken ids {[i for i, _ in items]} are outside [{self.V}, {self.V + self.C})")
-        rows = entry_tensor([e for _, e in items], self.M, self.pad_id, self.device)  # (N, M)
-        idx = torch.tensor(ids, device=rows.device)
+        rows = torch.tensor(plan.rows, dtype=torch.long, device=self.device)  # (N, M)
+        idx = torch.tensor(plan.slots, device=rows.device)
         # one output-encoder call for the new entries and the candidate (a decode step has both)
         c.hyper_out[idx] = self.out_encoder(rows, self.lm.get_output_embeddings().weight).to(c.hyper_out.dtype)
-        n = len(entries)
+        n = plan.n_new
         if n:
             emb = self.lm.get_input_embeddings().weight
             c.hyper_in[idx[:n]] = self.input_encoder(rows[:n], emb).to(c.hyper_in.dtype)
-            c.n_created = max(c.n_created, max(ids[:n]) + 1)
-        if candidate is not None:
-            c.candidate = ids[-1]
 
     def reset_entries(self, hyper: HyperCache | None = None) -> None:
-        c = hyper or self.hyper
-        c.hyper_in.zero_()
-        c.hyper_out.zero_()
-        c.n_created, c.candidate = 0, None
+        (hyper or self.hyper).slots.reset()  # stale vectors are never read: slots mask them
 
     # --- forward ------------------------------------------------------------------------------
 
     def embed(self, codes: torch.Tensor, hyper: HyperCache | None = None) -> torch.Tensor:
         """(B, T) codes -> (B, T, D) input embeddings."""
         c = hyper or self.hyper
-        hi = self.V + c.n_created
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= hi):
-            bad = codes[(codes < 0) | (codes >= hi)][0].item()
-            raise ValueError(f"code {bad} does not exist (valid: 0..{hi - 1}); add its entry first")
+        c.slots.check_codes(codes.flatten().tolist())
         is_hyper = codes >= self.V
         base = self.lm.get_input_embeddings()(codes.clamp(max=self.V - 1))  # (B, T, D)
         if not bool(is_hyper.any()):
@@ -165,12 +150,13 @@ class Zip2ZipLM(nn.Module):
         head = self.lm.get_output_embeddings()
         base = nn.functional.linear(hidden, head.weight[: self.V],
                                     None if head.bias is None else head.bias[: self.V])
-        live = c.n_created if c.candidate is None else max(c.n_created, c.candidate + 1)
+        s = c.slots
+        live = s.live
         hyper = hidden.new_full((*hidden.shape[:-1], self.C), float("-inf"))
         if live:
             hyper[..., :live] = hidden @ c.hyper_out[:live].T  # (..., live): one product per step
-            if c.candidate is not None and c.candidate > c.n_created:
-                hyper[..., c.n_created:c.candidate] = float("-inf")
+            if s.candidate is not None and s.candidate > s.n_created:
+                hyper[..., s.n_created:s.candidate] = float("-inf")
         return torch.cat([base, hyper], dim=-1)
 
     # --- whole sequences (tests, evaluation) --------------------------------------------------

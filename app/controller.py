@@ -1,0 +1,205 @@
+"""The chat app's state and rules, without Textual: runtime, engine session, history store, turns,
+settings, export. The UI (``tui.py``) renders what this returns; tests drive it directly.
+
+Contract:
+- What the user typed is written to the store before anything can fail (``begin_turn``).
+- Store writes that meet a lock (another process) stay queued (``PendingWrites``) and are retried
+  with the next write or ``flush()``; ``StoreBusy`` reaches the caller only to tell the user.
+- Opening a conversation opens what can be opened: messages with bad bytes are shown repaired,
+  an unusable saved engine state is rebuilt from the messages; ``notes`` says what happened.
+- Settings come from the command line's ``settings_from`` and are validated the same way
+  (``SettingsError``) whether typed on the command line or in the app.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backends.engine import GenerationSettings, TurnStats
+from backends.errors import SettingsError
+
+from .cli import settings_from
+from .store import Message, PendingWrites, Store, StoreBusy
+
+SETTING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def export_dir() -> Path:
+    """Where F4 writes Markdown exports: ``<data dir>/exports`` (``Z2Z_DATA_DIR`` overrides)."""
+    from .store import default_path
+
+    return default_path().parent / "exports"
+
+
+@dataclass
+class Opened:
+    messages: list[Message]
+    notes: list[str] = field(default_factory=list)
+
+
+class ChatController:
+    def __init__(self, args: Namespace, store: Store):
+        self.args, self.store = args, store
+        self.runtime: Any = None
+        self.session: Any = None
+        self.conv_id: int | None = None
+        self.turns: list[TurnStats] = []
+        self.before_last: dict[str, Any] | None = None
+        self.settings: dict[str, Any] = {k: getattr(args, k) for k in SETTING_KEYS}
+        self.pending = PendingWrites()
+
+    # --- settings -----------------------------------------------------------------------------
+
+    def generation_settings(self) -> GenerationSettings:
+        return settings_from(Namespace(**{**vars(self.args), **self.settings}))
+
+    def set_settings(self, text: str) -> None:
+        """Apply ``key=value ...`` (SettingsError names the bad key; nothing changes then)."""
+        new = dict(self.settings)
+        for part in text.split():
+            k, eq, v = part.partition("=")
+            if not eq or k not in new:
+                raise SettingsError(f"unknown setting {part!r}; the settings are {', '.join(SETTING_KEYS)}")
+            try:
+                new[k] = int(v) if k in ("max_tokens", "top_k") else float(v)
+            except ValueError:
+                raise SettingsError(f"{k} must be a number, got {v!r}") from None
+        settings_from(Namespace(**{**vars(self.args), **new}))  # validates
+        self.settings = new
+        if self.conv_id is not None:
+            self.write(lambda: self.store.update(self.conv_id, settings=new))
+
+    def settings_text(self) -> str:
+        return " ".join(f"{k}={self.settings[k]}" for k in SETTING_KEYS)
+
+    # --- the store ----------------------------------------------------------------------------
+
+    def write(self, fn) -> Any:
+        """A store write that survives a locked database (queued, retried with the next one)."""
+        return self.pending.run(fn)
+
+    def flush(self) -> None:
+        if self.pending.queue:
+            self.pending.run(lambda: None)
+
+    # --- model --------------------------------------------------------------------------------
+
+    def attach(self, runtime: Any) -> list[str]:
+        """Use a newly loaded model; the open conversation (if any) is re-opened on it."""
+        if self.runtime is not None:
+            self.runtime.backend.close()
+        self.runtime = runtime
+        self.session = runtime.session(system=self.args.system)
+        return self.open(self.conv_id).notes if self.conv_id is not None else []
+
+    # --- conversations ------------------------------------------------------------------------
+
+    def open(self, cid: int) -> Opened:
+        conv = self.store.get(cid)
+        self.store.repaired = 0
+        msgs = self.store.messages(cid)
+        notes = []
+        if self.store.repaired:
+            notes.append(f"{self.store.repaired} stored value(s) of this conversation were damaged "
+                         "and are shown as far as they could be read")
+        self.conv_id = cid
+        self.turns = [TurnStats.from_dict(m.stats) for m in msgs if m.role == "assistant" and m.stats]
+        self.settings.update({k: v for k, v in conv.settings.items() if k in SETTING_KEYS})
+        state = conv.state or {}
+        self.before_last = state.get("before_last") if isinstance(state.get("before_last"), dict) else None
+        if self.session is not None:
+            self.session.system = conv.system
+            history = [{"role": m.role, "content": m.content} for m in msgs]
+            note = self.session.restore_or_rebuild(state.get("engine"), history)
+            if note:
+                notes.append(note)
+                self.before_last = None
+        return Opened(msgs, notes)
+
+    def new_chat(self) -> None:
+        self.conv_id, self.turns, self.before_last = None, [], None
+        if self.session is not None:
+            self.session.reset()
+            self.session.system = self.args.system
+
+    def begin_turn(self, text: str) -> None:
+        """Record the user's message (creating the conversation on the first one)."""
+        if self.conv_id is None:
+            title = re.sub(r"\s+", " ", text).strip()[:40] or "chat"
+            self.conv_id = self.write(lambda: self.store.create(
+                title, self.runtime.model_name if self.runtime else "", self.session.system, self.settings))
+        cid = self.conv_id
+        self.write(lambda: self.store.add_message(cid, Message("user", text)))
+        self.before_last = self.session.to_dict()
+
+    def end_turn(self, text: str, units: list[list[Any]], stopped: bool, stats: TurnStats | None,
+                 save_state: bool = True) -> None:
+        if stats is not None:
+            self.turns.append(stats)
+        cid = self.conv_id
+        msg = Message("assistant", text, units, stopped, stats.to_dict() if stats else None)
+        self.write(lambda: self.store.add_message(cid, msg))
+        if save_state:
+            state = {"engine": self.session.to_dict(), "before_last": self.before_last}
+            self.write(lambda: self.store.update(cid, state=state))
+
+    def prepare_regenerate(self) -> str | None:
+        """Drop the last reply and rewind the engine; the user text to answer again, or None."""
+        if self.conv_id is None or self.before_last is None:
+            return None
+        msgs = self.store.messages(self.conv_id)
+        if len(msgs) < 2 or msgs[-1].role != "assistant" or msgs[-2].role != "user":
+            return None
+        self.write(lambda: self.store.delete_message(msgs[-1].id))
+        if self.turns:
+            self.turns.pop()
+        self.session.rewind(self.before_last)  # the state before the last user message was added
+        return msgs[-2].content
+
+    def delete(self, cid: int) -> None:
+        self.write(lambda: self.store.delete(cid))
+        if cid == self.conv_id:
+            self.new_chat()
+
+    def rename(self, cid: int, title: str) -> None:
+        self.write(lambda: self.store.update(cid, title=title))
+
+    def set_system(self, value: str | None) -> None:
+        if self.session is not None:
+            self.session.system = value
+        self.args.system = value
+        if self.conv_id is not None:
+            cid = self.conv_id
+            self.write(lambda: self.store.update(cid, system=value))
+
+    def export(self) -> Path:
+        """The conversation as Markdown (UTF-8) in ``export_dir()``; returns the file written."""
+        conv = self.store.get(self.conv_id)
+        lines = [f"# {conv.title}", ""]
+        if conv.system:
+            lines += [f"*System:* {conv.system}", ""]
+        for m in self.store.messages(self.conv_id):
+            lines += [f"## {'You' if m.role == 'user' else 'Assistant'}", "", m.content, ""]
+            if m.stopped:
+                lines += ["*(stopped)*", ""]
+        safe = re.sub(r"[^\w-]+", "-", conv.title).strip("-")[:40] or "chat"
+        out = export_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"z2z-chat-{conv.id}-{safe}-{time.strftime('%Y%m%d-%H%M%S')}.md"
+        path.write_text("\n".join(lines), encoding="utf-8")
+        return path
+
+    # --- status -------------------------------------------------------------------------------
+
+    def totals(self) -> tuple[int, int]:
+        """(base tokens, codes) over the conversation's turns."""
+        tok = sum(t.prompt_tokens + t.reply_tokens for t in self.turns)
+        return tok, sum(t.prompt_codes + t.reply_codes for t in self.turns)
+
+
+__all__ = ["ChatController", "Opened", "StoreBusy", "export_dir"]

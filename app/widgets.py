@@ -1,0 +1,103 @@
+"""The chat app's widgets: the message input and the two kinds of chat entries.
+
+``ReplyView`` shows a streamed reply either as Markdown or, with hypertoken colouring on, as
+plain text coloured by unit (base token / 2-token / 3+-token hypertoken). The coloured text is
+built incrementally (one append per token); Textual coalesces the repaints per frame.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.message import Message as TMessage
+from textual.widgets import Label, ListItem, Markdown, Static, TextArea
+
+# Unit colours: mid-luminance so they read on dark and light themes alike.
+UNIT_STYLES = {1: "", 2: "bold #2f80ed", 3: "bold #e67e22"}
+
+
+class ChatInput(TextArea):
+    """Multi-line input: Enter sends, Ctrl+J (or Shift+Enter where the terminal has it) breaks the line.
+    The text stays in the input until the app accepts it (``accepted()``)."""
+
+    BINDINGS = [Binding("enter", "submit", "Send", priority=True),
+                Binding("ctrl+j,shift+enter", "newline", "New line", show=False, priority=True),
+                Binding("escape", "app.stop", "Stop reply", show=False)]
+
+    class Submitted(TMessage):
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+    def action_submit(self) -> None:
+        text = self.text.strip()
+        if text:
+            self.post_message(self.Submitted(text))
+
+    def action_newline(self) -> None:
+        self.insert("\n")
+
+
+class ConversationItem(ListItem):
+    """One conversation in the sidebar; the id is an attribute, not a widget id, so refreshing the
+    list can never collide with items still being removed."""
+
+    def __init__(self, conv_id: int, title: str):
+        super().__init__(Label(title))
+        self.conv_id = conv_id
+
+
+class UserView(Static):
+    def __init__(self, text: str):
+        super().__init__(Text(text), classes="user")
+
+
+class ReplyView(Vertical):
+    def __init__(self, units: list[list[Any]] | None = None, coloured: bool = False):
+        super().__init__(classes="reply")
+        self.units: list[list[Any]] = []
+        self.coloured = coloured
+        self._coloured_text = Text()
+        for text, span in units or []:
+            self._add(text, span)
+
+    @property
+    def text(self) -> str:
+        return "".join(t for t, _ in self.units)
+
+    def compose(self) -> ComposeResult:
+        yield Markdown(self.text, classes="body")
+        yield Static(self._coloured_text, classes="units")
+        yield Static("", classes="meta")
+
+    def on_mount(self) -> None:
+        self.set_coloured(self.coloured)
+
+    def _add(self, text: str, span: int) -> None:
+        self.units.append([text, span])
+        self._coloured_text.append(text, style=UNIT_STYLES[min(span, 3)] if span else "")
+
+    def append(self, text: str, span: int) -> None:
+        self._add(text, span)
+        if not text:
+            return
+        if self.coloured:
+            self.query_one(".units", Static).update(self._coloured_text)
+        else:
+            self.query_one(Markdown).append(text)
+
+    def set_coloured(self, on: bool) -> None:
+        self.coloured = on
+        md, units = self.query_one(Markdown), self.query_one(".units", Static)
+        if on:
+            units.update(self._coloured_text)
+        else:
+            md.update(self.text)
+        md.display, units.display = not on, on
+
+    def finish(self, note: str) -> None:
+        self.query_one(".meta", Static).update(Text(note, style="italic dim"))

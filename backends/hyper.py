@@ -1,0 +1,85 @@
+"""Hypertoken slot bookkeeping shared by every backend (framework-free).
+
+Each backend session keeps two (C, D) arrays in its own framework: ``hyper_in`` (input
+embeddings of created entries) and ``hyper_out`` (their output vectors). ``HyperSlots`` says
+where new vectors go and which slots are live; the frameworks only do the numerics.
+
+- Slot ``s`` holds hypertoken id ``V + s``. Slots ``0 .. n_created - 1`` are real entries.
+- ``candidate``: one further slot whose output vector is live (LZW's cScSc case: the id the
+  decoder would accept next), so the model can predict it before it exists.
+- ``plan(entries, candidate)`` validates ids and returns the slots to write and the entries'
+  base ids right-padded with ``pad_id`` to M, as the reference feeds them to the encoders:
+  the first ``n_new`` rows get both vectors, a trailing candidate row only its output vector.
+- ``drop(keep)`` forgets slots ``>= keep`` (a rewind, a rejected draft): they are masked again.
+- ``allowed()``: (C,) bool of the slots that may be scored; everything else is -inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BackendError
+
+Entry = tuple[int, tuple[int, ...]]
+
+
+@dataclass
+class Plan:
+    slots: list[int]  # (N,)
+    rows: list[list[int]]  # (N, M) base ids, pad-filled
+    n_new: int  # rows[:n_new] are created entries; a further row is the candidate
+
+
+class HyperSlots:
+    def __init__(self, V: int, C: int, M: int, pad_id: int):
+        self.V, self.C, self.M, self.pad_id = V, C, M, pad_id
+        self.n_created = 0
+        self.candidate: int | None = None
+
+    def plan(self, entries: Sequence[Entry], candidate: Entry | None = None) -> Plan | None:
+        """Validate and record new entries (and the candidate); None when there is nothing to do."""
+        self.candidate = None
+        items = [*entries, candidate] if candidate is not None else list(entries)
+        if not items:
+            return None
+        slots = [i - self.V for i, _ in items]
+        if min(slots) < 0 or max(slots) >= self.C:
+            raise BackendError(f"hypertoken ids {[i for i, _ in items]} are outside "
+                               f"[{self.V}, {self.V + self.C})")
+        for _, e in items:
+            if not 1 <= len(e) <= self.M or min(e) < 0 or max(e) >= self.V:
+                raise BackendError(f"codebook entry {list(e)} is not 1..{self.M} base ids in [0, {self.V})")
+        rows = [list(e) + [self.pad_id] * (self.M - len(e)) for _, e in items]
+        n = len(entries)
+        if n:
+            self.n_created = max(self.n_created, max(slots[:n]) + 1)
+        if candidate is not None:
+            self.candidate = slots[-1]
+        return Plan(slots, rows, n)
+
+    @property
+    def live(self) -> int:
+        """Slots ``[0, live)`` need scoring (some may still be masked: see ``allowed``)."""
+        return self.n_created if self.candidate is None else max(self.n_created, self.candidate + 1)
+
+    def allowed(self) -> np.ndarray:
+        ok = np.arange(self.C) < self.n_created  # (C,)
+        if self.candidate is not None:
+            ok[self.candidate] = True
+        return ok
+
+    def check_codes(self, codes: Sequence[int]) -> None:
+        hi = self.V + self.n_created
+        for c in codes:
+            if not 0 <= c < hi:
+                raise BackendError(f"code {c} does not exist (valid: 0..{hi - 1}); add its entry first")
+
+    def drop(self, keep: int) -> None:
+        self.n_created = min(self.n_created, max(keep, 0))
+        self.candidate = None
+
+    def reset(self) -> None:
+        self.n_created, self.candidate = 0, None
