@@ -116,7 +116,7 @@ def cmd_answers(args: argparse.Namespace) -> int:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="zip2zip checkpoint directory or repo id (default: the embedded model)")
     p.add_argument("--base", help="override the checkpoint's base model")
-    p.add_argument("--backend", default="torch", choices=["auto", "torch", "mlx"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx", "llamacpp"])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -45,8 +45,19 @@ def _best(f: Callable[[], Any], repeat: int) -> float:
     return best
 
 
+def _plain_backend(rt: Runtime):
+    """Plain = what a user runs without zip2zip: on llama.cpp the base GGUF fed token ids (no adapter,
+    no embeddings); elsewhere the same backend fed base ids."""
+    if rt.backend_name == "llamacpp":
+        from .runtime import open_plain
+
+        return open_plain(rt).backend
+    return rt.backend
+
+
 def prefill(rt: Runtime, lengths: list[int], repeat: int, progress: Callable[[str], None]) -> list[dict]:
     be, rows = rt.backend, []
+    pb = _plain_backend(rt)
     ids_all = _code_ids(rt, max(lengths))
     for n in lengths:
         ids = ids_all[:n]
@@ -56,8 +67,8 @@ def prefill(rt: Runtime, lengths: list[int], repeat: int, progress: Callable[[st
         progress(f"prefill {n} tokens")
 
         def plain() -> None:
-            be.reset()
-            be.forward(ids, list(range(n)))
+            pb.reset()
+            pb.forward(ids, list(range(n)))
 
         def zipped() -> int:
             be.reset()
@@ -85,10 +96,11 @@ class _Forced:
         return self.codes.pop(0) if self.codes else self.greedy.sample(logits, n_allowed)
 
 
-def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forced: list[int] | None) -> dict:
+def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forced: list[int] | None,
+                 be: Any = None) -> dict:
     """One decode run through ``generate_codes``; returns steps, base tokens and seconds spent in
-    the step loop. Plain: the same backend fed base ids (a codec without a codebook)."""
-    be, c = rt.backend, rt.codec
+    the step loop. Plain: ``be`` fed base ids (a codec without a codebook)."""
+    be, c = be or rt.backend, rt.codec
     be.reset()
     config = c if zip2zip else CodecConfig(c.base_vocab_size, 0, 1, c.disabled_ids, c.pad_id)
     codec, stream = CodecSession(config), Stream(rt.config.position_mode if zip2zip else "compressed")
@@ -115,9 +127,10 @@ def decode(rt: Runtime, prompt_tokens: int, steps: int, progress: Callable[[str]
     ids = _code_ids(rt, prompt_tokens + steps)
     prompt, cont = ids[:prompt_tokens], ids[prompt_tokens:prompt_tokens + steps]
     rows = []
+    pb = _plain_backend(rt)
     for mode, forced in (("own", None), ("forced", cont)):
         progress(f"decode ({mode}): plain")
-        p = _decode_loop(rt, prompt, steps, False, forced)
+        p = _decode_loop(rt, prompt, steps, False, forced, pb)
         progress(f"decode ({mode}): zip2zip")
         z = _decode_loop(rt, prompt, steps, True, forced)
         step_p, step_z = p["seconds"] / p["steps"], z["seconds"] / z["steps"]
@@ -126,8 +139,34 @@ def decode(rt: Runtime, prompt_tokens: int, steps: int, progress: Callable[[str]
                      "step_overhead": step_z / step_p - 1,
                      "plain_tok_s": p["base_tokens"] / p["seconds"], "zip_tok_s": z["base_tokens"] / z["seconds"],
                      "ratio": (z["base_tokens"] / z["seconds"]) / (p["base_tokens"] / p["seconds"])})
+    if rt.backend_name == "llamacpp":
+        progress("decode: llama-cpp-python Llama.create_completion on the base GGUF")
+        rows.append(_create_completion(rt, prompt, steps))
     return rows
 
+
+def _create_completion(rt: Runtime, prompt: list[int], steps: int) -> dict:
+    """What a user would run instead: llama-cpp-python's high-level API, greedy, same GGUF and threads."""
+    from llama_cpp import Llama
+
+    ctx = rt.backend.ctx
+    llm = Llama(model_path=rt.base, n_ctx=ctx.n_ctx, n_threads=ctx.n_threads, n_threads_batch=ctx.n_threads,
+                verbose=False)
+    llm.create_completion(prompt[:8], max_tokens=2, temperature=0.0)  # warm-up
+    # create_completion is generate() plus text handling; generate() lets the clock start at the
+    # first sampled token, so the figure is decode alone (an eos is decoded on, like ours)
+    n, t_first = 0, 0.0
+    t = time.perf_counter()
+    for _ in llm.generate(prompt, temp=0.0, reset=True):
+        n += 1
+        if n == 1:
+            t_first = time.perf_counter()
+        if n == steps + 1:
+            break
+    dt = time.perf_counter() - t_first
+    llm.close()
+    return {"mode": "create_completion", "plain_steps": n - 1, "plain_ms_step": dt / (n - 1) * 1e3,
+            "plain_tok_s": (n - 1) / dt, "ttft_s": t_first - t}
 
 CHAT_SCRIPT = [
     "Write a Python function that returns the squares of a list of numbers.",

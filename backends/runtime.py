@@ -20,7 +20,7 @@ from .config import Zip2ZipConfig
 from .engine import Backend, Session
 from .errors import Z2ZError
 
-BACKENDS = ("auto", "torch", "mlx")
+BACKENDS = ("auto", "torch", "mlx", "llamacpp")
 
 
 class RuntimeOpenError(Z2ZError, RuntimeError):
@@ -54,13 +54,39 @@ def is_mlx_dir(model: str) -> bool:
     return (Path(model) / MLX_MARKER).is_file()
 
 
-def _pick(backend: str, model: str) -> str:
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _has_cuda() -> bool:
+    if not _installed("torch"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _position_mode(model: str) -> str | None:
+    try:
+        return Zip2ZipConfig.load(model).position_mode
+    except Z2ZError:
+        return None  # not a local checkpoint (a hub id): the chosen backend reports the details
+
+
+def _pick(backend: str, model: str, torch_options: bool = False) -> str:
+    """``auto``: MLX for MLX conversions and on Apple silicon; CUDA, or a --device/--dtype asked for
+    (torch options) -> torch; otherwise llama.cpp when it is installed and the checkpoint's
+    positions are contiguous (``compressed``); else torch."""
     if backend not in BACKENDS:
         raise RuntimeOpenError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        apple = platform.system() == "Darwin" and platform.machine() == "arm64"
-        backend = "mlx" if is_mlx_dir(model) or (apple and importlib.util.find_spec("mlx_lm")) else "torch"
-    return backend
+    if backend != "auto":
+        return backend
+    apple = platform.system() == "Darwin" and platform.machine() == "arm64"
+    if is_mlx_dir(model) or (apple and _installed("mlx_lm")):
+        return "mlx"
+    if not torch_options and _installed("llama_cpp") and _position_mode(model) == "compressed" and not _has_cuda():
+        return "llamacpp"
+    return "torch"
 
 
 def mlx_conversion(model: str, base: str | None) -> str:
@@ -95,10 +121,17 @@ def open_runtime(model: str | None = None, backend: str = "auto", device: str = 
         except AssetError as e:
             raise RuntimeOpenError(str(e)) from None
         base = base or default_base
-    name = _pick(backend, model)
+    name = _pick(backend, model, torch_options=(device, dtype) != ("auto", "auto"))
     if name == "mlx":
         _need_mlx()
         return _open_mlx(mlx_conversion(model, base))
+    if name == "llamacpp":
+        try:
+            return _open_llamacpp(gguf_conversion(model, base), base)
+        except RuntimeOpenError:
+            if backend != "auto":
+                raise
+            name = "torch"  # e.g. an architecture convert/to_gguf.py does not write: torch runs it
     if importlib.util.find_spec("torch") is None:
         raise RuntimeOpenError('the torch backend needs torch and transformers: pip install "z2z-chat[torch]"')
     from .torch_backend import checkpoint
@@ -111,6 +144,47 @@ def open_runtime(model: str | None = None, backend: str = "auto", device: str = 
         raise RuntimeOpenError(str(e)) from None
     return Runtime(TorchBackend(loaded.model), loaded.tokenizer, loaded.codec, loaded.config,
                    "torch", str(model), f"{dev.type} {str(dt).removeprefix('torch.')}", loaded.base)
+
+
+def gguf_conversion(model: str, base: str | None) -> str:
+    """A directory llama.cpp can run: the checkpoint itself when its base is a GGUF (or it was
+    converted already), else a conversion made once into the user's cache."""
+    import hashlib
+
+    from .assets import cache_dir
+    from .sources import is_gguf
+
+    p = Path(model)
+    try:
+        spec = base or Zip2ZipConfig.load(p).base_model_name_or_path
+    except Z2ZError:
+        return model  # not a local checkpoint: the backend reports what is wrong
+    if (p / "model.gguf").is_file() or is_gguf(spec):
+        return model
+    key = hashlib.sha256(f"{p.resolve()}|{base}".encode()).hexdigest()[:16]
+    dst = cache_dir() / "llamacpp" / f"ckpt-{key}"
+    if not (dst / "zip2zip_config.json").is_file():
+        from .gguf_convert import ConvertError, convert
+
+        try:
+            convert(model, dst, "f16", base=base, force=True)
+        except ConvertError as e:
+            raise RuntimeOpenError(str(e)) from None
+    return str(dst)
+
+
+def _open_llamacpp(model: str, base: str | None, plain: bool = False) -> Runtime:
+    if not _installed("llama_cpp") or not _installed("gguf"):
+        raise RuntimeOpenError('the llama.cpp backend needs llama-cpp-python and gguf: pip install "z2z-chat[llamacpp]"')
+    from .llamacpp_backend.checkpoint import open_checkpoint
+
+    op = open_checkpoint(model, base=base, plain=plain)
+    ctx = op.backend.ctx
+    codec = op.codec
+    if plain:
+        codec = CodecConfig(codec.base_vocab_size, 0, 1, codec.disabled_ids, codec.pad_id)
+    return Runtime(op.backend, op.tokenizer, codec, op.config, "llamacpp", str(model) + (" (plain)" if plain else ""),
+                   f"cpu {ctx.n_threads} threads", op.base)
 
 
 def _need_mlx() -> None:
@@ -134,8 +208,12 @@ def _open_mlx(model: str) -> Runtime:
 
 
 def open_plain(rt: Runtime, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Runtime:
-    """The base model of ``rt`` without zip2zip (torch), for side-by-side comparisons."""
+    """The base model of ``rt`` without zip2zip on the same backend (torch or llama.cpp; MLX gets
+    torch), for side-by-side comparisons."""
     from dataclasses import replace
+
+    if rt.backend_name == "llamacpp":
+        return _open_llamacpp(rt.model_name, rt.base, plain=True)
 
     from .codec import CodecConfig
     from .torch_backend import checkpoint

@@ -77,3 +77,18 @@ def test_missing_or_corrupt_base_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeOpenError, match="corrupt"):
         open_runtime(None, "torch", "cpu")
     shutil.rmtree(bad.parent)
+
+
+def test_llamacpp_gives_the_recorded_codes():
+    """The same adapter and encoders on llama.cpp (base GGUF as is, LoRA as a llama.cpp adapter,
+    numpy encoders) write the codes torch recorded."""
+    pytest.importorskip("llama_cpp")
+    import json
+
+    from backends.runtime import open_runtime
+
+    rt = open_runtime(None, "llamacpp")
+    recorded = json.loads((DEFAULT_MODEL_DIR / "recorded_codes.json").read_text())
+    codes, text, _ = reply(rt, FIXED_PROMPT, 3 * len(recorded["codes"]))
+    assert codes[: len(recorded["codes"])] == recorded["codes"], text
+    rt.backend.close()

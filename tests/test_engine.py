@@ -67,11 +67,20 @@ class Runtime:
         self.config = type("C", (), {"position_mode": position_mode})
 
 
-@pytest.fixture(scope="module", params=["torch", "mlx"])
+@pytest.fixture(scope="module", params=["torch", "mlx", "llamacpp"])
 def rt(request, loaded, ref_checkpoints, tmp_path_factory):
     if request.param == "torch":
         return Runtime("torch", lambda: TorchBackend(loaded.model), loaded.tokenizer, loaded.codec,
                        loaded.config.position_mode)
+    if request.param == "llamacpp":
+        pytest.importorskip("llama_cpp", reason='llama.cpp backend: pip install "z2z-chat[llamacpp]"')
+        from backends.gguf_convert import convert
+        from backends.llamacpp_backend.checkpoint import open_checkpoint
+
+        dst = tmp_path_factory.mktemp("gguf") / "llama"
+        convert(str(ref_checkpoints[("llama", "transformer", "compressed")][1]), dst)
+        return Runtime("llamacpp", lambda: open_checkpoint(dst, n_threads=1).backend, loaded.tokenizer,
+                       loaded.codec, loaded.config.position_mode)
     pytest.importorskip("mlx_lm", reason='MLX backend: pip install "mlx[cpu]" mlx-lm')
     from backends.mlx_backend.backend import MLXBackend
     from backends.mlx_convert import convert

@@ -88,39 +88,6 @@ def test_greedy_codes_equal_torch(case, ref_checkpoints, converted):
     assert a == b and len(a) == 32
 
 
-@pytest.fixture(scope="module")
-def trained_ckpt(tmp_path_factory, tokenizer_dir):
-    """A tiny Llama trained for a few seconds on Python sources, under random encoders: a random
-    model's logits are nearly flat, so quantization noise alone would decide its greedy picks."""
-    from conftest import corpus, tiny_lm
-    from transformers import AutoTokenizer
-
-    from backends.config import CompressionSettings, Zip2ZipConfig
-    from backends.torch_backend.model import Zip2ZipLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    lm = tiny_lm("llama", len(tok), seed=1).train()
-    ids = torch.tensor(tok("".join(corpus()[:2]), add_special_tokens=False)["input_ids"])
-    rows = ids[: len(ids) // 65 * 65].view(-1, 65)
-    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        batch = rows[torch.randint(len(rows), (16,), generator=g)]
-        loss = lm(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    cfg = Zip2ZipConfig("trained-tiny", "transformer",
-                        {"hidden_size": 64, "num_hidden_layers": 1, "num_heads": 4, "position_encoding": "learnable"},
-                        CompressionSettings(len(tok), 64, 3, sorted(tok.all_special_ids)))
-    d = tmp_path_factory.mktemp("trained")
-    lm.eval().save_pretrained(d / "base")
-    tok.save_pretrained(d / "base")
-    cfg.base_model_name_or_path = "base"  # relative to the checkpoint
-    checkpoint.save(Zip2ZipLM(cfg, lm, tok.eos_token_id), d, tok)
-    return d
-
-
 def test_4bit_conversion_agrees_with_fp32(trained_ckpt, tmp_path):
     loaded = checkpoint.load(trained_ckpt)
     dst = tmp_path / "q4"

@@ -1,0 +1,155 @@
+"""A zip2zip checkpoint to a directory the llama.cpp backend runs (``convert/to_gguf.py``).
+
+Output directory:
+- ``model.gguf``: the base decoder. A GGUF base is reused as it is (hard-linked or copied: it
+  is what the adapter was trained on); HF weights (a local directory or a cached hub id) are
+  written with ``gguf`` in f32, f16 or q8_0. Llama-family decoders (Llama, Mistral, SmolLM2)
+  only: llama.cpp's other architectures need their own tensor layouts.
+- ``lora.gguf``: the LoRA adapter as a llama.cpp adapter, applied at load. Kept separate, not
+  merged: on a quantized base a merge would re-quantize the decoder (quality), and a rank-8
+  adapter costs little per step (see README).
+- ``zip2zip_config.json`` (base ``model.gguf``), the hyper-encoders (float32 safetensors) and the
+  tokenizer files.
+
+No torch needed. Progress lines go to ``progress``; failures are ``ConvertError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .config import CONFIG_NAME, ConfigError, Zip2ZipConfig
+from .errors import Z2ZError
+from .sources import SourceError, is_gguf, load_tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+class ConvertError(Z2ZError, RuntimeError):
+    """The checkpoint cannot be converted; the message says why."""
+
+
+def _resolve(spec: str) -> Path:
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise ConvertError(f"{spec} is a file, not a checkpoint directory")
+    try:
+        from .torch_backend.checkpoint import resolve
+    except ImportError:
+        raise ConvertError(f"{spec} is not a local directory (hub ids need huggingface-hub)") from None
+    try:
+        return resolve(spec)
+    except Z2ZError as e:
+        raise ConvertError(str(e)) from None
+
+
+def _hf_state(base: Path) -> tuple[dict[str, np.ndarray], dict]:
+    from .llamacpp_backend.tensors import read_safetensors
+
+    cfg_file = base / "config.json"
+    if not cfg_file.is_file():
+        raise ConvertError(f"{base} has no config.json: is it a Hugging Face model directory?")
+    config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in LLAMA_FAMILY:
+        raise ConvertError(f"{base}: architecture {arch} is not supported by convert/to_gguf.py "
+                           f"(supported: {', '.join(LLAMA_FAMILY)}); run it with --backend torch or mlx")
+    files = sorted(base.glob("*.safetensors"))
+    if not files:
+        raise ConvertError(f"{base} has no .safetensors weights")
+    state: dict[str, np.ndarray] = {}
+    for f in files:
+        state |= read_safetensors(f)
+    return state, config
+
+
+def _place(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None = None, force: bool = False,
+            progress: Callable[[str], None] = lambda m: None) -> list[Path]:
+    from .llamacpp_backend.tensors import (
+        TensorFileError,
+        check_gguf,
+        read_safetensors,
+        write_llama_gguf,
+        write_lora_gguf,
+    )
+
+    ckpt = _resolve(src)
+    dst = Path(dst)
+    try:
+        config = Zip2ZipConfig.load(ckpt)
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
+    if config.position_mode != "compressed":
+        raise ConvertError(f"{ckpt} uses position_mode {config.position_mode!r}, which stock llama.cpp cannot "
+                           "run (it needs contiguous positions); use --backend torch or mlx")
+    if dst.exists() and any(dst.iterdir()) and not force:
+        raise ConvertError(f"{dst} exists and is not empty; pass --force to replace it")
+    dst.mkdir(parents=True, exist_ok=True)
+    spec = base or config.base_model_name_or_path
+    if spec != "." and not Path(spec).is_absolute() and (ckpt / spec).exists():
+        spec = str(ckpt / spec)
+    tok_src = ckpt if (ckpt / "tokenizer_config.json").is_file() else spec
+    try:
+        tok = load_tokenizer(tok_src)
+    except SourceError as e:
+        raise ConvertError(str(e)) from None
+    out = dst / "model.gguf"
+    n_head = n_kv = None
+    try:
+        if is_gguf(spec):
+            if quantize != "f32":
+                progress(f"{spec} is already a GGUF: reused as it is (--quantize applies to HF weights only)")
+            meta = check_gguf(spec)
+            arch = meta.get("general.architecture")
+            n_head, n_kv = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.attention.head_count_kv")
+            progress(f"base: {spec} -> {out}")
+            _place(Path(spec), out)
+        else:
+            base_dir = _resolve(str(ckpt) if spec == "." else spec)
+            progress(f"reading {base_dir}")
+            state, hf_config = _hf_state(base_dir)
+            n_head = hf_config["num_attention_heads"]
+            n_kv = hf_config.get("num_key_value_heads") or n_head
+            progress(f"writing {out} ({quantize})")
+            write_llama_gguf(out, state, hf_config, tok, quantize)
+        written = [out]
+        if (ckpt / "adapter_config.json").is_file():
+            alpha = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8")).get("lora_alpha")
+            progress(f"writing {dst / 'lora.gguf'} (LoRA adapter, alpha {alpha})")
+            written.append(write_lora_gguf(dst / "lora.gguf", read_safetensors(ckpt / "adapter_model.safetensors"),
+                                           float(alpha), int(n_head), int(n_kv or n_head)))
+        enc = next((ckpt / n for n in ("zip2zip_encoders.safetensors", "encoders.safetensors") if (ckpt / n).is_file()), None)
+        if enc is None:
+            raise ConvertError(f"{ckpt} has no hyper-encoder weights")
+        from safetensors.numpy import save_file
+
+        save_file(read_safetensors(enc), dst / "zip2zip_encoders.safetensors")
+        written.append(dst / "zip2zip_encoders.safetensors")
+    except TensorFileError as e:
+        raise ConvertError(str(e)) from None
+    for name in TOKENIZER_FILES:
+        if (Path(tok_src) / name).is_file():
+            shutil.copyfile(Path(tok_src) / name, dst / name)
+            written.append(dst / name)
+    if not (dst / "tokenizer_config.json").is_file():
+        tok.save_pretrained(dst)
+    d = config.to_dict() | {"base_model_name_or_path": "model.gguf"}
+    (dst / CONFIG_NAME).write_text(json.dumps(d, indent=2, sort_keys=True), encoding="utf-8")
+    written.append(dst / CONFIG_NAME)
+    return written

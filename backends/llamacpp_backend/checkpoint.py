@@ -1,0 +1,167 @@
+"""Open a zip2zip checkpoint on llama.cpp.
+
+Accepted layouts (a directory with ``zip2zip_config.json`` and the hyper-encoders):
+- written by ``convert/to_gguf.py``: ``model.gguf`` (the base, or the base with the LoRA merged)
+  and optionally ``lora.gguf`` (a llama.cpp LoRA adapter);
+- a torch checkpoint whose base is a GGUF file (the embedded default model: its base is the Q4_1
+  GGUF it was trained on) with a PEFT adapter: the adapter is converted once into a llama.cpp
+  adapter GGUF in the user cache (a few MB, a second).
+
+Everything is checked before llama.cpp sees it (it aborts the process on some bad files): the
+position mode (``base_token_end`` needs non-contiguous positions, which stock llama.cpp refuses),
+the GGUF files parse, vocabulary and hidden sizes agree with the config and the encoders.
+Failures are ``CheckpointError`` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..assets import cache_dir
+from ..codec import CodecConfig
+from ..config import CONFIG_NAME, ConfigError, Zip2ZipConfig
+from ..errors import Z2ZError
+from ..sources import SourceError, is_gguf, load_tokenizer, pad_id_of
+from .backend import LlamaCppBackend, PlainLlamaCppBackend
+from .context import LlamaContext
+from .encoders import build_encoder
+from .tensors import (
+    TensorFileError,
+    check_gguf,
+    model_tables,
+    read_safetensors,
+    write_lora_gguf,
+)
+
+MODEL_FILE, LORA_FILE = "model.gguf", "lora.gguf"
+ENCODER_FILES = ("zip2zip_encoders.safetensors", "encoders.safetensors")
+
+
+class CheckpointError(Z2ZError, RuntimeError):
+    """The checkpoint cannot run on llama.cpp; the message says why and what to do."""
+
+
+@dataclass
+class Opened:
+    backend: LlamaCppBackend
+    tokenizer: Any
+    config: Zip2ZipConfig
+    codec: CodecConfig
+    base: str  # the base GGUF actually loaded
+
+
+def _base_gguf(ckpt: Path, config: Zip2ZipConfig, base: str | None) -> Path:
+    if (ckpt / MODEL_FILE).is_file():
+        return ckpt / MODEL_FILE
+    spec = base or config.base_model_name_or_path
+    if is_gguf(spec):
+        p = Path(spec) if Path(spec).is_absolute() else (ckpt / spec)
+        return p if p.exists() or Path(spec).is_absolute() else Path(spec)
+    raise CheckpointError(f"{ckpt} has no {MODEL_FILE} and its base ({spec}) is not a GGUF file: convert it "
+                          f"once with `python convert/to_gguf.py {ckpt} OUT_DIR`, or run it with --backend torch")
+
+
+def _adapter_gguf(ckpt: Path, n_head: int, n_head_kv: int) -> Path | None:
+    if (ckpt / LORA_FILE).is_file():
+        return ckpt / LORA_FILE
+    peft = ckpt / "adapter_model.safetensors"
+    if not (ckpt / "adapter_config.json").is_file():
+        return None
+    if not peft.is_file():
+        raise CheckpointError(f"{ckpt} has adapter_config.json but no adapter_model.safetensors")
+    alpha = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8")).get("lora_alpha")
+    key = hashlib.sha256(peft.read_bytes() + f"|{alpha}|{n_head}|{n_head_kv}".encode()).hexdigest()[:16]
+    out = cache_dir() / "llamacpp" / f"lora-{key}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        write_lora_gguf(tmp, read_safetensors(peft), float(alpha), n_head, n_head_kv)
+        tmp.replace(out)
+    return out
+
+
+def _encoders(ckpt: Path, config: Zip2ZipConfig, pad: int, embed: np.ndarray, head: np.ndarray):
+    file = next((ckpt / n for n in ENCODER_FILES if (ckpt / n).is_file()), None)
+    if file is None:
+        raise CheckpointError(f"{ckpt} has no hyper-encoder weights ({' or '.join(ENCODER_FILES)})")
+    state = read_safetensors(file)
+    tied = config.encoder["tie_encoders"]
+    parts = {}
+    for prefix in ("input_encoder",) + (() if tied else ("output_encoder",)):
+        sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if not sub:
+            raise CheckpointError(f"{file} has no {prefix}.* weights")
+        bad = [k for k, v in sub.items() if not np.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"{file}: {prefix}.{bad[0]} holds NaN or infinite values")
+        enc = build_encoder(config.encoder_type, sub, config.encoder, pad)
+        probe = np.array([[0] * config.compression.max_subtokens])  # fails now, not at the first hypertoken
+        try:
+            out = enc(probe, embed if prefix == "input_encoder" else head)
+        except (KeyError, ValueError, IndexError) as e:
+            raise CheckpointError(f"{file}: {prefix} does not match {CONFIG_NAME} ({type(e).__name__}: {e})") from None
+        if out.shape != (1, config.model_dim) or not np.isfinite(out).all():
+            raise CheckpointError(f"{file}: {prefix} gives vectors of shape {out.shape[1:]}, "
+                                  f"expected ({config.model_dim},) and finite")
+        parts[prefix] = enc
+    return parts["input_encoder"], parts.get("output_encoder", parts["input_encoder"])
+
+
+def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n_threads: int | None = None,
+                    plain: bool = False) -> Opened:
+    """Open ``path`` on llama.cpp (``plain``: its base GGUF alone, fed token ids)."""
+    ckpt = Path(path)
+    try:
+        config = Zip2ZipConfig.load(ckpt)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    if config.position_mode != "compressed" and not plain:
+        raise CheckpointError(
+            f"{ckpt} uses position_mode {config.position_mode!r}: each code sits at the position of its last "
+            "base token, and stock llama.cpp only accepts contiguous positions. Run it with --backend torch "
+            "(or mlx on Apple silicon).")
+    try:
+        tok = load_tokenizer(ckpt if (ckpt / "tokenizer_config.json").is_file() else config.base_model_name_or_path)
+    except SourceError as e:
+        raise CheckpointError(str(e)) from None
+    V = config.compression.initial_vocab_size
+    if len(tok) != V:
+        raise CheckpointError(f"the tokenizer has {len(tok)} tokens but {ckpt / CONFIG_NAME} says "
+                              f"initial_vocab_size={V}")
+    pad = pad_id_of(tok)
+    gguf_path = _base_gguf(ckpt, config, base)
+    try:
+        meta, embed, head = model_tables(gguf_path)
+    except TensorFileError as e:
+        raise CheckpointError(str(e)) from None
+    arch = meta.get("general.architecture")
+    if embed.shape[0] < V or embed.shape[1] != config.model_dim:
+        raise CheckpointError(f"{gguf_path}: its embedding matrix is {embed.shape[0]} x {embed.shape[1]}, but the "
+                              f"zip2zip config needs at least {V} rows of width {config.model_dim}: wrong base model?")
+    adapter = None
+    if not plain:
+        n_head, n_kv = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.attention.head_count_kv")
+        try:
+            adapter = _adapter_gguf(ckpt, int(n_head), int(n_kv or n_head))
+            if adapter is not None:
+                check_gguf(adapter, "adapter")
+        except TensorFileError as e:
+            raise CheckpointError(str(e)) from None
+    ctx = LlamaContext(gguf_path, adapter, n_ctx=n_ctx, n_threads=n_threads)
+    codec = config.codec_config(pad)
+    if plain:
+        return Opened(PlainLlamaCppBackend(ctx, V), tok, config, codec, str(gguf_path))
+    try:
+        enc_in, enc_out = _encoders(ckpt, config, pad, embed, embed if head is None else head)
+    except (CheckpointError, TensorFileError, KeyError) as e:
+        ctx.close()
+        raise CheckpointError(f"{ckpt}: the hyper-encoders do not match the config ({e})") from None
+    c = config.compression
+    be = LlamaCppBackend(ctx, embed, head, enc_in, enc_out, V, c.max_codebook_size, c.max_subtokens, pad)
+    return Opened(be, tok, config, codec, str(gguf_path))

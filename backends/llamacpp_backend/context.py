@@ -1,0 +1,174 @@
+"""One llama.cpp model and context over llama-cpp-python's low-level API (``llama_cpp``).
+
+``LlamaContext(model_path, adapter_path, n_ctx, n_threads)`` loads the model (and a LoRA adapter
+GGUF), creates a context with ``embeddings=True`` and pooling NONE, and decodes batches of
+*input embeddings* (``llama_batch.embd``; tokens NULL). ``decode(rows, pos0)`` returns the
+base-vocabulary logits and the final hidden state of the last row. With embeddings on and
+pooling NONE, llama.cpp's per-token "embedding" is ``result_norm``: the RMS-normed state that
+feeds the LM head (checked in ``tests/test_llamacpp.py``: hidden @ head.T == logits).
+
+llama.cpp requires each batch of a sequence to start at the cache's last position + 1 and to be
+contiguous; ``decode`` checks it and raises instead of letting ``llama_decode`` fail. It also
+aborts the process on a batch larger than ``n_batch``, so larger inputs are split here.
+Flash attention is off and the KV cache is float32: on a CPU that costs little and keeps logits
+within 1e-6 of a float32 reference instead of ~1e-3.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError
+
+N_BATCH = 512
+_LOG_CALLBACK = None  # kept alive for the whole process: llama.cpp calls it from C
+
+
+def _quiet_and_init():
+    """Silence llama.cpp's logging (it would write over a full-screen UI) and init the backend once.
+
+    Also caps numpy's BLAS at one thread: OpenBLAS threads spin while they wait, and on a small
+    CPU they steal the cores llama.cpp's own threads need (measured here: 36 ms per decode step
+    instead of 11 ms). The numpy work per step (encoders, hyper logits) is small matrices anyway."""
+    global _LOG_CALLBACK
+    import llama_cpp as L
+    from threadpoolctl import threadpool_limits
+
+    if _LOG_CALLBACK is None:
+        threadpool_limits(1, user_api="blas")
+        _LOG_CALLBACK = L.llama_log_callback(lambda level, text, user_data: None)
+        L.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        L.llama_backend_init()
+    return L
+
+
+def default_threads() -> int:
+    env = os.environ.get("Z2Z_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+class LlamaContext:
+    def __init__(self, model_path: str | Path, adapter_path: str | Path | None = None, n_ctx: int = 0,
+                 n_threads: int | None = None):
+        L = self.L = _quiet_and_init()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        self.model = L.llama_model_load_from_file(str(model_path).encode(), mp)
+        if not self.model:
+            raise BackendError(f"llama.cpp could not load {model_path} (unsupported architecture or damaged file)")
+        self.ctx = self.adapter = None
+        try:
+            self.n_ctx_train = L.llama_model_n_ctx_train(self.model)
+            cp = L.llama_context_default_params()
+            cp.n_ctx = n_ctx or self.n_ctx_train
+            cp.n_batch = cp.n_ubatch = N_BATCH
+            cp.n_seq_max = 1
+            self.n_threads = cp.n_threads = cp.n_threads_batch = n_threads or default_threads()
+            cp.embeddings = True
+            cp.pooling_type = L.LLAMA_POOLING_TYPE_NONE
+            cp.no_perf = True
+            cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            cp.type_k = cp.type_v = L.GGML_TYPE_F32
+            self.ctx = L.llama_init_from_model(self.model, cp)
+            if not self.ctx:
+                raise BackendError(f"llama.cpp could not create a context for {model_path} (out of memory?)")
+            if adapter_path is not None:
+                self.adapter = L.llama_adapter_lora_init(self.model, str(adapter_path).encode())
+                if not self.adapter:
+                    raise BackendError(f"llama.cpp could not apply the LoRA adapter {adapter_path} "
+                                       "(made for another model?)")
+                ads = (L.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+                if L.llama_set_adapters_lora(self.ctx, ads, 1, (ctypes.c_float * 1)(1.0)) != 0:
+                    raise BackendError(f"llama.cpp refused the LoRA adapter {adapter_path}")
+            self.n_ctx = L.llama_n_ctx(self.ctx)
+            self.n_embd = L.llama_model_n_embd(self.model)
+            self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+            self.mem = L.llama_get_memory(self.ctx)
+            self.batch = L.llama_batch_init(N_BATCH, self.n_embd, 1)  # embd set, token NULL
+            self.id_batch = L.llama_batch_init(N_BATCH, 0, 1)  # token set: plain llama.cpp, for comparisons
+        except BaseException:
+            self.close()
+            raise
+        self.n_past = 0
+
+    def decode(self, rows: np.ndarray, pos0: int) -> tuple[np.ndarray, np.ndarray]:
+        """Feed (T, D) input embeddings at positions pos0 .. pos0 + T - 1; (logits (n_vocab,), hidden (D,))
+        of the last row."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.n_embd or rows.shape[0] == 0:
+            raise BackendError(f"input rows must be (T >= 1, {self.n_embd}), got {rows.shape}")
+        return self._decode(self.batch, rows, pos0)
+
+    def decode_ids(self, ids: np.ndarray, pos0: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token-id input (what plain llama.cpp does): the baseline for comparisons."""
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        if ids.ndim != 1 or ids.shape[0] == 0 or ids.min() < 0 or ids.max() >= self.n_vocab:
+            raise BackendError(f"token ids must be 1..{N_BATCH} ids in [0, {self.n_vocab})")
+        return self._decode(self.id_batch, ids, pos0)
+
+    def _decode(self, b, data: np.ndarray, pos0: int) -> tuple[np.ndarray, np.ndarray]:
+        T = data.shape[0]
+        if pos0 != self.n_past:
+            raise BackendError(f"llama.cpp needs contiguous positions: the cache ends at {self.n_past - 1}, "
+                               f"the input starts at {pos0}")
+        if pos0 + T > self.n_ctx:
+            raise BackendError(f"the context window ({self.n_ctx} positions) is full")
+        L = self.L
+        for s in range(0, T, N_BATCH):
+            chunk = data[s:s + N_BATCH]
+            n = chunk.shape[0]
+            ctypes.memmove(b.embd if b is self.batch else b.token, chunk.ctypes.data, chunk.nbytes)
+            for i in range(n):
+                b.pos[i] = pos0 + s + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = 1 if s + i == T - 1 else 0  # only the last row is read
+            b.n_tokens = n
+            rc = L.llama_decode(self.ctx, b)
+            if rc != 0:
+                L.llama_memory_seq_rm(self.mem, 0, pos0, -1)  # leave the cache as it was
+                raise BackendError(f"llama_decode failed with status {rc}"
+                                   + (" (KV cache full)" if rc == 1 else ""))
+        self.n_past = pos0 + T
+        logits = L.llama_get_logits_ith(self.ctx, -1)
+        hidden = L.llama_get_embeddings_ith(self.ctx, -1)
+        if not logits or not hidden:
+            raise BackendError("llama.cpp returned no output for the last position")
+        return (np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy(),
+                np.ctypeslib.as_array(hidden, shape=(self.n_embd,)).copy())
+
+    def trim(self, n: int) -> None:
+        if n <= 0:
+            return
+        keep = max(self.n_past - n, 0)
+        if not self.L.llama_memory_seq_rm(self.mem, 0, keep, -1):
+            raise BackendError("llama.cpp could not remove positions from its KV cache")
+        self.n_past = keep
+
+    def clear(self) -> None:
+        self.L.llama_memory_clear(self.mem, True)
+        self.n_past = 0
+
+    def close(self) -> None:
+        L = getattr(self, "L", None)
+        if L is None:
+            return
+        for name in ("batch", "id_batch"):
+            if getattr(self, name, None) is not None:
+                L.llama_batch_free(getattr(self, name))
+                setattr(self, name, None)
+        if self.ctx:
+            L.llama_free(self.ctx)
+            self.ctx = None
+        if self.adapter:
+            L.llama_adapter_lora_free(self.adapter)
+            self.adapter = None
+        if self.model:
+            L.llama_model_free(self.model)
+            self.model = None

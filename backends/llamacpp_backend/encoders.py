@@ -1,0 +1,134 @@
+"""Hyper-encoders in numpy, numerically the torch ones (``torch_backend/encoders.py``), reading the
+same parameter names from ``zip2zip_encoders.safetensors``, so the llama.cpp path needs neither
+torch nor MLX.
+
+``encoder(rows, table)``: ``rows`` (N, M) int base ids right-padded with ``pad_id``, ``table``
+(rows, D) float32, the embedding (input side) or LM head (output side) matrix. Output (N, D).
+Attention rows with no key (a ``transformer`` pad slot) come out as zeros, as torch's
+``scaled_dot_product_attention`` returns them. GELU is the exact (erf) one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """Numerical Recipes' erfc fit (|rel. error| < 1.2e-7): well inside float32 tolerances."""
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = (-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277)))))))))
+    r = 1.0 - t * np.exp(poly)
+    return np.copysign(r, x)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0).astype(x.dtype)))
+
+
+def layer_norm(x: np.ndarray, w: Weights, prefix: str, eps: float = 1e-5) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w[f"{prefix}.weight"] + w[f"{prefix}.bias"]
+
+
+def linear(x: np.ndarray, w: Weights, name: str) -> np.ndarray:
+    wt = w[f"{name}.weight.T"]  # (in, out), transposed once at build time
+    # one 2-D GEMM: numpy runs a 3-D @ 2-D product as a loop of small ones
+    return (x.reshape(-1, x.shape[-1]) @ wt).reshape(*x.shape[:-1], wt.shape[1])
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(N, h, M, d) each; mask broadcastable to (N, h, M, M), True = attend; empty rows -> 0."""
+    scores = (q @ k.swapaxes(-1, -2)) / np.sqrt(q.shape[-1]).astype(q.dtype)
+    scores = np.where(mask, scores, -np.inf)
+    any_key = mask.any(-1, keepdims=True)
+    scores = np.where(any_key, scores, 0.0)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p = np.where(any_key & mask, p, 0.0)
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-30)
+    return p @ v
+
+
+def _heads(t: np.ndarray, h: int) -> np.ndarray:
+    N, M, H = t.shape
+    return t.reshape(N, M, h, H // h).transpose(0, 2, 1, 3)  # (N, h, M, d)
+
+
+def _merge(t: np.ndarray) -> np.ndarray:
+    N, h, M, d = t.shape
+    return t.transpose(0, 2, 1, 3).reshape(N, M, h * d)
+
+
+def transformer(w: Weights, cfg: dict[str, Any], pad_id: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    heads = cfg["num_heads"]
+
+    def encode(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
+        x = table[rows]  # (N, M, D)
+        if "pos_embed.weight" in w:
+            x = x + w["pos_embed.weight"][: rows.shape[1]]
+        valid = rows != pad_id
+        mask = (valid[:, :, None] & valid[:, None, :])[:, None]  # (N, 1, M, M)
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"layers.{i}"
+            a = attend(*(_heads(t, heads) for t in np.split(linear(x, w, f"{p}.attention.qkv"), 3, axis=-1)), mask)
+            x = layer_norm(x + linear(_merge(a), w, f"{p}.attention.o_proj"), w, f"{p}.post_attention_layernorm")
+            m = linear(gelu(linear(x, w, f"{p}.mlp.fc1")), w, f"{p}.mlp.fc2")
+            x = layer_norm(x + m, w, f"{p}.post_mlp_layernorm")
+        return x.mean(axis=1)  # (N, D), pads included, as the reference
+
+    return encode
+
+
+def res_latent_attn(w: Weights, cfg: dict[str, Any], pad_id: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    heads, causal, residual = cfg["num_heads"], cfg["causal"], cfg["residual"]
+
+    def encode(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
+        N, M = rows.shape
+        x = table[rows]  # (N, M, D)
+        first = x[:, 0]
+        if "proj_in.weight" in w:
+            x = linear(x, w, "proj_in")
+        x = x + w["pos_embed.weight"][:M]  # (N, M, H)
+        valid = rows != pad_id
+        mask = valid[:, None, None, :]  # (N, 1, 1, M): key-only
+        if causal:
+            mask = mask & np.tril(np.ones((M, M), dtype=bool))
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"layers.{i}"
+            h = layer_norm(x, w, f"{p}.norm1")
+            a = attend(*(_heads(t, heads) for t in np.split(linear(h, w, f"{p}.wqkv"), 3, axis=-1)), mask)
+            x = x + linear(_merge(a), w, f"{p}.wo")
+            x = x + linear(gelu(linear(layer_norm(x, w, f"{p}.norm2"), w, f"{p}.w1")), w, f"{p}.w2")
+        x = layer_norm(x, w, "norm")
+        if causal:
+            out = x[np.arange(N), np.maximum(valid.sum(-1), 1) - 1]
+        else:
+            out = (x * valid[..., None]).sum(1) / np.maximum(valid.sum(-1, keepdims=True), 1)
+        if "proj_out.weight" in w:
+            out = linear(out, w, "proj_out")
+        return out + first if residual else out
+
+    return encode
+
+
+ENCODERS = {"transformer": transformer, "res_latent_attn": res_latent_attn}
+
+
+def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_id: int
+                  ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    w = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+    for i in range(cfg["num_hidden_layers"]):  # one matmul for q, k and v (a step's encoders are latency-bound)
+        for fused, parts in ((f"layers.{i}.attention.qkv", [f"layers.{i}.attention.{n}_proj" for n in "qkv"]),
+                             (f"layers.{i}.wqkv", [f"layers.{i}.w{n}" for n in "qkv"])):
+            if all(f"{p}.weight" in w for p in parts):
+                w[f"{fused}.weight"] = np.concatenate([w[f"{p}.weight"] for p in parts])
+    w |= {f"{k}.T": np.ascontiguousarray(v.T) for k, v in w.items() if v.ndim == 2 and k.endswith(".weight")}
+    return ENCODERS[encoder_type](w, cfg, pad_id)

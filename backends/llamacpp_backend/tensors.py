@@ -1,0 +1,274 @@
+"""Tensor files for the llama.cpp path, in numpy only (no torch, no MLX).
+
+- ``read_safetensors(path)``: every tensor as float32 numpy (BF16 and F16 included, which
+  ``safetensors.numpy`` cannot give as float32 by itself); errors name the file.
+- ``read_gguf_tables(path)``: the token-embedding matrix and, when the model has one, the LM head
+  (``output.weight``), dequantized to float32 with ``gguf``; ``None`` head means tied embeddings.
+- ``check_gguf(path, kind)``: parse a GGUF before llama.cpp sees it (llama.cpp aborts the process
+  on some malformed files); returns its metadata as a dict.
+- ``model_tables(path)``: ``check_gguf`` + ``read_gguf_tables`` for a model, cached in the user
+  cache as ``.npy`` files keyed by the file's path, size and mtime: parsing a GGUF with a 49k-token
+  vocabulary takes seconds in Python, loading the cached tables (memory-mapped) takes none.
+- ``write_lora_gguf(path, peft_state, alpha, n_head, n_head_kv)``: a PEFT LoRA adapter as a
+  llama.cpp adapter GGUF. llama.cpp stores q/k projection rows permuted for its RoPE layout, so
+  ``lora_B`` of ``q_proj``/``k_proj`` gets the same row permutation (``permute_qk``).
+- ``write_llama_gguf(path, state, config, tokenizer, qtype)``: an HF Llama-family decoder (state
+  dict as numpy, HF names) as a llama.cpp model GGUF (f32, f16, q8_0), with its BPE vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import Z2ZError
+
+
+class TensorFileError(Z2ZError, ValueError):
+    """A tensor file is missing, truncated or not what it should be; the message names it."""
+
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+    except FileNotFoundError:
+        raise TensorFileError(f"{path} does not exist") from None
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise TensorFileError(f"{path} is not a readable safetensors file ({e})") from None
+    out = {}
+    base = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dt = _ST_DTYPES.get(info.get("dtype"))
+        start, end = info["data_offsets"]
+        if dt is None or base + end > len(data):
+            raise TensorFileError(f"{path}: tensor {name} has dtype {info.get('dtype')} or lies outside the file")
+        a = np.frombuffer(data, dtype=dt, count=(end - start) // np.dtype(dt).itemsize, offset=base + start)
+        if info["dtype"] == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        out[name] = a.reshape(info["shape"]).astype(np.float32)
+    return out
+
+
+def check_gguf(path: str | Path, kind: str = "model") -> dict[str, Any]:
+    """Parse ``path`` fully (header, metadata, tensor table, data bounds); TensorFileError if not sound."""
+
+    path = Path(path)
+    meta, _ = _parse(path, kind)
+    return meta
+
+
+def _parse(path: Path, kind: str) -> tuple[dict[str, Any], Any]:
+    import gguf
+
+    if not path.is_file():
+        raise TensorFileError(f"{kind} GGUF {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf raises bare ValueError/struct/IndexError on bad files
+        raise TensorFileError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                              "was the download or conversion cut short?") from None
+    meta = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception:  # noqa: BLE001 - some array fields have no simple value; not needed here
+            continue
+    want = "adapter" if kind == "adapter" else None
+    if want and meta.get("general.type") != want:
+        raise TensorFileError(f"{path} is not a llama.cpp adapter (general.type={meta.get('general.type')!r})")
+    if kind == "model" and meta.get("general.type") == "adapter":
+        raise TensorFileError(f"{path} is a LoRA adapter, not a model")
+    return meta, reader
+
+
+_META_KEYS = ("general.architecture", "general.type")
+
+
+def model_tables(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+    """(metadata, embedding, LM head or None) of a model GGUF, through the cache (see the docstring)."""
+    import hashlib
+
+    from ..assets import cache_dir
+
+    path = Path(path)
+    if not path.is_file():
+        raise TensorFileError(f"model GGUF {path} does not exist")
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    d = cache_dir() / "llamacpp" / f"tables-{key}"
+    if (d / "meta.json").is_file():
+        meta = json.loads((d / "meta.json").read_text())
+        head = np.load(d / "head.npy", mmap_mode="r") if (d / "head.npy").is_file() else None
+        return meta, np.load(d / "embed.npy", mmap_mode="r"), head
+    meta, reader = _parse(path, "model")
+    embed, head = read_gguf_tables(path, reader)
+    arch = meta.get("general.architecture")
+    keep = {k: v for k, v in meta.items() if k in _META_KEYS or (arch and k.startswith(f"{arch}.")
+                                                                and isinstance(v, (int, float, str)))}
+    d.mkdir(parents=True, exist_ok=True)
+    np.save(d / "embed.npy", embed)
+    if head is not None:
+        np.save(d / "head.npy", head)
+    (d / "meta.json").write_text(json.dumps(keep))  # written last: its presence marks a complete entry
+    return keep, embed, head
+
+
+def read_gguf_tables(path: str | Path, reader: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(embedding (rows, D), LM head (rows, D) or None when tied), float32."""
+    import gguf
+
+    reader = reader or gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def table(name: str) -> np.ndarray:
+        t = tensors[name]
+        a = gguf.quants.dequantize(t.data, t.tensor_type)
+        return np.ascontiguousarray(a.reshape(int(t.shape[1]), int(t.shape[0])), dtype=np.float32)
+
+    if "token_embd.weight" not in tensors:
+        raise TensorFileError(f"{path} has no token_embd.weight tensor")
+    return table("token_embd.weight"), table("output.weight") if "output.weight" in tensors else None
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half row order -> llama.cpp's interleaved RoPE order (its converter's ``permute``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_LORA_KEY = re.compile(r"layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def write_lora_gguf(path: str | Path, peft_state: dict[str, np.ndarray], alpha: float, n_head: int,
+                    n_head_kv: int) -> Path:
+    import gguf
+
+    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for k, v in peft_state.items():
+        m = _LORA_KEY.search(k)
+        if m is None:
+            raise TensorFileError(f"adapter tensor {k} is not a LoRA A/B weight of a decoder layer "
+                                  "(only attention and MLP projections can run on llama.cpp)")
+        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = v
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(alpha))  # llama.cpp scales by alpha / r, as peft does
+    for (i, hf), ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"} or hf not in HF_TO_GGUF:
+            raise TensorFileError(f"adapter layer {i} {hf}: expected one lora_A and one lora_B")
+        gg, B = HF_TO_GGUF[hf], ab["B"]
+        if gg == "attn_q":
+            B = permute_qk(B, n_head)
+        elif gg == "attn_k":
+            B = permute_qk(B, n_head_kv)
+        w.add_tensor(f"blk.{i}.{gg}.weight.lora_a", np.ascontiguousarray(ab["A"], dtype=np.float32))  # (r, in)
+        w.add_tensor(f"blk.{i}.{gg}.weight.lora_b", np.ascontiguousarray(B, dtype=np.float32))  # (out, r)
+    _finish(w)
+    return Path(path)
+
+
+def _finish(w: Any) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+QTYPES = ("f32", "f16", "q8_0")
+
+
+def write_llama_gguf(path: str | Path, state: dict[str, np.ndarray], config: dict[str, Any], tokenizer: Any,
+                     qtype: str = "f32") -> Path:
+    """``state``: HF names (``model.embed_tokens.weight``, ``model.layers.N...``, ``model.norm.weight``,
+    ``lm_head.weight`` unless tied), float32; ``config``: the HF config as a dict."""
+    import gguf
+
+    if qtype not in QTYPES:
+        raise TensorFileError(f"quantization {qtype!r} is not one of {QTYPES}")
+    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    L = config["num_hidden_layers"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(str(config.get("_name_or_path") or "zip2zip-base"))
+    w.add_context_length(int(config.get("max_position_embeddings") or 2048))
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(L)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    w.add_rope_freq_base(float(rope))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    w.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
+    V = state["model.embed_tokens.weight"].shape[0]
+    w.add_vocab_size(V)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+    _add_vocab(w, tokenizer, V)
+
+    def add(name: str, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if a.ndim == 1 or qtype == "f32":
+            w.add_tensor(name, a)
+        elif qtype == "f16":
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    add("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(L):
+        for hf, gg in HF_TO_GGUF.items():
+            a = state[f"model.layers.{i}.{hf}.weight"]
+            if gg == "attn_q":
+                a = permute_qk(a, n_head)
+            elif gg == "attn_k":
+                a = permute_qk(a, n_kv)
+            add(f"blk.{i}.{gg}.weight", a)
+    add("output_norm.weight", state["model.norm.weight"])
+    if not config.get("tie_word_embeddings", False) and "lm_head.weight" in state:
+        add("output.weight", state["lm_head.weight"])
+    _finish(w)
+    return Path(path)
+
+
+def _add_vocab(w: Any, tokenizer: Any, n_rows: int) -> None:
+    """A byte-level BPE vocabulary (llama.cpp's "gpt2" model) from an HF fast tokenizer; we feed
+    llama.cpp embeddings, never text, but it needs a vocabulary to load. Other tokenizers get the
+    vocabulary-less "none" model."""
+    import gguf
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"] if hasattr(tokenizer, "backend_tokenizer") else {}
+    if model.get("type") != "BPE":
+        w.add_tokenizer_model("none")
+        return
+    vocab = {i: t for t, i in tokenizer.get_vocab().items()}
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    tokens = [vocab.get(i, f"[PAD{i}]") for i in range(n_rows)]
+    types = [gguf.TokenType.CONTROL if i in special else
+             gguf.TokenType.NORMAL if i in vocab else gguf.TokenType.UNUSED for i in range(n_rows)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if tokenizer.eos_token_id is not None:
+        w.add_eos_token_id(tokenizer.eos_token_id)
+    w.add_add_bos_token(False)

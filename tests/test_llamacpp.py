@@ -1,0 +1,218 @@
+"""The llama.cpp backend on tiny random models converted by convert/to_gguf.py: numpy encoders ==
+torch encoders, logits == torch over prefill and decode with hypertokens created mid-stream,
+greedy parity, quantized agreement, position-mode refusal, and bad files failing cleanly."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp", reason='llama.cpp backend: pip install "z2z-chat[llamacpp]"')
+torch = pytest.importorskip("torch")
+
+from backends.codec import CodecSession, encode  # noqa: E402
+from backends.engine import GenerationSettings, Session, Token  # noqa: E402
+from backends.gguf_convert import ConvertError, convert  # noqa: E402
+from backends.llamacpp_backend.checkpoint import CheckpointError, open_checkpoint  # noqa: E402
+from backends.llamacpp_backend.encoders import build_encoder  # noqa: E402
+from backends.runtime import RuntimeOpenError, open_runtime  # noqa: E402
+from backends.torch_backend import checkpoint  # noqa: E402
+from backends.torch_backend.backend import TorchBackend  # noqa: E402
+
+LLAMA = ("llama", "transformer", "compressed")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gguf_dirs(ref_checkpoints, tmp_path_factory):
+    """The reference llama checkpoint (LoRA + transformer encoders) converted to f32, f16, q8_0."""
+    out = {}
+    for q in ("f32",):
+        d = tmp_path_factory.mktemp(f"gguf-{q}")
+        convert(str(ref_checkpoints[LLAMA][1]), d, q, force=True)
+        out[q] = d
+    return out
+
+
+def stream(tok, codec):
+    text = "def f(x):\n    return x + 1\n\ndef g(x):\n    return x + 1\n\nprint(f(1), f(1), f(1))\n" * 2
+    codes, _ = encode(tok(text, add_special_tokens=False)["input_ids"], codec)
+    return codes
+
+
+def run_stream(backend, codes, codec, k=20):
+    s = CodecSession(codec)
+    for c in codes[:k]:
+        s.push(c)
+    backend.add_entries(s.take_new_entries(), s.candidate())
+    outs = [backend.forward(codes[:k], list(range(k)))]
+    for t in range(k, len(codes)):  # hypertokens created mid-stream, as inputs and as targets
+        s.push(codes[t])
+        backend.add_entries(s.take_new_entries(), s.candidate())
+        outs.append(backend.forward([codes[t]], [t]))
+    return outs
+
+
+@pytest.mark.parametrize("enc", ["transformer", "res_latent_attn"])
+def test_numpy_encoders_equal_torch(enc, ref_checkpoints):
+    case = LLAMA if enc == "transformer" else ("llama", "res_latent_attn", "base_token_end")
+    loaded = checkpoint.load(ref_checkpoints[case][1])
+    m = loaded.model
+    rows = np.array([[5, 6, 7], [8, 9, m.pad_id], [10, m.pad_id, m.pad_id], [11, 12, 11]])
+    table = m.lm.get_input_embeddings().weight.detach().numpy()
+    for side, module in (("input_encoder", m.input_encoder), ("output_encoder", m.output_encoder)):
+        weights = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+        ours = build_encoder(enc, weights, loaded.config.encoder, m.pad_id)(rows, table)
+        with torch.no_grad():
+            want = module(torch.tensor(rows), torch.tensor(table)).numpy()
+        np.testing.assert_allclose(ours, want, atol=1e-5, err_msg=side)
+
+
+def test_logits_equal_torch_over_prefill_and_decode(ref_checkpoints, gguf_dirs):
+    loaded = checkpoint.load(ref_checkpoints[LLAMA][1])
+    codes = stream(loaded.tokenizer, loaded.codec)
+    assert sum(c >= loaded.codec.base_vocab_size for c in codes[20:]) >= 8  # hypertokens mid-stream
+    ours = run_stream(open_checkpoint(gguf_dirs["f32"], n_threads=1).backend, codes, loaded.codec)
+    want = run_stream(TorchBackend(loaded.model), codes, loaded.codec)
+    for a, b in zip(ours, want):
+        assert np.array_equal(np.isfinite(a), np.isfinite(b))  # the same slots masked
+        fin = np.isfinite(a)
+        np.testing.assert_allclose(a[fin], b[fin], atol=1e-3)
+
+
+def greedy(backend, loaded, n, prompt="Write code: x = x + 1; x = x + 1;"):
+    session = Session(backend, loaded.tokenizer, loaded.codec, position_mode=loaded.config.position_mode)
+    session.stop_ids = set()
+    codes = [e.code for e in session.send(prompt, GenerationSettings(max_tokens=3 * n))
+             if isinstance(e, Token) and e.code is not None]
+    return codes[:n]
+
+
+def test_greedy_codes_equal_torch(ref_checkpoints, gguf_dirs):
+    loaded = checkpoint.load(ref_checkpoints[LLAMA][1])
+    a = greedy(TorchBackend(loaded.model), loaded, 32)
+    b = greedy(open_checkpoint(gguf_dirs["f32"], n_threads=1).backend, loaded, 32)
+    assert a == b and len(a) == 32
+    assert any(c >= loaded.codec.base_vocab_size for c in a)
+
+
+def test_hidden_state_is_the_final_norm_output(gguf_dirs):
+    """The module docstring's claim: llama.cpp's per-token embedding is what feeds the LM head."""
+    be = open_checkpoint(gguf_dirs["f32"], n_threads=1).backend
+    rows = be.embed_table[[5, 6, 7, 8]]
+    logits, h = be.ctx.decode(rows, 0)
+    np.testing.assert_allclose(be.head_table @ h, logits[: be.head_table.shape[0]], atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_quantized_bases_agree_with_f32(trained_ckpt, tmp_path, qtype):
+    loaded = checkpoint.load(trained_ckpt)
+    ref_dir, q_dir = tmp_path / "f32", tmp_path / qtype
+    convert(str(trained_ckpt), ref_dir, "f32")
+    convert(str(trained_ckpt), q_dir, qtype)
+    assert (q_dir / "model.gguf").stat().st_size < (ref_dir / "model.gguf").stat().st_size
+    prompt = "def parse_args(self, args=None, namespace=None):"
+    want = greedy(open_checkpoint(ref_dir, n_threads=1).backend, loaded, 64, prompt)
+    # teacher-forced: at each step, does the quantized model pick the f32 model's code?
+    q = open_checkpoint(q_dir, n_threads=1).backend
+    session = Session(q, loaded.tokenizer, loaded.codec)
+    ids = session._tokenize(session._render([{"role": "user", "content": prompt}]), 0)[1]
+    s, V = CodecSession(loaded.codec), loaded.codec.base_vocab_size
+    codes = s.encode(ids)
+    q.add_entries(s.take_new_entries(), s.candidate())
+    logits = q.forward(codes, list(range(len(codes))))
+    agree = 0
+    for t, code in enumerate(want):
+        x = logits.copy()
+        x[V + s.num_allowed_hyper():] = -np.inf
+        agree += int(np.argmax(x)) == code
+        s.push(code)
+        q.add_entries(s.take_new_entries(), s.candidate())
+        logits = q.forward([code], [len(codes) + t])
+    assert agree / len(want) >= 0.9, agree
+
+
+def test_trim_and_rewind_match_a_fresh_run(gguf_dirs, ref_checkpoints):
+    loaded = checkpoint.load(ref_checkpoints[LLAMA][1])
+    codes = stream(loaded.tokenizer, loaded.codec)
+    be = open_checkpoint(gguf_dirs["f32"], n_threads=1).backend
+    full = run_stream(be, codes, loaded.codec)
+    be.trim(10)  # back to len(codes) - 10 positions; re-feed the last 10 codes one by one
+    s = CodecSession(loaded.codec)
+    for c in codes[:-10]:
+        s.push(c)
+    be.drop_entries(len(s))
+    s.take_new_entries()
+    n = len(codes) - 10
+    for t in range(n, len(codes)):
+        s.push(codes[t])
+        be.add_entries(s.take_new_entries(), s.candidate())
+        out = be.forward([codes[t]], [t])
+    np.testing.assert_allclose(out, full[-1], atol=1e-5)
+
+
+def test_base_token_end_is_refused_and_auto_runs_it_on_torch(ref_checkpoints, tmp_path):
+    d = ref_checkpoints[("llama", "res_latent_attn", "base_token_end")][1]
+    with pytest.raises(CheckpointError, match="position_mode .base_token_end.*--backend torch"):
+        open_runtime(str(d), "llamacpp")
+    with pytest.raises(ConvertError, match="base_token_end"):
+        convert(str(d), tmp_path / "x")
+    assert open_runtime(str(d), "auto").backend_name == "torch"
+
+
+def test_auto_picks_llamacpp_for_compressed_checkpoints(gguf_dirs):
+    rt = open_runtime(str(gguf_dirs["f32"]), "auto")
+    assert rt.backend_name == "llamacpp"
+    events = list(rt.session().send("hi", GenerationSettings(max_tokens=4)))
+    assert events[-1].reason in ("stop", "length")
+
+
+# --- bad input: a clear error, exit 1, no traceback, no crash of the process --------------------
+
+def broken(gguf_dirs, tmp_path, how):
+    d = tmp_path / how
+    shutil.copytree(gguf_dirs["f32"], d)
+    model = d / "model.gguf"
+    if how == "truncated":
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    elif how == "garbage":
+        model.write_bytes(b"GGUF" + b"\x00" * 200)
+    elif how == "missing-adapter":
+        (d / "lora.gguf").unlink()
+        (d / "adapter_config.json").write_text("{}")
+    elif how == "adapter-is-a-model":
+        shutil.copyfile(model, d / "lora.gguf")
+    elif how == "other-width":  # an encoder file for another hidden size
+        from safetensors.numpy import load_file, save_file
+
+        st = load_file(d / "zip2zip_encoders.safetensors")
+        save_file({k: (v[:, :32] if v.ndim == 2 else v) for k, v in st.items()}, d / "zip2zip_encoders.safetensors")
+    return d
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "missing-adapter", "adapter-is-a-model", "other-width"])
+def test_bad_files_are_clear_errors(gguf_dirs, tmp_path, how):
+    d = broken(gguf_dirs, tmp_path, how)
+    with pytest.raises((CheckpointError, RuntimeOpenError)):
+        open_checkpoint(d, n_threads=1)
+    r = subprocess.run([sys.executable, "-m", "app.cli", "--backend", "llamacpp", "--model", str(d), "--prompt", "hi"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("z2z-chat: error:") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_vocabulary_mismatch_is_refused(gguf_dirs, tmp_path):
+    import json
+
+    d = tmp_path / "vocab"
+    shutil.copytree(gguf_dirs["f32"], d)
+    cfg = json.loads((d / "zip2zip_config.json").read_text())
+    cfg["compression"]["initial_vocab_size"] += 50
+    (d / "zip2zip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="tokenizer has"):
+        open_checkpoint(d, n_threads=1)
