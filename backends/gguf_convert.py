@@ -5,9 +5,10 @@ Output directory:
   is what the adapter was trained on); HF weights (a local directory or a cached hub id) are
   written with ``gguf`` in f32, f16 or q8_0. Llama-family decoders (Llama, Mistral, SmolLM2)
   only: llama.cpp's other architectures need their own tensor layouts.
-- ``lora.gguf``: the LoRA adapter as a llama.cpp adapter, applied at load. Kept separate, not
-  merged: on a quantized base a merge would re-quantize the decoder (quality), and a rank-8
-  adapter costs little per step (see README).
+- the LoRA adapter, ``lora="merge"`` (default): merged into the weights (exactly, in float32,
+  before an HF base is written; into a q8_0 copy of a quantized GGUF base). A run-time adapter
+  costs 15-40% per decode step on SmolLM2-135M; the merged q8_0 runs as fast as the Q4_1 base.
+  ``lora="adapter"``: ``lora.gguf``, a llama.cpp adapter applied at load (smaller on disk).
 - ``zip2zip_config.json`` (base ``model.gguf``), the hyper-encoders (float32 safetensors) and the
   tokenizer files.
 
@@ -79,15 +80,37 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+LORA_MODES = ("merge", "adapter")
+
+
+def _merge_hf(state: dict[str, np.ndarray], peft: dict[str, np.ndarray], alpha: float) -> None:
+    """W += alpha / r * B @ A for every adapted HF weight, in place."""
+    import re
+
+    key = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.default)?\.weight$")
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in peft.items():
+        m = key.search(k)
+        if m is None:
+            raise ConvertError(f"adapter tensor {k} is not a LoRA A/B weight of a decoder layer")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = v
+    for name, ab in pairs.items():
+        state[f"{name}.weight"] = state[f"{name}.weight"] + (alpha / ab["A"].shape[0]) * (ab["B"] @ ab["A"])
+
+
 def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None = None, force: bool = False,
-            progress: Callable[[str], None] = lambda m: None) -> list[Path]:
+            progress: Callable[[str], None] = lambda m: None, lora: str = "merge") -> list[Path]:
     from .llamacpp_backend.tensors import (
         TensorFileError,
         check_gguf,
+        merge_lora_gguf,
         read_safetensors,
         write_llama_gguf,
         write_lora_gguf,
     )
+
+    if lora not in LORA_MODES:
+        raise ConvertError(f"lora must be one of {LORA_MODES}, got {lora!r}")
 
     ckpt = _resolve(src)
     dst = Path(dst)
@@ -110,30 +133,44 @@ def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None =
     except SourceError as e:
         raise ConvertError(str(e)) from None
     out = dst / "model.gguf"
-    n_head = n_kv = None
+    peft = alpha = None
+    if (ckpt / "adapter_config.json").is_file():
+        alpha = float(json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8")).get("lora_alpha"))
+        try:
+            peft = read_safetensors(ckpt / "adapter_model.safetensors")
+        except TensorFileError as e:
+            raise ConvertError(str(e)) from None
     try:
         if is_gguf(spec):
-            if quantize != "f32":
-                progress(f"{spec} is already a GGUF: reused as it is (--quantize applies to HF weights only)")
             meta = check_gguf(spec)
             arch = meta.get("general.architecture")
             n_head, n_kv = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.attention.head_count_kv")
-            progress(f"base: {spec} -> {out}")
-            _place(Path(spec), out)
+            if peft is not None and lora == "merge":
+                qtype = quantize if quantize in ("q8_0", "f16") else "q8_0"
+                progress(f"base: {spec} with the LoRA adapter merged -> {out} ({qtype})")
+                merge_lora_gguf(spec, out, peft, alpha, qtype, progress)
+                peft = None
+            else:
+                if quantize != "f32":
+                    progress(f"{spec} is already a GGUF: reused as it is (--quantize applies to HF weights)")
+                progress(f"base: {spec} -> {out}")
+                _place(Path(spec), out)
         else:
             base_dir = _resolve(str(ckpt) if spec == "." else spec)
             progress(f"reading {base_dir}")
             state, hf_config = _hf_state(base_dir)
             n_head = hf_config["num_attention_heads"]
             n_kv = hf_config.get("num_key_value_heads") or n_head
+            if peft is not None and lora == "merge":
+                progress("merging the LoRA adapter (float32)")
+                _merge_hf(state, peft, alpha)
+                peft = None
             progress(f"writing {out} ({quantize})")
             write_llama_gguf(out, state, hf_config, tok, quantize)
         written = [out]
-        if (ckpt / "adapter_config.json").is_file():
-            alpha = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8")).get("lora_alpha")
+        if peft is not None:
             progress(f"writing {dst / 'lora.gguf'} (LoRA adapter, alpha {alpha})")
-            written.append(write_lora_gguf(dst / "lora.gguf", read_safetensors(ckpt / "adapter_model.safetensors"),
-                                           float(alpha), int(n_head), int(n_kv or n_head)))
+            written.append(write_lora_gguf(dst / "lora.gguf", peft, alpha, int(n_head), int(n_kv or n_head)))
         enc = next((ckpt / n for n in ("zip2zip_encoders.safetensors", "encoders.safetensors") if (ckpt / n).is_file()), None)
         if enc is None:
             raise ConvertError(f"{ckpt} has no hyper-encoder weights")

@@ -2,8 +2,8 @@
 (also ``python -m convert.to_gguf``): a torch zip2zip checkpoint (ours or the ``zip2zip`` 0.2.0
 format; a directory or a cached hub id) to a directory that ``z2z-chat --backend llamacpp
 --model OUT_DIR`` opens: ``model.gguf`` (the base; a GGUF base is reused, HF weights are
-converted), ``lora.gguf`` (the LoRA adapter, applied at load), the hyper-encoders and the
-zip2zip config. See ``backends/gguf_convert.py``.
+converted; the LoRA adapter merged in, or with ``--lora adapter`` kept as ``lora.gguf``), the
+hyper-encoders and the zip2zip config. See ``backends/gguf_convert.py``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dst", type=Path, help="output directory")
     p.add_argument("--quantize", default="f32", choices=QTYPES, help="type of the converted base (HF weights)")
     p.add_argument("--base", help="override the checkpoint's base model (HF directory or .gguf)")
+    p.add_argument("--lora", default="merge", choices=["merge", "adapter"],
+                   help="merge the LoRA adapter into the weights (default, fastest) or keep it as lora.gguf")
     p.add_argument("--force", action="store_true", help="replace files in DST")
     a = p.parse_args(argv)
     try:
-        files = convert(a.src, a.dst, a.quantize, base=a.base, force=a.force,
+        files = convert(a.src, a.dst, a.quantize, base=a.base, force=a.force, lora=a.lora,
                         progress=lambda m: print(f"to_gguf: {m}", file=sys.stderr))
     except Z2ZError as e:
         print(f"to_gguf: error: {e}", file=sys.stderr)

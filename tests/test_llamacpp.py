@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 
 from backends.codec import CodecSession, encode  # noqa: E402
 from backends.engine import GenerationSettings, Session, Token  # noqa: E402
+from backends.errors import Z2ZError  # noqa: E402
 from backends.gguf_convert import ConvertError, convert  # noqa: E402
 from backends.llamacpp_backend.checkpoint import CheckpointError, open_checkpoint  # noqa: E402
 from backends.llamacpp_backend.encoders import build_encoder  # noqa: E402
@@ -32,10 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def gguf_dirs(ref_checkpoints, tmp_path_factory):
     """The reference llama checkpoint (LoRA + transformer encoders) converted to f32, f16, q8_0."""
     out = {}
-    for q in ("f32",):
-        d = tmp_path_factory.mktemp(f"gguf-{q}")
-        convert(str(ref_checkpoints[LLAMA][1]), d, q, force=True)
-        out[q] = d
+    for lora in ("adapter", "merge"):
+        d = tmp_path_factory.mktemp(f"gguf-{lora}")
+        convert(str(ref_checkpoints[LLAMA][1]), d, "f32", force=True, lora=lora)
+        out[lora] = d
+    out["f32"] = out["adapter"]
+    assert (out["adapter"] / "lora.gguf").is_file() and not (out["merge"] / "lora.gguf").exists()
     return out
 
 
@@ -73,11 +76,12 @@ def test_numpy_encoders_equal_torch(enc, ref_checkpoints):
         np.testing.assert_allclose(ours, want, atol=1e-5, err_msg=side)
 
 
-def test_logits_equal_torch_over_prefill_and_decode(ref_checkpoints, gguf_dirs):
+@pytest.mark.parametrize("lora", ["adapter", "merge"])
+def test_logits_equal_torch_over_prefill_and_decode(ref_checkpoints, gguf_dirs, lora):
     loaded = checkpoint.load(ref_checkpoints[LLAMA][1])
     codes = stream(loaded.tokenizer, loaded.codec)
     assert sum(c >= loaded.codec.base_vocab_size for c in codes[20:]) >= 8  # hypertokens mid-stream
-    ours = run_stream(open_checkpoint(gguf_dirs["f32"], n_threads=1).backend, codes, loaded.codec)
+    ours = run_stream(open_checkpoint(gguf_dirs[lora], n_threads=1).backend, codes, loaded.codec)
     want = run_stream(TorchBackend(loaded.model), codes, loaded.codec)
     for a, b in zip(ours, want):
         assert np.array_equal(np.isfinite(a), np.isfinite(b))  # the same slots masked
@@ -158,7 +162,7 @@ def test_trim_and_rewind_match_a_fresh_run(gguf_dirs, ref_checkpoints):
 
 def test_base_token_end_is_refused_and_auto_runs_it_on_torch(ref_checkpoints, tmp_path):
     d = ref_checkpoints[("llama", "res_latent_attn", "base_token_end")][1]
-    with pytest.raises(CheckpointError, match="position_mode .base_token_end.*--backend torch"):
+    with pytest.raises(Z2ZError, match="position_mode .base_token_end.*--backend torch"):
         open_runtime(str(d), "llamacpp")
     with pytest.raises(ConvertError, match="base_token_end"):
         convert(str(d), tmp_path / "x")

@@ -6,6 +6,11 @@ returns its own logits for the base vocabulary and the final hidden state ``h`` 
 norm); the hyper logits are ``hyper_out[:live] @ h`` in numpy, masked as on every backend
 (``backends/hyper.py``). The hyper-encoders run in numpy (``encoders.py``).
 
+Input vectors are computed lazily: an entry's ``hyper_in`` is needed only once the entry is fed
+as an input code, which most entries never are, while its output vector is needed at once (the
+model may emit it next). That halves the encoder work of a decode step, the part of a step that
+is not llama.cpp's (measured ~0.7 ms of ~1.8 ms on SmolLM2-135M).
+
 Positions must be contiguous (llama.cpp's rule), so only ``compressed`` checkpoints run here.
 
 ``PlainLlamaCppBackend`` is the same model fed token ids (no zip2zip): what a user running plain
@@ -44,6 +49,7 @@ class LlamaCppBackend:
         self.slots = HyperSlots(V, C, M, pad_id)
         self.hyper_in = np.zeros((C, D), dtype=np.float32)
         self.hyper_out = np.zeros((C, D), dtype=np.float32)
+        self.pending_in: dict[int, list[int]] = {}  # slot -> padded row whose input vector is not computed yet
         self.context_length = ctx.n_ctx
 
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
@@ -53,12 +59,18 @@ class LlamaCppBackend:
         rows = np.asarray(plan.rows, dtype=np.int64)  # (N, M)
         # one output-encoder call for the new entries and the candidate (a decode step has both)
         self.hyper_out[plan.slots] = self.output_encoder(rows, self.head_table)
-        n = plan.n_new
-        if n:
-            self.hyper_in[plan.slots[:n]] = self.input_encoder(rows[:n], self.embed_table)
+        for slot, row in zip(plan.slots[:plan.n_new], plan.rows):
+            self.pending_in[slot] = row
+
+    def _input_vectors(self, slots: list[int]) -> None:
+        todo = sorted({s for s in slots if s in self.pending_in})
+        if todo:
+            rows = np.asarray([self.pending_in.pop(s) for s in todo], dtype=np.int64)  # (N, M)
+            self.hyper_in[todo] = self.input_encoder(rows, self.embed_table)
 
     def drop_entries(self, keep: int) -> None:
         self.slots.drop(keep)
+        self.pending_in = {s: r for s, r in self.pending_in.items() if s < keep}
 
     def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         self.slots.check_codes(codes)
@@ -66,7 +78,9 @@ class LlamaCppBackend:
         is_hyper = c >= self.V
         rows = self.embed_table[np.minimum(c, self.V - 1)]  # (T, D)
         if is_hyper.any():
-            rows[is_hyper] = self.hyper_in[c[is_hyper] - self.V]
+            slots = c[is_hyper] - self.V
+            self._input_vectors(slots.tolist())
+            rows[is_hyper] = self.hyper_in[slots]
         base, h = self.ctx.decode(rows, _start(positions))
         out = np.full(self.V + self.C, -np.inf, dtype=np.float32)  # (V + C,)
         out[: self.V] = base[: self.V]
@@ -81,6 +95,7 @@ class LlamaCppBackend:
     def reset(self) -> None:
         self.ctx.clear()
         self.slots.reset()
+        self.pending_in.clear()
 
     def close(self) -> None:
         self.ctx.close()

@@ -4,8 +4,10 @@ Accepted layouts (a directory with ``zip2zip_config.json`` and the hyper-encoder
 - written by ``convert/to_gguf.py``: ``model.gguf`` (the base, or the base with the LoRA merged)
   and optionally ``lora.gguf`` (a llama.cpp LoRA adapter);
 - a torch checkpoint whose base is a GGUF file (the embedded default model: its base is the Q4_1
-  GGUF it was trained on) with a PEFT adapter: the adapter is converted once into a llama.cpp
-  adapter GGUF in the user cache (a few MB, a second).
+  GGUF it was trained on) with a PEFT adapter: the adapter is merged once into a q8_0 copy of the
+  base in the user cache (seconds). Measured on SmolLM2-135M (2 threads): Q4_1 + the rank-8
+  adapter applied at run time 9.5-11.9 ms per decode step, the merged q8_0 7.6-8.6 ms, the plain
+  Q4_1 base 8.1-8.3 ms; q8_0 keeps the merged weights within a rounding of what was trained.
 
 Everything is checked before llama.cpp sees it (it aborts the process on some bad files): the
 position mode (``base_token_end`` needs non-contiguous positions, which stock llama.cpp refuses),
@@ -31,13 +33,7 @@ from ..sources import SourceError, is_gguf, load_tokenizer, pad_id_of
 from .backend import LlamaCppBackend, PlainLlamaCppBackend
 from .context import LlamaContext
 from .encoders import build_encoder
-from .tensors import (
-    TensorFileError,
-    check_gguf,
-    model_tables,
-    read_safetensors,
-    write_lora_gguf,
-)
+from .tensors import TensorFileError, check_gguf, merge_lora_gguf, model_tables, read_safetensors
 
 MODEL_FILE, LORA_FILE = "model.gguf", "lora.gguf"
 ENCODER_FILES = ("zip2zip_encoders.safetensors", "encoders.safetensors")
@@ -67,23 +63,27 @@ def _base_gguf(ckpt: Path, config: Zip2ZipConfig, base: str | None) -> Path:
                           f"once with `python convert/to_gguf.py {ckpt} OUT_DIR`, or run it with --backend torch")
 
 
-def _adapter_gguf(ckpt: Path, n_head: int, n_head_kv: int) -> Path | None:
+def _merged_or_adapter(ckpt: Path, base: Path, progress) -> tuple[Path, Path | None]:
+    """(model GGUF, adapter GGUF or None): a ``lora.gguf`` is applied at load; a PEFT adapter is merged
+    once into a cached q8_0 copy of the base (see the module docstring)."""
     if (ckpt / LORA_FILE).is_file():
-        return ckpt / LORA_FILE
+        return base, ckpt / LORA_FILE
     peft = ckpt / "adapter_model.safetensors"
     if not (ckpt / "adapter_config.json").is_file():
-        return None
+        return base, None
     if not peft.is_file():
         raise CheckpointError(f"{ckpt} has adapter_config.json but no adapter_model.safetensors")
     alpha = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8")).get("lora_alpha")
-    key = hashlib.sha256(peft.read_bytes() + f"|{alpha}|{n_head}|{n_head_kv}".encode()).hexdigest()[:16]
-    out = cache_dir() / "llamacpp" / f"lora-{key}.gguf"
+    st = base.stat()
+    key = hashlib.sha256(peft.read_bytes() + f"|{alpha}|{base.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    out = cache_dir() / "llamacpp" / f"merged-{key.hexdigest()[:16]}.gguf"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        write_lora_gguf(tmp, read_safetensors(peft), float(alpha), n_head, n_head_kv)
+        progress(f"merging the LoRA adapter of {ckpt.name} into {base.name} (once)")
+        merge_lora_gguf(base, tmp, read_safetensors(peft), float(alpha), "q8_0", progress)
         tmp.replace(out)
-    return out
+    return out, None
 
 
 def _encoders(ckpt: Path, config: Zip2ZipConfig, pad: int, embed: np.ndarray, head: np.ndarray):
@@ -114,7 +114,7 @@ def _encoders(ckpt: Path, config: Zip2ZipConfig, pad: int, embed: np.ndarray, he
 
 
 def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n_threads: int | None = None,
-                    plain: bool = False) -> Opened:
+                    plain: bool = False, progress=lambda m: None) -> Opened:
     """Open ``path`` on llama.cpp (``plain``: its base GGUF alone, fed token ids)."""
     ckpt = Path(path)
     try:
@@ -140,20 +140,18 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
         meta, embed, head = model_tables(gguf_path)
     except TensorFileError as e:
         raise CheckpointError(str(e)) from None
-    arch = meta.get("general.architecture")
     if embed.shape[0] < V or embed.shape[1] != config.model_dim:
         raise CheckpointError(f"{gguf_path}: its embedding matrix is {embed.shape[0]} x {embed.shape[1]}, but the "
                               f"zip2zip config needs at least {V} rows of width {config.model_dim}: wrong base model?")
-    adapter = None
+    model_path, adapter = gguf_path, None
     if not plain:
-        n_head, n_kv = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.attention.head_count_kv")
         try:
-            adapter = _adapter_gguf(ckpt, int(n_head), int(n_kv or n_head))
+            model_path, adapter = _merged_or_adapter(ckpt, gguf_path, progress)
             if adapter is not None:
                 check_gguf(adapter, "adapter")
         except TensorFileError as e:
             raise CheckpointError(str(e)) from None
-    ctx = LlamaContext(gguf_path, adapter, n_ctx=n_ctx, n_threads=n_threads)
+    ctx = LlamaContext(model_path, adapter, n_ctx=n_ctx, n_threads=n_threads)
     codec = config.codec_config(pad)
     if plain:
         return Opened(PlainLlamaCppBackend(ctx, V), tok, config, codec, str(gguf_path))

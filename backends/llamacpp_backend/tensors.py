@@ -272,3 +272,55 @@ def _add_vocab(w: Any, tokenizer: Any, n_rows: int) -> None:
     if tokenizer.eos_token_id is not None:
         w.add_eos_token_id(tokenizer.eos_token_id)
     w.add_add_bos_token(False)
+
+
+def merge_lora_gguf(src: str | Path, dst: str | Path, peft_state: dict[str, np.ndarray], alpha: float,
+                    qtype: str = "q8_0", progress: Any = lambda m: None) -> Path:
+    """A copy of the model GGUF ``src`` with a PEFT LoRA merged into its weights: each adapted weight
+    is dequantized, ``W + alpha/r * B @ A`` added (B row-permuted for q/k as llama.cpp stores them),
+    and stored as ``qtype`` (q8_0 or f16; a merge cannot go back to the base's 4-bit blocks without
+    moving the weights the adapter was trained on). Other tensors and all metadata are copied."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    n_head = reader.fields[f"{arch}.attention.head_count"].contents()
+    n_kv = reader.fields.get(f"{arch}.attention.head_count_kv")
+    n_kv = n_kv.contents() if n_kv is not None else n_head
+    deltas: dict[str, np.ndarray] = {}
+    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for k, v in peft_state.items():
+        m = _LORA_KEY.search(k)
+        if m is None:
+            raise TensorFileError(f"adapter tensor {k} is not a LoRA A/B weight of a decoder layer")
+        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = v
+    for (i, hf), ab in pairs.items():
+        r = ab["A"].shape[0]
+        d = (alpha / r) * (ab["B"] @ ab["A"])  # (out, in)
+        gg = HF_TO_GGUF[hf]
+        if gg in ("attn_q", "attn_k"):
+            d = permute_qk(d, n_head if gg == "attn_q" else n_kv)
+        deltas[f"blk.{i}.{gg}.weight"] = d
+    w = gguf.GGUFWriter(str(dst), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    target = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16}[qtype]
+    for n, t in enumerate(reader.tensors):
+        if t.name in deltas:
+            a = gguf.quants.dequantize(t.data, t.tensor_type).reshape(deltas[t.name].shape) + deltas[t.name]
+            if target == gguf.GGMLQuantizationType.F16:
+                w.add_tensor(t.name, a.astype(np.float16))
+            else:
+                w.add_tensor(t.name, gguf.quants.quantize(a.astype(np.float32), target), raw_dtype=target)
+            if n % 20 == 0:
+                progress(f"merging the LoRA adapter: tensor {n + 1}/{len(reader.tensors)}")
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)  # bytes as they are
+    if len(deltas) != len(pairs):
+        raise TensorFileError("adapter layers do not match the model's tensors")
+    _finish(w)
+    return Path(dst)
