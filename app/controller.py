@@ -26,7 +26,7 @@ from backends.errors import SettingsError
 from .cli import settings_from
 from .store import Message, PendingWrites, Store, StoreBusy
 
-SETTING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+SETTING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "lookahead")
 
 
 def export_dir() -> Path:
@@ -66,7 +66,7 @@ class ChatController:
             if not eq or k not in new:
                 raise SettingsError(f"unknown setting {part!r}; the settings are {', '.join(SETTING_KEYS)}")
             try:
-                new[k] = int(v) if k in ("max_tokens", "top_k") else float(v)
+                new[k] = int(v) if k in ("max_tokens", "top_k", "lookahead") else float(v)
             except ValueError:
                 raise SettingsError(f"{k} must be a number, got {v!r}") from None
         settings_from(Namespace(**{**vars(self.args), **new}))  # validates

@@ -54,7 +54,8 @@ ACTIONS = [
     Action("stats", "f3", "Stats", "Compression per turn"),
     Action("export", "f4", "Export", "Write this conversation to a Markdown file"),
     Action("system_prompt", "f5", "System prompt", "Change the system prompt of this conversation", False),
-    Action("settings", "f8", "Settings", "max_tokens, temperature, top_p, top_k, repetition_penalty", False),
+    Action("settings", "f8", "Settings", "max_tokens, temperature, top_p, top_k, repetition_penalty, "
+           "lookahead (greedy only)", False),
     Action("rename", "f2", "Rename", "Change the title of this conversation", False),
     Action("delete", "f12", "Delete chat", "Delete this conversation from the history", False),
     Action("open_model", "f9", "Open model", "Load another zip2zip checkpoint", False),
@@ -283,6 +284,8 @@ class Z2ZChat(App):
         if stats is not None:
             speed = (f" | {stats.decode_tok_s:.1f} tok/s ({stats.decode_codes_s:.1f} codes/s)"
                      if stats.meaningful_speed else "")
+            if stats.drafted_codes:
+                speed += f" | lookahead {stats.codes_per_forward:.2f} codes/forward"
             self.status_text = f"ttft {stats.ttft_s * 1000:.0f} ms{speed}"
         reply.finish(note)
         try:
@@ -356,7 +359,8 @@ class Z2ZChat(App):
             except Z2ZError as e:
                 self.notify(f"Settings not changed: {e}", severity="error")
 
-        self.push_screen(PromptDialog("Settings (max_tokens counts base tokens)", self.ctl.settings_text()), done)
+        self.push_screen(PromptDialog("Settings (max_tokens counts base tokens; lookahead 0..8 applies to "
+                                      "greedy replies, temperature=0)", self.ctl.settings_text()), done)
 
     def action_rename(self) -> None:
         cid = self.ctl.conv_id

@@ -212,7 +212,7 @@ class _DecoderState:
     """The reference's ``CompressionState`` on the decoding side, plus the trie described above."""
 
     __slots__ = ("V", "M", "limit", "disabled", "entries", "child", "orphans", "index",
-                 "buf", "node", "fresh")
+                 "buf", "node", "fresh", "journal")
 
     def __init__(self, config: CodecConfig):
         self.V = config.base_vocab_size
@@ -226,6 +226,7 @@ class _DecoderState:
         self.buf: tuple[int, ...] = ()  # previous ids ("B" in reference-code.md §1.4)
         self.node = -1  # code of buf when buf is a base id or an entry, else -1
         self.fresh = 0  # entries[fresh:] were created since the last take_new_entries()
+        self.journal: list[tuple[int, int, list[tuple[int, int]]]] | None = None  # see CodecSession.mark
 
     def insert(self, entry: tuple[int, ...]) -> int:
         code = self.V + len(self.entries)
@@ -237,9 +238,29 @@ class _DecoderState:
             self.child[p * self.V + t] = code
         else:
             self.orphans.setdefault(prefix, []).append((t, code))
-        for t2, c2 in self.orphans.pop(entry, ()):
+        adopted = self.orphans.pop(entry, [])
+        for t2, c2 in adopted:
             self.child[code * self.V + t2] = c2
+        if self.journal is not None:
+            self.journal.append((code, p, adopted))
         return code
+
+    def undo(self, record: tuple[int, int, list[tuple[int, int]]]) -> None:
+        """Remove the newest entry, exactly as ``insert`` added it."""
+        code, p, adopted = record
+        entry = self.entries.pop()
+        del self.index[entry]
+        for t2, _ in adopted:
+            del self.child[code * self.V + t2]
+        if adopted:
+            self.orphans[entry] = adopted
+        if p >= 0:
+            del self.child[p * self.V + entry[-1]]
+        else:
+            kids = self.orphans[entry[:-1]]
+            kids.remove((entry[-1], code))
+            if not kids:
+                del self.orphans[entry[:-1]]
 
     def code_of(self, seq: tuple[int, ...]) -> int:
         return seq[0] if len(seq) == 1 else self.index.get(seq, -1)
@@ -402,6 +423,25 @@ class CodecSession:
         s.fresh = len(s.entries)
         return new
 
+    def match(self, ids: Sequence[int], i: int = 0) -> tuple[int, int]:
+        """The code the LZW encoder takes at ``ids[i]`` given this stream, and how many ids it covers
+        (nothing is pushed). ``ids`` must be valid base ids."""
+        s = self._s
+        V, M, child = s.V, s.M, s.child
+        code, length = ids[i], 1
+        if code in s.disabled:
+            return code, 1
+        while length < M and i + length < len(ids):
+            nxt = child.get(code * V + ids[i + length])
+            if nxt is None:
+                break
+            code, length = nxt, length + 1
+        if s.next_new_ok():
+            cand = s.buf + s.buf[:1]
+            if len(cand) > length and tuple(ids[i:i + len(cand)]) == cand:
+                code, length = V + len(s.entries), len(cand)
+        return code, length
+
     def encode(self, ids: Sequence[int]) -> list[int]:
         """Compress base ids as the continuation of this stream; each code goes through ``push``.
 
@@ -412,27 +452,36 @@ class CodecSession:
         still a merge prefix stays in step with the decoder instead of diverging from it.
         """
         ids = list(ids)
-        s = self._s
-        _check_ids(ids, s.V)
-        V, M, disabled, child = s.V, s.M, s.disabled, s.child
+        _check_ids(ids, self._s.V)
         codes: list[int] = []
-        i, n = 0, len(ids)
-        while i < n:
-            code, length = ids[i], 1
-            if code not in disabled:
-                while length < M and i + length < n:
-                    nxt = child.get(code * V + ids[i + length])
-                    if nxt is None:
-                        break
-                    code, length = nxt, length + 1
-                if s.next_new_ok():
-                    cand = s.buf + s.buf[:1]
-                    if len(cand) > length and tuple(ids[i:i + len(cand)]) == cand:
-                        code, length = V + len(s.entries), len(cand)
+        i = 0
+        while i < len(ids):
+            code, length = self.match(ids, i)
             self.push(code)
             codes.append(code)
             i += length
         return codes
+
+    def mark(self) -> tuple[Any, ...]:
+        """A point to ``rollback`` to (speculative decoding pushes drafted codes, then takes back
+        the rejected ones). Cheap: entries created after the mark are journaled, not copied."""
+        s = self._s
+        if s.journal is None:
+            s.journal = []
+        return (len(s.journal), s.buf, s.node, self.num_codes)
+
+    def rollback(self, mark: tuple[Any, ...]) -> None:
+        """Return to ``mark``: every code pushed since is forgotten with the entries it created."""
+        s = self._s
+        n, buf, node, num_codes = mark
+        while len(s.journal) > n:
+            s.undo(s.journal.pop())
+        s.buf, s.node, self.num_codes = buf, node, num_codes
+        s.fresh = min(s.fresh, len(s.entries))
+
+    def release(self) -> None:
+        """Stop journaling (the marks handed out so far become invalid)."""
+        self._s.journal = None
 
     def to_dict(self) -> dict[str, Any]:
         """Full state as plain JSON data."""

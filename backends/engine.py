@@ -87,6 +87,13 @@ class TurnStats:
     ttft_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    drafted_codes: int = 0  # reply codes that came from accepted lookahead drafts
+
+    @property
+    def codes_per_forward(self) -> float:
+        """Reply codes per decode forward: 1.0 without lookahead, more when drafts are accepted."""
+        forwards = self.reply_codes - self.drafted_codes
+        return self.reply_codes / forwards if forwards > 0 else 0.0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -108,8 +115,9 @@ class TurnStats:
     def summary(self) -> str:
         speed = (f"decode {self.decode_tok_s:.1f} tok/s ({self.decode_codes_s:.1f} codes/s)"
                  if self.meaningful_speed else "decode -")
+        look = f" ({self.codes_per_forward:.2f} codes/forward)" if self.drafted_codes else ""
         return (f"prompt {self.prompt_tokens} tok -> {self.prompt_codes} codes | "
-                f"reply {self.reply_tokens} tok -> {self.reply_codes} codes | "
+                f"reply {self.reply_tokens} tok -> {self.reply_codes} codes{look} | "
                 f"codebook {self.codebook_size}/{self.codebook_capacity} | "
                 f"ttft {self.ttft_s * 1000:.0f} ms | prefill {self.prefill_tok_s:.1f} tok/s | {speed}")
 
@@ -125,7 +133,7 @@ class TurnStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
-                               "decode_codes_s": self.decode_codes_s}
+                               "decode_codes_s": self.decode_codes_s, "codes_per_forward": self.codes_per_forward}
 
 
 @dataclass
@@ -141,10 +149,13 @@ Event = Token | Notice | Done
 class GenerationSettings:
     max_tokens: int = 512  # base tokens per reply: generation stops at the code that reaches it
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    lookahead: int = 0  # most drafted codes verified per forward (greedy only; 0: off)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise SettingsError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or not 0 <= self.lookahead <= 8:
+            raise SettingsError(f"lookahead must be an integer in 0..8, got {self.lookahead!r}")
 
 
 _SENTINEL = "\x00z2z-content-{}\x00"  # stands for a message's text while the template renders
@@ -296,12 +307,14 @@ class Session:
         steps = generate_codes(self.backend, self.codec, self.stream, logits,
                                Sampler(settings.sampling, self.V), max_tokens=settings.max_tokens,
                                stop_ids=self.stop_ids, context_length=self.backend.context_length,
-                               cancel=cancel, window=settings.sampling.repetition_window)
+                               cancel=cancel, window=settings.sampling.repetition_window,
+                               lookahead=settings.lookahead)
         try:
             for step in steps:
                 if stats.reply_codes == 0:
                     stats.ttft_s = time.perf_counter() - t0
                 stats.reply_codes += 1
+                stats.drafted_codes += step.drafted
                 stats.reply_tokens += len(step.ids)
                 reply_ids += step.ids
                 reason = step.reason or reason

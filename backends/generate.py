@@ -14,6 +14,14 @@ and the benchmarks both drive:
   ``context``). ``max_tokens`` counts base tokens (what every other tool means by tokens): the
   loop stops at the code that reaches it.
 
+With ``lookahead=D`` (greedy sampling only) each step also drafts up to D codes by matching the
+stream's last codes against earlier parts of the conversation (``Drafter``), pushes them into the
+codec (marked, so they can be taken back), verifies them in one ``backend.forward_all`` and keeps
+the longest prefix the model itself would have produced, plus the model's own next code at the
+first mismatch. The KV cache, the codec and the backend's hyper slots of rejected codes are
+rolled back. The output is the same codes as without lookahead; only the number of forwards
+changes. D adapts: it grows while drafts are accepted and shrinks when they are not.
+
 A backend is anything with the engine's ``Backend`` protocol (see ``engine.py``).
 """
 
@@ -66,6 +74,39 @@ class Step:
     code: int
     ids: tuple[int, ...]  # the base ids it stands for
     reason: str | None = None  # set on the last step only
+    drafted: bool = False  # came from an accepted draft (no forward of its own)
+
+
+class Drafter:
+    """Drafts from the conversation's own text: finds the latest earlier occurrence of the last
+    ``MIN_MATCH`` base tokens and proposes the base tokens that followed it. The caller turns them
+    into codes with the codec's own LZW choice (``CodecSession.match``), which is how the model
+    writes copied text: drafting at the code level misses, because copied text is cut into
+    other codes than the first time it appeared (the codebook has grown since)."""
+
+    MIN_MATCH = 4
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []  # base ids of the stream, in order
+        self.last: dict[tuple[int, ...], int] = {}  # n-gram -> index just after its latest occurrence
+        self.seen = 0  # codes of the stream already expanded into ``ids``
+        self.indexed = 0
+
+    def _index(self, codes: Sequence[int], codec: CodecSession) -> None:
+        for c in codes[self.seen:]:
+            self.ids.extend(codec.expand(c))
+        self.seen = len(codes)
+        n, ids = self.MIN_MATCH, self.ids
+        for i in range(max(self.indexed, n), len(ids)):  # n-grams followed by at least one id
+            self.last[tuple(ids[i - n:i])] = i
+        self.indexed = max(self.indexed, len(ids))
+
+    def propose(self, codes: Sequence[int], codec: CodecSession, nxt_ids: Sequence[int], k: int) -> list[int]:
+        """Up to k base ids expected after the stream ``codes`` and then ``nxt_ids``."""
+        self._index(codes, codec)
+        tail = (self.ids[-self.MIN_MATCH:] + list(nxt_ids))[-self.MIN_MATCH:]
+        j = self.last.get(tuple(tail)) if len(tail) == self.MIN_MATCH else None
+        return self.ids[j:j + k] if j is not None else []
 
 
 def sync_entries(backend: Any, codec: CodecSession) -> None:
@@ -87,15 +128,19 @@ def prefill(backend: Any, stream: Stream, cancel: threading.Event | None = None,
     return logits
 
 
+MAX_DRAFT = 8
+
+
 def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np.ndarray, sampler: Sampler, *,
                    max_tokens: int, stop_ids: set[int] | frozenset[int], context_length: int,
-                   cancel: threading.Event | None = None, window: int = 64) -> Iterator[Step]:
+                   cancel: threading.Event | None = None, window: int = 64, lookahead: int = 0) -> Iterator[Step]:
     """Decode from ``logits`` (the last fed position's) until a stop reason; see the docstring."""
     M = codec.config.max_merge_size
     n_base = 0
-    while True:
-        code = sampler.sample(logits, codec.num_allowed_hyper(), stream.codes[-window:])
-        ids = codec.push(code)
+    greedy = sampler.s.temperature == 0
+
+    def accept(code: int, ids: tuple[int, ...], drafted: bool = False) -> Step:
+        nonlocal n_base
         stream.append(code, len(ids))
         n_base += len(ids)
         if code in stop_ids:
@@ -108,9 +153,85 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
             reason = "context"
         else:
             reason = None
-        yield Step(code, ids, reason)
-        if reason is not None:
-            return  # the last code stays pending: it is fed with the next turn
-        sync_entries(backend, codec)
-        logits = backend.forward([code], [stream.positions[-1]])
-        stream.fed = len(stream.codes)
+        return Step(code, ids, reason, drafted)
+
+    if lookahead <= 0 or not greedy:
+        while True:
+            code = sampler.sample(logits, codec.num_allowed_hyper(), stream.codes[-window:])
+            step = accept(code, codec.push(code))
+            yield step
+            if step.reason is not None:
+                return  # the last code stays pending: it is fed with the next turn
+            sync_entries(backend, codec)
+            logits = backend.forward([code], [stream.positions[-1]])
+            stream.fed = len(stream.codes)
+
+    drafter, D, skip, wait = Drafter(), min(lookahead, MAX_DRAFT), 0, 0
+    code = sampler.sample(logits, codec.num_allowed_hyper(), stream.codes[-window:])
+    try:
+        while True:
+            mark = codec.mark()
+            ids0 = codec.push(code)
+            seq, spans, masks = [code], [len(ids0)], [(len(codec), codec.candidate())]
+            draft = drafter.propose(stream.codes, codec, ids0, D * M) if wait == 0 else []
+            wait = max(wait - 1, 0)
+            i = 0
+            while i < len(draft) and len(seq) <= D:  # the draft's text, cut into codes as LZW does
+                d, n = codec.match(draft, i)
+                spans.append(len(codec.push(d)))
+                seq.append(d)
+                masks.append((len(codec), codec.candidate()))
+                i += n
+            if len(seq) == 1:  # nothing to verify: a plain step
+                step = accept(code, ids0)
+                yield step
+                if step.reason is not None:
+                    return
+                sync_entries(backend, codec)
+                logits = backend.forward([code], [stream.positions[-1]])
+                stream.fed = len(stream.codes)
+                code = sampler.sample(logits, codec.num_allowed_hyper(), stream.codes[-window:])
+                continue
+            sync_entries(backend, codec)
+            pos, p = [], Stream(stream.mode, [0] * len(stream.codes), [], stream.n_base)
+            for sp in spans:
+                pos.append(p.next_position(sp))
+                p.append(0, sp)
+            rows = backend.forward_all(seq, pos, masks)  # (len(seq), V + C)
+            history = stream.codes[-window:]
+            kept, nxt = [code], None
+            for i in range(1, len(seq) + 1):
+                n, cand = masks[i - 1]
+                m = sampler.sample(rows[i - 1], n + (cand is not None), (history + kept)[-window:])
+                if i == len(seq) or m != seq[i]:
+                    nxt = m  # the model's own code after the accepted prefix
+                    break
+                kept.append(seq[i])
+            # take back the draft, then replay what is kept: the same pushes create the same entries,
+            # which the backend already holds (taken, not sent again); its later slots are dropped
+            codec.rollback(mark)
+            steps, reason = [], None
+            for j, c in enumerate(kept):
+                steps.append(accept(c, codec.push(c), drafted=j > 0))
+                reason = steps[-1].reason
+                if reason is not None:
+                    break
+            codec.take_new_entries()
+            backend.drop_entries(len(codec))
+            # the KV cache holds seq; keep what was accepted (minus a last code that stays pending)
+            backend.trim(len(seq) - len(steps) + (reason is not None))
+            stream.fed = len(stream.codes) - (reason is not None)
+            yield from steps
+            if reason is not None:
+                return
+            accepted = len(kept) - 1
+            if accepted == len(seq) - 1:
+                D = min(D + 2, lookahead, MAX_DRAFT)
+            elif accepted == 0:  # a wrong draft costs a wider forward: back off for a while
+                skip = min(2 * skip + 1, 16)
+                wait, D = skip, max(D // 2, 1)
+            else:
+                D, skip = max(accepted + 1, 1), 0
+            code = nxt
+    finally:
+        codec.release()

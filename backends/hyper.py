@@ -83,3 +83,33 @@ class HyperSlots:
 
     def reset(self) -> None:
         self.n_created, self.candidate = 0, None
+
+
+# --- verification of drafted codes: logits for every position of a forward ---------------------
+
+Mask = tuple[int, "Entry | None"]  # after code t: entries that exist, and the cScSc candidate
+
+
+def candidate_rows(masks: Sequence[Mask], M: int, pad_id: int) -> tuple[list[int], list[list[int]]]:
+    """Rows (positions) that have a candidate, and its base ids padded to M, for one encoder call."""
+    ts, rows = [], []
+    for t, (_, cand) in enumerate(masks):
+        if cand is not None:
+            ts.append(t)
+            rows.append(list(cand[1]) + [pad_id] * (M - len(cand[1])))
+    return ts, rows
+
+
+def assemble(base: np.ndarray, scores: np.ndarray, masks: Sequence[Mask], cand_t: list[int],
+             cand_scores: np.ndarray, V: int, C: int) -> np.ndarray:
+    """(T, V + C) logits from base logits (T, V), scores of the created slots (T, n_max) and each
+    candidate's score: row t allows the ``masks[t][0]`` entries that exist after code t and its own
+    candidate, as inference would mask it there; everything else is -inf."""
+    T = base.shape[0]
+    out = np.full((T, V + C), -np.inf, dtype=np.float32)
+    out[:, :V] = base
+    for t, (n, _) in enumerate(masks):
+        out[t, V:V + n] = scores[t, :n]
+    for t, s in zip(cand_t, cand_scores):
+        out[t, masks[t][1][0]] = s
+    return out

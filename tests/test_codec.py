@@ -337,3 +337,30 @@ def test_encode_after_a_pending_code_keeps_compressing():
     assert len(codes) < len(ids) and any(c >= 10 for c in codes)
     whole, cb = decode([1, 2, 3] + codes, config)
     assert whole == [1, 2, 3] + ids and cb.to_dict() == s.codebook.to_dict()
+
+
+def test_mark_and_rollback_restore_the_exact_state():
+    import random
+
+    from backends.codec import CodecConfig, CodecSession
+
+    cfg = CodecConfig(40, 64, 3, frozenset({0}), 0)
+    rng = random.Random(3)
+    for trial in range(300):
+        s = CodecSession(cfg)
+        s.encode([rng.randrange(1, 8) for _ in range(rng.randrange(0, 40))])
+        before = s.to_dict()
+        m = s.mark()
+        pushed = 0
+        for _ in range(rng.randrange(1, 12)):
+            allowed = s.num_allowed_hyper()
+            code = rng.choice(list(range(1, 8)) + [40 + i for i in range(allowed)])
+            s.push(code)
+            pushed += 1
+        s.rollback(m)
+        after = s.to_dict()
+        assert after | {"fresh": 0} == before | {"fresh": 0}, trial
+        # and the trie agrees: encoding more text gives what a fresh copy gives
+        more = [rng.randrange(1, 8) for _ in range(30)]
+        assert s.encode(more) == CodecSession.from_dict(before).encode(more)
+        s.release()

@@ -41,6 +41,12 @@ class Recording:
         self.last = self.inner.forward(codes, positions)
         return self.last
 
+    def forward_all(self, codes, positions, masks):
+        self.forwards.append((list(codes), list(positions)))
+        rows = self.inner.forward_all(codes, positions, masks)
+        self.last = rows[-1]
+        return rows
+
     def trim(self, n):
         self.inner.trim(n)
 
@@ -291,3 +297,60 @@ def test_detokenizer_flushes_incomplete_bytes(tok):
     d = Detokenizer(tok)
     assert d.add(ids[:1]) == ""
     assert d.flush() == "\ufffd"  # what was generated is shown, not lost
+
+
+# --- lookahead: drafted codes verified in one forward give the same greedy codes --------------
+
+REPETITIVE = ("def f(x):\n    return x + 1\n\ndef f(x):\n    return x + 1\n\n" * 3 +
+              "Repeat the code above exactly, twice.")
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_lookahead_gives_the_same_greedy_codes(rt, n):
+    plain_s, _ = new_session(rt)
+    plain_s.stop_ids = set()
+    look_s, rec = new_session(rt)
+    look_s.stop_ids = set()
+    want, *_ = run(plain_s, REPETITIVE, GenerationSettings(max_tokens=150))
+    got, _, done, events = run(look_s, REPETITIVE, GenerationSettings(max_tokens=150, lookahead=n))
+    assert got == want
+    # drafts were both accepted and rejected on the way
+    assert done.stats.drafted_codes > 0
+    # a second turn continues identically (state after rollbacks is exact)
+    want2, *_ = run(plain_s, "Again: " + REPETITIVE, GenerationSettings(max_tokens=60))
+    got2, *_ = run(look_s, "Again: " + REPETITIVE, GenerationSettings(max_tokens=60, lookahead=n))
+    assert got2 == want2
+    assert look_s.codec.to_dict() | {"fresh": 0} == plain_s.codec.to_dict() | {"fresh": 0}
+
+
+def test_forward_all_rows_equal_step_by_step_logits(rt):
+    """Row t of a verification forward == the logits a single-step forward gives after code t."""
+    from backends.codec import encode as lzw
+
+    codes, _ = lzw(rt.tokenizer(PROMPT * 3, add_special_tokens=False)["input_ids"], rt.codec)
+    k = 30
+    a, b = rt.factory(), rt.factory()
+    s = CodecSession(rt.codec)
+    for c in codes[:k]:
+        s.push(c)
+    for be in (a, b):
+        be.add_entries(s.take_new_entries() if be is a else list(s.codebook.items()), s.candidate())
+        be.forward(codes[:k], list(range(k)))
+    steps, masks = [], []
+    mark = s.mark()
+    for t in range(k, len(codes)):
+        s.push(codes[t])
+        new = s.take_new_entries()
+        a.add_entries(new, s.candidate())
+        steps.append(a.forward([codes[t]], [t]))
+        masks.append((len(s), s.candidate()))
+    s.rollback(mark)
+    s.take_new_entries()
+    for t in range(k, len(codes)):  # b gets every entry first, as a verification does
+        s.push(codes[t])
+    b.add_entries(s.take_new_entries(), s.candidate())
+    rows = b.forward_all(codes[k:], list(range(k, len(codes))), masks)
+    for want, got in zip(steps, rows):
+        assert np.array_equal(np.isfinite(want), np.isfinite(got))
+        fin = np.isfinite(want)
+        np.testing.assert_allclose(got[fin], want[fin], atol=2e-3)

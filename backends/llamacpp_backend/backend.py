@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..errors import BackendError
-from ..hyper import Entry, HyperSlots
+from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows
 from .context import LlamaContext
 
 Encoder = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -72,7 +72,8 @@ class LlamaCppBackend:
         self.slots.drop(keep)
         self.pending_in = {s: r for s, r in self.pending_in.items() if s < keep}
 
-    def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+    def _rows(self, codes: Sequence[int]) -> np.ndarray:
+        """(T, D) input embeddings of codes."""
         self.slots.check_codes(codes)
         c = np.asarray(codes, dtype=np.int64)
         is_hyper = c >= self.V
@@ -81,7 +82,20 @@ class LlamaCppBackend:
             slots = c[is_hyper] - self.V
             self._input_vectors(slots.tolist())
             rows[is_hyper] = self.hyper_in[slots]
-        base, h = self.ctx.decode(rows, _start(positions))
+        return rows
+
+    def forward_all(self, codes: Sequence[int], positions: Sequence[int], masks: Sequence[Mask]) -> np.ndarray:
+        """Logits (T, V + C) of every position, each masked as inference masks it there."""
+        base, H = self.ctx.decode(self._rows(codes), _start(positions), every_row=True)  # (T, n_vocab), (T, D)
+        n_max = max(n for n, _ in masks)
+        ts, rows = candidate_rows(masks, self.slots.M, self.slots.pad_id)
+        cand = np.zeros(0, dtype=np.float32)
+        if ts:
+            cand = (H[ts] * self.output_encoder(np.asarray(rows, dtype=np.int64), self.head_table)).sum(-1)
+        return assemble(base[:, : self.V], H @ self.hyper_out[:n_max].T, masks, ts, cand, self.V, self.C)
+
+    def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        base, h = self.ctx.decode(self._rows(codes), _start(positions))
         out = np.full(self.V + self.C, -np.inf, dtype=np.float32)  # (V + C,)
         out[: self.V] = base[: self.V]
         live = self.slots.live

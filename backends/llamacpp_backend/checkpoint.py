@@ -33,7 +33,13 @@ from ..sources import SourceError, is_gguf, load_tokenizer, pad_id_of
 from .backend import LlamaCppBackend, PlainLlamaCppBackend
 from .context import LlamaContext
 from .encoders import build_encoder
-from .tensors import TensorFileError, check_gguf, merge_lora_gguf, model_tables, read_safetensors
+from .tensors import (
+    TensorFileError,
+    check_gguf,
+    merge_lora_gguf,
+    model_tables,
+    read_safetensors,
+)
 
 MODEL_FILE, LORA_FILE = "model.gguf", "lora.gguf"
 ENCODER_FILES = ("zip2zip_encoders.safetensors", "encoders.safetensors")

@@ -97,13 +97,15 @@ class LlamaContext:
             raise
         self.n_past = 0
 
-    def decode(self, rows: np.ndarray, pos0: int) -> tuple[np.ndarray, np.ndarray]:
-        """Feed (T, D) input embeddings at positions pos0 .. pos0 + T - 1; (logits (n_vocab,), hidden (D,))
-        of the last row."""
+    def decode(self, rows: np.ndarray, pos0: int, every_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Feed (T, D) input embeddings at positions pos0 .. pos0 + T - 1; logits (n_vocab,) and hidden
+        state (D,) of the last row, or (T, n_vocab) and (T, D) with ``every_row``."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_embd or rows.shape[0] == 0:
             raise BackendError(f"input rows must be (T >= 1, {self.n_embd}), got {rows.shape}")
-        return self._decode(self.batch, rows, pos0)
+        if every_row and rows.shape[0] > N_BATCH:
+            raise BackendError(f"every_row decodes at most {N_BATCH} rows")
+        return self._decode(self.batch, rows, pos0, every_row)
 
     def decode_ids(self, ids: np.ndarray, pos0: int) -> tuple[np.ndarray, np.ndarray]:
         """Token-id input (what plain llama.cpp does): the baseline for comparisons."""
@@ -112,7 +114,7 @@ class LlamaContext:
             raise BackendError(f"token ids must be 1..{N_BATCH} ids in [0, {self.n_vocab})")
         return self._decode(self.id_batch, ids, pos0)
 
-    def _decode(self, b, data: np.ndarray, pos0: int) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, b, data: np.ndarray, pos0: int, every_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
         T = data.shape[0]
         if pos0 != self.n_past:
             raise BackendError(f"llama.cpp needs contiguous positions: the cache ends at {self.n_past - 1}, "
@@ -128,7 +130,7 @@ class LlamaContext:
                 b.pos[i] = pos0 + s + i
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = 0
-                b.logits[i] = 1 if s + i == T - 1 else 0  # only the last row is read
+                b.logits[i] = 1 if every_row or s + i == T - 1 else 0  # only rows that are read
             b.n_tokens = n
             rc = L.llama_decode(self.ctx, b)
             if rc != 0:
@@ -136,6 +138,12 @@ class LlamaContext:
                 raise BackendError(f"llama_decode failed with status {rc}"
                                    + (" (KV cache full)" if rc == 1 else ""))
         self.n_past = pos0 + T
+        if every_row:
+            logits, hidden = L.llama_get_logits(self.ctx), L.llama_get_embeddings(self.ctx)
+            if not logits or not hidden:
+                raise BackendError("llama.cpp returned no outputs")
+            return (np.ctypeslib.as_array(logits, shape=(T, self.n_vocab)).copy(),
+                    np.ctypeslib.as_array(hidden, shape=(T, self.n_embd)).copy())
         logits = L.llama_get_logits_ith(self.ctx, -1)
         hidden = L.llama_get_embeddings_ith(self.ctx, -1)
         if not logits or not hidden:

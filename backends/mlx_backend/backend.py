@@ -9,9 +9,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from ..hyper import Entry
+from ..hyper import Entry, Mask
 from ..sources import context_length_of
-from .model import Zip2ZipMLX, load_converted
+from .model import Zip2ZipMLX, load_converted, position_logits
 
 
 class MLXBackend:
@@ -37,6 +37,11 @@ class MLXBackend:
         out = self.model.logits(h[0, -1], self.hyper)
         mx.eval(out)
         return np.array(out, copy=False)  # (V + C,) float32
+
+    def forward_all(self, codes: Sequence[int], positions: Sequence[int], masks: Sequence[Mask]) -> np.ndarray:
+        """Logits (T, V + C) of every position, each masked as inference masks it there."""
+        h = self.model.hidden(codes, positions, self.cache, self.hyper)
+        return position_logits(self.model, h[0], masks, self.hyper)
 
     def trim(self, n: int) -> None:
         if n > 0:

@@ -20,10 +20,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
 from ..config import Zip2ZipConfig
-from ..hyper import Entry, HyperSlots
+from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows
 from ..mlx_convert import ARCHITECTURES
 from ..sources import pad_id_of
 from .encoders import build_encoder
@@ -142,6 +143,24 @@ class Zip2ZipMLX:
         ok = mx.array(hyper.slots.allowed())
         scores = mx.where(ok, h @ hyper.hyper_out.T, -mx.inf)  # (C,)
         return mx.concatenate([base.astype(mx.float32), scores.astype(mx.float32)], axis=-1)
+
+
+def position_logits(model: Zip2ZipMLX, h: mx.array, masks: Sequence[Mask], hyper: HyperCache) -> np.ndarray:
+    """(T, D) -> (T, V + C) numpy logits, row t masked as inference masks it after code t."""
+    head = getattr(model.lm, "lm_head", None)
+    base = (model.lm.model.embed_tokens.as_linear(h) if head is None else head(h))[..., : model.V]
+    n_max = max(n for n, _ in masks)
+    scores = h @ hyper.hyper_out[:n_max].T  # (T, n_max)
+    ts, rows = candidate_rows(masks, model.M, model.pad_id)
+    cand = mx.zeros((0,))
+    if ts:
+        r = mx.array(rows)
+        out_enc = model.output_encoder or model.input_encoder
+        vc = out_enc(model.head_rows(r), r != model.pad_id).astype(h.dtype)  # (K, D)
+        cand = (h[mx.array(ts)] * vc).sum(-1)
+    mx.eval(base, scores, cand)
+    f = lambda x: np.array(x.astype(mx.float32))  # noqa: E731
+    return assemble(f(base), f(scores), masks, ts, f(cand), model.V, model.C)
 
 
 def load_converted(path: str | Path) -> tuple[Zip2ZipMLX, Any, dict[str, Any]]:

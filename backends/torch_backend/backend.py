@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import BackendError
-from ..hyper import Entry
+from ..hyper import Entry, Mask
 from ..sources import context_length_of
 from .model import Zip2ZipLM
 
@@ -74,6 +74,13 @@ class TorchBackend(_CachedDecoder):
         ids, pos = self._tensors(codes, positions)
         h = self.model.hidden(ids, pos, self.cache, self.hyper)  # (1, T, D)
         return self.model.logits(h[0, -1], self.hyper).float().cpu().numpy()  # (V + C,)
+
+    @torch.inference_mode()
+    def forward_all(self, codes: Sequence[int], positions: Sequence[int], masks: Sequence[Mask]) -> np.ndarray:
+        """Logits (T, V + C) of every position, each masked as inference masks it there."""
+        ids, pos = self._tensors(codes, positions)
+        h = self.model.hidden(ids, pos, self.cache, self.hyper)[0]  # (T, D)
+        return self.model.position_logits(h, masks, self.hyper)
 
     def reset(self) -> None:
         self._new_cache()

@@ -24,12 +24,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..codec import CodecSession
 from ..config import Zip2ZipConfig, positions
-from ..hyper import Entry, HyperSlots
+from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows
 from .encoders import build_encoder
 
 
@@ -158,6 +159,21 @@ class Zip2ZipLM(nn.Module):
             if s.candidate is not None and s.candidate > s.n_created:
                 hyper[..., s.n_created:s.candidate] = float("-inf")
         return torch.cat([base, hyper], dim=-1)
+
+    def position_logits(self, h: torch.Tensor, masks: Sequence[Mask], hyper: HyperCache) -> np.ndarray:
+        """(T, D) hidden states -> (T, V + C) logits, row t masked as inference masks it after code t
+        (``backends/hyper.py``); the candidates' output vectors in one encoder call."""
+        head = self.lm.get_output_embeddings()
+        base = nn.functional.linear(h, head.weight[: self.V], None if head.bias is None else head.bias[: self.V])
+        n_max = max(n for n, _ in masks)
+        scores = h @ hyper.hyper_out[:n_max].T  # (T, n_max)
+        ts, rows = candidate_rows(masks, self.M, self.pad_id)
+        cand = torch.zeros(0)
+        if ts:
+            vc = self.out_encoder(torch.tensor(rows, device=h.device), head.weight)  # (K, D)
+            cand = (h[ts] * vc.to(h.dtype)).sum(-1)
+        f = lambda x: x.float().cpu().numpy()  # noqa: E731
+        return assemble(f(base), f(scores), masks, ts, f(cand), self.V, self.C)
 
     # --- whole sequences (tests, evaluation) --------------------------------------------------
 
