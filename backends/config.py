@@ -25,6 +25,7 @@ from .codec import CodecConfig
 from .errors import Z2ZError
 
 CONFIG_NAME = "zip2zip_config.json"
+MLX_MARKER = "z2z_mlx.json"  # written into every MLX conversion (backends/mlx_convert.py)
 POSITION_MODES = ("compressed", "base_token_end")
 
 # Encoder fields per type, with defaults (None = required unless noted in ``_OPTIONAL``).

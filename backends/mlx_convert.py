@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .config import MLX_MARKER
 from .errors import Z2ZError
-from .runtime import MLX_MARKER
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .codec import CodecConfig
-from .config import Zip2ZipConfig
+from .config import MLX_MARKER, Zip2ZipConfig
 from .engine import Backend, Session
 from .errors import Z2ZError
 
@@ -47,7 +47,6 @@ class Runtime:
         return f"{self.backend_name} | {name} | {self.device}"
 
 
-MLX_MARKER = "z2z_mlx.json"  # written into every MLX conversion (backends/mlx_convert.py)
 
 
 def is_mlx_dir(model: str) -> bool:

@@ -133,6 +133,10 @@ class PlainLlamaCppBackend:
         base, _ = self.ctx.decode_ids(np.asarray(codes), _start(positions))
         return base[: self.V]
 
+    def forward_all(self, codes: Sequence[int], positions: Sequence[int], masks: Sequence[Mask]) -> np.ndarray:
+        base, _ = self.ctx.decode_ids(np.asarray(codes), _start(positions), every_row=True)
+        return base[:, : self.V]  # (T, V): no hypertokens, prompt-lookup decoding on our engine
+
     def trim(self, n: int) -> None:
         self.ctx.trim(n)
 

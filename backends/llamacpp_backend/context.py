@@ -107,12 +107,12 @@ class LlamaContext:
             raise BackendError(f"every_row decodes at most {N_BATCH} rows")
         return self._decode(self.batch, rows, pos0, every_row)
 
-    def decode_ids(self, ids: np.ndarray, pos0: int) -> tuple[np.ndarray, np.ndarray]:
+    def decode_ids(self, ids: np.ndarray, pos0: int, every_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Token-id input (what plain llama.cpp does): the baseline for comparisons."""
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         if ids.ndim != 1 or ids.shape[0] == 0 or ids.min() < 0 or ids.max() >= self.n_vocab:
             raise BackendError(f"token ids must be 1..{N_BATCH} ids in [0, {self.n_vocab})")
-        return self._decode(self.id_batch, ids, pos0)
+        return self._decode(self.id_batch, ids, pos0, every_row)
 
     def _decode(self, b, data: np.ndarray, pos0: int, every_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
         T = data.shape[0]

@@ -110,5 +110,11 @@ class PlainBackend(_CachedDecoder):
         out = self.lm(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1, : self.V].float().cpu().numpy()
 
+    @torch.inference_mode()
+    def forward_all(self, codes: Sequence[int], positions: Sequence[int], masks: Sequence[Mask]) -> np.ndarray:
+        ids, pos = self._tensors(codes, positions)
+        out = self.lm(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True)
+        return out.logits[0, :, : self.V].float().cpu().numpy()  # (T, V): prompt-lookup on our engine
+
     def reset(self) -> None:
         self._new_cache()

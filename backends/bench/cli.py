@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from .errors import Z2ZError
+from ..errors import Z2ZError
 
 
 def _progress(msg: str) -> None:
@@ -15,14 +15,14 @@ def _progress(msg: str) -> None:
 
 
 def _tokenizer(spec: str | None):
-    from .assets import smollm2_gguf
-    from .sources import load_tokenizer
+    from ..assets import smollm2_gguf
+    from ..sources import load_tokenizer
 
     return load_tokenizer(spec or smollm2_gguf())
 
 
 def cmd_codec(args: argparse.Namespace) -> int:
-    from . import bench_codec
+    from . import codec as bench_codec
 
     rows = bench_codec.run(_tokenizer(args.tokenizer), M=args.M, C=args.C, n_docs=args.docs,
                            doc_tokens=args.doc_tokens, repeat=args.repeat, progress=_progress)
@@ -31,20 +31,20 @@ def cmd_codec(args: argparse.Namespace) -> int:
 
 
 def _runtime(args: argparse.Namespace):
-    from .runtime import open_runtime
+    from ..runtime import open_runtime
 
     _progress(f"loading {args.model} on {args.backend}")
     return open_runtime(args.model, args.backend, args.device, args.dtype, base=args.base)
 
 
 def _emit(args: argparse.Namespace, title: str, rows: list[dict]) -> None:
-    from .bench_model import format_rows
+    from .model import format_rows
 
     print(json.dumps(rows, indent=2) if args.json else f"{title}\n{format_rows(rows)}")
 
 
 def cmd_prefill(args: argparse.Namespace) -> int:
-    from . import bench_model
+    from . import model as bench_model
 
     rt = _runtime(args)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -54,7 +54,7 @@ def cmd_prefill(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from . import bench_model
+    from . import model as bench_model
 
     rt = _runtime(args)
     _emit(args, f"decode, {rt.describe()} (step_overhead: zip2zip step time / plain step time - 1)",
@@ -63,7 +63,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from . import bench_model
+    from . import model as bench_model
 
     rt = _runtime(args)
     ref = None
@@ -78,8 +78,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_ppl(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import bench_quality
-    from .runtime import open_plain
+    from ..runtime import RuntimeOpenError, open_plain
+    from . import quality as bench_quality
 
     texts = {}
     for item in args.text:
@@ -88,6 +88,9 @@ def cmd_ppl(args: argparse.Namespace) -> int:
             raise ValueError(f"--text {item}: expected DOMAIN=FILE with an existing file")
         texts[name] = Path(path).read_text(encoding="utf-8", errors="replace")
     rt = _runtime(args)
+    if rt.backend_name != "torch":
+        raise RuntimeOpenError(f"ppl scores whole sequences with the torch model; it does not run on "
+                               f"{rt.backend_name}: use --backend torch")
     plain = open_plain(rt, args.base, args.device, args.dtype)
     rows = bench_quality.byte_perplexity(rt, plain.backend.lm, texts, args.window, args.max_windows, _progress)
     _emit(args, f"byte-level perplexity, {rt.describe()} (ratio: zip2zip / base)", rows)
@@ -97,8 +100,8 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 def cmd_answers(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import bench_quality
-    from .runtime import open_plain
+    from ..runtime import open_plain
+    from . import quality as bench_quality
 
     rt = _runtime(args)
     plain = open_plain(rt, args.base, args.device, args.dtype)
@@ -110,6 +113,21 @@ def cmd_answers(args: argparse.Namespace) -> int:
         print(json.dumps({"answers": rows, "summary": bench_quality.summarize_answers(rows)}, indent=2))
     else:
         _emit(args, f"answers, {rt.describe()} vs its base model", bench_quality.summarize_answers(rows))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import compare
+
+    prompts = compare.load_prompts(args.prompts, args.groups.split(",") if args.groups else None)[: args.limit or None]
+    if not prompts:
+        raise ValueError("no prompts selected")
+    rep = compare.run(args.model, args.base, prompts, args.max_tokens, args.repeat, args.mlx, _progress,
+                      args.engines.split(",") if args.engines else None)
+    if args.plot:
+        compare.plot(rep, args.plot)
+        _progress(f"chart: {args.plot}")
+    print(json.dumps(rep, indent=2, default=str) if args.json else compare.format_report(rep))
     return 0
 
 
@@ -163,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--limit", type=int, default=0, help="first N prompts only")
     an.add_argument("--markdown", help="write the answers side by side to this file")
     an.set_defaults(func=cmd_answers)
+    cp = sub.add_parser("compare", help="z2z-chat beside llama.cpp, transformers, prompt lookup and the reference")
+    cp.add_argument("--model", help="zip2zip checkpoint directory (default: the embedded model)")
+    cp.add_argument("--base", help="override the checkpoint's base model")
+    cp.add_argument("--prompts", help="JSONL prompt set (default: the default model's evaluation set)")
+    cp.add_argument("--groups", help="only these groups, comma-separated (qa,code,copy,followup,multilingual)")
+    cp.add_argument("--limit", type=int, default=0, help="first N prompts only")
+    cp.add_argument("--max-tokens", type=int, default=128, help="base tokens per reply (default 128)")
+    cp.add_argument("--repeat", type=int, default=1, help="passes over the prompt set (default 1)")
+    cp.add_argument("--engines", help="only these engines, comma-separated names as in the table")
+    cp.add_argument("--mlx", action="store_true", help="include MLX engines (slow on a CPU)")
+    cp.add_argument("--plot", help="write a bar chart (SVG or PNG; needs matplotlib)")
+    cp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    cp.set_defaults(func=cmd_compare)
     return p
 
 

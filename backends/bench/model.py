@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .bench_codec import documents
-from .codec import CodecConfig, CodecSession
-from .generate import Stream, generate_codes, sync_entries
-from .generate import prefill as prefill_stream
-from .runtime import Runtime
-from .sampling import Sampler, SamplingSettings
+from ..codec import CodecConfig, CodecSession
+from ..generate import Stream, generate_codes, sync_entries
+from ..generate import prefill as prefill_stream
+from ..runtime import Runtime
+from ..sampling import Sampler, SamplingSettings
+from .codec import documents
 
 
 def _code_ids(rt: Runtime, n: int) -> list[int]:
@@ -49,7 +49,7 @@ def _plain_backend(rt: Runtime):
     """Plain = what a user runs without zip2zip: on llama.cpp the base GGUF fed token ids (no adapter,
     no embeddings); elsewhere the same backend fed base ids."""
     if rt.backend_name == "llamacpp":
-        from .runtime import open_plain
+        from ..runtime import open_plain
 
         return open_plain(rt).backend
     return rt.backend
@@ -183,7 +183,7 @@ CHAT_SCRIPT = [
 
 
 def chat(rt: Runtime, turns: int, reply_tokens: int, reference: Any, progress: Callable[[str], None]) -> list[dict]:
-    from .engine import Done, GenerationSettings
+    from ..engine import Done, GenerationSettings
 
     session = rt.session()
     settings = GenerationSettings(max_tokens=reply_tokens)

@@ -50,7 +50,7 @@ def byte_perplexity(rt: Any, base_lm: Any, texts: dict[str, str], window: int, m
                     progress: Callable[[str], None]) -> list[dict]:
     import torch
 
-    from .codec import CodecSession
+    from ..codec import CodecSession
 
     tok, model = rt.tokenizer, rt.backend.model
     rows = []
@@ -85,7 +85,7 @@ def byte_perplexity(rt: Any, base_lm: Any, texts: dict[str, str], window: int, m
 
 def answers(rt: Any, plain: Any, prompts: Sequence[tuple[str, str]], max_tokens: int,
             progress: Callable[[str], None]) -> list[dict]:
-    from .engine import Done, GenerationSettings, Token
+    from ..engine import Done, GenerationSettings, Token
 
     out = []
     for i, (kind, prompt) in enumerate(prompts):

@@ -1,0 +1,7 @@
+"""``z2z-bench``: benchmark commands, apart from the core library (``cli.py`` is the entry point).
+
+- ``codec.py``: compression and codec throughput, ours vs ``zip2zip-compression``;
+- ``model.py``: prefill / decode / chat, zip2zip against the same model without it;
+- ``quality.py``: byte-level perplexity and answers side by side with the base model;
+- ``compare.py``: z2z-chat beside the engines a user would run instead.
+"""

@@ -1,0 +1,44 @@
+"""``z2z-bench compare`` end to end on the tiny checkpoint with the engines CI installs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+pytestmark = pytest.mark.slow
+FIELDS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "copy_decode_tok_s", "decode_tok_s_vs_ref",
+          "codes_per_token", "peak_rss_mb", "correct", "errors")
+
+
+def test_compare_reports_every_engine(tiny_ckpt, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(p) for p in [
+        {"group": "qa", "turns": ["What is x?"], "expect": ["x"]},
+        {"group": "copy", "turns": ["Repeat: x = 1; y = 2; x = 1; y = 2"], "expect": ["x = 1"]},
+        {"group": "followup", "turns": ["hello", "and again"], "expect": []},
+    ]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "Z2Z_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "backends.bench.cli", "compare", "--model", str(tiny_ckpt),
+                        "--prompts", str(prompts), "--max-tokens", "8", "--json"],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    names = {row["engine"] for row in rep["engines"]}
+    assert {"z2z/torch", "z2z/torch+lookahead", "plain/torch", "transformers", "transformers+PLD"} <= names
+    pytest.importorskip("llama_cpp")
+    assert {"z2z/llamacpp", "plain/llamacpp", "llama.cpp", "llama.cpp+PLD"} <= names, rep["skipped"]
+    for row in rep["engines"]:
+        missing = [f for f in FIELDS if row.get(f) is None]
+        assert not missing, (row["engine"], missing)
+        assert row["errors"] == 0, row
+    skipped = {s["engine"]: s["skipped"] for s in rep["skipped"]}
+    assert "z2z/mlx" in skipped and skipped["z2z/mlx"]  # listed with the reason, not dropped
+    for a in rep["agreement"]:  # the same engine with and without lookahead writes the same replies
+        assert a["same_replies"] == a["of"], a
