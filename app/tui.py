@@ -341,14 +341,12 @@ class Z2ZChat(App):
         self.notify(f"Exported to {self.ctl.export()}", timeout=15)
 
     def action_system_prompt(self) -> None:
-        @guarded
-        def done(self: Z2ZChat, value: str | None) -> None:
+        def done(value: str | None) -> None:
             if value is not None:
                 self.ctl.set_system(value or None)
 
         current = self.ctl.session.system if self.ctl.session else self.args.system
-        self.push_screen(PromptDialog("System prompt", current or "", multiline=True),
-                         lambda v: done(self, v))
+        self.push_screen(PromptDialog("System prompt", current or "", multiline=True), done)
 
     def action_settings(self) -> None:
         def done(value: str | None) -> None:

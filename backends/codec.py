@@ -223,7 +223,7 @@ class _DecoderState:
         self.child: dict[int, int] = {}
         self.orphans: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         self.index: dict[tuple[int, ...], int] = {}
-        self.buf: tuple[int, ...] = ()  # previous ids ("B" in reference-code.md §1.4)
+        self.buf: tuple[int, ...] = ()  # the previous code's ids, which the next code's first id extends
         self.node = -1  # code of buf when buf is a base id or an entry, else -1
         self.fresh = 0  # entries[fresh:] were created since the last take_new_entries()
         self.journal: list[tuple[int, int, list[tuple[int, int]]]] | None = None  # see CodecSession.mark

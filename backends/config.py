@@ -27,6 +27,7 @@ from .errors import Z2ZError
 CONFIG_NAME = "zip2zip_config.json"
 MLX_MARKER = "z2z_mlx.json"  # written into every MLX conversion (backends/mlx_convert.py)
 POSITION_MODES = ("compressed", "base_token_end")
+MAX_CODEBOOK = 1 << 16
 
 # Encoder fields per type, with defaults (None = required unless noted in ``_OPTIONAL``).
 _COMMON = {"hidden_size": None, "tie_encoders": False, "position_encoding": None}
@@ -97,8 +98,10 @@ class Zip2ZipConfig:
         for k, v in self.encoder.items():
             if v is None and k not in _OPTIONAL:
                 raise self._err(f"encoder.{k} is required")
+            if k in ("tie_encoders", "causal", "residual") and not isinstance(v, bool):
+                raise self._err(f"encoder.{k} must be true or false, got {v!r}")
             if k in ("hidden_size", "num_hidden_layers", "num_heads", "intermediate_size",
-                     "model_hidden_size") and v is not None and (not isinstance(v, int) or v < 1):
+                     "model_hidden_size") and v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise self._err(f"encoder.{k} must be a positive integer, got {v!r}")
         if self.encoder["hidden_size"] % self.encoder["num_heads"]:
             raise self._err(f"encoder.hidden_size {self.encoder['hidden_size']} is not divisible "
@@ -109,14 +112,20 @@ class Zip2ZipConfig:
         c = self.compression
         for k in ("initial_vocab_size", "max_codebook_size", "max_subtokens"):
             v = getattr(c, k)
-            if not isinstance(v, int) or v < (0 if k == "max_codebook_size" else 1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "max_codebook_size" else 1):
                 raise self._err(f"compression.{k} must be a {'non-negative' if k == 'max_codebook_size' else 'positive'} integer, got {v!r}")
+        if c.max_codebook_size > MAX_CODEBOOK:
+            raise self._err(f"compression.max_codebook_size {c.max_codebook_size} is larger than {MAX_CODEBOOK} "
+                            "(the hyper caches hold C x hidden floats per session)")
+        if c.max_subtokens > 16:
+            raise self._err(f"compression.max_subtokens {c.max_subtokens} is larger than 16")
         if not c.disabled_ids:
             raise self._err("compression.disabled_ids is empty: it must list the tokenizer's special "
                             "tokens, e.g. list(tokenizer.get_added_vocab().values())")
         if len(set(c.disabled_ids)) != len(c.disabled_ids):
             raise self._err("compression.disabled_ids has duplicates")
-        bad = [i for i in c.disabled_ids if not isinstance(i, int) or not 0 <= i < c.initial_vocab_size]
+        bad = [i for i in c.disabled_ids
+               if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < c.initial_vocab_size]
         if bad:
             raise self._err(f"compression.disabled_ids {bad[:5]} are outside [0, initial_vocab_size)")
 
@@ -159,6 +168,17 @@ class Zip2ZipConfig:
         if not isinstance(comp, dict) or set(comp) - ckeys or ckeys - set(comp) - {"disabled_ids"}:
             raise ConfigError(f"{where}: compression must have exactly the fields {sorted(ckeys)}, "
                               f"got {sorted(comp) if isinstance(comp, dict) else comp!r}")
+        for k, typ in (("base_model_name_or_path", str), ("encoder_type", str), ("encoder", dict),
+                       ("position_mode", str)):
+            if k in d and not isinstance(d[k], typ):
+                raise ConfigError(f"{where}: {k} must be a {typ.__name__}, got {d[k]!r}")
+        fv = d.get("format_version", 1)
+        if fv != 1:
+            raise ConfigError(f"{where}: format_version {fv!r} is not supported (this z2z-chat reads version 1); "
+                              "upgrade z2z-chat or re-export the checkpoint")
+        if not isinstance(comp.get("disabled_ids", []), list):
+            raise ConfigError(f"{where}: compression.disabled_ids must be a list of token ids, "
+                              f"got {comp['disabled_ids']!r}")
         return cls(
             base_model_name_or_path=d["base_model_name_or_path"],
             encoder_type=d["encoder_type"],
@@ -176,9 +196,13 @@ class Zip2ZipConfig:
         if path.is_dir():
             path = path / CONFIG_NAME
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path} does not exist: is this a zip2zip checkpoint directory?") from None
+        except PermissionError:
+            raise ConfigError(f"{path} cannot be read (permission denied)") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text ({e}); is it the right file?") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e})") from None
         return cls.from_dict(data, str(path))

@@ -154,3 +154,28 @@ def trained_ckpt(tmp_path_factory, tokenizer_dir):
     cfg.base_model_name_or_path = "base"  # relative to the checkpoint
     checkpoint.save(Zip2ZipLM(cfg, lm, tok.eos_token_id), d, tok)
     return d
+
+
+def teacher_forced_agreement(backend, loaded, want: list[int], prompt: str) -> float:
+    """Fraction of steps at which ``backend`` picks the code of ``want`` (a reference's greedy codes
+    for ``prompt``) when fed that reference's codes: agreement of a quantized model, step by step."""
+    import numpy as np
+
+    from backends.codec import CodecSession
+    from backends.engine import Session
+
+    session = Session(backend, loaded.tokenizer, loaded.codec, position_mode=loaded.config.position_mode)
+    ids = session._tokenize(session._render([{"role": "user", "content": prompt}]), 0)[1]
+    s, V = CodecSession(loaded.codec), loaded.codec.base_vocab_size
+    codes = s.encode(ids)
+    backend.add_entries(s.take_new_entries(), s.candidate())
+    logits = backend.forward(codes, list(range(len(codes))))
+    agree = 0
+    for t, code in enumerate(want):
+        masked = logits.copy()
+        masked[V + s.num_allowed_hyper():] = -np.inf
+        agree += int(np.argmax(masked)) == code
+        s.push(code)
+        backend.add_entries(s.take_new_entries(), s.candidate())
+        logits = backend.forward([code], [len(codes) + t])
+    return agree / len(want)

@@ -470,3 +470,20 @@ def test_unexpected_error_in_an_action_is_logged_and_the_app_keeps_running(tiny_
             assert app.ctl.store.messages(app.ctl.conv_id)[0].content == "hello"
 
     run(go())
+
+
+def test_chat_on_the_llamacpp_backend(tiny_ckpt, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("Z2Z_CACHE_DIR", str(tmp_path / "cache"))  # the GGUF conversion goes there
+
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db", "--backend", "llamacpp")
+        async with app.run_test(size=(110, 32)) as pilot:
+            await ready(app, pilot)
+            assert app.ctl.runtime.backend_name == "llamacpp"
+            await say(app, pilot, "x = 1; x = 1; x = 1")
+            await say(app, pilot, "again")
+            assert len(app.query(ReplyView)) == 2
+            assert "llamacpp" in str(app.query_one("#status").render())
+
+    run(go())

@@ -47,3 +47,64 @@ def test_help_does_not_import_frameworks():
             "assert not {'torch','mlx','llama_cpp','transformers'} & set(sys.modules), sorted(sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# --- issue 12: command-line edge cases ------------------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_invalid_utf8_and_empty_prompts_are_usage_errors():
+    r = subprocess.run([sys.executable, "-m", "app.cli", "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "UTF-8" in r.stderr and "Traceback" not in r.stderr
+    r = z2z("--prompt", "  ")
+    assert r.returncode == 2 and "empty" in r.stderr
+
+
+@pytest.mark.parametrize("flag", [["--temperature", "nan"], ["--temperature", "inf"], ["--repetition-penalty", "nan"],
+                                  ["--lookahead", "99"]])
+def test_bad_settings_fail_before_loading_a_model(flag):
+    r = z2z("--model", "/nonexistent", "--prompt", "hi", *flag, timeout=60)
+    assert r.returncode == 2 and "nonexistent" not in r.stderr  # refused before the model path is looked at
+
+
+def test_output_closed_early_exits_quietly(ref_checkpoints):
+    d = ref_checkpoints[("llama", "transformer", "compressed")][1]
+    cmd = (f"{sys.executable} -m app.cli --model {d} --device cpu --prompt 'write a lot' --max-tokens 400 "
+           "| head -c 10")
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "error" not in r.stderr, r.stderr
+
+
+def test_sigterm_exits_143_with_a_message(ref_checkpoints):
+    import signal
+    import time
+
+    d = ref_checkpoints[("llama", "transformer", "compressed")][1]
+    p = subprocess.Popen([sys.executable, "-m", "app.cli", "--model", str(d), "--device", "cpu", "--prompt",
+                          "write a lot", "--max-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    first = p.stdout.read(1)  # the reply has started
+    assert first
+    time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and "terminated" in err and "Traceback" not in err
+    assert (first + out).endswith("\n")  # the interrupted line is closed
+
+
+def test_fetch_output_goes_to_the_progress_callback_not_the_terminal():
+    from backends.assets import _run_pip
+
+    lines = []
+    rc = _run_pip([sys.executable, "-c", "print('Downloading x'); print('done')"], lines.append)
+    assert rc == 0 and any("Downloading x" in x for x in lines)
+
+
+def test_a_one_code_reply_shows_no_throughput():
+    from backends.engine import TurnStats
+
+    assert "decode -" in TurnStats(reply_codes=1, reply_tokens=1, decode_s=0.0002).summary()
+    assert "tok/s" in TurnStats(reply_codes=40, reply_tokens=50, decode_s=1.0).summary().split("| decode")[-1]

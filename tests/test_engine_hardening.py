@@ -187,3 +187,80 @@ def test_restore_rejects_states_that_do_not_fit_and_changes_nothing(loaded):
     assert "rebuilt" in note and s.messages == good["messages"] and s.codes == []
     _, done = reply(s, "more", n=4)
     assert isinstance(done, Done)
+
+
+def test_uncached_hub_id_fails_fast_offline(monkeypatch):
+    import time
+
+    from backends.torch_backend.checkpoint import CheckpointError, resolve
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # unreachable, as offline
+    t = time.perf_counter()
+    with pytest.raises(CheckpointError, match="cannot be reached"):
+        resolve("someone/not-cached-anywhere")
+    assert time.perf_counter() - t < 10
+
+
+def test_stream_after_a_stopped_reply_is_the_template_rendering(loaded):
+    s, _ = session(loaded)
+    cancel = threading.Event()
+    events = []
+    for ev in s.send("def f(x): return x\n" * 3, GenerationSettings(max_tokens=200), cancel):
+        events.append(ev)
+        if isinstance(ev, Token) and len(events) == 5:
+            cancel.set()
+    assert events[-1].reason == "cancelled"
+    pieces = s._render(s.messages + [{"role": "user", "content": "Thanks. Summarize our conversation."}])
+    full = "".join(p for p, _ in pieces)
+    # the stopped reply is closed by the template's end marker, fed with the next turn
+    assert full.startswith(s.fed_text) and full[len(s.fed_text):].startswith("<|im_end|>")
+    _, done = reply(s, "Thanks. Summarize our conversation.", n=8)
+    assert done.reason in ("stop", "length")
+
+
+# --- zip2zip_config.json: wrong types are clear errors naming the file and key -----------------
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda d: d.update(encoder=[64, 2]), "encoder"),
+    (lambda d: d["compression"].update(disabled_ids=5), "disabled_ids"),
+    (lambda d: d.update(base_model_name_or_path=123), "base_model_name_or_path"),
+    (lambda d: d["compression"].update(max_subtokens=True), "max_subtokens"),
+    (lambda d: d.update(format_version=99), "format_version"),
+    (lambda d: d["encoder"].update(tie_encoders="no"), "tie_encoders"),
+    (lambda d: d["compression"].update(max_codebook_size=10**9), "max_codebook_size"),
+])
+def test_config_with_wrong_types_is_a_clear_error(tiny_ckpt, mutate, key):
+    import json
+
+    from backends.config import ConfigError, Zip2ZipConfig
+
+    d = json.loads((tiny_ckpt / "zip2zip_config.json").read_text())
+    mutate(d)
+    with pytest.raises(ConfigError, match=key):
+        Zip2ZipConfig.from_dict(d, "x/zip2zip_config.json")
+
+
+def test_non_utf8_config_names_the_file(tmp_path):
+    from backends.config import ConfigError, Zip2ZipConfig
+
+    (tmp_path / "zip2zip_config.json").write_bytes(b'{"a": "\xff\xfe"}')
+    with pytest.raises(ConfigError, match="zip2zip_config.json is not UTF-8"):
+        Zip2ZipConfig.load(tmp_path)
+
+
+def test_nan_encoder_weights_are_refused(tiny_ckpt, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from backends.torch_backend.checkpoint import CheckpointError
+
+    d = tmp_path / "nan"
+    shutil.copytree(tiny_ckpt, d)
+    st = load_file(d / "zip2zip_encoders.safetensors")
+    k = next(iter(st))
+    st[k] = np.full_like(st[k], np.nan)
+    save_file(st, d / "zip2zip_encoders.safetensors")
+    with pytest.raises(CheckpointError, match="NaN|finite"):
+        checkpoint.load(d)

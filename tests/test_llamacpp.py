@@ -15,6 +15,8 @@ import pytest
 pytest.importorskip("llama_cpp", reason='llama.cpp backend: pip install "z2z-chat[llamacpp]"')
 torch = pytest.importorskip("torch")
 
+from conftest import teacher_forced_agreement  # noqa: E402
+
 from backends.codec import CodecSession, encode  # noqa: E402
 from backends.engine import GenerationSettings, Session, Token  # noqa: E402
 from backends.errors import Z2ZError  # noqa: E402
@@ -123,22 +125,7 @@ def test_quantized_bases_agree_with_f32(trained_ckpt, tmp_path, qtype):
     prompt = "def parse_args(self, args=None, namespace=None):"
     want = greedy(open_checkpoint(ref_dir, n_threads=1).backend, loaded, 64, prompt)
     # teacher-forced: at each step, does the quantized model pick the f32 model's code?
-    q = open_checkpoint(q_dir, n_threads=1).backend
-    session = Session(q, loaded.tokenizer, loaded.codec)
-    ids = session._tokenize(session._render([{"role": "user", "content": prompt}]), 0)[1]
-    s, V = CodecSession(loaded.codec), loaded.codec.base_vocab_size
-    codes = s.encode(ids)
-    q.add_entries(s.take_new_entries(), s.candidate())
-    logits = q.forward(codes, list(range(len(codes))))
-    agree = 0
-    for t, code in enumerate(want):
-        x = logits.copy()
-        x[V + s.num_allowed_hyper():] = -np.inf
-        agree += int(np.argmax(x)) == code
-        s.push(code)
-        q.add_entries(s.take_new_entries(), s.candidate())
-        logits = q.forward([code], [len(codes) + t])
-    assert agree / len(want) >= 0.9, agree
+    assert teacher_forced_agreement(open_checkpoint(q_dir, n_threads=1).backend, loaded, want, prompt) >= 0.9
 
 
 def test_trim_and_rewind_match_a_fresh_run(gguf_dirs, ref_checkpoints):

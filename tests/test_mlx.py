@@ -13,6 +13,8 @@ import pytest
 pytest.importorskip("mlx_lm", reason='MLX backend: pip install "mlx[cpu]" mlx-lm')
 torch = pytest.importorskip("torch")
 
+from conftest import teacher_forced_agreement  # noqa: E402
+
 from backends.codec import CodecSession  # noqa: E402
 from backends.config import positions  # noqa: E402
 from backends.engine import GenerationSettings, Session, Token  # noqa: E402
@@ -96,22 +98,7 @@ def test_4bit_conversion_agrees_with_fp32(trained_ckpt, tmp_path):
     prompt = "def parse_args(self, args=None, namespace=None):"
     fp32 = greedy_codes(TorchBackend(loaded.model), loaded, 64, prompt)
     # teacher-forced: at each of the 64 steps, does the 4-bit model pick the fp32 model's code?
-    q4, _ = MLXBackend.open(dst)
-    session = Session(q4, loaded.tokenizer, loaded.codec, position_mode=loaded.config.position_mode)
-    ids = session._tokenize(session._render([{"role": "user", "content": prompt}]), 0)[1]
-    s, V = CodecSession(loaded.codec), loaded.codec.base_vocab_size
-    codes = s.encode(ids)
-    q4.add_entries(s.take_new_entries(), s.candidate())
-    logits = q4.forward(codes, list(range(len(codes))))
-    agree = 0
-    for t, code in enumerate(fp32):
-        masked = logits.copy()
-        masked[V + s.num_allowed_hyper():] = -np.inf
-        agree += int(np.argmax(masked)) == code
-        s.push(code)
-        q4.add_entries(s.take_new_entries(), s.candidate())
-        logits = q4.forward([code], [len(codes) + t])
-    assert agree / len(fp32) >= 0.9, f"{agree}/{len(fp32)}"
+    assert teacher_forced_agreement(MLXBackend.open(dst)[0], loaded, fp32, prompt) >= 0.9
 
 
 def test_converter_errors(ref_checkpoints, tmp_path, tokenizer_dir):

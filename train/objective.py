@@ -144,7 +144,7 @@ class ZipObjective(nn.Module):
             hyper = h.new_zeros(B, L, 0)
         cand = h.new_full((B, L, 1), float("-inf"))
         if self.causal and len(batch.cand_rows):
-            vc = m.out_encoder(batch.cand_rows, head.weight)  # (K, D)
+            vc = m.output_encoder_or_tied(batch.cand_rows, head.weight)  # (K, D)
             b, t = batch.cand_at[:, 0], batch.cand_at[:, 1]
             cand = cand.index_put((b, t, torch.zeros_like(b)), (h[b, t] * vc.to(h.dtype)).sum(-1))
         logits = torch.cat([base, hyper, cand], dim=-1)  # (B, L, V + n_max + 1)

@@ -202,6 +202,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
     metrics = MetricsLog(out, acc.is_main_process)
     bar = tqdm(total=cfg.optim.steps, initial=start, desc="train", disable=not acc.is_main_process)
     t_last, toks, codes_seen = time.perf_counter(), 0, 0
+    if start == 0 and len(data.val):  # the starting point, so the curve that follows can be judged
+        val0 = evaluate(acc.unwrap_model(objective), data, cfg, rows)
+        metrics.write({"step": 0, "val_lm_loss": round(val0, 5)})
+        say(f"step 0: held-out lm loss {val0:.4f} per code (before training; it should fall)")
     for step in range(start, cfg.optim.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)

@@ -42,7 +42,6 @@ class Loaded:
     tokenizer: Any
     config: Zip2ZipConfig
     codec: CodecConfig
-    path: Path
     base: str  # the base model actually loaded (resolved path, GGUF file or repo id)
 
 
@@ -59,14 +58,37 @@ def resolve(spec: str | os.PathLike) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
+        return Path(snapshot_download(str(spec), local_files_only=True))  # cached: no network at all
+    except LocalEntryNotFoundError:
+        pass
+    if not hub_reachable():
+        raise CheckpointError(
+            f"{spec} is not in the Hugging Face cache and the hub cannot be reached (offline, or "
+            f"HF_HUB_OFFLINE=1). Run `hf download {spec}` where you are online, or pass a local "
+            "directory.")
+    try:
         return Path(snapshot_download(str(spec)))
     except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"{spec} is not in the Hugging Face cache and the hub cannot be reached (offline or "
-            f"HF_HUB_OFFLINE=1). Run `hf download {spec}` where you are online, or pass a local "
-            "directory.") from None
+        raise CheckpointError(f"{spec} could not be fetched from the Hugging Face hub") from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"cannot fetch {spec} from the Hugging Face hub: {e}") from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all: a failing download retries for most of a minute, this
+    says no in seconds."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _base_spec(config: Zip2ZipConfig, ckpt: Path, override: str | os.PathLike | None) -> str:
@@ -111,6 +133,11 @@ def _load_encoders(model: Zip2ZipLM, ckpt: Path) -> None:
     if file is None:
         raise CheckpointError(f"{ckpt} has no hyper-encoder weights ({' or '.join(ENCODER_FILES)})")
     state = _read_safetensors(file)
+    for k, v in state.items():
+        if not v.is_floating_point():
+            raise CheckpointError(f"{file}: {k} is {v.dtype}, expected floating-point weights")
+        if not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{file}: {k} holds NaN or infinite values (a diverged training run?)")
     parts = {"input_encoder": model.input_encoder, "output_encoder": model.output_encoder}
     for prefix, module in parts.items():
         if module is None:
@@ -178,7 +205,7 @@ def load(spec: str | os.PathLike, *, base: str | os.PathLike | None = None,
     except ValueError as e:
         raise CheckpointError(f"{ckpt}: {e}") from None
     _load_encoders(model, ckpt)
-    return Loaded(model.eval(), tokenizer, config, config.codec_config(pad), ckpt, base_spec)
+    return Loaded(model.eval(), tokenizer, config, config.codec_config(pad), base_spec)
 
 
 def save(model: Zip2ZipLM, directory: str | os.PathLike, tokenizer: Any = None) -> Path:

@@ -91,14 +91,14 @@ class Zip2ZipLM(nn.Module):
         return self.lm.get_input_embeddings().weight.device
 
     @property
-    def out_encoder(self) -> nn.Module:
+    def output_encoder_or_tied(self) -> nn.Module:
         return self.output_encoder if self.output_encoder is not None else self.input_encoder
 
     def hyper_vectors(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, M) entry rows -> input vectors (N, D) and output vectors (N, D)."""
         emb = self.lm.get_input_embeddings().weight
         head = self.lm.get_output_embeddings().weight
-        return self.input_encoder(rows, emb), self.out_encoder(rows, head)
+        return self.input_encoder(rows, emb), self.output_encoder_or_tied(rows, head)
 
     @torch.no_grad()
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None,
@@ -110,7 +110,7 @@ class Zip2ZipLM(nn.Module):
         rows = torch.tensor(plan.rows, dtype=torch.long, device=self.device)  # (N, M)
         idx = torch.tensor(plan.slots, device=rows.device)
         # one output-encoder call for the new entries and the candidate (a decode step has both)
-        c.hyper_out[idx] = self.out_encoder(rows, self.lm.get_output_embeddings().weight).to(c.hyper_out.dtype)
+        c.hyper_out[idx] = self.output_encoder_or_tied(rows, self.lm.get_output_embeddings().weight).to(c.hyper_out.dtype)
         n = plan.n_new
         if n:
             emb = self.lm.get_input_embeddings().weight
@@ -170,7 +170,7 @@ class Zip2ZipLM(nn.Module):
         ts, rows = candidate_rows(masks, self.M, self.pad_id)
         cand = torch.zeros(0)
         if ts:
-            vc = self.out_encoder(torch.tensor(rows, device=h.device), head.weight)  # (K, D)
+            vc = self.output_encoder_or_tied(torch.tensor(rows, device=h.device), head.weight)  # (K, D)
             cand = (h[ts] * vc.to(h.dtype)).sum(-1)
         f = lambda x: x.float().cpu().numpy()  # noqa: E731
         return assemble(f(base), f(scores), masks, ts, f(cand), self.V, self.C)
@@ -202,7 +202,7 @@ class Zip2ZipLM(nn.Module):
         if cands:
             rows = entry_tensor([e for _, e in cands], self.M, self.pad_id, dev)
             with torch.no_grad():
-                vc = self.out_encoder(rows, self.lm.get_output_embeddings().weight)  # (K, D)
+                vc = self.output_encoder_or_tied(rows, self.lm.get_output_embeddings().weight)  # (K, D)
             ts = torch.tensor([t for t, _ in cands], device=dev)
             out[ts, self.V + torch.tensor(created, device=dev)[ts]] = (h[ts] * vc).sum(-1).to(out.dtype)
         return out
