@@ -51,10 +51,12 @@ class Stream:
     n_base: int = 0  # base tokens the codes stand for
     fed: int = 0
 
+    def next_positions(self, spans: Sequence[int]) -> list[int]:
+        """Positions the next codes would take if they stood for ``spans`` base tokens."""
+        return positions(spans, self.mode, len(self.codes) if self.mode == "compressed" else self.n_base)
+
     def next_position(self, span: int) -> int:
-        """Position the next code would take if it stood for ``span`` base tokens."""
-        start = len(self.codes) if self.mode == "compressed" else self.n_base
-        return positions([span], self.mode, start)[0]
+        return self.next_positions([span])[0]
 
     def append(self, code: int, span: int) -> None:
         self.positions.append(self.next_position(span))
@@ -137,7 +139,7 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
     """Decode from ``logits`` (the last fed position's) until a stop reason; see the docstring."""
     M = codec.config.max_merge_size
     n_base = 0
-    greedy = sampler.s.temperature == 0
+    greedy = getattr(getattr(sampler, "s", None), "temperature", None) == 0  # lookahead verifies argmax picks
 
     def accept(code: int, ids: tuple[int, ...], drafted: bool = False) -> Step:
         nonlocal n_base
@@ -193,11 +195,7 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
                 code = sampler.sample(logits, codec.num_allowed_hyper(), stream.codes[-window:])
                 continue
             sync_entries(backend, codec)
-            pos, p = [], Stream(stream.mode, [0] * len(stream.codes), [], stream.n_base)
-            for sp in spans:
-                pos.append(p.next_position(sp))
-                p.append(0, sp)
-            rows = backend.forward_all(seq, pos, masks)  # (len(seq), V + C)
+            rows = backend.forward_all(seq, stream.next_positions(spans), masks)  # (len(seq), V + C)
             history = stream.codes[-window:]
             kept, nxt = [code], None
             for i in range(1, len(seq) + 1):

@@ -85,7 +85,7 @@ def rt(request, loaded, ref_checkpoints, tmp_path_factory):
 
         dst = tmp_path_factory.mktemp("gguf") / "llama"
         convert(str(ref_checkpoints[("llama", "transformer", "compressed")][1]), dst)
-        return Runtime("llamacpp", lambda: open_checkpoint(dst, n_threads=1).backend, loaded.tokenizer,
+        return Runtime("llamacpp", lambda: open_checkpoint(dst, n_threads=1, exact=True).backend, loaded.tokenizer,
                        loaded.codec, loaded.config.position_mode)
     pytest.importorskip("mlx_lm", reason='MLX backend: pip install "mlx[cpu]" mlx-lm')
     from backends.mlx_backend.backend import MLXBackend

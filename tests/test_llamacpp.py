@@ -83,7 +83,7 @@ def test_logits_equal_torch_over_prefill_and_decode(ref_checkpoints, gguf_dirs, 
     loaded = checkpoint.load(ref_checkpoints[LLAMA][1])
     codes = stream(loaded.tokenizer, loaded.codec)
     assert sum(c >= loaded.codec.base_vocab_size for c in codes[20:]) >= 8  # hypertokens mid-stream
-    ours = run_stream(open_checkpoint(gguf_dirs[lora], n_threads=1).backend, codes, loaded.codec)
+    ours = run_stream(open_checkpoint(gguf_dirs[lora], n_threads=1, exact=True).backend, codes, loaded.codec)
     want = run_stream(TorchBackend(loaded.model), codes, loaded.codec)
     for a, b in zip(ours, want):
         assert np.array_equal(np.isfinite(a), np.isfinite(b))  # the same slots masked
@@ -102,14 +102,14 @@ def greedy(backend, loaded, n, prompt="Write code: x = x + 1; x = x + 1;"):
 def test_greedy_codes_equal_torch(ref_checkpoints, gguf_dirs):
     loaded = checkpoint.load(ref_checkpoints[LLAMA][1])
     a = greedy(TorchBackend(loaded.model), loaded, 32)
-    b = greedy(open_checkpoint(gguf_dirs["f32"], n_threads=1).backend, loaded, 32)
+    b = greedy(open_checkpoint(gguf_dirs["f32"], n_threads=1, exact=True).backend, loaded, 32)
     assert a == b and len(a) == 32
     assert any(c >= loaded.codec.base_vocab_size for c in a)
 
 
 def test_hidden_state_is_the_final_norm_output(gguf_dirs):
     """The module docstring's claim: llama.cpp's per-token embedding is what feeds the LM head."""
-    be = open_checkpoint(gguf_dirs["f32"], n_threads=1).backend
+    be = open_checkpoint(gguf_dirs["f32"], n_threads=1, exact=True).backend
     rows = be.embed_table[[5, 6, 7, 8]]
     logits, h = be.ctx.decode(rows, 0)
     np.testing.assert_allclose(be.head_table @ h, logits[: be.head_table.shape[0]], atol=1e-4)
@@ -123,15 +123,15 @@ def test_quantized_bases_agree_with_f32(trained_ckpt, tmp_path, qtype):
     convert(str(trained_ckpt), q_dir, qtype)
     assert (q_dir / "model.gguf").stat().st_size < (ref_dir / "model.gguf").stat().st_size
     prompt = "def parse_args(self, args=None, namespace=None):"
-    want = greedy(open_checkpoint(ref_dir, n_threads=1).backend, loaded, 64, prompt)
+    want = greedy(open_checkpoint(ref_dir, n_threads=1, exact=True).backend, loaded, 64, prompt)
     # teacher-forced: at each step, does the quantized model pick the f32 model's code?
-    assert teacher_forced_agreement(open_checkpoint(q_dir, n_threads=1).backend, loaded, want, prompt) >= 0.9
+    assert teacher_forced_agreement(open_checkpoint(q_dir, n_threads=1, exact=True).backend, loaded, want, prompt) >= 0.9
 
 
 def test_trim_and_rewind_match_a_fresh_run(gguf_dirs, ref_checkpoints):
     loaded = checkpoint.load(ref_checkpoints[LLAMA][1])
     codes = stream(loaded.tokenizer, loaded.codec)
-    be = open_checkpoint(gguf_dirs["f32"], n_threads=1).backend
+    be = open_checkpoint(gguf_dirs["f32"], n_threads=1, exact=True).backend
     full = run_stream(be, codes, loaded.codec)
     be.trim(10)  # back to len(codes) - 10 positions; re-feed the last 10 codes one by one
     s = CodecSession(loaded.codec)
@@ -190,7 +190,7 @@ def broken(gguf_dirs, tmp_path, how):
 def test_bad_files_are_clear_errors(gguf_dirs, tmp_path, how):
     d = broken(gguf_dirs, tmp_path, how)
     with pytest.raises((CheckpointError, RuntimeOpenError)):
-        open_checkpoint(d, n_threads=1)
+        open_checkpoint(d, n_threads=1, exact=True)
     r = subprocess.run([sys.executable, "-m", "app.cli", "--backend", "llamacpp", "--model", str(d), "--prompt", "hi"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 1, r.stderr
@@ -206,4 +206,4 @@ def test_vocabulary_mismatch_is_refused(gguf_dirs, tmp_path):
     cfg["compression"]["initial_vocab_size"] += 50
     (d / "zip2zip_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="tokenizer has"):
-        open_checkpoint(d, n_threads=1)
+        open_checkpoint(d, n_threads=1, exact=True)

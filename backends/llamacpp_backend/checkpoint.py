@@ -120,7 +120,7 @@ def _encoders(ckpt: Path, config: Zip2ZipConfig, pad: int, embed: np.ndarray, he
 
 
 def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n_threads: int | None = None,
-                    plain: bool = False, progress=lambda m: None) -> Opened:
+                    plain: bool = False, progress=lambda m: None, exact: bool = False) -> Opened:
     """Open ``path`` on llama.cpp (``plain``: its base GGUF alone, fed token ids)."""
     ckpt = Path(path)
     try:
@@ -157,7 +157,7 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
                 check_gguf(adapter, "adapter")
         except TensorFileError as e:
             raise CheckpointError(str(e)) from None
-    ctx = LlamaContext(model_path, adapter, n_ctx=n_ctx, n_threads=n_threads)
+    ctx = LlamaContext(model_path, adapter, n_ctx=n_ctx, n_threads=n_threads, exact=exact)
     codec = config.codec_config(pad)
     if plain:
         return Opened(PlainLlamaCppBackend(ctx, V), tok, config, codec, str(gguf_path))
