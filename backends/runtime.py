@@ -111,6 +111,19 @@ def mlx_conversion(model: str, base: str | None) -> str:
 def open_runtime(model: str | None = None, backend: str = "auto", device: str = "auto", dtype: str = "auto",
                  base: str | None = None, progress: Callable[[str], None] | None = None) -> Runtime:
     """Open ``model`` (a checkpoint directory, repo id or MLX conversion; None: the embedded default)."""
+    from .sources import SourceError, check_chat_template
+
+    rt = _open(model, backend, device, dtype, base, progress)
+    try:
+        check_chat_template(rt.tokenizer, rt.model_name)
+    except SourceError as e:
+        rt.backend.close()
+        raise RuntimeOpenError(str(e)) from None
+    return rt
+
+
+def _open(model: str | None, backend: str, device: str, dtype: str, base: str | None,
+          progress: Callable[[str], None] | None) -> Runtime:
     if model is None:
         from .assets import AssetError
         from .defaults import default_model

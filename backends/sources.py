@@ -47,6 +47,10 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             tok.save_pretrained(cached)
             return tok
+        d = Path(spec)
+        if d.is_dir() and not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise SourceError(f"{d} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json): "
+                              "copy them from the base model into it")
         return AutoTokenizer.from_pretrained(spec)
     except SourceError:
         raise
@@ -63,3 +67,13 @@ def context_length_of(config: Any, default: int = 2048) -> int:
     """The context window of a decoder config (a transformers config object or an mlx-lm dict)."""
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     return int(get("max_position_embeddings", None) or default)
+
+
+def check_chat_template(tokenizer: Any, where: str) -> None:
+    """Render a one-message conversation now, so a broken or missing chat template is an error at
+    load time that names its source, not a traceback at the first message."""
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - jinja2 and transformers raise several types here
+        raise SourceError(f"the chat template of {where} does not render ({type(e).__name__}: {e}); fix "
+                          "chat_template.jinja or the chat_template of tokenizer_config.json") from None
