@@ -18,9 +18,9 @@ The backend only sees codes, positions and new codebook entries::
 
     add_entries(entries, candidate)   # new (id, base ids); candidate: the valid new id, if any
     forward(codes, positions) -> np.ndarray   # logits of the last position, (V + C,)
+    forward_all(codes, positions, masks) -> np.ndarray   # (T, V + C), row t masked as after code t
+    drop_entries(keep)   # forget hyper entries with ids >= V + keep (a rewind, a rejected draft)
     trim(n); reset(); close(); context_length: int
-
-    drop_entries(keep)   # forget hyper entries with ids >= V + keep (after a rewind)
 
 A new turn continues the codebook and KV cache: nothing already fed is encoded or prefilled
 again. When the context is full the oldest turns are dropped (budgeted in positions, the unit
@@ -54,6 +54,8 @@ class Backend(Protocol):
     def add_entries(self, entries: Sequence[tuple[int, tuple[int, ...]]],
                     candidate: tuple[int, tuple[int, ...]] | None = None) -> None: ...
     def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray: ...
+    def forward_all(self, codes: Sequence[int], positions: Sequence[int],
+                    masks: Sequence[tuple[int, tuple[int, tuple[int, ...]] | None]]) -> np.ndarray: ...
     def trim(self, n: int) -> None: ...
     def drop_entries(self, keep: int) -> None: ...
     def reset(self) -> None: ...

@@ -14,9 +14,9 @@ and the benchmarks both drive:
   ``context``). ``max_tokens`` counts base tokens (what every other tool means by tokens): the
   loop stops at the code that reaches it.
 
-With ``lookahead=D`` (greedy sampling only) each step also drafts up to D codes by matching the
-stream's last codes against earlier parts of the conversation (``Drafter``), pushes them into the
-codec (marked, so they can be taken back), verifies them in one ``backend.forward_all`` and keeps
+With ``lookahead=D`` (greedy sampling only) each step also drafts up to D codes from the text that
+followed the latest earlier occurrence of the last 8 base tokens (``Drafter``), pushes them into
+the codec (marked, so they can be taken back), verifies them in one ``backend.forward_all`` and keeps
 the longest prefix the model itself would have produced, plus the model's own next code at the
 first mismatch. The KV cache, the codec and the backend's hyper slots of rejected codes are
 rolled back. The output is the same codes as without lookahead; only the number of forwards
