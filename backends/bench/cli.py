@@ -105,7 +105,10 @@ def cmd_answers(args: argparse.Namespace) -> int:
 
     rt = _runtime(args)
     plain = open_plain(rt, args.base, args.device, args.dtype)
-    rows = bench_quality.answers(rt, plain, bench_quality.PROMPTS[: args.limit or None], args.max_tokens, _progress)
+    from .compare import load_prompts
+
+    prompts = load_prompts(args.prompts)[: args.limit or None]
+    rows = bench_quality.answers(rt, plain, prompts, args.max_tokens, _progress)
     if args.markdown:
         Path(args.markdown).write_text(bench_quality.format_answers(rows))
         _progress(f"answers side by side: {args.markdown}")
@@ -179,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(an)
     an.add_argument("--max-tokens", type=int, default=160)
     an.add_argument("--limit", type=int, default=0, help="first N prompts only")
+    an.add_argument("--prompts", help="JSONL prompt set (default: the default model's evaluation set)")
     an.add_argument("--markdown", help="write the answers side by side to this file")
     an.set_defaults(func=cmd_answers)
     cp = sub.add_parser("compare", help="z2z-chat beside llama.cpp, transformers, prompt lookup and the reference")

@@ -5,9 +5,10 @@
   scores the base ids, the zip2zip model the window's LZW codes (fresh codebook per window, each
   position masked as inference masks it); both condition on the first token, and the bytes are
   those of the rest of the window. Also the compression (codes / base tokens).
-- ``answers``: both models answer a fixed prompt set greedily on the same backend; prints the
-  answers side by side with the input compression (prompt codes / tokens), the output
-  compression (emitted codes / base tokens of the reply) and decode speed in base tokens/s.
+- ``answers``: both models answer a prompt set (default: the default model's published evaluation
+  set, ``default_model/eval/prompts.jsonl``) greedily on the same backend; prints, per group, the
+  input and output compression (codes / base tokens), right answers where ``expect`` allows a
+  check, U+FFFD counts and decode speed; ``--markdown`` writes the replies side by side.
 """
 
 from __future__ import annotations
@@ -17,33 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-
-PROMPTS = [
-    ("code", "Write a Python function that checks whether a string is a palindrome."),
-    ("code", "Write a Python function that returns the n-th Fibonacci number."),
-    ("code", "Write a Python class for a stack with push, pop and peek."),
-    ("code", "Write a Python script that counts the words in a file."),
-    ("code", "Write a Python function that merges two sorted lists."),
-    ("code", "Write a Python function that computes the factorial of a number, recursively."),
-    ("code", "Write a function in Python that removes duplicates from a list, keeping the order."),
-    ("code", "Write Python code that reads a JSON file and prints its keys."),
-    ("qa", "What is the capital of France?"),
-    ("qa", "What is the largest ocean on Earth?"),
-    ("qa", "How many legs does a spider have?"),
-    ("qa", "What gas do plants absorb from the air?"),
-    ("qa", "Who painted the Mona Lisa?"),
-    ("qa", "What is 7 times 8?"),
-    ("qa", "What is the freezing point of water in Celsius?"),
-    ("explain", "Explain what a variable is in programming."),
-    ("explain", "Explain why the sky is blue in two sentences."),
-    ("explain", "Explain the difference between a list and a dictionary in Python."),
-    ("task", "List three benefits of regular exercise."),
-    ("task", "Write a short email inviting a colleague to lunch."),
-    ("task", "Give me a recipe for a simple omelette."),
-    ("task", "Translate 'good morning, how are you?' into French."),
-    ("task", "Summarize the story of Little Red Riding Hood in three sentences."),
-    ("task", "Write a haiku about the sea."),
-]
 
 
 def byte_perplexity(rt: Any, base_lm: Any, texts: dict[str, str], window: int, max_windows: int,
@@ -83,22 +57,32 @@ def byte_perplexity(rt: Any, base_lm: Any, texts: dict[str, str], window: int, m
     return rows
 
 
-def answers(rt: Any, plain: Any, prompts: Sequence[tuple[str, str]], max_tokens: int,
+def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: int,
             progress: Callable[[str], None]) -> list[dict]:
+    """Both models answer each prompt (a conversation: earlier turns answered first) greedily on
+    the same backend; per prompt: the final replies, their compression, speed, correctness against
+    ``expect`` and replacement characters (U+FFFD: bytes cut across a character)."""
     from ..engine import Done, GenerationSettings, Token
 
     out = []
-    for i, (kind, prompt) in enumerate(prompts):
-        row: dict[str, Any] = {"kind": kind, "prompt": prompt}
+    for i, p in enumerate(prompts):
+        turns, expect = p["turns"], p.get("expect", [])
+        row: dict[str, Any] = {"kind": p.get("group", ""), "prompt": " / ".join(turns)}
         for name, r in (("zip", rt), ("base", plain)):
             progress(f"answers {i + 1}/{len(prompts)}: {name}")
+            session, settings = r.session(), GenerationSettings(max_tokens=max_tokens)
+            for t in turns[:-1]:
+                list(session.send(t, settings))
             text, stats = [], None
-            for ev in r.session().send(prompt, GenerationSettings(max_tokens=max_tokens)):
+            for ev in session.send(turns[-1], settings):
                 if isinstance(ev, Token):
                     text.append(ev.text)
                 elif isinstance(ev, Done):
                     stats = ev.stats
-            row[f"{name}_answer"] = "".join(text).strip()
+            answer = "".join(text).strip()
+            row[f"{name}_answer"] = answer
+            row[f"{name}_correct"] = any(e.lower() in answer.lower() for e in expect) if expect else None
+            row[f"{name}_fffd"] = answer.count("\ufffd")
             row[f"{name}_reply_tokens"] = stats.reply_tokens
             row[f"{name}_reply_codes"] = stats.reply_codes
             row[f"{name}_prompt_tokens"] = stats.prompt_tokens
@@ -112,21 +96,29 @@ def summarize_answers(rows: list[dict]) -> list[dict]:
     def ratio(rs: list[dict], a: str, b: str) -> float:
         return sum(r[a] for r in rs) / max(1, sum(r[b] for r in rs))
 
+    def right(rs: list[dict], name: str) -> str:
+        checked = [r[f"{name}_correct"] for r in rs if r[f"{name}_correct"] is not None]
+        return f"{sum(checked)}/{len(checked)}" if checked else "-"
+
     out = []
     for kind in ["all"] + sorted({r["kind"] for r in rows}):
         rs = [r for r in rows if kind == "all" or r["kind"] == kind]
         out.append({"prompts": kind, "n": len(rs),
                     "input_codes_per_token": ratio(rs, "zip_prompt_codes", "zip_prompt_tokens"),
                     "output_codes_per_token": ratio(rs, "zip_reply_codes", "zip_reply_tokens"),
+                    "zip_correct": right(rs, "zip"), "base_correct": right(rs, "base"),
+                    "zip_fffd": sum(r["zip_fffd"] for r in rs), "base_fffd": sum(r["base_fffd"] for r in rs),
                     "zip_decode_tok_s": float(np.mean([r["zip_decode_tok_s"] for r in rs])),
                     "base_decode_tok_s": float(np.mean([r["base_decode_tok_s"] for r in rs]))})
     return out
 
 
 def format_answers(rows: list[dict]) -> str:
-    lines = []
+    lines = ["# Answers side by side", ""]
     for r in rows:
-        lines += [f"### [{r['kind']}] {r['prompt']}",
-                  f"- base ({r['base_reply_tokens']} tok): {r['base_answer'][:400]}",
-                  f"- zip2zip ({r['zip_reply_tokens']} tok in {r['zip_reply_codes']} codes): {r['zip_answer'][:400]}", ""]
+        mark = lambda c: "" if c is None else (" (right)" if c else " (wrong)")  # noqa: E731
+        lines += [f"### [{r['kind']}] {r['prompt'][:300]}",
+                  f"- base ({r['base_reply_tokens']} tok){mark(r['base_correct'])}: {r['base_answer'][:400]}",
+                  f"- zip2zip ({r['zip_reply_tokens']} tok in {r['zip_reply_codes']} codes){mark(r['zip_correct'])}: "
+                  f"{r['zip_answer'][:400]}", ""]
     return "\n".join(lines)
