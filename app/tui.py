@@ -195,6 +195,8 @@ class Z2ZChat(App):
         lv = self.query_one("#history", ListView)
         await lv.clear()
         await lv.extend(ConversationItem(c.id, c.title) for c in self.ctl.store.conversations())
+        if lv.children:
+            lv.index = 0  # Tab into the list, then Enter, opens a chat
 
     @guarded
     def on_list_view_selected(self, event: ListView.Selected) -> None:

@@ -251,6 +251,9 @@ class Session:
         pieces = self._render(self.messages + [{"role": "user", "content": user_text}])
         if "".join(p for p, _ in pieces).startswith(self.fed_text):
             text, ids = self._tokenize(pieces, len(self.fed_text))
+            # a message takes at most one position per base token: when that bound fits, no trial
+            if self.stream.next_positions([1] * len(ids) + [M])[-1] + reply_room <= ctx:
+                return 0, False, text, ids
             trial = CodecSession.from_dict(self.codec.to_dict())
             stream = Stream(self.position_mode, list(self.codes), list(self.positions), self.stream.n_base)
             stream.extend(trial.encode(ids), trial)

@@ -77,3 +77,17 @@ def check_chat_template(tokenizer: Any, where: str) -> None:
     except Exception as e:  # noqa: BLE001 - jinja2 and transformers raise several types here
         raise SourceError(f"the chat template of {where} does not render ({type(e).__name__}: {e}); fix "
                           "chat_template.jinja or the chat_template of tokenizer_config.json") from None
+
+
+def checkpoint_tokenizer(ckpt: Path, vocab_size: int, base_spec: str) -> tuple[Any, int]:
+    """The tokenizer of a checkpoint (its own files, else its base's) and its pad id, checked against
+    the config's ``initial_vocab_size``; ``SourceError`` names what does not fit."""
+    src = str(ckpt) if (Path(ckpt) / "tokenizer_config.json").is_file() else base_spec
+    tok = load_tokenizer(src)
+    if len(tok) != vocab_size:
+        raise SourceError(f"the tokenizer has {len(tok)} tokens but {Path(ckpt) / 'zip2zip_config.json'} says "
+                          f"initial_vocab_size={vocab_size}: wrong base model? (tokenizer from {src})")
+    pad = pad_id_of(tok)
+    if pad is None:
+        raise SourceError(f"the tokenizer of {src} has neither a pad nor an eos token")
+    return tok, pad

@@ -30,6 +30,7 @@ import multiprocessing as mp
 import resource
 import statistics
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,20 +83,12 @@ class Z2Z:
         self.lookahead = spec.lookahead
 
     def run(self, turns: list[str], max_tokens: int) -> dict[str, Any]:
-        from ..engine import Done, GenerationSettings, Token
+        from ..engine import GenerationSettings
+        from .quality import final_reply
 
-        s = self.rt.session()
-        settings = GenerationSettings(max_tokens=max_tokens, lookahead=self.lookahead)
-        for t in turns[:-1]:
-            list(s.send(t, settings))
-        text, done = [], None
-        for ev in s.send(turns[-1], settings):
-            if isinstance(ev, Token):
-                text.append(ev.text)
-            elif isinstance(ev, Done):
-                done = ev
-        st = done.stats
-        return {"text": "".join(text), "prompt_tokens": st.prompt_tokens, "prefill_s": st.prefill_s,
+        text, st = final_reply(self.rt.session(), turns,
+                               GenerationSettings(max_tokens=max_tokens, lookahead=self.lookahead))
+        return {"text": text, "prompt_tokens": st.prompt_tokens, "prefill_s": st.prefill_s,
                 "ttft_s": st.ttft_s, "reply_tokens": st.reply_tokens, "reply_codes": st.reply_codes,
                 "decode_s": st.decode_s}
 
@@ -109,15 +102,15 @@ def _prompt_ids(tok: Any, turns: list[str], replies: list[str]) -> list[int]:
     return tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
 
 
-class Stateless:
+class Stateless(ABC):
     """Engines that take the whole conversation as prompt ids each turn."""
 
     def __init__(self, tok: Any):
         self.tok = tok
 
+    @abstractmethod
     def generate(self, ids: list[int], max_tokens: int) -> tuple[list[int], float, float]:
         """(reply ids, seconds to the first token, seconds after it)."""
-        raise NotImplementedError
 
     def run(self, turns: list[str], max_tokens: int) -> dict[str, Any]:
         replies: list[str] = []

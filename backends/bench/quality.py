@@ -57,12 +57,27 @@ def byte_perplexity(rt: Any, base_lm: Any, texts: dict[str, str], window: int, m
     return rows
 
 
+def final_reply(session: Any, turns: Sequence[str], settings: Any) -> tuple[str, Any]:
+    """Send the turns of one conversation; the last reply's text and its ``TurnStats``."""
+    from ..engine import Done, Token
+
+    for t in turns[:-1]:
+        list(session.send(t, settings))
+    text, stats = [], None
+    for ev in session.send(turns[-1], settings):
+        if isinstance(ev, Token):
+            text.append(ev.text)
+        elif isinstance(ev, Done):
+            stats = ev.stats
+    return "".join(text), stats
+
+
 def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: int,
             progress: Callable[[str], None]) -> list[dict]:
     """Both models answer each prompt (a conversation: earlier turns answered first) greedily on
     the same backend; per prompt: the final replies, their compression, speed, correctness against
     ``expect`` and replacement characters (U+FFFD: bytes cut across a character)."""
-    from ..engine import Done, GenerationSettings, Token
+    from ..engine import GenerationSettings
 
     out = []
     for i, p in enumerate(prompts):
@@ -70,16 +85,8 @@ def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: 
         row: dict[str, Any] = {"kind": p.get("group", ""), "prompt": " / ".join(turns)}
         for name, r in (("zip", rt), ("base", plain)):
             progress(f"answers {i + 1}/{len(prompts)}: {name}")
-            session, settings = r.session(), GenerationSettings(max_tokens=max_tokens)
-            for t in turns[:-1]:
-                list(session.send(t, settings))
-            text, stats = [], None
-            for ev in session.send(turns[-1], settings):
-                if isinstance(ev, Token):
-                    text.append(ev.text)
-                elif isinstance(ev, Done):
-                    stats = ev.stats
-            answer = "".join(text).strip()
+            text, stats = final_reply(r.session(), turns, GenerationSettings(max_tokens=max_tokens))
+            answer = text.strip()
             row[f"{name}_answer"] = answer
             row[f"{name}_correct"] = any(e.lower() in answer.lower() for e in expect) if expect else None
             row[f"{name}_fffd"] = answer.count("\ufffd")

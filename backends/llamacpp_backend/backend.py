@@ -98,9 +98,11 @@ class LlamaCppBackend:
         base, h = self.ctx.decode(self._rows(codes), _start(positions))
         out = np.full(self.V + self.C, -np.inf, dtype=np.float32)  # (V + C,)
         out[: self.V] = base[: self.V]
-        live = self.slots.live
-        if live:
-            out[self.V:self.V + live] = np.where(self.slots.allowed()[:live], self.hyper_out[:live] @ h, -np.inf)
+        s = self.slots
+        if s.live:
+            out[self.V:self.V + s.live] = self.hyper_out[: s.live] @ h  # (live,)
+            if s.candidate is not None and s.candidate > s.n_created:  # slots between are not created yet
+                out[self.V + s.n_created:self.V + s.candidate] = -np.inf
         return out
 
     def trim(self, n: int) -> None:

@@ -29,7 +29,7 @@ from ..assets import cache_dir
 from ..codec import CodecConfig
 from ..config import CONFIG_NAME, ConfigError, Zip2ZipConfig
 from ..errors import Z2ZError
-from ..sources import SourceError, is_gguf, load_tokenizer, pad_id_of
+from ..sources import SourceError, checkpoint_tokenizer, is_gguf
 from .backend import LlamaCppBackend, PlainLlamaCppBackend
 from .context import LlamaContext
 from .encoders import build_encoder
@@ -132,15 +132,11 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
             f"{ckpt} uses position_mode {config.position_mode!r}: each code sits at the position of its last "
             "base token, and stock llama.cpp only accepts contiguous positions. Run it with --backend torch "
             "(or mlx on Apple silicon).")
+    V = config.compression.initial_vocab_size
     try:
-        tok = load_tokenizer(ckpt if (ckpt / "tokenizer_config.json").is_file() else config.base_model_name_or_path)
+        tok, pad = checkpoint_tokenizer(ckpt, V, base or config.base_model_name_or_path)
     except SourceError as e:
         raise CheckpointError(str(e)) from None
-    V = config.compression.initial_vocab_size
-    if len(tok) != V:
-        raise CheckpointError(f"the tokenizer has {len(tok)} tokens but {ckpt / CONFIG_NAME} says "
-                              f"initial_vocab_size={V}")
-    pad = pad_id_of(tok)
     gguf_path = _base_gguf(ckpt, config, base)
     try:
         meta, embed, head = model_tables(gguf_path)

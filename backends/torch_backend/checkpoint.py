@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..codec import CodecConfig
 from ..config import CONFIG_NAME, ConfigError, Zip2ZipConfig
 from ..errors import Z2ZError
-from ..sources import SourceError, is_gguf, load_tokenizer, pad_id_of
+from ..sources import SourceError, checkpoint_tokenizer, is_gguf
 from .model import Zip2ZipLM
 
 ENCODER_FILES = ("zip2zip_encoders.safetensors", "encoders.safetensors")
@@ -184,18 +184,10 @@ def load(spec: str | os.PathLike, *, base: str | os.PathLike | None = None,
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     base_spec = _base_spec(config, ckpt, base)
-    tok_src = str(ckpt) if (ckpt / "tokenizer_config.json").is_file() else base_spec
     try:
-        tokenizer = load_tokenizer(tok_src)
+        tokenizer, pad = checkpoint_tokenizer(ckpt, config.compression.initial_vocab_size, base_spec)
     except SourceError as e:
         raise CheckpointError(str(e)) from None
-    V = config.compression.initial_vocab_size
-    if len(tokenizer) != V:
-        raise CheckpointError(f"the tokenizer of {tok_src} has {len(tokenizer)} tokens but "
-                              f"{ckpt / CONFIG_NAME} says initial_vocab_size={V}: wrong base model?")
-    pad = pad_id_of(tokenizer)
-    if pad is None:
-        raise CheckpointError(f"the tokenizer of {tok_src} has neither a pad nor an eos token")
     device = torch.device(device)
     lm = load_base(base_spec, dtype, device)
     if (ckpt / ADAPTER_CONFIG).is_file() and base_spec != str(ckpt):
