@@ -46,6 +46,7 @@ from .detok import Detokenizer
 from .errors import SettingsError, Z2ZError
 from .generate import Stream, generate_codes, prefill, sync_entries
 from .sampling import Sampler, SamplingSettings
+from .utf8_guard import Utf8Guard
 
 
 class Backend(Protocol):
@@ -182,6 +183,7 @@ class Session:
         stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"),
                  tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.convert_tokens_to_ids("<|end|>")}
         self.stop_ids = {i for i in stops if isinstance(i, int) and 0 <= i < self.V and i != tokenizer.unk_token_id}
+        self.guard = Utf8Guard(tokenizer, self.V)
         self.reset()
 
     # --- state ------------------------------------------------------------------------------
@@ -313,7 +315,7 @@ class Session:
                                Sampler(settings.sampling, self.V), max_tokens=settings.max_tokens,
                                stop_ids=self.stop_ids, context_length=self.backend.context_length,
                                cancel=cancel, window=settings.sampling.repetition_window,
-                               lookahead=settings.lookahead)
+                               lookahead=settings.lookahead, guard=self.guard)
         try:
             for step in steps:
                 if stats.reply_codes == 0:

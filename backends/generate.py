@@ -22,6 +22,9 @@ first mismatch. The KV cache, the codec and the backend's hyper slots of rejecte
 rolled back. The output is the same codes as without lookahead; only the number of forwards
 changes. D adapts: it grows while drafts are accepted and shrinks when they are not.
 
+With a ``guard`` (``utf8_guard.Utf8Guard``), a code whose bytes would break UTF-8 (split a
+character) is refused and the sampler picks again without it.
+
 A backend is anything with the engine's ``Backend`` protocol (see ``engine.py``).
 """
 
@@ -37,6 +40,7 @@ import numpy as np
 from .codec import CodecSession
 from .config import positions
 from .sampling import Sampler
+from .utf8_guard import Utf8Guard
 
 PREFILL_CHUNK = 256  # codes per prefill forward: cancel latency vs per-call overhead
 
@@ -135,11 +139,27 @@ MAX_DRAFT = 8
 
 def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np.ndarray, sampler: Sampler, *,
                    max_tokens: int, stop_ids: set[int] | frozenset[int], context_length: int,
-                   cancel: threading.Event | None = None, window: int = 64, lookahead: int = 0) -> Iterator[Step]:
+                   cancel: threading.Event | None = None, window: int = 64, lookahead: int = 0,
+                   guard: Utf8Guard | None = None) -> Iterator[Step]:
     """Decode from ``logits`` (the last fed position's) until a stop reason; see the docstring."""
-    M = codec.config.max_merge_size
+    M, V = codec.config.max_merge_size, codec.config.base_vocab_size
     n_base = 0
     greedy = getattr(getattr(sampler, "s", None), "temperature", None) == 0  # lookahead verifies argmax picks
+
+    def pick(logits: np.ndarray, n: int, cand: tuple[int, tuple[int, ...]] | None, history: list[int]) -> int:
+        """The sampler's code among the ``n`` entries (+ the candidate); with a guard, codes that
+        would split a character are refused and the sampler picks again without them."""
+        allowed = n + (cand is not None)
+        code = sampler.sample(logits, allowed, history)
+        if guard is None:
+            return code
+        pending = guard.pending([i for c in history[-4:] for i in codec.expand(c)])
+        x = logits
+        while not guard.fits(pending, cand[1] if cand and code == cand[0] else codec.expand(code)):
+            x = np.array(logits, dtype=np.float32) if x is logits else x
+            x[code] = -np.inf
+            code = sampler.sample(x, allowed, history)
+        return code
 
     def accept(code: int, ids: tuple[int, ...], drafted: bool = False) -> Step:
         nonlocal n_base
@@ -159,7 +179,7 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
 
     if lookahead <= 0 or not greedy:
         while True:
-            code = sampler.sample(logits, codec.num_allowed_hyper(), stream.codes[-window:])
+            code = pick(logits, len(codec), codec.candidate(), stream.codes[-window:])
             step = accept(code, codec.push(code))
             yield step
             if step.reason is not None:
@@ -169,7 +189,7 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
             stream.fed = len(stream.codes)
 
     drafter, D, skip, wait = Drafter(), min(lookahead, 2), 0, 0  # D starts small and grows with acceptance
-    code = sampler.sample(logits, codec.num_allowed_hyper(), stream.codes[-window:])
+    code = pick(logits, len(codec), codec.candidate(), stream.codes[-window:])
     try:
         while True:
             mark = codec.mark()
@@ -192,7 +212,7 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
                 sync_entries(backend, codec)
                 logits = backend.forward([code], [stream.positions[-1]])
                 stream.fed = len(stream.codes)
-                code = sampler.sample(logits, codec.num_allowed_hyper(), stream.codes[-window:])
+                code = pick(logits, len(codec), codec.candidate(), stream.codes[-window:])
                 continue
             sync_entries(backend, codec)
             rows = backend.forward_all(seq, stream.next_positions(spans), masks)  # (len(seq), V + C)
@@ -200,7 +220,7 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
             kept, nxt = [code], None
             for i in range(1, len(seq) + 1):
                 n, cand = masks[i - 1]
-                m = sampler.sample(rows[i - 1], n + (cand is not None), (history + kept)[-window:])
+                m = pick(rows[i - 1], n, cand, (history + kept)[-window:])
                 if i == len(seq) or m != seq[i]:
                     nxt = m  # the model's own code after the accepted prefix
                     break

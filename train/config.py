@@ -86,6 +86,7 @@ class OptimSettings:
 @dataclass
 class TrainConfig:
     base_model: str = ""  # HF directory, repo id or .gguf
+    init_from: str = ""  # a zip2zip checkpoint whose LoRA and encoder weights start this run
     output: str = "out/run"
     max_codebook_size: int = 2048
     max_subtokens: int = 3

@@ -99,7 +99,32 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Built:
     pad = pad_id_of(tok)
     torch.manual_seed(cfg.seed)
     model = Zip2ZipLM(zcfg, lm, pad)
+    if cfg.init_from:
+        init_from(model, Path(cfg.init_from))
     return Built(model, tok, tok_dir)
+
+
+def init_from(model: Zip2ZipLM, ckpt: Path) -> None:
+    """Start from a trained checkpoint's encoders and LoRA weights (continued training); its
+    encoder and compression settings must be the recipe's."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    theirs = Zip2ZipConfig.load(ckpt) if ckpt.is_dir() else None
+    if theirs is None:
+        raise TrainConfigError(f"init_from: {ckpt} is not a zip2zip checkpoint directory")
+    ours = model.config
+    for key in ("encoder_type", "encoder", "compression", "position_mode"):
+        if getattr(theirs, key) != getattr(ours, key):
+            raise TrainConfigError(f"init_from: {ckpt} has {key} {getattr(theirs, key)}, the recipe "
+                                   f"{getattr(ours, key)}; make the recipe match the checkpoint")
+    checkpoint.load_encoders(model, ckpt)
+    adapter = ckpt / "adapter_model.safetensors"
+    if hasattr(model.lm, "peft_config") and adapter.is_file():
+        result = set_peft_model_state_dict(model.lm, load_file(adapter))
+        if result.unexpected_keys:
+            raise TrainConfigError(f"init_from: {adapter} has weights the recipe's LoRA lacks: "
+                                   f"{result.unexpected_keys[:3]}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

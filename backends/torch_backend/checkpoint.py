@@ -128,7 +128,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def _load_encoders(model: Zip2ZipLM, ckpt: Path) -> None:
+def load_encoders(model: Zip2ZipLM, ckpt: Path) -> None:
     file = next((ckpt / n for n in ENCODER_FILES if (ckpt / n).is_file()), None)
     if file is None:
         raise CheckpointError(f"{ckpt} has no hyper-encoder weights ({' or '.join(ENCODER_FILES)})")
@@ -196,7 +196,7 @@ def load(spec: str | os.PathLike, *, base: str | os.PathLike | None = None,
         model = Zip2ZipLM(config, lm, pad)
     except ValueError as e:
         raise CheckpointError(f"{ckpt}: {e}") from None
-    _load_encoders(model, ckpt)
+    load_encoders(model, ckpt)
     return Loaded(model.eval(), tokenizer, config, config.codec_config(pad), base_spec)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -123,25 +124,21 @@ def chat_prompts(n: int, rng: random.Random) -> list[str]:
 
 
 def generate_chat(prompts: list[str], gguf: Path, log) -> list[dict]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The base model's greedy answers, written by llama.cpp (5x torch's speed on a CPU) from the
+    prompt as the tokenizer's chat template renders it."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    tok.padding_side = "left"
+    llm = Llama(str(gguf), n_ctx=1024, n_threads=os.cpu_count(), verbose=False, seed=0)
     records = []
-    for i in range(0, len(prompts), 8):
-        batch = prompts[i:i + 8]
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in batch]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = lm.generate(**enc, max_new_tokens=220, do_sample=False, repetition_penalty=1.1,
-                              pad_token_id=tok.pad_token_id)
-        for p, ids in zip(batch, out[:, enc["input_ids"].shape[1]:]):
-            answer = tok.decode(ids, skip_special_tokens=True).strip()
-            records.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answer}]})
-        log(f"chat: {len(records)}/{len(prompts)} answers")
+    for i, p in enumerate(prompts, 1):
+        prompt = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        out = llm.create_completion(prompt, max_tokens=220, temperature=0.0, repeat_penalty=1.1)
+        answer = out["choices"][0]["text"].strip()
+        records.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answer}]})
+        if i % 8 == 0 or i == len(prompts):
+            log(f"chat: {i}/{len(prompts)} answers")
     return records
 
 
