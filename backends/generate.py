@@ -142,7 +142,7 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
                    cancel: threading.Event | None = None, window: int = 64, lookahead: int = 0,
                    guard: Utf8Guard | None = None) -> Iterator[Step]:
     """Decode from ``logits`` (the last fed position's) until a stop reason; see the docstring."""
-    M, V = codec.config.max_merge_size, codec.config.base_vocab_size
+    M = codec.config.max_merge_size
     n_base = 0
     greedy = getattr(getattr(sampler, "s", None), "temperature", None) == 0  # lookahead verifies argmax picks
 
