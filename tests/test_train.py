@@ -158,6 +158,66 @@ def test_two_processes_equal_one_with_the_same_global_batch(trained, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
+def run_fsdp_pair(recipe: Path, tmp: Path, *over: str):
+    """The same 3 steps on 1 process (2 accumulated micro-batches) and sharded over 2 (1 each)."""
+    common = ["--optim.steps", "3", "--optim.tokens_per_batch", "128", *over]
+    one = run_train(recipe, "--output", str(tmp / "one"), *common)
+    two = run_train(recipe, "--output", str(tmp / "fsdp"), "--fsdp", "true", *common, procs=2)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "sharded over 2 processes" in two.stdout + two.stderr
+    return one, two
+
+
+def losses(run: Path) -> list[float]:
+    return [m["loss"] for m in metrics(run) if "loss" in m]
+
+
+@pytest.mark.slow
+def test_fsdp_equals_one_process_and_saves_the_same_checkpoint(trained, tmp_path):
+    """FSDP2 over 2 gloo processes: same loss curve and weights as 1 process with the same global
+    batch; the checkpoint it gathers loads in our backend with the single run's logits."""
+    _, recipe, _ = trained
+    run_fsdp_pair(recipe, tmp_path)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "fsdp"), abs=1e-4)
+    a = torch.load(tmp_path / "one" / "state.pt", weights_only=False)["trainable"]
+    b = torch.load(tmp_path / "fsdp" / "state.pt", weights_only=False)["trainable"]
+    assert a.keys() == b.keys() and all(type(v) is torch.Tensor for v in b.values())  # whole tensors, no shards
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
+    codes = [5, 6, 7, 5, 6, 7, 5, 6, 7, 8]
+    logits = []
+    for run in ("one", "fsdp"):
+        loaded = checkpoint.load(tmp_path / run / "final")
+        with torch.no_grad():
+            logits.append(loaded.model.sequence_logits(codes, CodecSession(loaded.codec)))
+    fin = torch.isfinite(logits[0])
+    assert torch.equal(fin, torch.isfinite(logits[1]))
+    assert (logits[0][fin] - logits[1][fin]).abs().max() < 1e-3
+
+
+@pytest.mark.slow
+def test_fsdp_resume_reproduces_the_uninterrupted_run(trained, tmp_path):
+    """Interrupted after step 1 and resumed, sharded: the optimizer state goes back into the shards."""
+    _, recipe, _ = trained
+    _, full = run_fsdp_pair(recipe, tmp_path / "full")
+    out = tmp_path / "resumed"
+    common = ["--output", str(out), "--fsdp", "true", "--optim.steps", "3", "--optim.tokens_per_batch", "128"]
+    r = run_train(recipe, *common, "--stop_at", "1", procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(recipe, *common, procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stdout + r.stderr
+    assert losses(out) == pytest.approx(losses(tmp_path / "full" / "fsdp"), abs=1e-5)
+
+
+def test_fsdp_on_one_process_is_a_clear_error(trained, tmp_path):
+    _, recipe, _ = trained
+    r = run_train(recipe, "--output", str(tmp_path / "x"), "--fsdp", "true", "--optim.steps", "1")
+    assert r.returncode == 2
+    assert "fsdp = true needs several processes" in r.stderr
+
+
 # --- config and data ---------------------------------------------------------------------------
 
 

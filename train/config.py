@@ -102,6 +102,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
     compile: bool = False
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2)
     dtype: str = "float32"  # base weights: float32 | bfloat16
     push_to_hub: str = ""
     data: DataConfig = field(default_factory=DataConfig)

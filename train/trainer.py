@@ -36,6 +36,7 @@ from backends.torch_backend.model import Zip2ZipLM
 from .config import LORA_PRESETS, TrainConfig, TrainConfigError
 from .data import Prepared, prepare
 from .objective import ZipObjective, collate
+from .sharding import gather_trainable, load_optimizer_state, load_trainable, optimizer_state, reshard, shard
 
 
 @dataclass
@@ -209,11 +210,21 @@ def train(cfg: TrainConfig, log=print) -> Path:
     objective = ZipObjective(model, cfg.recon_lambda, cfg.causal_codebook)
     if cfg.compile:
         model.lm.get_decoder().compile()
-    params = [p for p in objective.parameters() if p.requires_grad]
-    say(f"trainable parameters: {sum(p.numel() for p in params):,} of {sum(p.numel() for p in objective.parameters()):,}")
-    opt = torch.optim.AdamW(params, lr=cfg.optim.max_lr, weight_decay=cfg.optim.weight_decay)
-    objective, opt = acc.prepare(objective, opt)
     world, rank = acc.num_processes, acc.process_index
+    say(f"trainable parameters: {sum(p.numel() for p in objective.parameters() if p.requires_grad):,} "
+        f"of {sum(p.numel() for p in objective.parameters()):,}")
+    if cfg.fsdp:
+        if world < 2:
+            raise TrainConfigError("fsdp = true needs several processes: accelerate launch --num_processes N "
+                                   "(or torchrun --nproc_per_node N)")
+        shard(objective, acc.device, cfg.mixed_precision)
+        say(f"fsdp: every weight, gradient and optimizer state sharded over {world} processes")
+    params = [p for p in objective.parameters() if p.requires_grad]  # after sharding: the sharded ones
+    opt = torch.optim.AdamW(params, lr=cfg.optim.max_lr, weight_decay=cfg.optim.weight_decay)
+    if cfg.fsdp:
+        opt = acc.prepare(opt)
+    else:
+        objective, opt = acc.prepare(objective, opt)
     micro = cfg.optim.micro_batch_size
     ga = max(1, round(cfg.optim.tokens_per_batch / (cfg.data.seq_len * micro * world)))
     order = Order(len(data.train), micro, cfg.seed)
@@ -223,7 +234,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     def rows(idx: np.ndarray, arr: np.ndarray, lens: np.ndarray):
         return collate([(arr[i].tolist(), int(lens[i])) for i in idx], codec, cfg.position_mode).to(acc.device)
 
-    start = resume(out / "state.pt", acc.unwrap_model(objective), opt, say)
+    start = resume(out / "state.pt", acc.unwrap_model(objective), opt.optimizer, say)
     metrics = MetricsLog(out, acc.is_main_process)
     bar = tqdm(total=cfg.optim.steps, initial=start, desc="train", disable=not acc.is_main_process)
     t_last, toks, codes_seen = time.perf_counter(), 0, 0
@@ -307,38 +318,42 @@ def evaluate(objective: ZipObjective, data: Prepared, cfg: TrainConfig, rows) ->
         weight += w
     objective.train(was)
     objective.causal = causal
+    reshard(objective)
     return total / max(weight, 1)
 
 
 def save(acc, objective, opt, built: Built, out: Path, step: int, final: bool) -> None:
-    """A zip2zip checkpoint, and ``state.pt`` (trainable weights, optimizer, RNG) to resume from."""
+    """A zip2zip checkpoint, and ``state.pt`` (trainable weights, optimizer, RNG) to resume from;
+    whole tensors, gathered from the shards under FSDP (every process takes part)."""
     acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(objective)
+    trainable = gather_trainable(unwrapped)
+    optim = optimizer_state(unwrapped, opt.optimizer)
     if acc.is_main_process:
-        unwrapped = acc.unwrap_model(objective)
-        trainable = {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
         tmp = out / "state.pt.tmp"
-        torch.save({"step": step, "trainable": trainable, "optimizer": opt.state_dict(),
-                    "rng": torch.get_rng_state()}, tmp)
+        torch.save({"step": step, "trainable": trainable, "optimizer": optim, "rng": torch.get_rng_state()}, tmp)
         tmp.replace(out / "state.pt")  # atomic: an interrupted save leaves the previous state
+        model_full = {k.removeprefix("model."): v for k, v in trainable.items() if k.startswith("model.")}
         for name in [f"checkpoint-{step}"] + (["final"] if final else []):
-            checkpoint.save(unwrapped.model, out / name, built.tokenizer)
+            checkpoint.save(unwrapped.model, out / name, built.tokenizer, full=model_full)
     acc.wait_for_everyone()
 
 
-def resume(path: Path, objective: nn.Module, opt, say) -> int:
+def resume(path: Path, objective: nn.Module, opt: torch.optim.Optimizer, say) -> int:
     """Load ``state.pt`` if a previous run left one; returns the step to continue from."""
     if not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=False)
-    params = dict(objective.named_parameters())
-    missing = set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad}
+    want = {n for n, p in objective.named_parameters() if p.requires_grad}
+    missing = set(state["trainable"]) ^ want
     if missing:
         raise TrainConfigError(f"{path} was written by a different model/config (mismatched parameters "
                                f"{sorted(missing)[:3]}); use a new output directory")
-    with torch.no_grad():
-        for n, v in state["trainable"].items():
-            params[n].copy_(v)
-    opt.load_state_dict(state["optimizer"])
+    load_trainable(objective, state["trainable"])
+    if all(isinstance(k, int) for k in state["optimizer"]["state"]):  # an unsharded run's state.pt of v0.3
+        opt.load_state_dict(state["optimizer"])
+    else:
+        load_optimizer_state(objective, opt, state["optimizer"])
     torch.set_rng_state(state["rng"])
     say(f"resuming from {path} at step {state['step']}")
     return int(state["step"])

@@ -200,17 +200,25 @@ def load(spec: str | os.PathLike, *, base: str | os.PathLike | None = None,
     return Loaded(model.eval(), tokenizer, config, config.codec_config(pad), base_spec)
 
 
-def save(model: Zip2ZipLM, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """Write config, encoders, and the LoRA adapter if the decoder carries one (unmerged)."""
+def save(model: Zip2ZipLM, directory: str | os.PathLike, tokenizer: Any = None,
+         full: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config, encoders, and the LoRA adapter if the decoder carries one (unmerged).
+
+    ``full``: whole tensors by ``model.named_parameters()`` name, used in place of the model's own
+    parameters (a sharded training run gathers them first: its parameters hold one shard each)."""
+    full = full or {}
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model.config.save(out)
-    state = {f"input_encoder.{k}": v for k, v in model.input_encoder.state_dict().items()}
-    if model.output_encoder is not None:
-        state |= {f"output_encoder.{k}": v for k, v in model.output_encoder.state_dict().items()}
+    state = {}
+    for part in ("input_encoder", "output_encoder"):
+        module = getattr(model, part)
+        if module is not None:
+            state |= {f"{part}.{k}": full.get(f"{part}.{k}", v) for k, v in module.state_dict().items()}
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, out / ENCODER_FILES[0])
     if hasattr(model.lm, "peft_config"):
-        model.lm.save_pretrained(out)
+        lm_full = {k.removeprefix("lm."): v for k, v in full.items() if k.startswith("lm.")}
+        model.lm.save_pretrained(out, state_dict=lm_full or None)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
