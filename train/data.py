@@ -1,21 +1,26 @@
 """Training data: documents -> base ids -> LZW-compressed sequences of ``seq_len + 1`` codes.
 
-Sources: local text files (a file, a directory or a glob; one document per file), JSONL (a text
-field, or ``messages`` for chat records rendered with the tokenizer's chat template), Parquet,
-and Hugging Face datasets (``hf:name[:config]``, streamed; offline is a clear error).
+Sources, all read through the ``datasets`` library and streamed: local text files (a file, a
+directory or a glob; one document per file), JSONL and Parquet (a text field, or a ``messages``
+column of chat records rendered with the tokenizer's chat template), and Hugging Face datasets
+(``hf:name[:config]``; read only until they have given their share of ``total_codes``; an
+unreachable hub is an error in seconds).
 
 Each source's documents are tokenized, each followed by end-of-sequence (a disabled id, so no
 hypertoken spans two documents), concatenated, and cut into sequences of exactly
 ``seq_len + 1`` codes, each compressed with a fresh codebook (the count is in codes, not base
 tokens; the last piece of a source is right-padded). Sources are mixed by weight; a held-out
 split is set aside. Work runs in parallel processes with a progress bar, and the result is
-cached on disk keyed by everything that determines it.
+cached on disk keyed by everything that determines it. The result is a pure function of the
+config, the files and the seed: every process (and node) gets the same sequences, and the trainer
+deals them out by step and rank, so sharding across ranks and resume positions are exact.
 """
 
 from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -67,59 +72,66 @@ def _format(src: Source, f: Path) -> str:
 
 
 def iter_documents(src: Source) -> Iterator[str | list[dict[str, str]]]:
-    """Raw documents of a source: a string, or a list of chat messages."""
+    """Raw documents of a source, streamed: a string, or a list of chat messages."""
     n = 0
-    for doc in _iter_raw(src):
+    for doc in _stream(src):
         yield doc
         n += 1
         if src.max_docs and n >= src.max_docs:
             return
 
 
-def _iter_raw(src: Source) -> Iterator[Any]:
-    if src.format == "hf" or src.path.startswith("hf:"):
-        yield from _iter_hf(src)
-        return
-    for f in _files(src.path):
-        fmt = _format(src, f)
-        if fmt == "text":
-            yield f.read_text(encoding="utf-8", errors="replace")
-        elif fmt == "jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for i, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{f}:{i}: not JSON ({e})") from None
-                    yield rec.get("messages", rec.get(src.field)) if isinstance(rec, dict) else None
-        elif fmt == "parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise DataError("reading Parquet needs pyarrow: pip install pyarrow") from None
-            table = pq.read_table(f)
-            col = "messages" if "messages" in table.column_names else src.field
-            if col not in table.column_names:
-                raise DataError(f"{f}: no column {src.field!r} (columns: {table.column_names})")
-            yield from table.column(col).to_pylist()
+def _document(rec: dict[str, Any], field: str) -> Any:
+    """The text field, or a chat column (``messages``, or ``field`` holding a list of messages)."""
+    return rec["messages"] if isinstance(rec.get("messages"), list) else rec.get(field)
 
 
-def _iter_hf(src: Source) -> Iterator[Any]:
-    name = src.path.removeprefix("hf:")
-    name, _, conf = name.partition(":")
+def _stream(src: Source) -> Iterator[Any]:
+    """Documents through the ``datasets`` library, streamed (nothing is loaded whole): local text
+    files (one document per file), JSONL and Parquet, or a Hugging Face dataset id."""
     try:
         import datasets
     except ImportError:
-        raise DataError("Hugging Face datasets need the datasets package: pip install datasets") from None
+        raise DataError('reading training data needs the datasets package: pip install "z2z-chat[train]"') from None
+    datasets.disable_progress_bars()
+    if src.format == "hf" or src.path.startswith("hf:"):
+        yield from _stream_hub(src, datasets)
+        return
+    by_format: dict[str, list[str]] = {}
+    for f in _files(src.path):
+        by_format.setdefault(_format(src, f), []).append(str(f))
+    for fmt, files in by_format.items():
+        if fmt == "jsonl":
+            for f in files:  # one file at a time, so a bad line can be named
+                ds = datasets.load_dataset("json", data_files=f, split="train", streaming=True)
+                try:
+                    yield from (_document(r, src.field) for r in ds)
+                except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+                    raise DataError(f"{f}: not JSON lines ({e.__cause__ or e})") from None
+            continue
+        if fmt == "text":
+            ds = datasets.load_dataset("text", data_files=files, split="train", streaming=True,
+                                       sample_by="document", encoding_errors="replace")
+            yield from (r["text"] for r in ds)
+            continue
+        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+        if src.field not in (ds.column_names or []) and "messages" not in (ds.column_names or []):
+            raise DataError(f"{src.path}: no column {src.field!r} (columns: {ds.column_names})")
+        yield from (_document(r, src.field) for r in ds)
+
+
+def _stream_hub(src: Source, datasets: Any) -> Iterator[Any]:
+    from backends.torch_backend.checkpoint import hub_reachable
+
+    name, _, conf = src.path.removeprefix("hf:").partition(":")
+    if not hub_reachable():  # fail in seconds, not after a minute of retries
+        raise DataError(f"cannot reach the Hugging Face hub for the dataset {name}; where the machine is "
+                        "offline, download it elsewhere (e.g. to Parquet) and list the local files instead")
     try:
-        ds = datasets.load_dataset(name, conf or None, split=src.split, streaming=True)
-        for rec in ds:
-            yield rec.get("messages", rec.get(src.field))
+        yield from (_document(r, src.field) for r in
+                    datasets.load_dataset(name, conf or None, split=src.split, streaming=True))
     except (ConnectionError, OSError, ValueError) as e:
-        raise DataError(f"cannot read the Hugging Face dataset {name} ({e}); offline? Download it "
-                        "where you are online or use local files") from None
+        raise DataError(f"cannot read the Hugging Face dataset {name} ({e})") from None
 
 
 def tokenize_document(tok: Any, doc: Any, eos: int) -> list[int] | None:
@@ -204,27 +216,36 @@ def prepare(cfg: DataConfig, codec: CodecConfig, tok_dir: str, cache_dir: Path, 
                         int(z["codes"]), int(z["skipped"]))
     length = cfg.seq_len + 1
     workers = cfg.num_workers or os.cpu_count() or 1
+    weights = [s.weight for s in cfg.sources]
     per_source, base_tokens, skipped = [], 0, 0
     with ProcessPoolExecutor(workers) as pool:
-        for src in cfg.sources:
-            docs = list(iter_documents(src))
-            if not docs:
-                raise DataError(f"data source {src.path}: no documents")
-            chunks = [docs[i:i + 64] for i in range(0, len(docs), 64)]
+        for src, w in zip(cfg.sources, weights):
+            # a hub dataset is read only until it has given its share of total_codes (it can be far
+            # larger than a run needs); 10% more leaves room for the held-out split
+            hub = src.format == "hf" or src.path.startswith("hf:")
+            budget = int(1.1 * cfg.total_codes * w / sum(weights)) if cfg.total_codes and hub else 0
             seqs: list[list[int]] = []
-            jobs = pool.map(_work, [(tok_dir, c, codec.to_dict(), length) for c in chunks])
-            for s, n, k in tqdm(jobs, total=len(chunks), desc=f"compress {Path(src.path).name}", unit="chunk"):
-                seqs += s
-                base_tokens += n
-                skipped += k
+            got = 0
+            bar = tqdm(desc=f"compress {Path(src.path).name}", unit="doc")
+            docs = iter_documents(src)
+            while not budget or got < budget:
+                chunks = [c for c in (list(itertools.islice(docs, 64)) for _ in range(4 * workers)) if c]
+                if not chunks:
+                    break
+                for (s, n, k), c in zip(pool.map(_work, [(tok_dir, c, codec.to_dict(), length) for c in chunks]), chunks):
+                    seqs += s
+                    got += sum(map(len, s))
+                    base_tokens += n
+                    skipped += k
+                    bar.update(len(c))
+            bar.close()
             if not seqs:
-                raise DataError(f"data source {src.path}: every document was empty or skipped")
+                raise DataError(f"data source {src.path}: no documents, or every one was empty or skipped")
             per_source.append(seqs)
     codes = sum(len(q) for seqs in per_source for q in seqs)
     rng = random.Random(seed)
     total = sum(map(len, per_source))
     want_total = (cfg.total_codes // length) if cfg.total_codes else total
-    weights = [s.weight for s in cfg.sources]
     mixed = []
     for seqs, w in zip(per_source, weights):
         n = max(1, round(want_total * w / sum(weights)))

@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     built = build_model(cfg, acc.device)
     model, codec = built.model, built.model.config.codec_config(built.model.pad_id)
-    with acc.main_process_first():
+    with acc.local_main_process_first():  # prepare is deterministic: each node may build its own cache
         data: Prepared = prepare(cfg.data, codec, str(built.tokenizer_dir),
                                  Path(cfg.data.cache_dir or out / "data-cache"), cfg.seed, log=say)
     objective = ZipObjective(model, cfg.recon_lambda, cfg.causal_codebook)
