@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -216,6 +217,23 @@ def test_fsdp_on_one_process_is_a_clear_error(trained, tmp_path):
     r = run_train(recipe, "--output", str(tmp_path / "x"), "--fsdp", "true", "--optim.steps", "1")
     assert r.returncode == 2
     assert "fsdp = true needs several processes" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, tol", [("gradient_checkpointing", 1e-5), ("mixed_precision", 0.05), ("compile", 1e-3)])
+def test_memory_and_speed_options_train_like_the_plain_run(trained, tmp_path, flag, tol):
+    """Gradient checkpointing recomputes the same numbers; bf16 autocast stays within 5% of fp32
+    and keeps fp32 master weights; torch.compile (inductor on the CPU) computes the same loss."""
+    tmp, recipe, _ = trained
+    value = "bf16" if flag == "mixed_precision" else "true"
+    r = run_train(recipe, "--output", str(tmp_path / flag), f"--{flag}", value, "--stop_at", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = losses(tmp / "run")[:4]
+    got = losses(tmp_path / flag)
+    assert len(got) == 4 and all(math.isfinite(x) for x in got)
+    assert got == pytest.approx(plain, rel=tol, abs=tol)
+    weights = torch.load(tmp_path / flag / "state.pt", weights_only=False)["trainable"]
+    assert {v.dtype for v in weights.values()} == {torch.float32}
 
 
 # --- config and data ---------------------------------------------------------------------------
