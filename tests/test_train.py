@@ -362,3 +362,14 @@ def test_bad_sources_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="cannot reach the Hugging Face hub for the dataset nobody/nothing"):
         list(iter_documents(Source(path="hf:nobody/nothing")))
     assert time.perf_counter() - t0 < 10  # no minute of retries
+
+
+def test_gpu_check_reports_throughput_memory_and_loss(trained, tmp_path):
+    _, recipe, _ = trained
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "Z2Z_GPU_CHECK_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "train.gpu_check", str(recipe), "--steps", "3", "--recipe-data"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ("on 1 x CPU", "throughput:", "base tokens/s", "peak memory:", "loss:", "held-out lm loss"):
+        assert line in r.stdout, r.stdout
+    assert not (tmp_path / "z2z-gpu-check").exists()  # its output is temporary

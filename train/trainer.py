@@ -268,7 +268,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 sums = {k: acc.reduce(torch.tensor(v, device=acc.device), "mean").item() for k, v in sums.items()}
             dt = time.perf_counter() - t_last
             row = {"step": done, **{k: round(v, 5) for k, v in sums.items()}, "lr": lr_at(step, cfg),
-                   "tokens_per_s": round(toks * world / dt, 1), "compression": round(codes_seen / max(toks, 1), 4)}
+                   "tokens_per_s": round(toks * world / dt, 1), "compression": round(codes_seen / max(toks, 1), 4),
+                   "peak_memory_mb": round(peak_memory_mb(acc.device))}
             metrics.write(row)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             t_last, toks, codes_seen = time.perf_counter(), 0, 0
@@ -285,6 +286,17 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if cfg.push_to_hub and acc.is_main_process and (out / "final").is_dir():
         push_to_hub(out / "final", cfg.push_to_hub, say)
     return out / "final"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak: CUDA memory allocated by torch, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
 def push_to_hub(folder: Path, repo_id: str, say) -> None:
