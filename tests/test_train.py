@@ -212,6 +212,22 @@ def test_fsdp_resume_reproduces_the_uninterrupted_run(trained, tmp_path):
     assert losses(out) == pytest.approx(losses(tmp_path / "full" / "fsdp"), abs=1e-5)
 
 
+@pytest.mark.slow
+def test_accelerate_launch_with_the_shipped_config(trained, tmp_path):
+    """The README's 8-GPU command scaled to 2 processes on a machine without GPUs (the trainer then
+    uses gloo): accelerate's launcher reads our config file and the run shards with FSDP."""
+    _, recipe, _ = trained
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "train/recipes/accelerate/one-node.yaml"), "--num_processes", "2",
+           "--main_process_port", "29519", "-m", "train", str(recipe), "--output", str(tmp_path / "acc"),
+           "--fsdp", "true", "--optim.steps", "2", "--optim.tokens_per_batch", "128"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sharded over 2 processes" in r.stdout + r.stderr
+    assert (tmp_path / "acc" / "final" / "zip2zip_config.json").is_file()
+
+
 def test_fsdp_on_one_process_is_a_clear_error(trained, tmp_path):
     _, recipe, _ = trained
     r = run_train(recipe, "--output", str(tmp_path / "x"), "--fsdp", "true", "--optim.steps", "1")
