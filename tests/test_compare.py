@@ -42,3 +42,12 @@ def test_compare_reports_every_engine(tiny_ckpt, tmp_path):
     assert "z2z/mlx" in skipped and skipped["z2z/mlx"]  # listed with the reason, not dropped
     for a in rep["agreement"]:  # the same engine with and without lookahead writes the same replies
         assert a["same_replies"] == a["of"], a
+
+
+def test_answers_flags_replies_that_loop_to_the_limit():
+    from backends.bench.quality import loops
+
+    stuck = "The capital of Japan Italy? Italy? Italy is Tokyo known for " + "named Sm named " * 20
+    assert loops(stuck, "length")
+    assert not loops(stuck, "stop")  # asked to repeat, and stopped on its own
+    assert not loops("Rome is the capital of Italy, a city on the Tiber with a long history " * 1, "length")

@@ -86,7 +86,7 @@ class Z2Z:
         from ..engine import GenerationSettings
         from .quality import final_reply
 
-        text, st = final_reply(self.rt.session(), turns,
+        text, st, _ = final_reply(self.rt.session(), turns,
                                GenerationSettings(max_tokens=max_tokens, lookahead=self.lookahead))
         return {"text": text, "prompt_tokens": st.prompt_tokens, "prefill_s": st.prefill_s,
                 "ttft_s": st.ttft_s, "reply_tokens": st.reply_tokens, "reply_codes": st.reply_codes,

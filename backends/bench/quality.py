@@ -57,19 +57,27 @@ def byte_perplexity(rt: Any, base_lm: Any, texts: dict[str, str], window: int, m
     return rows
 
 
-def final_reply(session: Any, turns: Sequence[str], settings: Any) -> tuple[str, Any]:
-    """Send the turns of one conversation; the last reply's text and its ``TurnStats``."""
+def final_reply(session: Any, turns: Sequence[str], settings: Any) -> tuple[str, Any, str]:
+    """Send the turns of one conversation; the last reply's text, its ``TurnStats`` and why it stopped."""
     from ..engine import Done, Token
 
     for t in turns[:-1]:
         list(session.send(t, settings))
-    text, stats = [], None
+    text, stats, reason = [], None, ""
     for ev in session.send(turns[-1], settings):
         if isinstance(ev, Token):
             text.append(ev.text)
         elif isinstance(ev, Done):
-            stats = ev.stats
-    return "".join(text), stats
+            stats, reason = ev.stats, ev.reason
+    return "".join(text), stats, reason
+
+
+def loops(answer: str, reason: str) -> bool:
+    """A reply that ran to the token limit repeating itself: fewer than half of its word 4-grams
+    are distinct (a reply asked to repeat something stops on its own before the limit)."""
+    words = answer.split()
+    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    return reason == "length" and len(grams) >= 8 and len(set(grams)) < len(grams) / 2
 
 
 def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: int,
@@ -85,8 +93,10 @@ def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: 
         row: dict[str, Any] = {"kind": p.get("group", ""), "prompt": " / ".join(turns)}
         for name, r in (("zip", rt), ("base", plain)):
             progress(f"answers {i + 1}/{len(prompts)}: {name}")
-            text, stats = final_reply(r.session(), turns, GenerationSettings(max_tokens=max_tokens))
+            text, stats, reason = final_reply(r.session(), turns, GenerationSettings(max_tokens=max_tokens))
             answer = text.strip()
+            row[f"{name}_loops"] = loops(answer, reason)
+            row[f"{name}_decode_s"] = stats.decode_s
             row[f"{name}_answer"] = answer
             row[f"{name}_correct"] = any(e.lower() in answer.lower() for e in expect) if expect else None
             row[f"{name}_fffd"] = answer.count("\ufffd")
@@ -101,7 +111,8 @@ def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: 
 
 def summarize_answers(rows: list[dict]) -> list[dict]:
     def ratio(rs: list[dict], a: str, b: str) -> float:
-        return sum(r[a] for r in rs) / max(1, sum(r[b] for r in rs))
+        den = sum(r[b] for r in rs)
+        return sum(r[a] for r in rs) / den if den else 0.0
 
     def right(rs: list[dict], name: str) -> str:
         checked = [r[f"{name}_correct"] for r in rs if r[f"{name}_correct"] is not None]
@@ -115,17 +126,21 @@ def summarize_answers(rows: list[dict]) -> list[dict]:
                     "output_codes_per_token": ratio(rs, "zip_reply_codes", "zip_reply_tokens"),
                     "zip_correct": right(rs, "zip"), "base_correct": right(rs, "base"),
                     "zip_fffd": sum(r["zip_fffd"] for r in rs), "base_fffd": sum(r["base_fffd"] for r in rs),
-                    "zip_decode_tok_s": float(np.mean([r["zip_decode_tok_s"] for r in rs])),
-                    "base_decode_tok_s": float(np.mean([r["base_decode_tok_s"] for r in rs]))})
+                    "zip_loops": sum(r["zip_loops"] for r in rs), "base_loops": sum(r["base_loops"] for r in rs),
+                    # all reply tokens over all decode time: a long reply weighs what it costs
+                    "zip_decode_tok_s": ratio(rs, "zip_reply_tokens", "zip_decode_s"),
+                    "base_decode_tok_s": ratio(rs, "base_reply_tokens", "base_decode_s")})
     return out
 
 
 def format_answers(rows: list[dict]) -> str:
     lines = ["# Answers side by side", ""]
     for r in rows:
-        mark = lambda c: "" if c is None else (" (right)" if c else " (wrong)")  # noqa: E731
+        def mark(name: str) -> str:
+            c = r[f"{name}_correct"]
+            return ("" if c is None else " (right)" if c else " (wrong)") + (" (loops)" if r[f"{name}_loops"] else "")
         lines += [f"### [{r['kind']}] {r['prompt'][:300]}",
-                  f"- base ({r['base_reply_tokens']} tok){mark(r['base_correct'])}: {r['base_answer'][:400]}",
-                  f"- zip2zip ({r['zip_reply_tokens']} tok in {r['zip_reply_codes']} codes){mark(r['zip_correct'])}: "
+                  f"- base ({r['base_reply_tokens']} tok){mark('base')}: {r['base_answer'][:400]}",
+                  f"- zip2zip ({r['zip_reply_tokens']} tok in {r['zip_reply_codes']} codes){mark('zip')}: "
                   f"{r['zip_answer'][:400]}", ""]
     return "\n".join(lines)
