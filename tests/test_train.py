@@ -252,6 +252,21 @@ def test_memory_and_speed_options_train_like_the_plain_run(trained, tmp_path, fl
     assert {v.dtype for v in weights.values()} == {torch.float32}
 
 
+def test_init_from_continues_from_a_trained_checkpoint(trained, tmp_path):
+    """init_from loads a checkpoint's LoRA and encoders: the new run starts where that one ended."""
+    tmp, recipe, _ = trained
+    r = run_train(recipe, "--output", str(tmp_path / "cont"), "--init_from", str(tmp / "run" / "final"),
+                  "--optim.steps", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ended = [m["val_lm_loss"] for m in metrics(tmp / "run") if "val_lm_loss" in m][-1]
+    starts = [m["val_lm_loss"] for m in metrics(tmp_path / "cont") if "val_lm_loss" in m][0]
+    assert starts == pytest.approx(ended, abs=1e-4)
+    r = run_train(recipe, "--output", str(tmp_path / "bad"), "--init_from", str(tmp / "run" / "final"),
+                  "--encoder.num_hidden_layers", "2")
+    assert r.returncode == 2
+    assert "init_from" in r.stderr and "make the recipe match the checkpoint" in r.stderr
+
+
 # --- config and data ---------------------------------------------------------------------------
 
 
