@@ -88,16 +88,29 @@ def _pick(backend: str, model: str, torch_options: bool = False) -> str:
     return "torch"
 
 
-def mlx_conversion(model: str, base: str | None) -> str:
-    """An MLX conversion of a torch checkpoint, made once into the user's cache."""
+def conversion_key(model: str, base: str | None) -> str:
+    """Names a cached conversion of ``model``: its path, the base, and each of its files' name, size
+    and modification time, so a checkpoint retrained in place (or a new default model shipped at
+    the same path) gets a new conversion instead of the stale one."""
     import hashlib
 
+    p = Path(model)
+    h = hashlib.sha256(f"{p.resolve() if p.exists() else model}|{base}".encode())
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"|{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def mlx_conversion(model: str, base: str | None) -> str:
+    """An MLX conversion of a torch checkpoint, made once into the user's cache."""
     from .assets import cache_dir
 
     if is_mlx_dir(model):
         return model
-    key = hashlib.sha256(f"{Path(model).resolve() if Path(model).exists() else model}|{base}".encode()).hexdigest()[:16]
-    dst = cache_dir() / "mlx" / key
+    dst = cache_dir() / "mlx" / conversion_key(model, base)
     if not is_mlx_dir(str(dst)):
         from .mlx_convert import ConvertError, convert
 
@@ -161,8 +174,6 @@ def _open(model: str | None, backend: str, device: str, dtype: str, base: str | 
 def gguf_conversion(model: str, base: str | None) -> str:
     """A directory llama.cpp can run: the checkpoint itself when its base is a GGUF (or it was
     converted already), else a conversion made once into the user's cache."""
-    import hashlib
-
     from .assets import cache_dir
     from .sources import is_gguf
 
@@ -173,8 +184,7 @@ def gguf_conversion(model: str, base: str | None) -> str:
         return model  # not a local checkpoint: the backend reports what is wrong
     if (p / "model.gguf").is_file() or is_gguf(spec):
         return model
-    key = hashlib.sha256(f"{p.resolve()}|{base}".encode()).hexdigest()[:16]
-    dst = cache_dir() / "llamacpp" / f"ckpt-{key}"
+    dst = cache_dir() / "llamacpp" / f"ckpt-{conversion_key(model, base)}"
     if not (dst / "zip2zip_config.json").is_file():
         from .gguf_convert import ConvertError, convert
 

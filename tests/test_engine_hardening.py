@@ -286,3 +286,23 @@ def test_broken_chat_template_and_missing_tokenizer_are_clear_errors(tiny_ckpt, 
     (e / "tokenizer.json").unlink()
     with pytest.raises(RuntimeOpenError, match="no tokenizer files"):
         open_runtime(str(e), "torch", "cpu")
+
+
+def test_cached_conversions_follow_the_checkpoint(tmp_path):
+    """A checkpoint retrained in place (or a new default model at the same path) must not run the
+    stale MLX / llama.cpp conversion cached for the old one."""
+    import os
+
+    from backends.runtime import conversion_key
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "zip2zip_config.json").write_text("{}")
+    (ckpt / "zip2zip_encoders.safetensors").write_bytes(b"v0")
+    first = conversion_key(str(ckpt), None)
+    assert conversion_key(str(ckpt), None) == first
+    assert conversion_key(str(ckpt), "other-base") != first
+    (ckpt / "zip2zip_encoders.safetensors").write_bytes(b"v1")  # same size: the time tells
+    st = (ckpt / "zip2zip_encoders.safetensors").stat()
+    os.utime(ckpt / "zip2zip_encoders.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert conversion_key(str(ckpt), None) != first
