@@ -48,13 +48,14 @@ def test_fixed_prompt_is_deterministic(runtime):
 
     recorded = json.loads((DEFAULT_MODEL_DIR / "recorded_codes.json").read_text())
     assert recorded["prompt"] == FIXED_PROMPT
-    codes, text, _ = reply(runtime, FIXED_PROMPT, len(recorded["codes"]))
+    codes, text, _ = reply(runtime, FIXED_PROMPT, recorded["max_tokens"])  # base tokens, not codes
     assert codes == recorded["codes"], text
     assert "Paris" in text
 
 
-@pytest.mark.xfail(strict=True, reason="the CPU-trained default (200 steps) reads hypertokens but does not yet "
-                   "emit them on its own; see MODEL_CARD.md. strict: this fails loudly once it does")
+@pytest.mark.xfail(strict=True, reason="the CPU-trained default (v2: 440 steps, ~1.2M tokens) writes hypertokens "
+                   "in chat (0.85 codes per token on the evaluation set) but stops after one line here; see "
+                   "MODEL_CARD.md. strict: this fails loudly once it passes")
 def test_emits_hypertokens_on_a_repetitive_prompt(runtime):
     prompt = "Repeat exactly, five times, one per line: print('hello world')"
     codes, text, done = reply(runtime, prompt, 80)

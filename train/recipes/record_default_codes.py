@@ -25,7 +25,7 @@ def main() -> int:
     events = list(rt.session().send(PROMPT, GenerationSettings(max_tokens=n)))
     codes = [e.code for e in events if isinstance(e, Token) and e.code is not None]
     text = "".join(e.text for e in events if isinstance(e, Token))
-    out = {"prompt": PROMPT, "backend": "torch cpu float32", "codes": codes, "text": text}
+    out = {"prompt": PROMPT, "backend": "torch cpu float32", "max_tokens": n, "codes": codes, "text": text}
     (DEFAULT_MODEL_DIR / "recorded_codes.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
     return 0
