@@ -1,5 +1,6 @@
 """The training loop: one CPU, one GPU, or many GPUs / nodes through ``accelerate launch`` or
-``torchrun`` (DDP; FSDP via an accelerate config), never a home-made distributed engine.
+``torchrun`` (DDP, or FSDP2 sharding with ``fsdp = true``: ``sharding.py``), never a home-made
+distributed engine.
 
 Data order is a pure function of (seed, step): micro-batch k of the global order goes to
 process ``k % world``, and an optimizer step consumes ``grad_accum x world`` micro-batches. So
@@ -362,7 +363,7 @@ def resume(path: Path, objective: nn.Module, opt: torch.optim.Optimizer, say) ->
         raise TrainConfigError(f"{path} was written by a different model/config (mismatched parameters "
                                f"{sorted(missing)[:3]}); use a new output directory")
     load_trainable(objective, state["trainable"])
-    if all(isinstance(k, int) for k in state["optimizer"]["state"]):  # an unsharded run's state.pt of v0.3
+    if all(isinstance(k, int) for k in state["optimizer"]["state"]):  # written before states were name-keyed
         opt.load_state_dict(state["optimizer"])
     else:
         load_optimizer_state(objective, opt, state["optimizer"])
