@@ -146,14 +146,15 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
     n_base = 0
     greedy = getattr(getattr(sampler, "s", None), "temperature", None) == 0  # lookahead verifies argmax picks
 
-    def pick(logits: np.ndarray, n: int, cand: tuple[int, tuple[int, ...]] | None, history: list[int]) -> int:
-        """The sampler's code among the ``n`` entries (+ the candidate); with a guard, codes that
-        would split a character are refused and the sampler picks again without them."""
-        allowed = n + (cand is not None)
+    def pick(logits: np.ndarray, n: int, cand: tuple[int, tuple[int, ...]] | None, recent: list[int]) -> int:
+        """The sampler's code among the ``n`` entries (+ the candidate), ``recent`` the codes written
+        last; with a guard, codes that would split a character are refused and the sampler picks
+        again without them."""
+        allowed, history = n + (cand is not None), recent[-window:]  # the repetition penalty's window
         code = sampler.sample(logits, allowed, history)
         if guard is None:
             return code
-        pending = guard.pending([i for c in history[-4:] for i in codec.expand(c)])
+        pending = guard.pending([i for c in recent[-4:] for i in codec.expand(c)])  # <= 4 bytes matter
         x = logits
         while not guard.fits(pending, cand[1] if cand and code == cand[0] else codec.expand(code)):
             x = np.array(logits, dtype=np.float32) if x is logits else x
@@ -179,7 +180,7 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
 
     if lookahead <= 0 or not greedy:
         while True:
-            code = pick(logits, len(codec), codec.candidate(), stream.codes[-window:])
+            code = pick(logits, len(codec), codec.candidate(), stream.codes[-window - 4:])
             step = accept(code, codec.push(code))
             yield step
             if step.reason is not None:
@@ -189,7 +190,7 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
             stream.fed = len(stream.codes)
 
     drafter, D, skip, wait = Drafter(), min(lookahead, 2), 0, 0  # D starts small and grows with acceptance
-    code = pick(logits, len(codec), codec.candidate(), stream.codes[-window:])
+    code = pick(logits, len(codec), codec.candidate(), stream.codes[-window - 4:])
     try:
         while True:
             mark = codec.mark()
@@ -212,15 +213,15 @@ def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np
                 sync_entries(backend, codec)
                 logits = backend.forward([code], [stream.positions[-1]])
                 stream.fed = len(stream.codes)
-                code = pick(logits, len(codec), codec.candidate(), stream.codes[-window:])
+                code = pick(logits, len(codec), codec.candidate(), stream.codes[-window - 4:])
                 continue
             sync_entries(backend, codec)
             rows = backend.forward_all(seq, stream.next_positions(spans), masks)  # (len(seq), V + C)
-            history = stream.codes[-window:]
+            recent = stream.codes[-window - 4:]
             kept, nxt = [code], None
             for i in range(1, len(seq) + 1):
                 n, cand = masks[i - 1]
-                m = pick(rows[i - 1], n, cand, (history + kept)[-window:])
+                m = pick(rows[i - 1], n, cand, recent + kept)
                 if i == len(seq) or m != seq[i]:
                     nxt = m  # the model's own code after the accepted prefix
                     break
