@@ -17,8 +17,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
 
 def byte_perplexity(rt: Any, base_lm: Any, texts: dict[str, str], window: int, max_windows: int,
                     progress: Callable[[str], None]) -> list[dict]:
@@ -133,14 +131,16 @@ def summarize_answers(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _marks(row: dict, name: str) -> str:
+    c = row[f"{name}_correct"]
+    return ("" if c is None else " (right)" if c else " (wrong)") + (" (loops)" if row[f"{name}_loops"] else "")
+
+
 def format_answers(rows: list[dict]) -> str:
     lines = ["# Answers side by side", ""]
     for r in rows:
-        def mark(name: str) -> str:
-            c = r[f"{name}_correct"]
-            return ("" if c is None else " (right)" if c else " (wrong)") + (" (loops)" if r[f"{name}_loops"] else "")
         lines += [f"### [{r['kind']}] {r['prompt'][:300]}",
-                  f"- base ({r['base_reply_tokens']} tok){mark('base')}: {r['base_answer'][:400]}",
-                  f"- zip2zip ({r['zip_reply_tokens']} tok in {r['zip_reply_codes']} codes){mark('zip')}: "
+                  f"- base ({r['base_reply_tokens']} tok){_marks(r, 'base')}: {r['base_answer'][:400]}",
+                  f"- zip2zip ({r['zip_reply_tokens']} tok in {r['zip_reply_codes']} codes){_marks(r, 'zip')}: "
                   f"{r['zip_answer'][:400]}", ""]
     return "\n".join(lines)

@@ -88,7 +88,7 @@ REPEAT_REPLY = {"en": "Here it is {n} times:", "fr": "Voici le texte {n} fois :"
 class Material:
     """Code snippets and sentences per language, from the files this machine has."""
 
-    def __init__(self, v0_data: Path, rng: random.Random):
+    def __init__(self, v0_data: Path):
         self.functions = stdlib_functions()
         self.renamable = [f for f in self.functions if len(identifiers(f)) >= 2]
         self.sentences = {"en": [], "fr": [], "de": [], "es": [], "zh": [], "ja": [], "ko": []}
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
-    material = Material(Path(args.v0_data), rng)
+    material = Material(Path(args.v0_data))
     print(f"material: {len(material.functions)} functions; sentences "
           + ", ".join(f"{k} {len(v)}" for k, v in material.sentences.items()), file=sys.stderr)
     convs = conversations(material, args.n, rng)
