@@ -173,7 +173,7 @@ def _reply_room(max_tokens: int, context_length: int) -> int:
 
 class Session:
     def __init__(self, backend: Backend, tokenizer: Any, codec: CodecConfig, *,
-                 position_mode: str = "compressed", system: str | None = None):
+                 position_mode: str = "compressed", system: str | None = None, guard: Utf8Guard | None = None):
         self.backend = backend
         self.tok = tokenizer
         self.codec_config = codec
@@ -183,7 +183,7 @@ class Session:
         stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"),
                  tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.convert_tokens_to_ids("<|end|>")}
         self.stop_ids = {i for i in stops if isinstance(i, int) and 0 <= i < self.V and i != tokenizer.unk_token_id}
-        self.guard = Utf8Guard(tokenizer, self.V)
+        self.guard = guard or Utf8Guard(tokenizer, self.V)
         self.reset()
 
     # --- state ------------------------------------------------------------------------------

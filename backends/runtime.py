@@ -12,12 +12,14 @@ import importlib.util
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from .codec import CodecConfig
 from .config import MLX_MARKER, Zip2ZipConfig
 from .engine import Backend, Session
+from .utf8_guard import Utf8Guard
 from .errors import Z2ZError
 
 BACKENDS = ("auto", "torch", "mlx", "llamacpp")
@@ -38,9 +40,14 @@ class Runtime:
     device: str
     base: str = ""  # the base model it runs on, as loaded
 
+    @cached_property
+    def guard(self) -> Utf8Guard:
+        """Built once (0.2 s for a 49k vocabulary): every conversation of this runtime shares it."""
+        return Utf8Guard(self.tokenizer, self.codec.base_vocab_size)
+
     def session(self, system: str | None = None) -> Session:
         return Session(self.backend, self.tokenizer, self.codec,
-                       position_mode=self.config.position_mode, system=system)
+                       position_mode=self.config.position_mode, system=system, guard=self.guard)
 
     def describe(self) -> str:
         name = Path(self.model_name).name if Path(self.model_name).exists() else self.model_name

@@ -363,10 +363,7 @@ def resume(path: Path, objective: nn.Module, opt: torch.optim.Optimizer, say) ->
         raise TrainConfigError(f"{path} was written by a different model/config (mismatched parameters "
                                f"{sorted(missing)[:3]}); use a new output directory")
     load_trainable(objective, state["trainable"])
-    if all(isinstance(k, int) for k in state["optimizer"]["state"]):  # written before states were name-keyed
-        opt.load_state_dict(state["optimizer"])
-    else:
-        load_optimizer_state(objective, opt, state["optimizer"])
+    load_optimizer_state(objective, opt, state["optimizer"])
     torch.set_rng_state(state["rng"])
     say(f"resuming from {path} at step {state['step']}")
     return int(state["step"])
