@@ -244,7 +244,7 @@ class Z2ZChat(App):
             self.ctl.begin_turn(event.text)
         except StoreBusy as e:
             self.notify(str(e), severity="warning", timeout=15)
-        self.query_one(ChatInput).clear()
+        self.query_one(ChatInput).accepted(event.text)
         if new:
             self.refresh_history()
         self.query_one("#chat", VerticalScroll).mount(UserView(event.text))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -22,9 +23,9 @@ UNIT_STYLES = {1: "", 2: "bold #2f80ed", 3: "bold #e67e22"}
 
 class ChatInput(TextArea):
     """Multi-line input: Enter sends, Ctrl+J (or Shift+Enter where the terminal has it) breaks the line.
-    The text stays in the input until the app accepts it (``accepted()``)."""
+    The text stays in the input until the app accepts it (``accepted(text)``)."""
 
-    BINDINGS = [Binding("enter", "submit", "Send", priority=True),
+    BINDINGS = [Binding("enter", "submit", "Send"),  # shown in the footer; handled in _on_key
                 Binding("ctrl+j,shift+enter", "newline", "New line", show=False, priority=True),
                 Binding("escape", "app.stop", "Stop reply", show=False)]
 
@@ -33,10 +34,26 @@ class ChatInput(TextArea):
             super().__init__()
             self.text = text
 
+    async def _on_key(self, event: events.Key) -> None:
+        # Enter is taken here, in the order keys arrive. As a priority binding it ran when the key was
+        # dispatched, ahead of the keys typed just before it (tmux, "Write a story" + Enter at once,
+        # sent "W" and the rest was cleared away).
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.action_submit()
+            return
+        await super()._on_key(event)
+
     def action_submit(self) -> None:
         text = self.text.strip()
         if text:
             self.post_message(self.Submitted(text))
+
+    def accepted(self, text: str) -> None:
+        """The app took ``text``: remove it, keeping whatever was typed after it in the meantime."""
+        current = self.text.lstrip()
+        self.load_text(current[len(text):].lstrip() if current.startswith(text) else current)
 
     def action_newline(self) -> None:
         self.insert("\n")

@@ -487,3 +487,26 @@ def test_chat_on_the_llamacpp_backend(tiny_ckpt, tmp_path, monkeypatch):
             assert "llamacpp" in str(app.query_one("#status").render())
 
     run(go())
+
+
+def test_keys_typed_at_once_with_enter_send_the_whole_message(tiny_ckpt, tmp_path):
+    """Keys that arrive in one burst (a fast typist, tmux send-keys, a paste without bracketed
+    paste) are taken in order: Enter sends all that came before it. Found in a tmux walkthrough:
+    Enter was a priority binding that ran ahead of the queued keys, sending "W" and clearing the rest."""
+    from textual import events
+
+    app = make_app(tiny_ckpt, tmp_path / "h.db")
+
+    async def go():
+        async with app.run_test() as pilot:
+            await ready(app, pilot)
+            for ch in "Write a story":  # posted together, no waiting in between
+                app.post_message(events.Key("space" if ch == " " else ch, ch))
+            app.post_message(events.Key("enter", "\r"))
+            await pilot.pause()
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert [m["content"] for m in app.ctl.session.messages if m["role"] == "user"] == ["Write a story"]
+            assert app.query_one("#input").text == ""
+
+    run(go())
