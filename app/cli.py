@@ -1,8 +1,10 @@
 """``z2z-chat``: the command line. With ``--prompt`` it answers once on stdout (scriptable);
-without, it opens the Textual chat UI (which needs a terminal on stdin and stdout).
+without, it opens the Textual chat UI (which needs a terminal on stdin and stdout);
+``z2z-chat serve`` runs the OpenAI-compatible server (``app/server/``).
 
 Exit status: 0 on success (also when stdout is closed early, as by ``| head``), 2 on usage
-errors (argparse, invalid settings), 1 with a one-line message on the errors we expect (a bad
+errors (argparse, invalid settings, a file that cannot be attached, input too long for the
+context window), 1 with a one-line message on the errors we expect (a bad
 model path, a full context, ...: ``Z2ZError``), 130 on Ctrl-C, 143 on SIGTERM. Anything else is
 a bug and keeps its traceback.
 """
@@ -36,14 +38,18 @@ class Terminated(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="z2z-chat", description="Chat with a zip2zip model on this machine.")
+    p = argparse.ArgumentParser(prog="z2z-chat", description="Chat with a zip2zip model on this machine.",
+                                epilog="z2z-chat serve --help: the OpenAI-compatible local server")
     p.add_argument("--model", help="zip2zip checkpoint: a directory, a Hugging Face repo id or an MLX "
                                    "conversion (default: the embedded zip2zip SmolLM2-135M-Instruct)")
     p.add_argument("--base", help="override the checkpoint's base model (HF dir, repo id or .gguf)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--prompt", help="answer this once on stdout instead of opening the UI")
+    p.add_argument("--prompt", help="answer this once on stdout instead of opening the UI ('-': read it from "
+                                    "standard input; piped input is otherwise attached to the prompt as a file)")
+    p.add_argument("--file", action="append", default=[], metavar="PATH",
+                   help="attach a text file to the message (repeatable)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="most base tokens per reply; the reply stops at the code that reaches it "
@@ -81,7 +87,38 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def one_shot(args: argparse.Namespace, settings) -> int:
+def _piped_stdin() -> bool:
+    """Standard input is a pipe or a file (``cat x | z2z-chat``), not a terminal or /dev/null."""
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def read_message(args: argparse.Namespace) -> str:
+    """The one-shot message: ``--prompt`` (or standard input for ``-``) with the ``--file``s and piped
+    input attached. ``AttachmentError`` names a file that cannot be read as text."""
+    from app.attachments import AttachmentError, compose, decode_text, read_attachment
+
+    files = [read_attachment(f) for f in args.file]
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = decode_text(sys.stdin.buffer.read(), "standard input")
+    elif _piped_stdin():
+        from app.attachments import Attachment
+
+        data = decode_text(sys.stdin.buffer.read(), "standard input")
+        if data.strip():
+            files.append(Attachment("stdin", data))
+    if not prompt.strip() and not files:
+        raise AttachmentError("the prompt is empty (standard input was empty too)")
+    return compose(prompt, files)
+
+
+def one_shot(args: argparse.Namespace, settings, message: str) -> int:
     from backends.engine import Done, Notice, Token
     from backends.runtime import open_runtime
 
@@ -89,7 +126,7 @@ def one_shot(args: argparse.Namespace, settings) -> int:
     session = rt.session(system=args.system)
     at_line_start = True
     try:
-        for ev in session.send(args.prompt, settings):
+        for ev in session.send(message, settings):
             if isinstance(ev, Token) and ev.text:
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
@@ -105,7 +142,7 @@ def one_shot(args: argparse.Namespace, settings) -> int:
         if not at_line_start:  # interrupted mid-line: leave the shell prompt on a line of its own
             sys.stdout.write("\n")
             sys.stdout.flush()
-        rt.backend.close()
+        rt.close()
     return 0
 
 
@@ -123,17 +160,29 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from app.server.command import main as serve
+
+        return serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("prompt", "system", "model", "base"):
         _valid_utf8(parser, f"--{name}", getattr(args, name))
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty")
+    if args.file and args.prompt is None:
+        parser.error("--file needs --prompt (in the chat UI, attach files with /file PATH)")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    from app.attachments import AttachmentError
+    from backends.engine import ContextFullError
     from backends.errors import SettingsError, Z2ZError
 
     try:
         settings = settings_from(args)
-    except SettingsError as e:
+        message = read_message(args) if args.prompt is not None else ""
+    except (SettingsError, AttachmentError) as e:
         parser.error(str(e))
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -144,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.prompt is not None:
             _quiet_libraries()
-            return one_shot(args, settings)
+            return one_shot(args, settings, message)
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             print("z2z-chat: the chat UI needs a terminal on stdin and stdout; "
                   "use --prompt TEXT for scripted use", file=sys.stderr)
@@ -166,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("z2z-chat: terminated (SIGTERM)", file=sys.stderr)
         return 143
+    except ContextFullError as e:  # the input is too long: a usage error, like a bad file
+        print(f"z2z-chat: error: {e}", file=sys.stderr)
+        return 2
     except Z2ZError as e:
         print(f"z2z-chat: error: {e}", file=sys.stderr)
         return 1

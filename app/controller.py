@@ -92,7 +92,7 @@ class ChatController:
     def attach(self, runtime: Any) -> list[str]:
         """Use a newly loaded model; the open conversation (if any) is re-opened on it."""
         if self.runtime is not None:
-            self.runtime.backend.close()
+            self.runtime.close()
         self.runtime = runtime
         self.session = runtime.session(system=self.args.system)
         return self.open(self.conv_id).notes if self.conv_id is not None else []

@@ -120,8 +120,13 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+_PLAIN_INT = {int}
+
+
 def _check_ints(xs: Sequence[Any], what: str) -> None:
-    for pos, x in enumerate(xs):
+    if set(map(type, xs)) <= _PLAIN_INT:  # plain ints (not bools): one pass in C, the common case
+        return
+    for pos, x in enumerate(xs):  # numpy ints are integers too; anything else is named
         if not _is_int(x):
             raise ValueError(f"{what} {x!r} at position {pos} is not an integer")
 
@@ -335,41 +340,46 @@ def decode(codes: Sequence[int], config: CodecConfig) -> tuple[list[int], Codebo
     V, M, limit, disabled = st.V, st.M, st.limit, st.disabled
     entries, child, orphans = st.entries, st.child, st.orphans
     out: list[int] = []
-    extend = out.extend
-    buf: tuple[int, ...] = ()
-    node, nid, indexed = -1, V, 0
+    append, extend = out.append, out.extend
+    # The buffer (the previous code's ids) is tracked by its code ``node`` and length ``blen``:
+    # its tuple is only built when an entry is made of it. ``node`` is -1 only when the buffer is
+    # empty or, after the slow path, not a code (``sbuf`` holds it then).
+    node, blen, sbuf, nid, indexed = -1, 0, (), V, 0
     # Fast path: the canonical cases of ``_DecoderState.step`` inlined (an existing code; a new
     # entry made of the previous code plus this code's first token). ``st.index`` is only needed
     # by the other cases, so it is brought up to date lazily, just before ``step`` runs.
     for pos, c in enumerate(codes):
-        if V <= c < nid:
+        if 0 <= c < V and c not in disabled:
+            d, first, n = None, c, 1
+        elif V <= c < nid:
             d = entries[c - V]
-        elif 0 <= c < V and c not in disabled:
-            d = (c,)
+            first, n = d[0], len(d)
         else:
-            d = None
-        if d is not None:
+            n = 0
+        if n:
             if nid >= limit:  # full: the reference keeps no buffer
-                extend(d)
-                buf, node = (), -1
+                append(c) if d is None else extend(d)
+                node, blen = -1, 0
                 continue
-            if 0 < len(buf) < M:
-                key = node * V + d[0]
-                if node >= 0 and key not in child and not orphans:
-                    entries.append(buf + d[:1])
+            if 0 < blen < M:
+                key = node * V + first
+                if node < 0 or key in child or orphans:
+                    n = 0
+                else:
+                    entries.append(((node,) if node < V else entries[node - V]) + (first,))
                     child[key] = nid
                     nid += 1
-                else:
-                    d = None
-            if d is not None:
-                extend(d)
-                buf, node = d, c
+            if n:
+                append(c) if d is None else extend(d)
+                node, blen = c, n
                 continue
         for i in range(indexed, len(entries)):
             st.index[entries[i]] = V + i
-        st.buf, st.node = buf, node
+        st.buf = () if not blen else sbuf if node < 0 else (node,) if node < V else entries[node - V]
+        st.node = node
         extend(st.step(c, pos))
-        buf, node, nid = st.buf, st.node, V + len(entries)
+        node, sbuf, nid = st.node, st.buf, V + len(entries)
+        blen = len(sbuf)
         indexed = len(entries)
     return out, Codebook(V, entries)
 
@@ -396,7 +406,7 @@ class CodecSession:
 
     def push(self, code: int) -> tuple[int, ...]:
         """Take one generated code; returns its base ids. ValueError if the code cannot exist now."""
-        if not _is_int(code):
+        if type(code) is not int and not _is_int(code):  # the ABC check only off the common path
             raise ValueError(f"code {code!r} at position {self.num_codes} is not an integer")
         code = int(code)
         d = self._s.step(code, self.num_codes)

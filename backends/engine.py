@@ -1,7 +1,7 @@
 """The engine: one conversation driven turn by turn over any backend (framework-free).
 
 A ``Session`` owns the conversation (messages), its ``CodecSession`` (one codebook shared by
-prompt and reply), its code ``Stream`` and the backend's state (KV cache and hypertoken caches).
+prompt and reply), its code ``Stream`` and its decode state (KV cache and hypertoken caches).
 ``send(text)`` renders the new turn with the tokenizer's chat template (message text is
 tokenized as text: a typed ``<|im_end|>`` is not a marker), encodes only the new tokens,
 prefills them in chunks, then runs ``generate.generate_codes`` until end-of-turn, ``max_tokens``
@@ -14,16 +14,12 @@ the id level. It yields events:
 - ``Notice(text)``: something the user should know (old turns dropped to fit the context);
 - ``Done(reason, stats)``: ``stop`` | ``length`` | ``cancelled`` | ``context``, with ``TurnStats``.
 
-The backend only sees codes, positions and new codebook entries::
-
-    add_entries(entries, candidate)   # new (id, base ids); candidate: the valid new id, if any
-    forward(codes, positions) -> np.ndarray   # logits of the last position, (V + C,)
-    forward_all(codes, positions, masks) -> np.ndarray   # (T, V + C), row t masked as after code t
-    drop_entries(keep)   # forget hyper entries with ids >= V + keep (a rewind, a rejected draft)
-    trim(n); reset(); close(); context_length: int
+The session's decode state (``protocol.DecodeState``, its own: two sessions never share one)
+only sees codes, positions and new codebook entries.
 
 A new turn continues the codebook and KV cache: nothing already fed is encoded or prefilled
-again. When the context is full the oldest turns are dropped (budgeted in positions, the unit
+again. When the context is full the oldest turns are dropped, down to half the window so that the
+next turns do not each restart the cache (budgeted in positions, the unit
 the context is measured in); a message that cannot fit even alone raises ``ContextFullError``
 and leaves the conversation exactly as it was. ``to_dict``/``restore`` save and resume a
 conversation (the KV cache is rebuilt by one prefill at the next ``send``); ``rewind`` goes
@@ -35,32 +31,17 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from .codec import CodecConfig, CodecSession
 from .detok import Detokenizer
 from .errors import SettingsError, Z2ZError
 from .generate import Stream, generate_codes, prefill, sync_entries
+from .protocol import DecodeState
 from .sampling import Sampler, SamplingSettings
 from .utf8_guard import Utf8Guard
-
-
-class Backend(Protocol):
-    context_length: int
-
-    def add_entries(self, entries: Sequence[tuple[int, tuple[int, ...]]],
-                    candidate: tuple[int, tuple[int, ...]] | None = None) -> None: ...
-    def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray: ...
-    def forward_all(self, codes: Sequence[int], positions: Sequence[int],
-                    masks: Sequence[tuple[int, tuple[int, tuple[int, ...]] | None]]) -> np.ndarray: ...
-    def trim(self, n: int) -> None: ...
-    def drop_entries(self, keep: int) -> None: ...
-    def reset(self) -> None: ...
-    def close(self) -> None: ...
 
 
 class ContextFullError(Z2ZError, RuntimeError):
@@ -91,6 +72,10 @@ class TurnStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     drafted_codes: int = 0  # reply codes that came from accepted lookahead drafts
+    context_tokens: int = 0  # base tokens of the whole conversation the reply continues (clients' "prompt")
+    context_codes: int = 0
+    cached_tokens: int = 0  # of those, already in the KV cache when the turn began
+    cached_codes: int = 0
 
     @property
     def codes_per_forward(self) -> float:
@@ -153,6 +138,7 @@ class GenerationSettings:
     max_tokens: int = 512  # base tokens per reply: generation stops at the code that reaches it
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     lookahead: int = 0  # most drafted codes verified per forward (greedy only; 0: off)
+    drop_old_turns: bool = True  # False: a conversation past the window is a ContextFullError (the server)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -172,9 +158,9 @@ def _reply_room(max_tokens: int, context_length: int) -> int:
 
 
 class Session:
-    def __init__(self, backend: Backend, tokenizer: Any, codec: CodecConfig, *,
+    def __init__(self, state: DecodeState, tokenizer: Any, codec: CodecConfig, *,
                  position_mode: str = "compressed", system: str | None = None, guard: Utf8Guard | None = None):
-        self.backend = backend
+        self.state = state
         self.tok = tokenizer
         self.codec_config = codec
         self.position_mode = position_mode
@@ -197,7 +183,7 @@ class Session:
         self.codec = CodecSession(self.codec_config)
         self.stream = Stream(self.position_mode)
         self.fed_text = ""  # the text equivalent of the stream (template markers included)
-        self.backend.reset()
+        self.state.reset()
 
     @property
     def codes(self) -> list[int]:
@@ -248,10 +234,12 @@ class Session:
 
         Pure: nothing changes until the caller applies the plan, so a message that cannot fit
         leaves the conversation as it was."""
-        ctx = self.backend.context_length
+        ctx = self.state.context_length
         M = self.codec_config.max_merge_size
         pieces = self._render(self.messages + [{"role": "user", "content": user_text}])
+        target = ctx  # a restart only because the rendering changed (a new system prompt) drops nothing
         if "".join(p for p, _ in pieces).startswith(self.fed_text):
+            target = ctx // 2
             text, ids = self._tokenize(pieces, len(self.fed_text))
             # a message takes at most one position per base token: when that bound fits, no trial
             if self.stream.next_positions([1] * len(ids) + [M])[-1] + reply_room <= ctx:
@@ -261,13 +249,22 @@ class Session:
             stream.extend(trial.encode(ids), trial)
             if stream.next_position(M) + reply_room <= ctx:
                 return 0, False, text, ids
+        # the cache restarts. When the window is full, drop enough turns that the conversation then
+        # fills at most half of it, so the next turns continue the cache instead of each restarting
+        # it one turn short; when nothing reaches that, the fewest turns that make the message fit
+        fit = None
         for drop in range(0, len(self.messages) // 2 + 1):
             kept = self.messages[2 * drop:]
             text, ids = self._tokenize(self._render(kept + [{"role": "user", "content": user_text}]), 0)
             trial, stream = CodecSession(self.codec_config), Stream(self.position_mode)
             stream.extend(trial.encode(ids), trial)
-            if stream.next_position(M) + reply_room <= ctx:
-                return drop, True, text, ids
+            need = stream.next_position(M) + reply_room
+            if need <= ctx:
+                fit = fit or (drop, True, text, ids)
+                if need <= target:
+                    return drop, True, text, ids
+        if fit is not None:
+            return fit
         raise ContextFullError(
             f"the message needs {stream.next_position(M)} positions plus {reply_room} for the reply, "
             f"but the context window holds {ctx}: shorten it or lower max tokens")
@@ -278,20 +275,27 @@ class Session:
              cancel: threading.Event | None = None) -> Iterator[Event]:
         """Add a user message and stream the reply (see the module docstring)."""
         settings = settings or GenerationSettings()
-        reply_room = _reply_room(settings.max_tokens, self.backend.context_length)
+        reply_room = _reply_room(settings.max_tokens, self.state.context_length)
         drop, restart, text, ids = self._plan(user_text, reply_room)
+        if drop and not settings.drop_old_turns:
+            raise ContextFullError(
+                f"the conversation does not fit in the context window ({self.state.context_length} positions, "
+                f"{reply_room} of them kept for the reply): drop {drop} of its oldest turns or lower max tokens")
         if restart:
             self.messages = self.messages[2 * drop:]
             self._clear_stream()
         if drop:
             yield Notice(f"dropped the {drop} oldest turn(s) to fit the context window "
-                         f"({self.backend.context_length} positions); the rest was re-read")
+                         f"({self.state.context_length} positions); the rest was re-read")
         self.messages.append({"role": "user", "content": user_text})
         start = len(self.codes)
         self.stream.extend(self.codec.encode(ids), self.codec)
         self.fed_text += text
+        pending = sum(len(self.codec.expand(c)) for c in self.codes[self.fed:])
         stats = TurnStats(prompt_tokens=len(ids), prompt_codes=len(self.codes) - start,
-                          codebook_capacity=self.codec_config.max_codebook_size)
+                          codebook_capacity=self.codec_config.max_codebook_size,
+                          context_tokens=self.stream.n_base, context_codes=len(self.codes),
+                          cached_tokens=self.stream.n_base - pending, cached_codes=self.fed)
         reply: list[str] = []
         try:
             yield from self._reply(settings, cancel, stats, reply)
@@ -302,8 +306,8 @@ class Session:
                reply: list[str]) -> Iterator[Event]:
         detok = Detokenizer(self.tok)
         t0 = time.perf_counter()
-        sync_entries(self.backend, self.codec)
-        logits = prefill(self.backend, self.stream, cancel)
+        sync_entries(self.state, self.codec)
+        logits = prefill(self.state, self.stream, cancel)
         stats.prefill_s = time.perf_counter() - t0
         if logits is None:
             yield Done("cancelled", stats)
@@ -311,9 +315,9 @@ class Session:
         reply_ids: list[int] = []
         reason = "length"
         t_dec = time.perf_counter()
-        steps = generate_codes(self.backend, self.codec, self.stream, logits,
+        steps = generate_codes(self.state, self.codec, self.stream, logits,
                                Sampler(settings.sampling, self.V), max_tokens=settings.max_tokens,
-                               stop_ids=self.stop_ids, context_length=self.backend.context_length,
+                               stop_ids=self.stop_ids, context_length=self.state.context_length,
                                cancel=cancel, window=settings.sampling.repetition_window,
                                lookahead=settings.lookahead, guard=self.guard)
         try:
@@ -384,7 +388,7 @@ class Session:
         self._set(d, codec, messages)
         self.stream.fed = 0
         codec.take_new_entries()
-        self.backend.add_entries(list(codec.codebook.items()), codec.candidate())
+        self.state.add_entries(list(codec.codebook.items()), codec.candidate())
 
     def restore_or_rebuild(self, d: dict[str, Any] | None, messages: list[dict[str, str]]) -> str | None:
         """Resume from ``d``; when it is unusable, rebuild the conversation from ``messages``
@@ -409,11 +413,11 @@ class Session:
             self.restore(d)  # not an earlier state of this stream
             return
         keep = min(int(d["fed"]), self.fed)
-        self.backend.trim(self.fed - keep)
+        self.state.trim(self.fed - keep)
         self._set(d, codec, messages)
         self.stream.fed = keep
-        # the backend had every entry the snapshot had handed over; the rest come with the next sync
-        self.backend.drop_entries(int(d["codec"]["fresh"]))
+        # the state had every entry the snapshot had handed over; the rest come with the next sync
+        self.state.drop_entries(int(d["codec"]["fresh"]))
 
     def _set(self, d: dict[str, Any], codec: CodecSession, messages: list[dict[str, str]]) -> None:
         self.system, self.messages = d.get("system"), messages

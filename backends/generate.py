@@ -14,18 +14,14 @@ and the benchmarks both drive:
   ``context``). ``max_tokens`` counts base tokens (what every other tool means by tokens): the
   loop stops at the code that reaches it.
 
-With ``lookahead=D`` (greedy sampling only) each step also drafts up to D codes from the text that
-followed the latest earlier occurrence of the last 8 base tokens (``Drafter``), pushes them into
-the codec (marked, so they can be taken back), verifies them in one ``backend.forward_all`` and keeps
-the longest prefix the model itself would have produced, plus the model's own next code at the
-first mismatch. The KV cache, the codec and the backend's hyper slots of rejected codes are
-rolled back. The output is the same codes as without lookahead; only the number of forwards
-changes. D adapts: it grows while drafts are accepted and shrinks when they are not.
+With ``lookahead=D`` and a greedy sampler, ``generate_codes`` hands over to
+``lookahead.generate_lookahead``: the same codes, fewer forwards. Both loops share ``StepRules``
+(pick a code, accept it, decide whether to stop).
 
 With a ``guard`` (``utf8_guard.Utf8Guard``), a code whose bytes would break UTF-8 (split a
 character) is refused and the sampler picks again without it.
 
-A backend is anything with the engine's ``Backend`` protocol (see ``engine.py``).
+``state`` is a conversation's ``protocol.DecodeState``.
 """
 
 from __future__ import annotations
@@ -33,12 +29,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from .codec import CodecSession
 from .config import positions
+from .protocol import DecodeState
 from .sampling import Sampler
 from .utf8_guard import Utf8Guard
 
@@ -83,43 +79,11 @@ class Step:
     drafted: bool = False  # came from an accepted draft (no forward of its own)
 
 
-class Drafter:
-    """Drafts from the conversation's own text: finds the latest earlier occurrence of the last
-    ``MIN_MATCH`` base tokens and proposes the base tokens that followed it. The caller turns them
-    into codes with the codec's own LZW choice (``CodecSession.match``), which is how the model
-    writes copied text: drafting at the code level misses, because copied text is cut into
-    other codes than the first time it appeared (the codebook has grown since)."""
-
-    MIN_MATCH = 8
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []  # base ids of the stream, in order
-        self.last: dict[tuple[int, ...], int] = {}  # n-gram -> index just after its latest occurrence
-        self.seen = 0  # codes of the stream already expanded into ``ids``
-        self.indexed = 0
-
-    def _index(self, codes: Sequence[int], codec: CodecSession) -> None:
-        for c in codes[self.seen:]:
-            self.ids.extend(codec.expand(c))
-        self.seen = len(codes)
-        n, ids = self.MIN_MATCH, self.ids
-        for i in range(max(self.indexed, n), len(ids)):  # n-grams followed by at least one id
-            self.last[tuple(ids[i - n:i])] = i
-        self.indexed = max(self.indexed, len(ids))
-
-    def propose(self, codes: Sequence[int], codec: CodecSession, nxt_ids: Sequence[int], k: int) -> list[int]:
-        """Up to k base ids expected after the stream ``codes`` and then ``nxt_ids``."""
-        self._index(codes, codec)
-        tail = (self.ids[-self.MIN_MATCH:] + list(nxt_ids))[-self.MIN_MATCH:]
-        j = self.last.get(tuple(tail)) if len(tail) == self.MIN_MATCH else None
-        return self.ids[j:j + k] if j is not None else []
+def sync_entries(state: DecodeState, codec: CodecSession) -> None:
+    state.add_entries(codec.take_new_entries(), codec.candidate())
 
 
-def sync_entries(backend: Any, codec: CodecSession) -> None:
-    backend.add_entries(codec.take_new_entries(), codec.candidate())
-
-
-def prefill(backend: Any, stream: Stream, cancel: threading.Event | None = None,
+def prefill(state: DecodeState, stream: Stream, cancel: threading.Event | None = None,
             chunk: int = PREFILL_CHUNK) -> np.ndarray | None:
     """Feed the pending codes; logits of the last one, or None when cancelled between chunks."""
     codes, pos = stream.pending()
@@ -129,128 +93,89 @@ def prefill(backend: Any, stream: Stream, cancel: threading.Event | None = None,
     for i in range(0, len(codes), chunk):
         if i and cancel is not None and cancel.is_set():
             return None
-        logits = backend.forward(codes[i:i + chunk], pos[i:i + chunk])
+        logits = state.forward(codes[i:i + chunk], pos[i:i + chunk])
         stream.fed += len(codes[i:i + chunk])
     return logits
 
 
-MAX_DRAFT = 8
+@dataclass
+class StepRules:
+    """What both decode loops share: pick the sampler's code, accept a code into the stream and
+    say whether the turn stops there."""
 
+    codec: CodecSession
+    stream: Stream
+    sampler: Sampler
+    max_tokens: int
+    stop_ids: set[int] | frozenset[int]
+    context_length: int
+    cancel: threading.Event | None = None
+    window: int = 64  # the repetition penalty's window
+    guard: Utf8Guard | None = None
+    n_base: int = 0  # base tokens accepted this turn
 
-def generate_codes(backend: Any, codec: CodecSession, stream: Stream, logits: np.ndarray, sampler: Sampler, *,
-                   max_tokens: int, stop_ids: set[int] | frozenset[int], context_length: int,
-                   cancel: threading.Event | None = None, window: int = 64, lookahead: int = 0,
-                   guard: Utf8Guard | None = None) -> Iterator[Step]:
-    """Decode from ``logits`` (the last fed position's) until a stop reason; see the docstring."""
-    M = codec.config.max_merge_size
-    n_base = 0
-    greedy = getattr(getattr(sampler, "s", None), "temperature", None) == 0  # lookahead verifies argmax picks
+    def recent(self) -> list[int]:
+        return self.stream.codes[-self.window - 4:]
 
-    def pick(logits: np.ndarray, n: int, cand: tuple[int, tuple[int, ...]] | None, recent: list[int]) -> int:
+    def pick(self, logits: np.ndarray, n: int, cand: tuple[int, tuple[int, ...]] | None, recent: list[int]) -> int:
         """The sampler's code among the ``n`` entries (+ the candidate), ``recent`` the codes written
         last; with a guard, codes that would split a character are refused and the sampler picks
         again without them."""
-        allowed, history = n + (cand is not None), recent[-window:]  # the repetition penalty's window
-        code = sampler.sample(logits, allowed, history)
-        if guard is None:
+        allowed, history = n + (cand is not None), recent[-self.window:]
+        code = self.sampler.sample(logits, allowed, history)
+        if self.guard is None:
             return code
+        codec, guard = self.codec, self.guard
         pending = guard.pending([i for c in recent[-4:] for i in codec.expand(c)])  # <= 4 bytes matter
         x = logits
         while not guard.fits(pending, cand[1] if cand and code == cand[0] else codec.expand(code)):
             x = np.array(logits, dtype=np.float32) if x is logits else x
             x[code] = -np.inf
-            code = sampler.sample(x, allowed, history)
+            code = self.sampler.sample(x, allowed, history)
         return code
 
-    def accept(code: int, ids: tuple[int, ...], drafted: bool = False) -> Step:
-        nonlocal n_base
-        stream.append(code, len(ids))
-        n_base += len(ids)
-        if code in stop_ids:
+    def pick_next(self, logits: np.ndarray) -> int:
+        return self.pick(logits, len(self.codec), self.codec.candidate(), self.recent())
+
+    def accept(self, code: int, ids: tuple[int, ...], drafted: bool = False) -> Step:
+        self.stream.append(code, len(ids))
+        self.n_base += len(ids)
+        if code in self.stop_ids:
             reason = "stop"
-        elif n_base >= max_tokens:
+        elif self.n_base >= self.max_tokens:
             reason = "length"
-        elif cancel is not None and cancel.is_set():
+        elif self.cancel is not None and self.cancel.is_set():
             reason = "cancelled"
-        elif stream.next_position(M) >= context_length:
+        elif self.stream.next_position(self.codec.config.max_merge_size) >= self.context_length:
             reason = "context"
         else:
             reason = None
         return Step(code, ids, reason, drafted)
 
-    if lookahead <= 0 or not greedy:
-        while True:
-            code = pick(logits, len(codec), codec.candidate(), stream.codes[-window - 4:])
-            step = accept(code, codec.push(code))
-            yield step
-            if step.reason is not None:
-                return  # the last code stays pending: it is fed with the next turn
-            sync_entries(backend, codec)
-            logits = backend.forward([code], [stream.positions[-1]])
-            stream.fed = len(stream.codes)
 
-    drafter, D, skip, wait = Drafter(), min(lookahead, 2), 0, 0  # D starts small and grows with acceptance
-    code = pick(logits, len(codec), codec.candidate(), stream.codes[-window - 4:])
-    try:
-        while True:
-            mark = codec.mark()
-            ids0 = codec.push(code)
-            seq, spans, masks = [code], [len(ids0)], [(len(codec), codec.candidate())]
-            draft = drafter.propose(stream.codes, codec, ids0, D * M) if wait == 0 else []
-            wait = max(wait - 1, 0)
-            i = 0
-            while i < len(draft) and len(seq) <= D:  # the draft's text, cut into codes as LZW does
-                d, n = codec.match(draft, i)
-                spans.append(len(codec.push(d)))
-                seq.append(d)
-                masks.append((len(codec), codec.candidate()))
-                i += n
-            if len(seq) == 1:  # nothing to verify: a plain step
-                step = accept(code, ids0)
-                yield step
-                if step.reason is not None:
-                    return
-                sync_entries(backend, codec)
-                logits = backend.forward([code], [stream.positions[-1]])
-                stream.fed = len(stream.codes)
-                code = pick(logits, len(codec), codec.candidate(), stream.codes[-window - 4:])
-                continue
-            sync_entries(backend, codec)
-            rows = backend.forward_all(seq, stream.next_positions(spans), masks)  # (len(seq), V + C)
-            recent = stream.codes[-window - 4:]
-            kept, nxt = [code], None
-            for i in range(1, len(seq) + 1):
-                n, cand = masks[i - 1]
-                m = pick(rows[i - 1], n, cand, recent + kept)
-                if i == len(seq) or m != seq[i]:
-                    nxt = m  # the model's own code after the accepted prefix
-                    break
-                kept.append(seq[i])
-            # take back the draft, then replay what is kept: the same pushes create the same entries,
-            # which the backend already holds (taken, not sent again); its later slots are dropped
-            codec.rollback(mark)
-            steps, reason = [], None
-            for j, c in enumerate(kept):
-                steps.append(accept(c, codec.push(c), drafted=j > 0))
-                reason = steps[-1].reason
-                if reason is not None:
-                    break
-            codec.take_new_entries()
-            backend.drop_entries(len(codec))
-            # the KV cache holds seq; keep what was accepted (minus a last code that stays pending)
-            backend.trim(len(seq) - len(steps) + (reason is not None))
-            stream.fed = len(stream.codes) - (reason is not None)
-            yield from steps
-            if reason is not None:
-                return
-            accepted = len(kept) - 1
-            if accepted == len(seq) - 1:
-                D = min(D + 2, lookahead, MAX_DRAFT)
-            elif accepted == 0:  # a wrong draft costs a wider forward: back off for a while
-                skip = min(2 * skip + 1, 16)
-                wait, D = skip, max(D // 2, 1)
-            else:
-                D, skip = max(accepted + 1, 1), 0
-            code = nxt
-    finally:
-        codec.release()
+def feed(state: DecodeState, rules: StepRules, code: int) -> np.ndarray:
+    """Hand the new entries to the state and feed the code just accepted; its logits."""
+    sync_entries(state, rules.codec)
+    logits = state.forward([code], [rules.stream.positions[-1]])
+    rules.stream.fed = len(rules.stream.codes)
+    return logits
+
+
+def generate_codes(state: DecodeState, codec: CodecSession, stream: Stream, logits: np.ndarray, sampler: Sampler, *,
+                   max_tokens: int, stop_ids: set[int] | frozenset[int], context_length: int,
+                   cancel: threading.Event | None = None, window: int = 64, lookahead: int = 0,
+                   guard: Utf8Guard | None = None) -> Iterator[Step]:
+    """Decode from ``logits`` (the last fed position's) until a stop reason; see the docstring."""
+    rules = StepRules(codec, stream, sampler, max_tokens, stop_ids, context_length, cancel, window, guard)
+    if lookahead > 0 and sampler.greedy:  # lookahead verifies argmax picks
+        from .lookahead import generate_lookahead
+
+        yield from generate_lookahead(state, rules, logits, lookahead)
+        return
+    while True:
+        code = rules.pick_next(logits)
+        step = rules.accept(code, codec.push(code))
+        yield step
+        if step.reason is not None:
+            return  # the last code stays pending: it is fed with the next turn
+        logits = feed(state, rules, code)

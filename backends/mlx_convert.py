@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import MLX_MARKER
 from .errors import Z2ZError
+from .sources import rope_settings
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
 
@@ -37,6 +38,7 @@ def write_hf_decoder(lm, tokenizer, out: Path) -> None:
     for k in ("quantization_config", "_name_or_path"):
         cfg.pop(k, None)
     cfg["torch_dtype"] = "float32"
+    cfg |= rope_settings(cfg)  # mlx-lm reads only the top-level rope keys
     state = {k: v.detach().float().contiguous().cpu() for k, v in lm.state_dict().items()}
     if cfg.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)

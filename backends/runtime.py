@@ -1,7 +1,8 @@
 """Open a model on a backend: the one place that picks and lazily imports a framework.
 
-``open_runtime(model, backend="auto", device="auto")`` returns a ``Runtime``: the backend, the
-tokenizer, the codec config, the zip2zip config and a description for status lines. ``auto``
+``open_runtime(model, backend="auto", device="auto")`` returns a ``Runtime``: the loaded model
+(shared), the tokenizer, the codec config, the zip2zip config and a description for status lines.
+``Runtime.session()`` gives each conversation its own decode state of that model. ``auto``
 picks MLX on Apple silicon when it is installed and the model is an MLX conversion, torch
 otherwise. Errors are ``RuntimeOpenError`` with a message that says what to do.
 """
@@ -18,7 +19,8 @@ from typing import Any
 
 from .codec import CodecConfig
 from .config import MLX_MARKER, Zip2ZipConfig
-from .engine import Backend, Session
+from .engine import Session
+from .protocol import Model
 from .utf8_guard import Utf8Guard
 from .errors import Z2ZError
 
@@ -31,7 +33,7 @@ class RuntimeOpenError(Z2ZError, RuntimeError):
 
 @dataclass
 class Runtime:
-    backend: Backend
+    model: Model
     tokenizer: Any
     codec: CodecConfig
     config: Zip2ZipConfig
@@ -46,8 +48,12 @@ class Runtime:
         return Utf8Guard(self.tokenizer, self.codec.base_vocab_size)
 
     def session(self, system: str | None = None) -> Session:
-        return Session(self.backend, self.tokenizer, self.codec,
+        """A new conversation with its own state (KV cache, hyper slots) of the shared model."""
+        return Session(self.model.new_state(), self.tokenizer, self.codec,
                        position_mode=self.config.position_mode, system=system, guard=self.guard)
+
+    def close(self) -> None:
+        self.model.close()
 
     def describe(self) -> str:
         name = Path(self.model_name).name if Path(self.model_name).exists() else self.model_name
@@ -137,7 +143,7 @@ def open_runtime(model: str | None = None, backend: str = "auto", device: str = 
     try:
         check_chat_template(rt.tokenizer, rt.model_name)
     except SourceError as e:
-        rt.backend.close()
+        rt.close()
         raise RuntimeOpenError(str(e)) from None
     return rt
 
@@ -167,14 +173,14 @@ def _open(model: str | None, backend: str, device: str, dtype: str, base: str | 
     if importlib.util.find_spec("torch") is None:
         raise RuntimeOpenError('the torch backend needs torch and transformers: pip install "z2z-chat[torch]"')
     from .torch_backend import checkpoint
-    from .torch_backend.backend import TorchBackend, pick_device
+    from .torch_backend.backend import TorchModel, pick_device
 
     try:
         dev, dt = pick_device(device, dtype)
         loaded = checkpoint.load(model, base=base, device=dev, dtype=dt)
     except (checkpoint.CheckpointError, ValueError) as e:
         raise RuntimeOpenError(str(e)) from None
-    return Runtime(TorchBackend(loaded.model), loaded.tokenizer, loaded.codec, loaded.config,
+    return Runtime(TorchModel(loaded.model), loaded.tokenizer, loaded.codec, loaded.config,
                    "torch", str(model), f"{dev.type} {str(dt).removeprefix('torch.')}", loaded.base)
 
 
@@ -208,11 +214,11 @@ def _open_llamacpp(model: str, base: str | None, plain: bool = False) -> Runtime
     from .llamacpp_backend.checkpoint import open_checkpoint
 
     op = open_checkpoint(model, base=base, plain=plain)
-    ctx = op.backend.ctx
+    ctx = op.model.ctx
     codec = op.codec
     if plain:
         codec = CodecConfig(codec.base_vocab_size, 0, 1, codec.disabled_ids, codec.pad_id)
-    return Runtime(op.backend, op.tokenizer, codec, op.config, "llamacpp", str(model) + (" (plain)" if plain else ""),
+    return Runtime(op.model, op.tokenizer, codec, op.config, "llamacpp", str(model) + (" (plain)" if plain else ""),
                    f"cpu {ctx.n_threads} threads", op.base)
 
 
@@ -223,16 +229,16 @@ def _need_mlx() -> None:
 
 
 def _open_mlx(model: str) -> Runtime:
-    from .mlx_backend.backend import MLXBackend
+    from .mlx_backend.backend import MLXModel
 
     try:
-        backend, tok = MLXBackend.open(model)
+        loaded, tok = MLXModel.open(model)
     except (ValueError, OSError) as e:
         raise RuntimeOpenError(f"{e}. Convert a torch checkpoint with: python convert/to_mlx.py SRC DST") from None
     import mlx.core as mx
 
-    m = backend.model
-    return Runtime(backend, tok, m.config.codec_config(m.pad_id), m.config, "mlx", str(model),
+    m = loaded.z2z
+    return Runtime(loaded, tok, m.config.codec_config(m.pad_id), m.config, "mlx", str(model),
                    f"{mx.default_device()} {str(m.dtype).removeprefix('mlx.core.')}")
 
 
@@ -246,7 +252,7 @@ def open_plain(rt: Runtime, base: str | None = None, device: str = "auto", dtype
 
     from .codec import CodecConfig
     from .torch_backend import checkpoint
-    from .torch_backend.backend import PlainBackend, pick_device
+    from .torch_backend.backend import PlainTorchModel, pick_device
 
     dev, dt = pick_device(device, dtype)
     spec = base or rt.base or rt.config.base_model_name_or_path
@@ -256,5 +262,5 @@ def open_plain(rt: Runtime, base: str | None = None, device: str = "auto", dtype
         raise RuntimeOpenError(str(e)) from None
     c = rt.codec
     plain = CodecConfig(c.base_vocab_size, 0, 1, c.disabled_ids, c.pad_id)
-    return Runtime(PlainBackend(lm, c.base_vocab_size), rt.tokenizer, plain,
+    return Runtime(PlainTorchModel(lm, c.base_vocab_size), rt.tokenizer, plain,
                    replace(rt.config, position_mode="compressed"), "torch", f"{spec} (plain)", rt.device)

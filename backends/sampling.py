@@ -53,6 +53,11 @@ class Sampler:
         self.V = base_vocab_size
         self.rng = np.random.default_rng(settings.seed)
 
+    @property
+    def greedy(self) -> bool:
+        """Argmax picks (temperature 0): what lookahead can verify."""
+        return self.s.temperature == 0
+
     def sample(self, logits: np.ndarray, n_allowed: int, history: Sequence[int] = ()) -> int:
         """One code from (V + C,) logits; hyper slots >= n_allowed are never chosen."""
         x = np.array(logits, dtype=np.float32)  # a copy: the caller's logits stay untouched

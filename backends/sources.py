@@ -69,6 +69,24 @@ def context_length_of(config: Any, default: int = 2048) -> int:
     return int(get("max_position_embeddings", None) or default)
 
 
+def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The rope base and scaling of an HF ``config.json`` in both layouts: transformers 5 writes only
+    ``rope_parameters: {"rope_type", "rope_theta", ...}``; mlx-lm and older readers read top-level
+    ``rope_theta`` and ``rope_scaling`` and silently fall back to a base of 10,000 without them."""
+    params = dict(config.get("rope_parameters") or {})
+    theta = config.get("rope_theta", params.get("rope_theta"))
+    scaling = config.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        scaling["type"] = scaling["rope_type"]  # the key older readers (mlx-lm's phi3) look for
+    out: dict[str, Any] = {}
+    if theta is not None:
+        out["rope_theta"] = float(theta)
+    if scaling is not None:
+        out["rope_scaling"] = scaling
+    return out
+
+
 def check_chat_template(tokenizer: Any, where: str) -> None:
     """Render a one-message conversation now, so a broken or missing chat template is an error at
     load time that names its source, not a traceback at the first message."""

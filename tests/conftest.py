@@ -53,13 +53,17 @@ def tiny_lm(kind: str, vocab: int, seed: int = 0):
 
     torch.manual_seed(seed)
     if kind == "llama":
+        # what real models have, so a converter that drops them fails here: a non-default rope base
+        # with linear scaling, GQA, tied embeddings
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
                           tie_word_embeddings=True, eos_token_id=2, bos_token_id=None, pad_token_id=None)
         return LlamaForCausalLM(cfg).eval()
-    # Phi-3 style: fused qkv / gate_up, untied head, and more LM head rows than tokens
+    # Phi-3 style: fused qkv / gate_up, untied head, more LM head rows than tokens, a non-default rope base
     cfg = Phi3Config(vocab_size=vocab + 13, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                     rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
                      tie_word_embeddings=False, eos_token_id=2, bos_token_id=None, pad_token_id=None,
                      original_max_position_embeddings=512)
     return Phi3ForCausalLM(cfg).eval()

@@ -11,10 +11,13 @@ import pytest
 pytest.importorskip("torch")
 
 
-def z2z(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def z2z(*args: str, timeout: int = 120, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """Standard input is /dev/null unless given: piped input is attached to the prompt."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    r = subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, timeout=timeout, env=env,
+                       input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"),
+                                       r.stderr.decode(errors="replace"))
 
 
 def test_one_shot_prints_reply_and_stats(ref_checkpoints):
@@ -56,7 +59,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 def test_invalid_utf8_and_empty_prompts_are_usage_errors():
     r = subprocess.run([sys.executable, "-m", "app.cli", "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+                       capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "UTF-8" in r.stderr and "Traceback" not in r.stderr
     r = z2z("--prompt", "  ")
     assert r.returncode == 2 and "empty" in r.stderr
@@ -85,6 +88,7 @@ def test_sigterm_exits_143_with_a_message(ref_checkpoints):
     d = ref_checkpoints[("llama", "transformer", "compressed")][1]
     p = subprocess.Popen([sys.executable, "-m", "app.cli", "--model", str(d), "--device", "cpu", "--prompt",
                           "write a lot", "--max-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL,
                          text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     first = p.stdout.read(1)  # the reply has started
     assert first
@@ -108,3 +112,46 @@ def test_a_one_code_reply_shows_no_throughput():
 
     assert "decode -" in TurnStats(reply_codes=1, reply_tokens=1, decode_s=0.0002).summary()
     assert "tok/s" in TurnStats(reply_codes=40, reply_tokens=50, decode_s=1.0).summary().split("| decode")[-1]
+
+
+def test_files_and_standard_input_reach_the_model(ref_checkpoints, tmp_path):
+    """--file, piped input and --prompt - each put the text in the message (the stats count its tokens)."""
+    d = str(ref_checkpoints[("llama", "transformer", "compressed")][1])
+    code = tmp_path / "x.py"
+    code.write_text("def f(x):\n    return x + 1\n" * 20)
+    base = ["--model", d, "--device", "cpu", "--max-tokens", "4", "--stats"]
+
+    def prompt_tokens(r) -> int:
+        assert r.returncode == 0, r.stderr
+        return int(r.stderr.split("prompt ")[1].split(" tok")[0])
+
+    alone = prompt_tokens(z2z(*base, "--prompt", "What does this do?"))
+    with_file = prompt_tokens(z2z(*base, "--prompt", "What does this do?", "--file", str(code)))
+    piped = prompt_tokens(z2z(*base, "--prompt", "What does this do?", stdin=code.read_bytes()))
+    dash = prompt_tokens(z2z(*base, "--prompt", "-", stdin=b"What does this do?"))
+    assert with_file > alone + 100 and piped > alone + 100 and dash == alone
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p / "missing.txt", "no such file"),
+    (lambda p: p, "is a directory"),
+    (lambda p: (p / "b.bin").write_bytes(b"\x7fELF\x00\x01") and p / "b.bin", "binary"),
+    (lambda p: (p / "l.txt").write_bytes(b"caf\xe9 au lait") and p / "l.txt", "byte 0xe9 at offset 3"),
+])
+def test_a_file_that_cannot_be_attached_is_a_usage_error(tmp_path, make, message):
+    path = make(tmp_path)
+    r = z2z("--model", "unused", "--prompt", "hi", "--file", str(path))
+    assert r.returncode == 2 and message in r.stderr and str(path.name) in r.stderr
+
+
+def test_input_too_long_for_the_context_is_a_usage_error(ref_checkpoints, tmp_path):
+    d = str(ref_checkpoints[("llama", "transformer", "compressed")][1])
+    big = tmp_path / "big.txt"
+    big.write_text(" ".join(f"w{i}" for i in range(20000)))
+    r = z2z("--model", d, "--device", "cpu", "--prompt", "Summarize", "--file", str(big))
+    assert r.returncode == 2 and "positions" in r.stderr and "context window" in r.stderr
+
+
+def test_negative_seed_is_refused_before_loading():
+    r = z2z("--model", "does-not-matter", "--prompt", "hi", "--seed", "-1")
+    assert r.returncode == 2 and "--seed" in r.stderr

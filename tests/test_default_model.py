@@ -92,4 +92,4 @@ def test_llamacpp_gives_the_recorded_codes():
     recorded = json.loads((DEFAULT_MODEL_DIR / "recorded_codes.json").read_text())
     codes, text, _ = reply(rt, FIXED_PROMPT, 3 * len(recorded["codes"]))
     assert codes[: len(recorded["codes"])] == recorded["codes"], text
-    rt.backend.close()
+    rt.close()

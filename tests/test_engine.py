@@ -21,7 +21,7 @@ from backends.detok import Detokenizer  # noqa: E402
 from backends.engine import Done, GenerationSettings, Notice, Session, Token  # noqa: E402
 from backends.sampling import Sampler, SamplingSettings  # noqa: E402
 from backends.torch_backend import checkpoint  # noqa: E402
-from backends.torch_backend.backend import TorchBackend  # noqa: E402
+from backends.torch_backend.backend import TorchState  # noqa: E402
 from backends.utf8_guard import Utf8Guard  # noqa: E402
 
 GREEDY = GenerationSettings(max_tokens=40)
@@ -70,7 +70,7 @@ def loaded(ref_checkpoints):
 
 
 class Runtime:
-    """What the shared suite needs of a backend: a factory of fresh backends, tokenizer, codec."""
+    """What the shared suite needs of a backend: a factory of fresh states, tokenizer, codec."""
 
     def __init__(self, name, factory, tokenizer, codec, position_mode):
         self.name, self.factory, self.tokenizer, self.codec = name, factory, tokenizer, codec
@@ -80,7 +80,7 @@ class Runtime:
 @pytest.fixture(scope="module", params=["torch", "mlx", "llamacpp"])
 def rt(request, loaded, ref_checkpoints, tmp_path_factory):
     if request.param == "torch":
-        return Runtime("torch", lambda: TorchBackend(loaded.model), loaded.tokenizer, loaded.codec,
+        return Runtime("torch", lambda: TorchState(loaded.model), loaded.tokenizer, loaded.codec,
                        loaded.config.position_mode)
     if request.param == "llamacpp":
         pytest.importorskip("llama_cpp", reason='llama.cpp backend: pip install "z2z-chat[llamacpp]"')
@@ -89,15 +89,16 @@ def rt(request, loaded, ref_checkpoints, tmp_path_factory):
 
         dst = tmp_path_factory.mktemp("gguf") / "llama"
         convert(str(ref_checkpoints[("llama", "transformer", "compressed")][1]), dst)
-        return Runtime("llamacpp", lambda: open_checkpoint(dst, n_threads=1, exact=True).backend, loaded.tokenizer,
+        model = open_checkpoint(dst, n_threads=1, exact=True).model  # one context: every state shares it
+        return Runtime("llamacpp", model.new_state, loaded.tokenizer,
                        loaded.codec, loaded.config.position_mode)
     pytest.importorskip("mlx_lm", reason='MLX backend: pip install "mlx[cpu]" mlx-lm')
-    from backends.mlx_backend.backend import MLXBackend
+    from backends.mlx_backend.backend import MLXModel
     from backends.mlx_convert import convert
 
     dst = tmp_path_factory.mktemp("mlx") / "llama"
     convert(str(ref_checkpoints[("llama", "transformer", "compressed")][1]), dst, dtype="float32")
-    return Runtime("mlx", lambda: MLXBackend.open(dst)[0], loaded.tokenizer, loaded.codec, loaded.config.position_mode)
+    return Runtime("mlx", MLXModel.open(dst)[0].new_state, loaded.tokenizer, loaded.codec, loaded.config.position_mode)
 
 
 def new_session(rt, **kw):
@@ -130,7 +131,7 @@ PROMPT = "def f(x):\n    return x + 1\n\ndef g(x):\n    return x + 2\n\nprint(f(
 def test_greedy_codes_equal_reference_generate(case, ref_checkpoints):
     ref, d = ref_checkpoints[case]
     loaded = checkpoint.load(d)
-    torch_rt = Runtime("torch", lambda: TorchBackend(loaded.model), loaded.tokenizer, loaded.codec,
+    torch_rt = Runtime("torch", lambda: TorchState(loaded.model), loaded.tokenizer, loaded.codec,
                        loaded.config.position_mode)
     session, rec = new_session(torch_rt, with_candidate=False)  # the reference cannot predict a new id
     codes, _, done, _ = run(session, PROMPT, GenerationSettings(max_tokens=120))  # base tokens
@@ -168,6 +169,42 @@ def test_two_turns_equal_the_conversation_from_scratch(rt):
     want, codec = from_scratch_logits(rt, session)
     assert dict(codec.codebook.items()).items() <= dict(session.codec.codebook.items()).items()
     np.testing.assert_allclose(rec.last, want, atol=1e-4)
+
+
+TURNS_A = ["def f(x):\n    return x + 1\n\ndef f(x):", "Now the same for g.", "And once more."]
+TURNS_B = ["Tell me a story about a cat.", "The cat again, but shorter.", "Thanks."]
+
+
+def test_interleaved_sessions_write_what_separate_runs_write(rt):
+    """Two conversations of one model, turn by turn in alternation: each writes exactly the codes
+    it writes alone (each has its own KV cache and hyper slots; on llama.cpp they share one
+    context, parking the other's cache)."""
+    want = []
+    for turns in (TURNS_A, TURNS_B):
+        alone, _ = new_session(rt)
+        want.append([run(alone, t)[0] for t in turns])
+    a, _ = new_session(rt)
+    b, _ = new_session(rt)
+    got = [[], []]
+    for ta, tb in zip(TURNS_A, TURNS_B):
+        got[0].append(run(a, ta)[0])
+        got[1].append(run(b, tb)[0])
+    assert got == want
+    assert all(len(c) > 0 for turn in got for c in turn)
+
+
+def test_runtime_sessions_get_their_own_state(loaded):
+    from backends.runtime import Runtime as RealRuntime
+    from backends.torch_backend.backend import TorchModel
+
+    rt = RealRuntime(TorchModel(loaded.model), loaded.tokenizer, loaded.codec, loaded.config, "torch", "tiny", "cpu")
+    a = rt.session()
+    run(a, "hello there")
+    fed = a.state.cache.get_seq_length()
+    b = rt.session()  # used to reset the one backend every session shared
+    run(b, "something else entirely")
+    assert a.state is not b.state and a.state.hyper is not b.state.hyper
+    assert fed == a.fed > 0 and a.state.cache.get_seq_length() == fed
 
 
 def test_cancel_mid_reply_then_next_turn_works(rt):

@@ -15,10 +15,10 @@ from backends.engine import ContextFullError, Done, GenerationSettings, Session,
 from backends.errors import SettingsError  # noqa: E402
 from backends.sampling import SamplingSettings  # noqa: E402
 from backends.torch_backend import checkpoint  # noqa: E402
-from backends.torch_backend.backend import TorchBackend  # noqa: E402
+from backends.torch_backend.backend import TorchState  # noqa: E402
 
 
-class Counting(TorchBackend):
+class Counting(TorchState):
     """The torch backend with a smaller context window and a log of forwards."""
 
     def __init__(self, model, context_length=None):

@@ -25,7 +25,7 @@ from backends.llamacpp_backend.checkpoint import CheckpointError, open_checkpoin
 from backends.llamacpp_backend.encoders import build_encoder  # noqa: E402
 from backends.runtime import RuntimeOpenError, open_runtime  # noqa: E402
 from backends.torch_backend import checkpoint  # noqa: E402
-from backends.torch_backend.backend import TorchBackend  # noqa: E402
+from backends.torch_backend.backend import TorchState  # noqa: E402
 
 LLAMA = ("llama", "transformer", "compressed")
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,8 +83,8 @@ def test_logits_equal_torch_over_prefill_and_decode(ref_checkpoints, gguf_dirs, 
     loaded = checkpoint.load(ref_checkpoints[LLAMA][1])
     codes = stream(loaded.tokenizer, loaded.codec)
     assert sum(c >= loaded.codec.base_vocab_size for c in codes[20:]) >= 8  # hypertokens mid-stream
-    ours = run_stream(open_checkpoint(gguf_dirs[lora], n_threads=1, exact=True).backend, codes, loaded.codec)
-    want = run_stream(TorchBackend(loaded.model), codes, loaded.codec)
+    ours = run_stream(open_checkpoint(gguf_dirs[lora], n_threads=1, exact=True).model.new_state(), codes, loaded.codec)
+    want = run_stream(TorchState(loaded.model), codes, loaded.codec)
     for a, b in zip(ours, want):
         assert np.array_equal(np.isfinite(a), np.isfinite(b))  # the same slots masked
         fin = np.isfinite(a)
@@ -101,18 +101,18 @@ def greedy(backend, loaded, n, prompt="Write code: x = x + 1; x = x + 1;"):
 
 def test_greedy_codes_equal_torch(ref_checkpoints, gguf_dirs):
     loaded = checkpoint.load(ref_checkpoints[LLAMA][1])
-    a = greedy(TorchBackend(loaded.model), loaded, 32)
-    b = greedy(open_checkpoint(gguf_dirs["f32"], n_threads=1, exact=True).backend, loaded, 32)
+    a = greedy(TorchState(loaded.model), loaded, 32)
+    b = greedy(open_checkpoint(gguf_dirs["f32"], n_threads=1, exact=True).model.new_state(), loaded, 32)
     assert a == b and len(a) == 32
     assert any(c >= loaded.codec.base_vocab_size for c in a)
 
 
 def test_hidden_state_is_the_final_norm_output(gguf_dirs):
     """The module docstring's claim: llama.cpp's per-token embedding is what feeds the LM head."""
-    be = open_checkpoint(gguf_dirs["f32"], n_threads=1, exact=True).backend
-    rows = be.embed_table[[5, 6, 7, 8]]
-    logits, h = be.ctx.decode(rows, 0)
-    np.testing.assert_allclose(be.head_table @ h, logits[: be.head_table.shape[0]], atol=1e-4)
+    model = open_checkpoint(gguf_dirs["f32"], n_threads=1, exact=True).model
+    rows = model.embed_table[[5, 6, 7, 8]]
+    logits, h = model.ctx.decode(rows, 0)
+    np.testing.assert_allclose(model.head_table @ h, logits[: model.head_table.shape[0]], atol=1e-4)
 
 
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
@@ -123,15 +123,15 @@ def test_quantized_bases_agree_with_f32(trained_ckpt, tmp_path, qtype):
     convert(str(trained_ckpt), q_dir, qtype)
     assert (q_dir / "model.gguf").stat().st_size < (ref_dir / "model.gguf").stat().st_size
     prompt = "def parse_args(self, args=None, namespace=None):"
-    want = greedy(open_checkpoint(ref_dir, n_threads=1, exact=True).backend, loaded, 64, prompt)
+    want = greedy(open_checkpoint(ref_dir, n_threads=1, exact=True).model.new_state(), loaded, 64, prompt)
     # teacher-forced: at each step, does the quantized model pick the f32 model's code?
-    assert teacher_forced_agreement(open_checkpoint(q_dir, n_threads=1, exact=True).backend, loaded, want, prompt) >= 0.9
+    assert teacher_forced_agreement(open_checkpoint(q_dir, n_threads=1, exact=True).model.new_state(), loaded, want, prompt) >= 0.9
 
 
 def test_trim_and_rewind_match_a_fresh_run(gguf_dirs, ref_checkpoints):
     loaded = checkpoint.load(ref_checkpoints[LLAMA][1])
     codes = stream(loaded.tokenizer, loaded.codec)
-    be = open_checkpoint(gguf_dirs["f32"], n_threads=1, exact=True).backend
+    be = open_checkpoint(gguf_dirs["f32"], n_threads=1, exact=True).model.new_state()
     full = run_stream(be, codes, loaded.codec)
     be.trim(10)  # back to len(codes) - 10 positions; re-feed the last 10 codes one by one
     s = CodecSession(loaded.codec)
@@ -192,7 +192,7 @@ def test_bad_files_are_clear_errors(gguf_dirs, tmp_path, how):
     with pytest.raises((CheckpointError, RuntimeOpenError)):
         open_checkpoint(d, n_threads=1, exact=True)
     r = subprocess.run([sys.executable, "-m", "app.cli", "--backend", "llamacpp", "--model", str(d), "--prompt", "hi"],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith("z2z-chat: error:") and "Traceback" not in r.stderr, r.stderr
 

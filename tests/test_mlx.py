@@ -18,10 +18,10 @@ from conftest import teacher_forced_agreement  # noqa: E402
 from backends.codec import CodecSession  # noqa: E402
 from backends.config import positions  # noqa: E402
 from backends.engine import GenerationSettings, Session, Token  # noqa: E402
-from backends.mlx_backend.backend import MLXBackend  # noqa: E402
+from backends.mlx_backend.backend import MLXModel  # noqa: E402
 from backends.mlx_convert import ConvertError, convert  # noqa: E402
 from backends.torch_backend import checkpoint  # noqa: E402
-from backends.torch_backend.backend import TorchBackend  # noqa: E402
+from backends.torch_backend.backend import TorchState  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("llama", "transformer", "compressed"), ("llama", "res_latent_attn", "base_token_end"),
@@ -49,8 +49,9 @@ def stream(loaded, ids):
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
 def test_mlx_logits_match_torch(case, ref_checkpoints, converted):
     loaded = checkpoint.load(ref_checkpoints[case][1])
-    mlx_backend, _ = MLXBackend.open(converted[case])
-    torch_backend = TorchBackend(loaded.model)
+    mlx_model, _ = MLXModel.open(converted[case])
+    mlx_backend = mlx_model.new_state()
+    torch_backend = TorchState(loaded.model)
     ids = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     codes, pos = stream(loaded, ids)
     assert sum(c >= loaded.codec.base_vocab_size for c in codes) >= 5
@@ -85,8 +86,8 @@ def greedy_codes(backend, loaded, n, prompt="Write code: x = x + 1; x = x + 1;")
 @pytest.mark.parametrize("case", CASES[:2], ids=["-".join(c) for c in CASES[:2]])
 def test_greedy_codes_equal_torch(case, ref_checkpoints, converted):
     loaded = checkpoint.load(ref_checkpoints[case][1])
-    a = greedy_codes(TorchBackend(loaded.model), loaded, 32)
-    b = greedy_codes(MLXBackend.open(converted[case])[0], loaded, 32)
+    a = greedy_codes(TorchState(loaded.model), loaded, 32)
+    b = greedy_codes(MLXModel.open(converted[case])[0].new_state(), loaded, 32)
     assert a == b and len(a) == 32
 
 
@@ -96,9 +97,9 @@ def test_4bit_conversion_agrees_with_fp32(trained_ckpt, tmp_path):
     convert(str(trained_ckpt), dst, quantize=4, q_group_size=32, dtype="float32")
     assert json.loads((dst / "config.json").read_text())["quantization"]["bits"] == 4
     prompt = "def parse_args(self, args=None, namespace=None):"
-    fp32 = greedy_codes(TorchBackend(loaded.model), loaded, 64, prompt)
+    fp32 = greedy_codes(TorchState(loaded.model), loaded, 64, prompt)
     # teacher-forced: at each of the 64 steps, does the 4-bit model pick the fp32 model's code?
-    assert teacher_forced_agreement(MLXBackend.open(dst)[0], loaded, fp32, prompt) >= 0.9
+    assert teacher_forced_agreement(MLXModel.open(dst)[0].new_state(), loaded, fp32, prompt) >= 0.9
 
 
 def test_converter_errors(ref_checkpoints, tmp_path, tokenizer_dir):

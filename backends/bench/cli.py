@@ -92,7 +92,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         raise RuntimeOpenError(f"ppl scores whole sequences with the torch model; it does not run on "
                                f"{rt.backend_name}: use --backend torch")
     plain = open_plain(rt, args.base, args.device, args.dtype)
-    rows = bench_quality.byte_perplexity(rt, plain.backend.lm, texts, args.window, args.max_windows, _progress)
+    rows = bench_quality.byte_perplexity(rt, plain.model.lm, texts, args.window, args.max_windows, _progress)
     _emit(args, f"byte-level perplexity, {rt.describe()} (ratio: zip2zip / base)", rows)
     return 0
 
@@ -131,6 +131,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
         compare.plot(rep, args.plot)
         _progress(f"chart: {args.plot}")
     print(json.dumps(rep, indent=2, default=str) if args.json else compare.format_report(rep))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..assets import smollm2_gguf
+    from ..llamacpp_backend.context import default_threads
+    from . import serve as bench_serve
+
+    gguf = args.gguf or smollm2_gguf()
+    try:
+        report = bench_serve.run(model=args.model, gguf=gguf, tokenizer=_tokenizer(args.model or gguf),
+                                 threads=args.threads or default_threads(), turns=args.turns,
+                                 max_tokens=args.max_tokens, conversations=args.conversations,
+                                 load_requests=args.requests, progress=_progress)
+    except RuntimeError as e:
+        raise Z2ZError(str(e)) from e
+    print(json.dumps(report, indent=2) if args.json else bench_serve.format_report(report))
     return 0
 
 
@@ -185,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--prompts", help="JSONL prompt set (default: the default model's evaluation set)")
     an.add_argument("--markdown", help="write the answers side by side to this file")
     an.set_defaults(func=cmd_answers)
+    sv = sub.add_parser("serve", help="z2z-chat serve beside llama-cpp-python's server, over HTTP")
+    sv.add_argument("--model", help="zip2zip checkpoint for z2z-chat serve (default: the embedded model)")
+    sv.add_argument("--gguf", help="base GGUF for llama-cpp-python's server (default: the embedded model's base)")
+    sv.add_argument("--threads", type=int, default=0, help="threads for both servers (default: all cores)")
+    sv.add_argument("--turns", type=int, default=10)
+    sv.add_argument("--max-tokens", type=int, default=96)
+    sv.add_argument("--conversations", type=int, default=4)
+    sv.add_argument("--requests", type=int, default=200, help="requests of the load run")
+    sv.add_argument("--json", action="store_true")
+    sv.set_defaults(func=cmd_serve)
+
     cp = sub.add_parser("compare", help="z2z-chat beside llama.cpp, transformers, prompt lookup and the reference")
     cp.add_argument("--model", help="zip2zip checkpoint directory (default: the embedded model)")
     cp.add_argument("--base", help="override the checkpoint's base model")

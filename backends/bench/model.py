@@ -45,19 +45,19 @@ def _best(f: Callable[[], Any], repeat: int) -> float:
     return best
 
 
-def _plain_backend(rt: Runtime):
+def _plain_state(rt: Runtime):
     """Plain = what a user runs without zip2zip: on llama.cpp the base GGUF fed token ids (no adapter,
-    no embeddings); elsewhere the same backend fed base ids."""
+    no embeddings); elsewhere a state of the same model fed base ids."""
     if rt.backend_name == "llamacpp":
         from ..runtime import open_plain
 
-        return open_plain(rt).backend
-    return rt.backend
+        return open_plain(rt).model.new_state()
+    return rt.model.new_state()
 
 
 def prefill(rt: Runtime, lengths: list[int], repeat: int, progress: Callable[[str], None]) -> list[dict]:
-    be, rows = rt.backend, []
-    pb = _plain_backend(rt)
+    be, rows = rt.model.new_state(), []
+    pb = _plain_state(rt)
     ids_all = _code_ids(rt, max(lengths))
     for n in lengths:
         ids = ids_all[:n]
@@ -90,17 +90,18 @@ class _Forced:
     """A sampler that returns given codes (then greedy): forced decoding through the real loop."""
 
     def __init__(self, codes: list[int], V: int):
-        self.codes, self.greedy = list(codes), Sampler(SamplingSettings(), V)
+        self.codes, self.argmax = list(codes), Sampler(SamplingSettings(), V)
+        self.greedy = False  # forced codes are not argmax picks: no lookahead over them
 
     def sample(self, logits, n_allowed: int, history=()) -> int:
-        return self.codes.pop(0) if self.codes else self.greedy.sample(logits, n_allowed)
+        return self.codes.pop(0) if self.codes else self.argmax.sample(logits, n_allowed)
 
 
 def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forced: list[int] | None,
                  be: Any = None) -> dict:
     """One decode run through ``generate_codes``; returns steps, base tokens and seconds spent in
     the step loop. Plain: ``be`` fed base ids (a codec without a codebook)."""
-    be, c = be or rt.backend, rt.codec
+    be, c = be or rt.model.new_state(), rt.codec
     be.reset()
     config = c if zip2zip else CodecConfig(c.base_vocab_size, 0, 1, c.disabled_ids, c.pad_id)
     codec, stream = CodecSession(config), Stream(rt.config.position_mode if zip2zip else "compressed")
@@ -127,7 +128,7 @@ def decode(rt: Runtime, prompt_tokens: int, steps: int, progress: Callable[[str]
     ids = _code_ids(rt, prompt_tokens + steps)
     prompt, cont = ids[:prompt_tokens], ids[prompt_tokens:prompt_tokens + steps]
     rows = []
-    pb = _plain_backend(rt)
+    pb = _plain_state(rt)
     for mode, forced in (("own", None), ("forced", cont)):
         progress(f"decode ({mode}): plain")
         p = _decode_loop(rt, prompt, steps, False, forced, pb)
@@ -149,7 +150,7 @@ def _create_completion(rt: Runtime, prompt: list[int], steps: int) -> dict:
     """What a user would run instead: llama-cpp-python's high-level API, greedy, same GGUF and threads."""
     from llama_cpp import Llama
 
-    ctx = rt.backend.ctx
+    ctx = rt.model.ctx
     llm = Llama(model_path=rt.base, n_ctx=ctx.n_ctx, n_threads=ctx.n_threads, n_threads_batch=ctx.n_threads,
                 verbose=False)
     llm.create_completion(prompt[:8], max_tokens=2, temperature=0.0)  # warm-up

@@ -24,7 +24,7 @@ def byte_perplexity(rt: Any, base_lm: Any, texts: dict[str, str], window: int, m
 
     from ..codec import CodecSession
 
-    tok, model = rt.tokenizer, rt.backend.model
+    tok, model = rt.tokenizer, rt.model.z2z
     rows = []
     for domain, text in texts.items():
         ids = tok(text, add_special_tokens=False)["input_ids"]

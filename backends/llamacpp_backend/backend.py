@@ -1,7 +1,14 @@
-"""``LlamaCppBackend``: the engine's backend protocol over llama.cpp (``context.LlamaContext``).
+"""llama.cpp: ``LlamaCppModel`` (one context, tables and encoders, shared) and ``LlamaCppState``
+(one conversation), the decode protocol of ``backends/protocol.py``.
+
+Conversations share the model's one llama.cpp context: the state that runs has its KV cache in
+the context; the others are parked as bytes (``llama_state_seq_get_data``, as long as their own
+cache, not the window). Switching costs a copy of the two caches, and only when the conversation
+changes; a context per conversation would allocate the whole window's KV for each, and one
+context with several sequences would split the window between them.
 
 Every input row is an embedding: base ids look up the model's token-embedding matrix (read once
-from the GGUF and dequantized to float32), hyper ids the session's ``hyper_in``. llama.cpp
+from the GGUF and dequantized to float32), hyper ids the conversation's ``hyper_in``. llama.cpp
 returns its own logits for the base vocabulary and the final hidden state ``h`` (after the final
 norm); the hyper logits are ``hyper_out[:live] @ h`` in numpy, masked as on every backend
 (``backends/hyper.py``). The hyper-encoders run in numpy (``encoders.py``).
@@ -13,7 +20,7 @@ is not llama.cpp's (measured ~0.7 ms of ~1.8 ms on SmolLM2-135M).
 
 Positions must be contiguous (llama.cpp's rule), so only ``compressed`` checkpoints run here.
 
-``PlainLlamaCppBackend`` is the same model fed token ids (no zip2zip): what a user running plain
+``PlainLlamaCppModel`` is the same model fed token ids (no zip2zip): what a user running plain
 llama.cpp on the same GGUF gets, for side-by-side benchmarks.
 """
 
@@ -37,20 +44,88 @@ def _start(positions: Sequence[int]) -> int:
     return pos[0]
 
 
-class LlamaCppBackend:
+class _Shared:
+    """The context and which conversation's KV cache it holds now."""
+
+    def __init__(self, ctx: LlamaContext):
+        self.ctx = ctx
+        self.context_length = ctx.n_ctx
+        self.active: _Sequence | None = None
+
+    def activate(self, seq: _Sequence) -> LlamaContext:
+        if self.active is not seq:
+            if self.active is not None:
+                self.active.park(self.ctx.save_seq(), self.ctx.n_past)
+            self.ctx.load_seq(seq.saved, seq.n_past)
+            seq.saved = None
+            self.active = seq
+        return self.ctx
+
+    def close(self) -> None:
+        self.active = None
+        self.ctx.close()
+
+
+class _Sequence:
+    """One conversation's place in the shared context: in it while active, else parked bytes."""
+
+    def __init__(self, shared: _Shared):
+        self.shared = shared
+        self.context_length = shared.context_length
+        self.saved: bytes | None = None
+        self.n_past = 0
+
+    @property
+    def ctx(self) -> LlamaContext:
+        return self.shared.activate(self)
+
+    def park(self, saved: bytes, n_past: int) -> None:
+        self.saved, self.n_past = saved, n_past
+
+    def trim(self, n: int) -> None:
+        self.ctx.trim(n)
+
+    def kv_bytes(self) -> int:
+        if self.shared.active is self:
+            return self.shared.ctx.seq_bytes()
+        return len(self.saved or b"")
+
+    def _clear_kv(self) -> None:
+        if self.shared.active is self:
+            self.shared.ctx.clear()
+        self.saved, self.n_past = None, 0
+
+    def close(self) -> None:
+        self._clear_kv()
+        if self.shared.active is self:
+            self.shared.active = None
+
+
+class LlamaCppModel(_Shared):
+    """The loaded checkpoint: context, embedding and head tables, encoders; shared by every state."""
+
     def __init__(self, ctx: LlamaContext, embed: np.ndarray, head: np.ndarray | None, input_encoder: Encoder,
                  output_encoder: Encoder, V: int, C: int, M: int, pad_id: int):
-        self.ctx = ctx
+        super().__init__(ctx)
         self.embed_table = embed  # (rows, D)
         self.head_table = embed if head is None else head  # (rows, D); tied embeddings share
         self.input_encoder, self.output_encoder = input_encoder, output_encoder
-        self.V, self.C = V, C
-        D = embed.shape[1]
-        self.slots = HyperSlots(V, C, M, pad_id)
-        self.hyper_in = np.zeros((C, D), dtype=np.float32)
-        self.hyper_out = np.zeros((C, D), dtype=np.float32)
+        self.V, self.C, self.M, self.pad_id = V, C, M, pad_id
+
+    def new_state(self) -> LlamaCppState:
+        return LlamaCppState(self)
+
+
+class LlamaCppState(_Sequence):
+    def __init__(self, model: LlamaCppModel):
+        super().__init__(model)
+        self.m = model
+        self.V, self.C = model.V, model.C
+        D = model.embed_table.shape[1]
+        self.slots = HyperSlots(model.V, model.C, model.M, model.pad_id)
+        self.hyper_in = np.zeros((model.C, D), dtype=np.float32)
+        self.hyper_out = np.zeros((model.C, D), dtype=np.float32)
         self.pending_in: dict[int, list[int]] = {}  # slot -> padded row whose input vector is not computed yet
-        self.context_length = ctx.n_ctx
 
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
         plan = self.slots.plan(entries, candidate)
@@ -58,7 +133,7 @@ class LlamaCppBackend:
             return
         rows = np.asarray(plan.rows, dtype=np.int64)  # (N, M)
         # one output-encoder call for the new entries and the candidate (a decode step has both)
-        self.hyper_out[plan.slots] = self.output_encoder(rows, self.head_table)
+        self.hyper_out[plan.slots] = self.m.output_encoder(rows, self.m.head_table)
         for slot, row in zip(plan.slots[:plan.n_new], plan.rows):
             self.pending_in[slot] = row
 
@@ -66,7 +141,7 @@ class LlamaCppBackend:
         todo = sorted({s for s in slots if s in self.pending_in})
         if todo:
             rows = np.asarray([self.pending_in.pop(s) for s in todo], dtype=np.int64)  # (N, M)
-            self.hyper_in[todo] = self.input_encoder(rows, self.embed_table)
+            self.hyper_in[todo] = self.m.input_encoder(rows, self.m.embed_table)
 
     def drop_entries(self, keep: int) -> None:
         self.slots.drop(keep)
@@ -77,7 +152,7 @@ class LlamaCppBackend:
         self.slots.check_codes(codes)
         c = np.asarray(codes, dtype=np.int64)
         is_hyper = c >= self.V
-        rows = self.embed_table[np.minimum(c, self.V - 1)]  # (T, D)
+        rows = self.m.embed_table[np.minimum(c, self.V - 1)]  # (T, D)
         if is_hyper.any():
             slots = c[is_hyper] - self.V
             self._input_vectors(slots.tolist())
@@ -91,7 +166,7 @@ class LlamaCppBackend:
         ts, rows = candidate_rows(masks, self.slots.M, self.slots.pad_id)
         cand = np.zeros(0, dtype=np.float32)
         if ts:
-            cand = (H[ts] * self.output_encoder(np.asarray(rows, dtype=np.int64), self.head_table)).sum(-1)
+            cand = (H[ts] * self.m.output_encoder(np.asarray(rows, dtype=np.int64), self.m.head_table)).sum(-1)
         return assemble(base[:, : self.V], H @ self.hyper_out[:n_max].T, masks, ts, cand, self.V, self.C)
 
     def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
@@ -105,24 +180,27 @@ class LlamaCppBackend:
                 out[self.V + s.n_created:self.V + s.candidate] = -np.inf
         return out
 
-    def trim(self, n: int) -> None:
-        self.ctx.trim(n)
-
     def reset(self) -> None:
-        self.ctx.clear()
+        self._clear_kv()
         self.slots.reset()
         self.pending_in.clear()
 
-    def close(self) -> None:
-        self.ctx.close()
 
-
-class PlainLlamaCppBackend:
+class PlainLlamaCppModel(_Shared):
     """The base GGUF fed token ids, behind the same protocol (C = 0)."""
 
     def __init__(self, ctx: LlamaContext, V: int):
-        self.ctx, self.V = ctx, V
-        self.context_length = ctx.n_ctx
+        super().__init__(ctx)
+        self.V = V
+
+    def new_state(self) -> PlainLlamaCppState:
+        return PlainLlamaCppState(self)
+
+
+class PlainLlamaCppState(_Sequence):
+    def __init__(self, model: PlainLlamaCppModel):
+        super().__init__(model)
+        self.V = model.V
 
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
         if entries:
@@ -139,11 +217,5 @@ class PlainLlamaCppBackend:
         base, _ = self.ctx.decode_ids(np.asarray(codes), _start(positions), every_row=True)
         return base[:, : self.V]  # (T, V): no hypertokens, prompt-lookup decoding on our engine
 
-    def trim(self, n: int) -> None:
-        self.ctx.trim(n)
-
     def reset(self) -> None:
-        self.ctx.clear()
-
-    def close(self) -> None:
-        self.ctx.close()
+        self._clear_kv()

@@ -30,7 +30,7 @@ from ..codec import CodecConfig
 from ..config import CONFIG_NAME, ConfigError, Zip2ZipConfig
 from ..errors import Z2ZError
 from ..sources import SourceError, checkpoint_tokenizer, is_gguf
-from .backend import LlamaCppBackend, PlainLlamaCppBackend
+from .backend import LlamaCppModel, PlainLlamaCppModel
 from .context import LlamaContext
 from .encoders import build_encoder
 from .tensors import (
@@ -51,7 +51,7 @@ class CheckpointError(Z2ZError, RuntimeError):
 
 @dataclass
 class Opened:
-    backend: LlamaCppBackend
+    model: LlamaCppModel | PlainLlamaCppModel
     tokenizer: Any
     config: Zip2ZipConfig
     codec: CodecConfig
@@ -156,12 +156,12 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
     ctx = LlamaContext(model_path, adapter, n_ctx=n_ctx, n_threads=n_threads, exact=exact)
     codec = config.codec_config(pad)
     if plain:
-        return Opened(PlainLlamaCppBackend(ctx, V), tok, config, codec, str(gguf_path))
+        return Opened(PlainLlamaCppModel(ctx, V), tok, config, codec, str(gguf_path))
     try:
         enc_in, enc_out = _encoders(ckpt, config, pad, embed, embed if head is None else head)
     except (CheckpointError, TensorFileError, KeyError) as e:
         ctx.close()
         raise CheckpointError(f"{ckpt}: the hyper-encoders do not match the config ({e})") from None
     c = config.compression
-    be = LlamaCppBackend(ctx, embed, head, enc_in, enc_out, V, c.max_codebook_size, c.max_subtokens, pad)
-    return Opened(be, tok, config, codec, str(gguf_path))
+    model = LlamaCppModel(ctx, embed, head, enc_in, enc_out, V, c.max_codebook_size, c.max_subtokens, pad)
+    return Opened(model, tok, config, codec, str(gguf_path))

@@ -166,6 +166,28 @@ class LlamaContext:
         self.L.llama_memory_clear(self.mem, True)
         self.n_past = 0
 
+    def seq_bytes(self) -> int:
+        return int(self.L.llama_state_seq_get_size(self.ctx, 0))
+
+    def save_seq(self) -> bytes:
+        """The KV cache of the sequence as bytes (its length, not the window's: a short conversation
+        parks small)."""
+        L = self.L
+        n = self.seq_bytes()
+        buf = (ctypes.c_uint8 * n)()
+        if L.llama_state_seq_get_data(self.ctx, buf, n, 0) != n:
+            raise BackendError("llama.cpp could not save a conversation's KV cache")
+        return bytes(buf)
+
+    def load_seq(self, data: bytes | None, n_past: int) -> None:
+        """Replace the KV cache with one ``save_seq`` returned (None: empty) of ``n_past`` positions."""
+        self.clear()
+        if data:
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            if self.L.llama_state_seq_set_data(self.ctx, buf, len(data), 0) == 0:
+                raise BackendError("llama.cpp could not restore a conversation's KV cache (out of memory?)")
+        self.n_past = n_past
+
     def close(self) -> None:
         L = getattr(self, "L", None)
         if L is None:

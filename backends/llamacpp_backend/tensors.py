@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import Z2ZError
+from ..sources import rope_settings
 
 
 class TensorFileError(Z2ZError, ValueError):
@@ -212,8 +213,16 @@ def write_llama_gguf(path: str | Path, state: dict[str, np.ndarray], config: dic
     w.add_feed_forward_length(config["intermediate_size"])
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
-    rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    w.add_rope_freq_base(float(rope))
+    rope = rope_settings(config)
+    w.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+    scaling = rope.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    elif kind != "default":
+        raise TensorFileError(f"rope scaling {kind!r} is not written to GGUF here (linear only): "
+                              "run this model with --backend torch or mlx")
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     w.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
     V = state["model.embed_tokens.weight"].shape[0]

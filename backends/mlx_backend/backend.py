@@ -1,9 +1,11 @@
-"""``MLXBackend``: the engine's backend protocol over ``Zip2ZipMLX`` and mlx-lm KV caches."""
+"""MLX: ``MLXModel`` (a ``Zip2ZipMLX``, shared) and ``MLXState`` (one conversation's mlx-lm KV cache
+and hyper vectors), the decode protocol of ``backends/protocol.py``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -14,17 +16,30 @@ from ..sources import context_length_of
 from .model import Zip2ZipMLX, load_converted, position_logits
 
 
-class MLXBackend:
+class MLXModel:
+    """A loaded MLX conversion; every ``new_state()`` shares its weights."""
+
+    def __init__(self, model: Zip2ZipMLX, context_length: int):
+        self.z2z, self.context_length = model, context_length
+
+    @classmethod
+    def open(cls, path: str | Path) -> tuple[MLXModel, Any]:
+        model, tok, lm_config = load_converted(path)
+        return cls(model, context_length_of(lm_config)), tok
+
+    def new_state(self) -> MLXState:
+        return MLXState(self.z2z, self.context_length)
+
+    def close(self) -> None:
+        pass
+
+
+class MLXState:
     def __init__(self, model: Zip2ZipMLX, context_length: int):
         self.model = model
         self.context_length = context_length
         self.cache = make_prompt_cache(model.lm)
-        self.hyper = model.new_cache()  # this session's hypertoken vectors
-
-    @classmethod
-    def open(cls, path: str | Path):
-        model, tok, lm_config = load_converted(path)
-        return cls(model, context_length_of(lm_config)), tok
+        self.hyper = model.new_cache()  # this conversation's hypertoken vectors
 
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
         self.model.add_entries(entries, candidate, self.hyper)
@@ -46,6 +61,9 @@ class MLXBackend:
     def trim(self, n: int) -> None:
         if n > 0:
             trim_prompt_cache(self.cache, n)
+
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for c in self.cache) if self.cache is not None else 0
 
     def reset(self) -> None:
         self.cache = make_prompt_cache(self.model.lm)

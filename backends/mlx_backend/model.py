@@ -13,6 +13,7 @@ head is quantized); the logits are base (V) ++ hyper (C), slots that do not exis
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from ..config import Zip2ZipConfig
 from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows
 from ..mlx_convert import ARCHITECTURES
-from ..sources import pad_id_of
+from ..sources import pad_id_of, rope_settings
 from .encoders import build_encoder
 
 
@@ -177,7 +178,9 @@ def load_converted(path: str | Path) -> tuple[Zip2ZipMLX, Any, dict[str, Any]]:
         config = Zip2ZipConfig.load(path)
     except ConfigError as e:
         raise ValueError(str(e)) from None
-    lm, lm_config = load_model(path)
+    hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    # conversions written before the rope fix carry the rope base only in ``rope_parameters``
+    lm, lm_config = load_model(path, model_config=rope_settings(hf_config))
     tok = AutoTokenizer.from_pretrained(path)
     pad = pad_id_of(tok)
     encoders = mx.load(str(path / "zip2zip_encoders.safetensors"))

@@ -1,4 +1,5 @@
-"""``TorchBackend``: the engine's backend protocol over a ``Zip2ZipLM`` and a transformers KV cache.
+"""torch: ``TorchModel`` (a ``Zip2ZipLM``, shared) and ``TorchState`` (one conversation's
+transformers KV cache and hyper vectors), the decode protocol of ``backends/protocol.py``.
 
 Per decode step the work is one decoder step, the encoders on the step's new entry (and the
 candidate's output side), and one (C_live, D) matrix-vector product for the hyper logits.
@@ -50,11 +51,31 @@ class _CachedDecoder:
         if n > 0:
             self.cache.crop(-n)
 
+    def kv_bytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return sum(t.nbytes for layer in self.cache.layers for t in (layer.keys, layer.values)
+                   if isinstance(t, torch.Tensor))
+
     def close(self) -> None:
         self.cache = None
 
 
-class TorchBackend(_CachedDecoder):
+class TorchModel:
+    """The loaded zip2zip model; every ``new_state()`` shares its weights."""
+
+    def __init__(self, model: Zip2ZipLM):
+        self.z2z = model.eval()
+        self.context_length = context_length_of(model.lm.config)
+
+    def new_state(self) -> TorchState:
+        return TorchState(self.z2z)
+
+    def close(self) -> None:
+        pass
+
+
+class TorchState(_CachedDecoder):
     def __init__(self, model: Zip2ZipLM):
         self.model = model.eval()
         self.lm = model.lm
@@ -87,9 +108,22 @@ class TorchBackend(_CachedDecoder):
         self.model.reset_entries(self.hyper)
 
 
-class PlainBackend(_CachedDecoder):
+class PlainTorchModel:
     """The base model without zip2zip, behind the same protocol (no hypertokens, C = 0): the
     baseline that benchmarks and quality comparisons run on the same engine and device."""
+
+    def __init__(self, lm, vocab_size: int):
+        self.lm, self.V = lm.eval(), vocab_size
+        self.context_length = context_length_of(lm.config)
+
+    def new_state(self) -> PlainTorchState:
+        return PlainTorchState(self.lm, self.V)
+
+    def close(self) -> None:
+        pass
+
+
+class PlainTorchState(_CachedDecoder):
 
     def __init__(self, lm, vocab_size: int):
         self.lm = lm.eval()

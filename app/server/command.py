@@ -1,0 +1,103 @@
+"""``z2z-chat serve``: parse the options, load the model once, run the app under uvicorn.
+
+Loopback by default; another ``--host`` without ``--api-key`` is allowed with a warning (anyone
+who can reach the port can use the model). Ctrl+C / SIGTERM: the worker cancels the reply in
+flight (its stream ends with a finish reason and ``[DONE]``) and the waiting ones (503), uvicorn
+closes the connections and re-raises the signal, as it does for every app (exit status 130/143).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+BACKEND_CHOICES = ["auto", "torch", "mlx", "llamacpp"]
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _port(value: str) -> int:
+    n = _positive(value)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, got {value!r}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="z2z-chat serve",
+                                description="Serve a zip2zip model with the OpenAI chat API on this machine.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--model", help="zip2zip checkpoint (default: the embedded default model)")
+    p.add_argument("--model-id", help="the model name clients send and /v1/models lists (default: from --model)")
+    p.add_argument("--base", help="override the checkpoint's base model")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--api-key", default=os.environ.get("Z2Z_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (also from $Z2Z_API_KEY)")
+    p.add_argument("--slots", type=_positive, default=4,
+                   help="conversations whose KV cache and codebook are held at once (default 4)")
+    p.add_argument("--cache-mb", type=_positive, default=1024, help="KV cache budget over those conversations")
+    p.add_argument("--max-queue", type=_positive, default=16, help="requests waiting before 429 (default 16)")
+    p.add_argument("--max-tokens", type=_positive, default=512, help="reply limit when a request gives none")
+    return p
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvicorn
+
+        from .http import build_app
+    except ImportError as e:
+        print(f'z2z-chat serve: needs starlette and uvicorn ({e}): pip install "z2z-chat[serve]"', file=sys.stderr)
+        return 1
+    from backends.errors import Z2ZError
+    from backends.runtime import open_runtime
+
+    if not _loopback(args.host) and not args.api_key:
+        print(f"z2z-chat serve: warning: listening on {args.host} without --api-key: anyone who can reach "
+              "this port can use the model", file=sys.stderr)
+    try:
+        rt = open_runtime(args.model, args.backend, args.device, args.dtype, base=args.base,
+                          progress=lambda m: print(f"[z2z-chat] {m}", file=sys.stderr, flush=True))
+    except Z2ZError as e:
+        print(f"z2z-chat serve: error: {e}", file=sys.stderr)
+        return 1
+    model_id = args.model_id or (Path(args.model).name if args.model else "z2z-default")
+    print(f"[z2z-chat] serving {model_id} ({rt.describe()}) on http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
+    app = build_app(rt, model_id, api_key=args.api_key, slots=args.slots, cache_mb=args.cache_mb,
+                    max_queue=args.max_queue, max_tokens=args.max_tokens)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            app.state.worker.stop()  # replies in flight end now (their streams close properly)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    try:
+        Server(config).run()
+    finally:
+        rt.close()
+    return 0

@@ -1,0 +1,185 @@
+"""OpenAI chat-completions shapes: validate a request, build responses, chunks and errors.
+
+``parse_request(body, model_id)`` returns a ``ChatRequest`` or raises ``APIError`` with the
+status, type, param and code OpenAI uses, so every user error is a 4xx with OpenAI's body
+(``{"error": {"message", "type", "param", "code"}}``). Token counts in ``usage`` are base tokens
+(what clients count); the zip2zip figures travel in an extra ``zip2zip`` object.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.errors import SettingsError
+from backends.sampling import SamplingSettings
+
+UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls",
+               "audio": "audio output", "logprobs": "log probabilities"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ChatRequest:
+    system: str | None
+    history: list[dict[str, str]]  # user/assistant turns before the new message, alternating
+    message: str  # the new user message
+    max_tokens: int = 512
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    lookahead: int = 0
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of text parts (joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for part in content:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise _bad(f"{where}: each content part must be an object with a 'type'", where)
+            if part["type"] != "text":
+                raise _bad(f"{where}: content parts of type {part['type']!r} are not supported (text only)", where,
+                           "unsupported_content")
+            if not isinstance(part.get("text"), str):
+                raise _bad(f"{where}: a text part needs a string 'text'", where)
+            out.append(part["text"])
+        return "".join(out)
+    raise _bad(f"{where}: content must be a string or a list of text parts", where)
+
+
+def _number(body: dict, key: str, lo: float, hi: float, default: float, integer: bool = False) -> Any:
+    v = body.get(key)
+    if v is None:
+        return default
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or not math.isfinite(v) or not lo <= v <= hi:
+        kind = "an integer" if integer else "a finite number"
+        raise _bad(f"{key} must be {kind} in [{lo:g}, {hi:g}], got {v!r}", key, "invalid_value")
+    return v
+
+
+def parse_request(body: Any, model_id: str, default_max_tokens: int = 512) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != model_id:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {model_id!r} "
+                            "(GET /v1/models)", param="model", code="model_not_found")
+    for key, what in UNSUPPORTED.items():
+        if body.get(key) not in (None, False, []):
+            raise _bad(f"{what} ({key!r}) are not supported by this server", key, "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise _bad("response_format other than {'type': 'text'} is not supported", "response_format",
+                   "unsupported_parameter")
+    n = _number(body, "n", 1, 1 << 30, 1, integer=True)
+    if n != 1:
+        raise _bad("n must be 1: this server writes one reply per request", "n", "invalid_value")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("messages must be a non-empty list", "messages")
+    system_parts: list[str] = []
+    turns: list[dict[str, str]] = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(f"{where} must be an object", where)
+        role = m.get("role")
+        text = _text(m.get("content"), f"{where}.content")
+        if role in ("system", "developer"):
+            if turns:
+                raise _bad(f"{where}: a {role} message is only supported before the conversation's first turn", where)
+            system_parts.append(text)
+        elif role in ("user", "assistant"):
+            want = "user" if len(turns) % 2 == 0 else "assistant"
+            if role != want:
+                raise _bad(f"{where}: expected a {want} message (turns alternate, starting with user)", where)
+            turns.append({"role": role, "content": text})
+        elif role == "tool":
+            raise _bad(f"{where}: tool messages are not supported", where, "unsupported_parameter")
+        else:
+            raise _bad(f"{where}: unknown role {role!r} (system, user or assistant)", where)
+    if not turns or turns[-1]["role"] != "user":
+        raise _bad("the last message must be a user message", "messages")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = default_max_tokens if max_tokens is None else _number(
+        {"max_tokens": max_tokens}, "max_tokens", 1, 1 << 20, 0, integer=True)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise _bad("stop must be a non-empty string or a list of up to 16 of them", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream must be true or false", "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise _bad("stream_options must be an object", "stream_options")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise _bad(f"seed must be a non-negative integer, got {seed!r}", "seed", "invalid_value")
+    try:
+        sampling = SamplingSettings(temperature=float(_number(body, "temperature", 0, 2, 0.0)),
+                                    top_p=float(_number(body, "top_p", 0, 1, 1.0)),
+                                    top_k=_number(body, "top_k", 0, 1 << 20, 0, integer=True), seed=seed)
+    except SettingsError as e:
+        raise _bad(str(e), None, "invalid_value") from e
+    lookahead = _number(body, "lookahead", 0, 8, 0, integer=True)
+    return ChatRequest("\n\n".join(system_parts) if system_parts else None, turns[:-1], turns[-1]["content"],
+                       max_tokens, sampling, stop, stream, bool(opts.get("include_usage")), lookahead)
+
+
+def new_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def completion(cid: str, model: str, text: str, finish: str, usage: dict[str, Any]) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish}],
+            "usage": usage}
+
+
+def chunk(cid: str, model: str, delta: dict[str, Any] | None, finish: str | None = None,
+          usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ``chat.completion.chunk``; with ``usage`` and no delta: the final usage chunk (no choices)."""
+    out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                           "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                                                 "finish_reason": finish}]}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def usage(stats: Any) -> dict[str, Any]:
+    """OpenAI's usage in base tokens, plus the zip2zip figures."""
+    return {"prompt_tokens": stats.context_tokens, "completion_tokens": stats.reply_tokens,
+            "total_tokens": stats.context_tokens + stats.reply_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+            "zip2zip": {"prompt_codes": stats.context_codes, "cached_codes": stats.cached_codes,
+                        "completion_codes": stats.reply_codes, "codebook_size": stats.codebook_size,
+                        "prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4),
+                        "ttft_s": round(stats.ttft_s, 4)}}

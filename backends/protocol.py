@@ -1,0 +1,45 @@
+"""What the engine and the decode loops ask of a framework: a shared ``Model`` and its states.
+
+A ``Model`` is loaded once (weights, hyper-encoders) and shared by every conversation; each
+conversation gets its own ``DecodeState`` from ``model.new_state()``: its KV cache, its hyper
+slots and vectors, its position count. Two states of one model never see each other's cache.
+
+``DecodeState`` is the decode protocol every framework implements once::
+
+    add_entries(entries, candidate)   # new (id, base ids); candidate: the valid new id, if any
+    forward(codes, positions) -> np.ndarray   # logits of the last position, (V + C,)
+    forward_all(codes, positions, masks) -> np.ndarray   # (T, V + C), row t masked as after code t
+    drop_entries(keep)   # forget hyper entries with ids >= V + keep (a rewind, a rejected draft)
+    trim(n)   # drop the last n positions from the KV cache
+    kv_bytes() -> int   # memory its KV cache holds now (the server's budget, the context meter)
+    reset(); close(); context_length: int
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from .hyper import Entry, Mask
+
+
+class DecodeState(Protocol):
+    context_length: int
+
+    def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None: ...
+    def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray: ...
+    def forward_all(self, codes: Sequence[int], positions: Sequence[int], masks: Sequence[Mask]) -> np.ndarray: ...
+    def trim(self, n: int) -> None: ...
+    def drop_entries(self, keep: int) -> None: ...
+    def kv_bytes(self) -> int: ...
+    def reset(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Model(Protocol):
+    context_length: int
+
+    def new_state(self) -> DecodeState: ...
+    def close(self) -> None: ...

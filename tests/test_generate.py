@@ -1,0 +1,134 @@
+"""The decode loops and the engine's invariants on a numpy fake model (``fake_backend.py``): no
+torch, MLX or llama.cpp, milliseconds per test. ``test_runs_without_torch`` runs this file in a
+Python where importing torch fails, so the suite shows these invariants need no framework."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fake_backend import FakeModel
+
+from backends.codec import CodecConfig
+from backends.engine import ContextFullError, Done, GenerationSettings, Notice, Session, Token
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def codec_of(tok) -> CodecConfig:
+    return CodecConfig(len(tok), 64, 3, frozenset(tok.all_special_ids))
+
+
+def new_session(tok, model: FakeModel | None = None, **kw) -> Session:
+    c = codec_of(tok)
+    model = model or FakeModel(c.base_vocab_size, c.max_codebook_size, c.max_merge_size, 0, **kw)
+    return Session(model.new_state(), tok, c, position_mode=model.mode)
+
+
+def reply(session: Session, text: str, settings=GenerationSettings(max_tokens=40)) -> tuple[list[int], Done, list]:
+    events = list(session.send(text, settings))
+    done = events[-1]
+    assert isinstance(done, Done)
+    return [e.code for e in events if isinstance(e, Token) and e.code is not None], done, events
+
+
+TURNS = ["def f(x):\n    return x + 1\n\ndef f(x):", "Again, the same.", "And once more, please."]
+
+
+@pytest.mark.parametrize("mode", ["compressed", "base_token_end"])
+@pytest.mark.parametrize("lookahead", [2, 8])
+def test_lookahead_writes_the_plain_loops_codes(tok, mode, lookahead):
+    plain, ahead = new_session(tok, mode=mode), new_session(tok, mode=mode)
+    drafted = 0
+    for t in TURNS:
+        want = reply(plain, t, GenerationSettings(max_tokens=60))[0]
+        got, done, _ = reply(ahead, t, GenerationSettings(max_tokens=60, lookahead=lookahead))
+        assert got == want
+        drafted += done.stats.drafted_codes
+    assert plain.codes == ahead.codes and plain.codec.to_dict() == ahead.codec.to_dict()
+    assert drafted > 0  # the bigram model loops: drafts were accepted, so rollback was exercised
+
+
+def test_interleaved_states_of_one_model_equal_separate_runs(tok):
+    c = codec_of(tok)
+    model = FakeModel(c.base_vocab_size, c.max_codebook_size, c.max_merge_size, 0)
+    other = ["Tell me about cats.", "Shorter.", "Thanks."]
+    want = [[reply(s, t)[0] for t in turns] for s, turns in ((new_session(tok, model), TURNS),
+                                                             (new_session(tok, model), other))]
+    a, b = new_session(tok, model), new_session(tok, model)
+    got: list[list[list[int]]] = [[], []]
+    for ta, tb in zip(TURNS, other):
+        got[0].append(reply(a, ta)[0])
+        got[1].append(reply(b, tb)[0])
+    assert got == want
+
+
+def test_follow_up_prefills_only_the_new_message(tok):
+    s = new_session(tok)
+    reply(s, TURNS[0])
+    before = len(s.state.kv)
+    _, done, _ = reply(s, TURNS[1])
+    # fed this turn: the last reply code (pending), the new message's codes; then the reply's codes
+    new_prompt = done.stats.prompt_codes
+    assert len(s.state.kv) - before == 1 + new_prompt + done.stats.reply_codes - 1
+
+
+def test_rewind_regenerates_the_same_reply_without_a_full_prefill(tok):
+    s = new_session(tok)
+    reply(s, TURNS[0])
+    saved = s.to_dict()
+    first, _, _ = reply(s, TURNS[1])
+    fed_before = len(s.state.kv)
+    s.rewind(saved)
+    assert len(s.state.kv) <= saved["fed"] < fed_before
+    again, _, _ = reply(s, TURNS[1])
+    assert again == first
+
+
+def test_full_context_drops_oldest_turns_and_too_long_a_message_changes_nothing(tok):
+    s = new_session(tok, context_length=160)
+    notices = []
+    for i in range(8):
+        notices += [e for e in reply(s, f"Message {i}: " + "word " * 12)[2] if isinstance(e, Notice)]
+        assert s.stream.positions[-1] < 160
+    assert notices, "the context never filled: the test does not test overflow"
+    snapshot = s.to_dict()
+    with pytest.raises(ContextFullError):
+        list(s.send("x " * 400, GenerationSettings(max_tokens=8)))
+    assert s.to_dict() == snapshot
+
+
+def test_runs_without_torch():
+    code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('torch', 'mlx', 'llama_cpp')]; "
+            "import pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'not without_torch', "
+            f"{str(Path(__file__))!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
+
+
+def test_stats_count_the_whole_context_and_what_was_cached(tok):
+    s = new_session(tok)
+    _, first, _ = reply(s, TURNS[0])
+    assert first.stats.cached_tokens == 0 and first.stats.context_tokens == first.stats.prompt_tokens
+    n_before = s.stream.n_base
+    _, second, _ = reply(s, TURNS[1])
+    st = second.stats
+    assert st.context_tokens == n_before + st.prompt_tokens
+    assert 0 < st.cached_tokens < n_before and st.cached_codes == len(s.codes) - st.reply_codes - st.prompt_codes - 1
+
+
+def test_without_dropping_turns_a_full_context_is_an_error_that_changes_nothing(tok):
+    s = new_session(tok, context_length=160)
+    with pytest.raises(ContextFullError, match="does not fit"):
+        for i in range(8):
+            snapshot = s.to_dict()
+            reply(s, f"Message {i}: " + "word " * 12, GenerationSettings(max_tokens=40, drop_old_turns=False))
+    assert s.to_dict() == snapshot
