@@ -15,6 +15,7 @@ derives the ``CodecConfig`` (pad = tokenizer pad, else eos; pad is always disabl
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -206,3 +207,31 @@ class Zip2ZipConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e})") from None
         return cls.from_dict(data, str(path))
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's default when adapter_config.json has no lora_alpha
+
+
+def lora_scale_of(ckpt: Path) -> tuple[int, float]:
+    """(r, lora_alpha) of a checkpoint's ``adapter_config.json``, checked; every backend reads it
+    here, so a damaged file gives the same one-line ``ConfigError`` everywhere and a missing
+    ``lora_alpha`` means what it means to peft (8)."""
+    path = Path(ckpt) / ADAPTER_CONFIG
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): re-export the adapter or restore the file") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    r, alpha = d.get("r"), d.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(f"{path}: r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigError(f"{path}: lora_alpha must be a positive number, got {alpha!r}")
+    tm = d.get("target_modules")
+    if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        raise ConfigError(f"{path}: target_modules must be a list of module names, got {tm!r}")
+    return r, float(alpha)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CONFIG_NAME, ConfigError, Zip2ZipConfig
+from .config import CONFIG_NAME, ConfigError, Zip2ZipConfig, lora_scale_of
 from .errors import Z2ZError
 from .sources import SourceError, is_gguf, load_tokenizer
 
@@ -135,7 +135,10 @@ def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None =
     out = dst / "model.gguf"
     peft = alpha = None
     if (ckpt / "adapter_config.json").is_file():
-        alpha = float(json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8")).get("lora_alpha"))
+        try:
+            _, alpha = lora_scale_of(ckpt)
+        except ConfigError as e:
+            raise ConvertError(str(e)) from e
         try:
             peft = read_safetensors(ckpt / "adapter_model.safetensors")
         except TensorFileError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -83,6 +84,16 @@ def _position_mode(model: str) -> str | None:
         return Zip2ZipConfig.load(model).position_mode
     except Z2ZError:
         return None  # not a local checkpoint (a hub id): the chosen backend reports the details
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _check_exists(model: str) -> None:
+    """A path that does not exist is a typo unless it reads as a Hugging Face repo id (org/name)."""
+    if not Path(model).expanduser().exists() and not _HUB_ID.fullmatch(model):
+        raise RuntimeOpenError(f"{model}: no such checkpoint directory (nor a Hugging Face repo id, org/name); "
+                               "check the path, or omit --model for the embedded default")
 
 
 def _pick(backend: str, model: str, torch_options: bool = False) -> str:
@@ -159,6 +170,7 @@ def _open(model: str | None, backend: str, device: str, dtype: str, base: str | 
         except AssetError as e:
             raise RuntimeOpenError(str(e)) from None
         base = base or default_base
+    _check_exists(model)
     name = _pick(backend, model, torch_options=(device, dtype) != ("auto", "auto"))
     if name == "mlx":
         _need_mlx()
@@ -171,7 +183,8 @@ def _open(model: str | None, backend: str, device: str, dtype: str, base: str | 
                 raise
             name = "torch"  # e.g. an architecture convert/to_gguf.py does not write: torch runs it
     if importlib.util.find_spec("torch") is None:
-        raise RuntimeOpenError('the torch backend needs torch and transformers: pip install "z2z-chat[torch]"')
+        what = "" if Path(model).exists() else f"{model} is not a local directory; as a Hugging Face repo id it needs "
+        raise RuntimeOpenError(f'{what or "the torch backend needs "}torch and transformers: pip install "z2z-chat[torch]"')
     from .torch_backend import checkpoint
     from .torch_backend.backend import TorchModel, pick_device
 

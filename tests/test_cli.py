@@ -34,6 +34,7 @@ def test_bad_model_path_is_a_one_line_error(tmp_path):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("z2z-chat: error:") and "missing" in lines[0]
+    assert "no such checkpoint directory" in lines[0] and "pip install" not in lines[0]  # a typo, not a missing package
 
 
 @pytest.mark.parametrize("args", [["--prompt", "hi", "--max-tokens", "0", "--model", "x"],

@@ -23,6 +23,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -69,12 +70,14 @@ class _Server:
 
         self.name, self.url = name, f"http://127.0.0.1:{port}"
         progress(f"starting {name}")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        self.log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would fill and block the server
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True,
                                      env=os.environ | {"HF_HUB_OFFLINE": "1"})
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited while starting: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"{name} exited while starting: {self.log.read()[-2000:]}")
             try:
                 if httpx.get(self.url + "/v1/models", timeout=1).status_code == 200:
                     return

@@ -18,7 +18,6 @@ Failures are ``CheckpointError`` naming the file and what to do.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import numpy as np
 
 from ..assets import cache_dir
 from ..codec import CodecConfig
-from ..config import CONFIG_NAME, ConfigError, Zip2ZipConfig
+from ..config import CONFIG_NAME, ConfigError, Zip2ZipConfig, lora_scale_of
 from ..errors import Z2ZError
 from ..sources import SourceError, checkpoint_tokenizer, is_gguf
 from .backend import LlamaCppModel, PlainLlamaCppModel
@@ -79,7 +78,10 @@ def _merged_or_adapter(ckpt: Path, base: Path, progress) -> tuple[Path, Path | N
         return base, None
     if not peft.is_file():
         raise CheckpointError(f"{ckpt} has adapter_config.json but no adapter_model.safetensors")
-    alpha = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8")).get("lora_alpha")
+    try:
+        _, alpha = lora_scale_of(ckpt)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
     st = base.stat()
     key = hashlib.sha256(peft.read_bytes() + f"|{alpha}|{base.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     out = cache_dir() / "llamacpp" / f"merged-{key.hexdigest()[:16]}.gguf"

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..codec import CodecConfig
-from ..config import CONFIG_NAME, ConfigError, Zip2ZipConfig
+from ..config import CONFIG_NAME, ConfigError, Zip2ZipConfig, lora_scale_of
 from ..errors import Z2ZError
 from ..sources import SourceError, checkpoint_tokenizer, is_gguf
 from .model import Zip2ZipLM
@@ -162,6 +162,10 @@ def _load_adapter(lm: torch.nn.Module, ckpt: Path, merge: bool) -> torch.nn.Modu
     if not weights.is_file():
         raise CheckpointError(f"{ckpt} has {ADAPTER_CONFIG} but no adapter_model.safetensors")
     state = _read_safetensors(weights)
+    try:
+        lora_scale_of(ckpt)  # a damaged adapter_config.json: the same message on every backend
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
     try:
         peft = PeftModel.from_pretrained(lm, ckpt, is_trainable=not merge)
     except (ValueError, RuntimeError, OSError, KeyError) as e:

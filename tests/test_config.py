@@ -1,0 +1,51 @@
+"""Checkpoint config files read once for every backend: a damaged ``adapter_config.json`` is one
+line naming the file on torch and on the llama.cpp converter, and both read a missing
+``lora_alpha`` as peft does (8)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from backends.config import ConfigError, lora_scale_of
+
+DAMAGED = {
+    "truncated": '{"r": 8, "lora_alpha": ',
+    "not an object": "[1, 2, 3]",
+    "wrong types": '{"r": "eight", "lora_alpha": 16}',
+    "bad alpha": '{"r": 8, "lora_alpha": "sixteen"}',
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGED)
+def test_damaged_adapter_config_is_one_clear_error(tmp_path, kind):
+    (tmp_path / "adapter_config.json").write_text(DAMAGED[kind])
+    with pytest.raises(ConfigError, match="adapter_config.json") as e:
+        lora_scale_of(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_lora_alpha_is_peft_default(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"r": 4}')
+    assert lora_scale_of(tmp_path) == (4, 8.0)
+
+
+@pytest.fixture()
+def damaged_ckpt(ref_checkpoints, tmp_path):
+    src = ref_checkpoints[("llama", "transformer", "compressed")][1]
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)  # its base path is absolute: the copy finds the same base
+    (dst / "adapter_config.json").write_text(DAMAGED["wrong types"])
+    return dst
+
+
+def test_every_backend_names_the_damaged_adapter_config(damaged_ckpt, tmp_path):
+    pytest.importorskip("torch")
+    from backends.gguf_convert import ConvertError, convert
+    from backends.torch_backend import checkpoint
+
+    with pytest.raises(checkpoint.CheckpointError, match="adapter_config.json: r must be a positive integer"):
+        checkpoint.load(damaged_ckpt)
+    with pytest.raises(ConvertError, match="adapter_config.json: r must be a positive integer"):
+        convert(str(damaged_ckpt), tmp_path / "out")
