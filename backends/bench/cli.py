@@ -151,6 +151,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_overflow(args: argparse.Namespace) -> int:
+    """A long chat in a small window on llama.cpp: how often a turn re-reads the conversation."""
+    import statistics
+
+    from ..defaults import default_model
+    from ..engine import GenerationSettings, Notice
+    from ..llamacpp_backend.checkpoint import open_checkpoint
+    from ..runtime import Runtime
+
+    model, base = (args.model, args.base) if args.model else default_model(progress=_progress)
+    op = open_checkpoint(model, base=base or args.base, n_ctx=args.context)
+    rt = Runtime(op.model, op.tokenizer, op.codec, op.config, "llamacpp", model, "cpu")
+    s = rt.session()
+    topics = ["cats", "the sea", "Python lists", "bread", "the moon", "trains", "music", "rain", "chess", "tea"]
+    ttft, restarts, fed = [], 0, []
+    for i in range(args.turns):
+        events = list(s.send(f"Tell me one fact about {topics[i % 10]} (question {i}).",
+                             GenerationSettings(max_tokens=args.max_tokens)))
+        restarts += any(isinstance(e, Notice) for e in events)
+        ttft.append(events[-1].stats.ttft_s)
+        fed.append(events[-1].stats.prompt_tokens)
+    rows = [{"turns": args.turns, "context": args.context, "restarts": restarts,
+             "median_ttft_ms": statistics.median(ttft) * 1e3, "p90_ttft_ms": sorted(ttft)[int(0.9 * len(ttft))] * 1e3,
+             "median_tokens_encoded": statistics.median(fed)}]
+    _emit(args, f"{args.turns} turns in a {args.context}-position window, llama.cpp", rows)
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="zip2zip checkpoint directory or repo id (default: the embedded model)")
     p.add_argument("--base", help="override the checkpoint's base model")
@@ -202,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--prompts", help="JSONL prompt set (default: the default model's evaluation set)")
     an.add_argument("--markdown", help="write the answers side by side to this file")
     an.set_defaults(func=cmd_answers)
+    ov = sub.add_parser("overflow", help="a long chat past a small context window: restarts and time to first token")
+    ov.add_argument("--model", help="llama.cpp-ready checkpoint (default: the embedded model)")
+    ov.add_argument("--base", help="override the checkpoint's base model")
+    ov.add_argument("--context", type=int, default=512)
+    ov.add_argument("--turns", type=int, default=100)
+    ov.add_argument("--max-tokens", type=int, default=48)
+    ov.add_argument("--json", action="store_true")
+    ov.set_defaults(func=cmd_overflow)
+
     sv = sub.add_parser("serve", help="z2z-chat serve beside llama-cpp-python's server, over HTTP")
     sv.add_argument("--model", help="zip2zip checkpoint for z2z-chat serve (default: the embedded model)")
     sv.add_argument("--gguf", help="base GGUF for llama-cpp-python's server (default: the embedded model's base)")
