@@ -137,7 +137,8 @@ def one_shot(args: argparse.Namespace, settings, message: str) -> int:
                 sys.stdout.write("\n")
                 at_line_start = True
                 if args.stats:
-                    print(f"[{rt.describe()}] {ev.reason} | {ev.stats.summary()}", file=sys.stderr)
+                    print(f"[{rt.describe()}] {ev.reason} | {ev.stats.summary()}\n"
+                          f"[{rt.describe()}] {session.context_usage(settings).describe()}", file=sys.stderr)
     finally:
         if not at_line_start:  # interrupted mid-line: leave the shell prompt on a line of its own
             sys.stdout.write("\n")

@@ -37,6 +37,16 @@ def export_dir() -> Path:
 
 
 @dataclass
+class ConvRef:
+    """The open conversation's id, shared by the writes queued for it: a conversation created by
+    a queued write (the database was locked) gets its id when that write runs, and the queued
+    messages follow it, even after the user has moved to another chat."""
+
+    id: int | None = None
+    creating: bool = False  # its creation is queued
+
+
+@dataclass
 class Opened:
     messages: list[Message]
     notes: list[str] = field(default_factory=list)
@@ -47,11 +57,15 @@ class ChatController:
         self.args, self.store = args, store
         self.runtime: Any = None
         self.session: Any = None
-        self.conv_id: int | None = None
+        self.ref = ConvRef()
         self.turns: list[TurnStats] = []
         self.before_last: dict[str, Any] | None = None
         self.settings: dict[str, Any] = {k: getattr(args, k) for k in SETTING_KEYS}
         self.pending = PendingWrites()
+
+    @property
+    def conv_id(self) -> int | None:
+        return self.ref.id
 
     # --- settings -----------------------------------------------------------------------------
 
@@ -72,7 +86,8 @@ class ChatController:
         settings_from(Namespace(**{**vars(self.args), **new}))  # validates
         self.settings = new
         if self.conv_id is not None:
-            self.write(lambda: self.store.update(self.conv_id, settings=new))
+            ref = self.ref
+            self.write(lambda: self.store.update(ref.id, settings=new))
 
     def settings_text(self) -> str:
         return " ".join(f"{k}={self.settings[k]}" for k in SETTING_KEYS)
@@ -82,6 +97,18 @@ class ChatController:
     def write(self, fn) -> Any:
         """A store write that survives a locked database (queued, retried with the next one)."""
         return self.pending.run(fn)
+
+    def write_all(self, *fns) -> None:
+        """Several writes in order; all are queued even when the first meets a lock (StoreBusy is
+        raised after, once, to tell the user)."""
+        busy = None
+        for fn in fns:
+            try:
+                self.write(fn)
+            except StoreBusy as e:
+                busy = e
+        if busy is not None:
+            raise busy
 
     def flush(self) -> None:
         if self.pending.queue:
@@ -107,7 +134,7 @@ class ChatController:
         if self.store.repaired:
             notes.append(f"{self.store.repaired} stored value(s) of this conversation were damaged "
                          "and are shown as far as they could be read")
-        self.conv_id = cid
+        self.ref = ConvRef(cid)
         self.turns = [TurnStats.from_dict(m.stats) for m in msgs if m.role == "assistant" and m.stats]
         self.settings.update({k: v for k, v in conv.settings.items() if k in SETTING_KEYS})
         state = conv.state or {}
@@ -115,38 +142,52 @@ class ChatController:
         if self.session is not None:
             self.session.system = conv.system
             history = [{"role": m.role, "content": m.content} for m in msgs]
-            note = self.session.restore_or_rebuild(state.get("engine"), history)
+            engine = state.get("engine")
+            if isinstance(engine, dict) and engine.get("messages") != history:
+                # saved before the last messages were (a crash mid-reply): the messages are the truth
+                engine = None
+                notes.append("the saved model state was older than the messages (the app stopped during a "
+                             "reply?); it was rebuilt from the messages")
+            note = self.session.restore_or_rebuild(engine, history)
             if note:
                 notes.append(note)
                 self.before_last = None
         return Opened(msgs, notes)
 
     def new_chat(self) -> None:
-        self.conv_id, self.turns, self.before_last = None, [], None
+        self.ref, self.turns, self.before_last = ConvRef(), [], None
         if self.session is not None:
             self.session.reset()
             self.session.system = self.args.system
 
     def begin_turn(self, text: str) -> None:
-        """Record the user's message (creating the conversation on the first one)."""
-        if self.conv_id is None:
-            title = re.sub(r"\s+", " ", text).strip()[:40] or "chat"
-            self.conv_id = self.write(lambda: self.store.create(
-                title, self.runtime.model_name if self.runtime else "", self.session.system, self.settings))
-        cid = self.conv_id
-        self.write(lambda: self.store.add_message(cid, Message("user", text)))
+        """Record the user's message (creating the conversation on the first one). ``StoreBusy``
+        means both are queued: they are written, in order, when the lock goes."""
         self.before_last = self.session.to_dict()
+        ref, writes = self.ref, []
+        if ref.id is None and not ref.creating:
+            title = re.sub(r"\s+", " ", text).strip()[:40] or "chat"
+            model, system, settings = self.runtime.model_name if self.runtime else "", self.session.system, dict(self.settings)
+
+            def create() -> None:
+                ref.id = self.store.create(title, model, system, settings)
+
+            ref.creating = True
+            writes.append(create)
+        writes.append(lambda: self.store.add_message(ref.id, Message("user", text)))
+        self.write_all(*writes)
 
     def end_turn(self, text: str, units: list[list[Any]], stopped: bool, stats: TurnStats | None,
                  save_state: bool = True) -> None:
         if stats is not None:
             self.turns.append(stats)
-        cid = self.conv_id
+        ref = self.ref
         msg = Message("assistant", text, units, stopped, stats.to_dict() if stats else None)
-        self.write(lambda: self.store.add_message(cid, msg))
+        writes = [lambda: self.store.add_message(ref.id, msg)]
         if save_state:
             state = {"engine": self.session.to_dict(), "before_last": self.before_last}
-            self.write(lambda: self.store.update(cid, state=state))
+            writes.append(lambda: self.store.update(ref.id, state=state))
+        self.write_all(*writes)
 
     def prepare_regenerate(self) -> str | None:
         """Drop the last reply and rewind the engine; the user text to answer again, or None."""
@@ -174,8 +215,8 @@ class ChatController:
             self.session.system = value
         self.args.system = value
         if self.conv_id is not None:
-            cid = self.conv_id
-            self.write(lambda: self.store.update(cid, system=value))
+            ref = self.ref
+            self.write(lambda: self.store.update(ref.id, system=value))
 
     def export(self) -> Path:
         """The conversation as Markdown (UTF-8) in ``export_dir()``; returns the file written."""
@@ -193,13 +234,6 @@ class ChatController:
         path = out / f"z2z-chat-{conv.id}-{safe}-{time.strftime('%Y%m%d-%H%M%S')}.md"
         path.write_text("\n".join(lines), encoding="utf-8")
         return path
-
-    # --- status -------------------------------------------------------------------------------
-
-    def totals(self) -> tuple[int, int]:
-        """(base tokens, codes) over the conversation's turns."""
-        tok = sum(t.prompt_tokens + t.reply_tokens for t in self.turns)
-        return tok, sum(t.prompt_codes + t.reply_codes for t in self.turns)
 
 
 __all__ = ["ChatController", "Opened", "StoreBusy", "export_dir"]

@@ -14,7 +14,9 @@ Textual ends the app with a non-zero exit status.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import signal
 import threading
 import traceback
 from argparse import Namespace
@@ -137,6 +139,11 @@ class Z2ZChat(App):
         self.refresh_history()
         self.query_one("#chat", VerticalScroll).anchor()
         self.load_model(self.args.model)
+        # SIGTERM (kill, logout, a closing terminal's SIGHUP) leaves like Ctrl+Q: the reply being
+        # written is saved as stopped, pending writes are flushed
+        loop = asyncio.get_running_loop()
+        for sig, code in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
+            loop.add_signal_handler(sig, lambda code=code: self.call_next(self.leave, code))
 
     # --- model ----------------------------------------------------------------------------
 
@@ -181,12 +188,12 @@ class Z2ZChat(App):
         ctl = self.ctl
         if ctl is None or ctl.runtime is None:
             return
-        tok, codes = ctl.totals()
         n, C = len(ctl.session.codec), ctl.runtime.codec.max_codebook_size
-        saved = f"saved {tok - codes}/{tok} tok" if tok else "saved -"
+        usage = ctl.session.context_usage(ctl.generation_settings())
         state = "writing a reply (Esc stops)" if running else (self.status_text or "ready")
-        self.query_one("#status", Static).update(
-            f"{ctl.runtime.describe()} | {state} | {saved} | codebook {n}/{C}")
+        status = self.query_one("#status", Static)
+        status.set_class(usage.nearly_full, "warning")
+        status.update(f"{ctl.runtime.describe()} | {state} | {usage.describe()} | codebook {n}/{C}")
 
     # --- conversations --------------------------------------------------------------------
 
@@ -402,11 +409,14 @@ class Z2ZChat(App):
             yield SystemCommand(a.title, a.help, getattr(self, f"action_{a.name}"))
 
     async def action_quit(self) -> None:
+        await self.leave()
+
+    async def leave(self, return_code: int = 0) -> None:
         if self.generating and self.reply is not None:
             self.cancel.set()
             # save what was said before leaving; the engine state stays at the previous reply
             self.finish_reply(self.reply, "stopped", None, save_state=False)
-        self.exit()
+        self.exit(return_code=return_code)
 
     def on_unmount(self) -> None:
         if self.ctl is not None:

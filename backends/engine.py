@@ -125,6 +125,33 @@ class TurnStats:
 
 
 @dataclass
+class ContextUsage:
+    """How full a conversation's context window is: what the status line and ``--stats`` show."""
+
+    positions: int  # positions the conversation takes in the KV cache (with the pending code)
+    window: int
+    tokens: int  # base tokens they hold
+    reply_room: int  # positions a reply keeps free (``max_tokens``, at most a quarter of the window)
+
+    @property
+    def saved(self) -> float:
+        """Share of positions hypertokens saved."""
+        return 1 - self.positions / self.tokens if self.tokens else 0.0
+
+    @property
+    def nearly_full(self) -> bool:
+        """The next message (and its reply) may not fit: old turns will be dropped."""
+        return self.positions + 2 * self.reply_room > self.window
+
+    def describe(self) -> str:
+        text = (f"context {self.positions:,} / {self.window:,} positions, {self.tokens:,} tokens, "
+                f"{self.saved:.0%} saved")
+        if self.nearly_full:
+            text += " | nearly full: the next message drops the oldest turns"
+        return text
+
+
+@dataclass
 class Done:
     reason: str
     stats: TurnStats
@@ -196,6 +223,12 @@ class Session:
     @property
     def fed(self) -> int:
         return self.stream.fed
+
+    def context_usage(self, settings: GenerationSettings | None = None) -> ContextUsage:
+        settings = settings or GenerationSettings()
+        window = self.state.context_length
+        return ContextUsage(len(self.codes) if self.position_mode == "compressed" else self.stream.n_base,
+                            window, self.stream.n_base, _reply_room(settings.max_tokens, window))
 
     # --- prompt -----------------------------------------------------------------------------
 

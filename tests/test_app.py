@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -422,7 +423,7 @@ def test_export_is_utf8_marks_stopped_replies(tiny_ckpt, tmp_path, monkeypatch):
     cid = store.create("emoji 🙂", "m", None, {})
     store.add_message(cid, Message("user", "smile 🙂"))
     store.add_message(cid, Message("assistant", "partial", stopped=True))
-    ctl.conv_id = cid
+    ctl.open(cid)
     path = ctl.export()
     text = path.read_bytes().decode("utf-8")
     assert "smile 🙂" in text and "(stopped)" in text and path.parent == tmp_path / "data" / "exports"
@@ -510,3 +511,44 @@ def test_keys_typed_at_once_with_enter_send_the_whole_message(tiny_ckpt, tmp_pat
             assert app.query_one("#input").text == ""
 
     run(go())
+
+
+def test_sigterm_saves_the_reply_being_written(tiny_ckpt, tmp_path):
+    """kill (SIGTERM) during a reply: the partial reply is stored as stopped, exit 143."""
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (.ci/run installs it)")
+    sock, status = str(tmp_path / "tmux.sock"), tmp_path / "status"
+    env = {**os.environ, "Z2Z_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color"}
+    cmd = f"{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 100000 --device cpu; echo $? > {status}"
+    tmux = ["tmux", "-S", sock]
+    subprocess.run([*tmux, "new-session", "-d", "-x", "110", "-y", "30", cmd], env=env, check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+
+    def screen() -> str:
+        return subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True).stdout
+
+    try:
+        deadline = time.time() + 90
+        while "codebook" not in screen() and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)
+        subprocess.run([*tmux, "send-keys", "-l", "write forever"], check=True)
+        time.sleep(0.5)
+        subprocess.run([*tmux, "send-keys", "Enter"], check=True)
+        deadline = time.time() + 30
+        while "writing a reply" not in screen() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.0)  # some of the reply is written
+        pid = subprocess.run(["pgrep", "-f", f"^{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 100000"],
+                             capture_output=True, text=True).stdout.split()  # python, not the shell around it
+        assert pid, "the app is not running"
+        os.kill(int(pid[0]), signal.SIGTERM)
+        deadline = time.time() + 20
+        while not status.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert status.read_text().strip() == "143"  # our exit path, not a traceback (1)
+        store = open_store(tmp_path / "history.db")
+        msgs = store.messages(store.conversations()[0].id)
+        assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].stopped and msgs[1].content
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)

@@ -1,0 +1,94 @@
+"""The app's rules without Textual (``app/controller.py``) on a real SQLite file and a tiny model."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+pytest.importorskip("torch")
+
+from app.cli import build_parser  # noqa: E402
+from app.controller import ChatController  # noqa: E402
+from app.store import open_store  # noqa: E402
+from backends.engine import Done  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_ckpt):
+    from backends.runtime import open_runtime
+
+    return open_runtime(str(tiny_ckpt), "torch", "cpu")
+
+
+def controller(runtime, db, tiny_ckpt) -> ChatController:
+    args = build_parser().parse_args(["--model", str(tiny_ckpt), "--max-tokens", "8"])
+    ctl = ChatController(args, open_store(db))
+    ctl.runtime, ctl.session = runtime, runtime.session()
+    return ctl
+
+
+def turn(ctl: ChatController, text: str, locked: bool = False) -> None:
+    """One turn as the UI runs it: a StoreBusy (a locked database) is shown, the turn goes on."""
+    from app.store import StoreBusy
+
+    busy = pytest.raises(StoreBusy) if locked else contextlib.nullcontext()
+    with busy:
+        ctl.begin_turn(text)
+    reply, stats = "", None
+    for ev in ctl.session.send(text, ctl.generation_settings()):
+        reply += getattr(ev, "text", "")
+        stats = ev.stats if isinstance(ev, Done) else stats
+    busy = pytest.raises(StoreBusy) if locked else contextlib.nullcontext()
+    with busy:
+        ctl.end_turn(reply, [[reply, 1]], False, stats)
+
+
+def test_reopening_after_a_crash_mid_reply_continues_the_messages_shown(runtime, tiny_ckpt, tmp_path):
+    db = tmp_path / "h.db"
+    ctl = controller(runtime, db, tiny_ckpt)
+    turn(ctl, "hello there")
+    ctl.begin_turn("second message")  # the process dies here, before the reply is saved
+    cid = ctl.conv_id
+    ctl.store.close()
+
+    again = controller(runtime, db, tiny_ckpt)
+    opened = again.open(cid)
+    shown = [{"role": m.role, "content": m.content} for m in opened.messages]
+    assert shown[-1] == {"role": "user", "content": "second message"}
+    assert again.session.messages == shown  # the model continues what the user sees
+    assert any("older than the messages" in n for n in opened.notes)
+
+
+def test_a_saved_state_that_matches_is_resumed_without_a_note(runtime, tiny_ckpt, tmp_path):
+    db = tmp_path / "h.db"
+    ctl = controller(runtime, db, tiny_ckpt)
+    turn(ctl, "hello there")
+    cid = ctl.conv_id
+    again = controller(runtime, db, tiny_ckpt)
+    opened = again.open(cid)
+    assert opened.notes == [] and again.session.codes == ctl.session.codes
+
+
+def test_a_locked_database_on_the_first_message_loses_nothing(runtime, tiny_ckpt, tmp_path, monkeypatch):
+    """The conversation row and both messages are queued while another process holds the lock,
+    then written in order; the queue is not blocked by a message without a conversation."""
+    import sqlite3
+
+    import app.store as store_mod
+
+    monkeypatch.setattr(store_mod, "BUSY_WAIT_S", 0.2)
+    db = tmp_path / "h.db"
+    ctl = controller(runtime, db, tiny_ckpt)
+    holder = sqlite3.connect(db)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        turn(ctl, "first, while locked", locked=True)
+        assert ctl.conv_id is None and len(ctl.pending.queue) == 4  # create, user, reply, state
+    finally:
+        holder.rollback()
+        holder.close()
+    turn(ctl, "second")  # flushes the queue first
+    msgs = ctl.store.messages(ctl.conv_id)
+    assert [m.role for m in msgs] == ["user", "assistant"] * 2 and msgs[0].content == "first, while locked"
+    assert not ctl.pending.queue and len(ctl.store.conversations()) == 1
