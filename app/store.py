@@ -176,6 +176,12 @@ class Store:
                                stats if isinstance(stats, dict) else None, r[5]))
         return out
 
+    def sent(self, limit: int = 500) -> list[str]:
+        """What the user sent, in every conversation, oldest first (the input's Up/Down recall)."""
+        rows = self.db.execute("SELECT content FROM messages WHERE role = 'user' ORDER BY id DESC LIMIT ?",
+                               (limit,)).fetchall()
+        return [r[0] for r in reversed(rows) if isinstance(r[0], str)]
+
     def add_message(self, cid: int, m: Message) -> int:
         def write() -> sqlite3.Cursor:
             cur = self.db.execute(

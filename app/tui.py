@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import shlex
 import signal
 import threading
 import traceback
@@ -28,7 +29,7 @@ from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Footer, ListView, LoadingIndicator, Static
+from textual.widgets import Collapsible, Footer, ListView, LoadingIndicator, Static
 
 from backends.errors import Z2ZError
 
@@ -61,6 +62,7 @@ ACTIONS = [
     Action("rename", "f2", "Rename", "Change the title of this conversation", False),
     Action("delete", "f12", "Delete chat", "Delete this conversation from the history", False),
     Action("open_model", "f9", "Open model", "Load another zip2zip checkpoint", False),
+    Action("attach", "ctrl+o", "Attach file", "Attach a text file to the next message (also: /file PATH)"),
 ]
 
 
@@ -100,6 +102,7 @@ class Z2ZChat(App):
         self.reply: ReplyView | None = None
         self.reply_saved = True
         self.status_text = ""
+        self.attachments: list = []  # Attachment: files for the next message
 
     # --- layout and errors --------------------------------------------------------------------
 
@@ -111,6 +114,7 @@ class Z2ZChat(App):
             with Vertical():
                 yield VerticalScroll(id="chat")
                 yield LoadingIndicator(id="loading")
+                yield Static("", id="attached")
                 yield ChatInput(id="input", placeholder="Message (Enter sends, Ctrl+J new line)")
         yield Static("", id="status")
         yield Footer()
@@ -137,6 +141,7 @@ class Z2ZChat(App):
         if store.warning:
             self.notify(store.warning, severity="warning", timeout=30)
         self.refresh_history()
+        self.query_one(ChatInput).recall = store.sent()
         self.query_one("#chat", VerticalScroll).anchor()
         self.load_model(self.args.model)
         # SIGTERM (kill, logout, a closing terminal's SIGHUP) leaves like Ctrl+Q: the reply being
@@ -235,9 +240,57 @@ class Z2ZChat(App):
 
     # --- chatting -------------------------------------------------------------------------
 
+    # --- attachments ------------------------------------------------------------------------
+
+    def attach_files(self, paths: list[str]) -> bool:
+        """Read and hold files for the next message; a file that cannot be attached is named in a
+        notification and nothing is attached (the typed command stays in the input)."""
+        from .attachments import AttachmentError, read_attachment
+
+        try:
+            new = [read_attachment(p) for p in paths]
+        except AttachmentError as e:
+            self.notify(str(e), severity="error", timeout=15)
+            return False
+        self.attachments += new
+        self.show_attachments()
+        return True
+
+    def show_attachments(self) -> None:
+        bar = self.query_one("#attached", Static)
+        bar.display = bool(self.attachments)
+        sizes = ", ".join(f"{a.name} ({_size(a.size)})" for a in self.attachments)
+        bar.update(f"attached: {sizes} - sent with the next message")
+
+    def action_attach(self) -> None:
+        def done(value: str | None) -> None:
+            if value and value.strip():
+                self.attach_files(shlex.split(value))
+
+        self.push_screen(PromptDialog("Attach a text file (path; several separated by spaces)"), done)
+
+    def _attach_command(self, text: str) -> bool:
+        """``/file PATH ...``, or a lone path to an existing file: attach instead of sending."""
+        if text.startswith("/file"):
+            paths = shlex.split(text[len("/file"):])
+            if not paths:
+                self.notify("/file needs a path: /file notes.txt", severity="warning")
+                return True
+            if self.attach_files(paths):
+                self.query_one(ChatInput).accepted(text)
+            return True
+        if "\n" not in text and Path(text).expanduser().is_file():
+            if self.attach_files([text]):
+                self.query_one(ChatInput).accepted(text)
+                self.notify(f"{Path(text).name} is attached; type your question about it", timeout=6)
+            return True
+        return False
+
     @guarded
     def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
         # refused messages stay in the input: nothing the user typed is thrown away
+        if self._attach_command(event.text):
+            return
         if self.ctl.runtime is None:
             self.notify("No model is loaded yet (F9 opens one); your message is kept in the input",
                         severity="error")
@@ -246,16 +299,25 @@ class Z2ZChat(App):
             self.notify("A reply is still running (Esc stops it); your message is kept in the input",
                         severity="warning")
             return
+        from .attachments import compose
+
         new = self.ctl.conv_id is None
+        message, files = compose(event.text, self.attachments), self.attachments
         try:
-            self.ctl.begin_turn(event.text)
+            self.ctl.begin_turn(message)
         except StoreBusy as e:
             self.notify(str(e), severity="warning", timeout=15)
         self.query_one(ChatInput).accepted(event.text)
+        self.attachments = []
+        self.show_attachments()
         if new:
             self.refresh_history()
-        self.query_one("#chat", VerticalScroll).mount(UserView(event.text))
-        self.start_reply(event.text)
+        chat = self.query_one("#chat", VerticalScroll)
+        for a in files:  # collapsed: the file is in the message, not in the way
+            chat.mount(Collapsible(Static(a.text, markup=False), title=f"{a.name} ({_size(a.size)})",
+                                   collapsed=True, classes="attachment"))
+        chat.mount(UserView(event.text))
+        self.start_reply(message)
 
     def start_reply(self, text: str) -> None:
         self.reply = ReplyView(coloured=self.coloured)
@@ -425,6 +487,10 @@ class Z2ZChat(App):
             except StoreBusy as e:
                 print(f"z2z-chat: {e}; the last messages could not be saved")
             self.ctl.store.close()
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KB" if n < 1 << 20 else f"{n / 2**20:.1f} MB"
 
 
 def run_app(args: Namespace) -> int:

@@ -34,6 +34,11 @@ class ChatInput(TextArea):
             super().__init__()
             self.text = text
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.recall: list[str] = []  # messages sent before, oldest first (Up/Down, as shells do)
+        self._at: int | None = None  # the one shown, while it is shown unchanged
+
     async def _on_key(self, event: events.Key) -> None:
         # Enter is taken here, in the order keys arrive. As a priority binding it ran when the key was
         # dispatched, ahead of the keys typed just before it (tmux, "Write a story" + Enter at once,
@@ -43,7 +48,28 @@ class ChatInput(TextArea):
             event.prevent_default()
             self.action_submit()
             return
+        if event.key in ("up", "down") and self._recalling():
+            event.stop()
+            event.prevent_default()
+            self._recall(-1 if event.key == "up" else 1)
+            return
         await super()._on_key(event)
+
+    def _recalling(self) -> bool:
+        """Up/Down recall only in an empty input, or one showing a recalled message unchanged."""
+        if not self.recall:
+            return False
+        return not self.text or (self._at is not None and self.text == self.recall[self._at])
+
+    def _recall(self, step: int) -> None:
+        at = (len(self.recall) if self._at is None else self._at) + step
+        if at >= len(self.recall):
+            self._at = None
+            self.load_text("")
+        else:
+            self._at = max(at, 0)
+            self.load_text(self.recall[self._at])
+            self.move_cursor(self.document.end)
 
     def action_submit(self) -> None:
         text = self.text.strip()
@@ -52,6 +78,9 @@ class ChatInput(TextArea):
 
     def accepted(self, text: str) -> None:
         """The app took ``text``: remove it, keeping whatever was typed after it in the meantime."""
+        if not self.recall or self.recall[-1] != text:
+            self.recall.append(text)
+        self._at = None
         current = self.text.lstrip()
         self.load_text(current[len(text):].lstrip() if current.startswith(text) else current)
 

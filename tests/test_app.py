@@ -552,3 +552,79 @@ def test_sigterm_saves_the_reply_being_written(tiny_ckpt, tmp_path):
         assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].stopped and msgs[1].content
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_up_and_down_recall_sent_messages_across_launches(tiny_ckpt, tmp_path):
+    db = tmp_path / "h.db"
+
+    async def first():
+        app = make_app(tiny_ckpt, db)
+        async with app.run_test(size=(110, 32)) as pilot:
+            await ready(app, pilot)
+            await say(app, pilot, "first question")
+            await say(app, pilot, "second question")
+
+    async def second():
+        app = make_app(tiny_ckpt, db)
+        async with app.run_test(size=(110, 32)) as pilot:
+            await ready(app, pilot)
+            box = app.query_one("#input")
+            box.focus()
+            await pilot.press("up")
+            assert box.text == "second question"
+            await pilot.press("up")
+            assert box.text == "first question"
+            await pilot.press("down", "down")
+            assert box.text == ""
+            box.insert("typed")
+            await pilot.press("up")  # a typed message is never replaced
+            assert box.text == "typed"
+
+    run(first())
+    run(second())
+
+
+def test_version():
+    r = subprocess.run([sys.executable, "-m", "app.cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("z2z-chat ")
+
+
+def test_attach_by_command_key_and_pasted_path(tiny_ckpt, tmp_path):
+    """/file, Ctrl+O and a pasted path attach files to the next message; a bad file is named and
+    the typed command stays; the message the model reads holds the files."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("remember the milk\n")
+    code = tmp_path / "x.py"
+    code.write_text("def f(x):\n    return x + 1\n")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9")
+
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32), notifications=True) as pilot:
+            await ready(app, pilot)
+            box = app.query_one("#input")
+            box.insert(f"/file {bad}")
+            await pilot.press("enter")
+            await pilot.pause()
+            assert box.text == f"/file {bad}" and any("offset 3" in n.message for n in app._notifications)
+            box.load_text(f"/file {notes}")
+            await pilot.press("enter")
+            await pilot.pause()
+            assert box.text == "" and [a.name for a in app.attachments] == ["notes.txt"]
+            box.insert(str(code))  # a path pasted alone
+            await pilot.press("enter")
+            await pilot.pause()
+            await pilot.press("ctrl+o")
+            await pilot.pause()
+            app.screen.query_one("#value").value = str(notes)
+            await pilot.press("enter")
+            await pilot.pause()
+            assert [a.name for a in app.attachments] == ["notes.txt", "x.py", "notes.txt"]
+            await say(app, pilot, "What is in these files?")
+            assert app.attachments == [] and len(app.query(".attachment")) == 3
+            sent = app.ctl.store.messages(app.ctl.conv_id)[0].content
+            assert "remember the milk" in sent and "return x + 1" in sent and sent.endswith("What is in these files?")
+            assert app.ctl.session.messages[0]["content"] == sent  # what the model read
+
+    run(go())
