@@ -134,7 +134,24 @@ class StepRules:
             code = self.sampler.sample(x, allowed, history)
         return code
 
+    def _pending(self) -> bytes:
+        return self.guard.pending([i for c in self.stream.codes[-4:] for i in self.codec.expand(c)])
+
+    def _mid_character(self) -> bool:
+        """The text ends inside a character that base tokens can finish: a reply cut there would
+        end in U+FFFD, so the limit waits for the code that finishes it (``pick_next``)."""
+        if self.guard is None or self.n_base >= self.max_tokens + 3:
+            return False
+        pending = self._pending()
+        return bool(pending) and bool(self.guard.finishers(pending).any())
+
     def pick_next(self, logits: np.ndarray) -> int:
+        if self.n_base >= self.max_tokens and self.guard is not None:
+            # past the limit only to finish a character: the sampler picks among the base ids that do
+            ok = self.guard.finishers(self._pending())
+            x = np.full(logits.shape, -np.inf, dtype=np.float32)
+            x[:len(ok)][ok] = logits[:len(ok)][ok]
+            return self.sampler.sample(x, 0, self.recent()[-self.window:])
         return self.pick(logits, len(self.codec), self.codec.candidate(), self.recent())
 
     def accept(self, code: int, ids: tuple[int, ...], drafted: bool = False) -> Step:
@@ -142,7 +159,7 @@ class StepRules:
         self.n_base += len(ids)
         if code in self.stop_ids:
             reason = "stop"
-        elif self.n_base >= self.max_tokens:
+        elif self.n_base >= self.max_tokens and not self._mid_character():
             reason = "length"
         elif self.cancel is not None and self.cancel.is_set():
             reason = "cancelled"

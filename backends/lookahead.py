@@ -65,7 +65,9 @@ def generate_lookahead(state: DecodeState, rules: StepRules, logits: np.ndarray,
             mark = codec.mark()
             ids0 = codec.push(code)
             seq, spans, masks = [code], [len(ids0)], [(len(codec), codec.candidate())]
-            draft = drafter.propose(stream.codes, codec, ids0, D * M) if wait == 0 else []
+            # past the token limit (finishing a character) every step is a plain one
+            draft = drafter.propose(stream.codes, codec, ids0, D * M) if wait == 0 and \
+                rules.n_base + len(ids0) < rules.max_tokens else []
             wait = max(wait - 1, 0)
             i = 0
             while i < len(draft) and len(seq) <= D:  # the draft's text, cut into codes as LZW does
@@ -109,6 +111,8 @@ def generate_lookahead(state: DecodeState, rules: StepRules, logits: np.ndarray,
             yield from steps
             if reason is not None:
                 return
+            if rules.n_base >= rules.max_tokens:  # the next code only finishes a character
+                nxt = rules.pick_next(rows[len(kept) - 1])
             accepted = len(kept) - 1
             if accepted == len(seq) - 1:
                 D = min(D + 2, lookahead, MAX_DRAFT)

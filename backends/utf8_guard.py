@@ -18,6 +18,8 @@ import codecs
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 
 def _byte_level_table() -> dict[str, int]:
     """GPT-2's printable stand-ins for bytes (what ByteLevel tokenizers store in their vocab)."""
@@ -62,17 +64,41 @@ def _needs(lead: int) -> int:
     return 1 if 0xC2 <= lead <= 0xDF else 2 if 0xE0 <= lead <= 0xEF else 3 if 0xF0 <= lead <= 0xF4 else 0
 
 
+def _incomplete_tail(data: bytes) -> bytes:
+    tail = data[-4:]
+    for back, b in enumerate(reversed(tail)):
+        if not _continuation(b):
+            return tail[len(tail) - 1 - back:] if _needs(b) > back else b""
+    return b""
+
+
 class Utf8Guard:
     def __init__(self, tokenizer: Any, vocab_size: int):
         self.bytes = token_bytes(tokenizer, vocab_size)
+        self._finishers: dict[bytes, np.ndarray] = {}
+
+    def finishers(self, pending: bytes) -> np.ndarray:
+        """(V,) bool: the base ids that continue the character ``pending`` started without starting
+        another one they leave incomplete: what a reply cut by its token limit may still write, a
+        byte at a time if need be. Cached per ``pending``."""
+        if pending not in self._finishers:
+            ok = np.zeros(len(self.bytes), dtype=bool)
+            for i, b in enumerate(self.bytes):
+                if not b or not _continuation(b[0]):
+                    continue
+                data = pending + b
+                try:
+                    codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+                except UnicodeDecodeError:
+                    continue
+                tail = _incomplete_tail(data)
+                ok[i] = not tail or tail == data  # finished, or still the same character
+            self._finishers[pending] = ok
+        return self._finishers[pending]
 
     def pending(self, ids: Sequence[int]) -> bytes:
         """The bytes of an incomplete last character of the text of ``ids`` (b"" on a boundary)."""
-        tail = b"".join(self.bytes[i] for i in ids[-4:] if 0 <= i < len(self.bytes))[-4:]
-        for back, b in enumerate(reversed(tail)):
-            if not _continuation(b):
-                return tail[len(tail) - 1 - back:] if _needs(b) > back else b""
-        return b""
+        return _incomplete_tail(b"".join(self.bytes[i] for i in ids[-4:] if 0 <= i < len(self.bytes)))
 
     def fits(self, pending: bytes, ids: Sequence[int]) -> bool:
         """Whether ``pending`` followed by the bytes of ``ids`` is valid UTF-8 (which may end

@@ -397,11 +397,11 @@ def test_forward_all_rows_equal_step_by_step_logits(rt):
         np.testing.assert_allclose(got[fin], want[fin], atol=2e-3)
 
 
-def reply_bytes_valid(guard, codec, codes) -> bool:
-    """Whether the reply's bytes are UTF-8 (an incomplete last character allowed: a length stop)."""
+def reply_bytes_valid(guard, codec, codes, whole: bool = False) -> bool:
+    """Whether the reply's bytes are UTF-8 (``whole``: its last character complete too)."""
     data = b"".join(guard.bytes[i] for c in codes for i in codec.expand(c))
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=whole)
     except UnicodeDecodeError:
         return False
     return True
@@ -409,7 +409,8 @@ def reply_bytes_valid(guard, codec, codes) -> bool:
 
 def test_utf8_guard_keeps_sampled_replies_valid(rt):
     """A random model sampled hot over multi-byte text writes broken UTF-8 without the guard
-    (so this test can fail); with the guard, no reply ever splits a character."""
+    (so this test can fail); with the guard, no reply ever splits a character, and a reply cut by
+    the token limit finishes its last character (a few tokens past the limit at most)."""
     if rt.name != "torch":
         pytest.skip("the guard sits in the shared decode loop; one backend shows it")
     prompt = "日本語のテキスト。🙂 Über die Brücke gehen wir. " * 3
@@ -420,8 +421,10 @@ def test_utf8_guard_keeps_sampled_replies_valid(rt):
         for guarded in (True, False):
             session, _ = new_session(rt)
             session.guard = guard if guarded else None
-            codes, *_ = run(session, prompt, settings)
-            broken[guarded] += not reply_bytes_valid(guard, session.codec, codes)
+            codes, text, done, _ = run(session, prompt, settings)
+            broken[guarded] += not reply_bytes_valid(guard, session.codec, codes, whole=guarded)
+            if guarded:
+                assert "\ufffd" not in text and done.stats.reply_tokens <= 120 + 3 + 2
     assert broken[False] > 0 and broken[True] == 0, broken
 
 
