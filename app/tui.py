@@ -179,8 +179,16 @@ class Z2ZChat(App):
             self.query_one("#status", Static).update(text)
 
     def _load_failed(self, error: str) -> None:
-        self._loading(False, "no model loaded: F9 opens one")
+        if self.ctl.runtime is None:
+            self._loading(False, "no model loaded: F9 opens one")
+        else:  # the model loaded before still answers: say so
+            self._loading(False)
+            self.update_status()
         self.notify(f"Could not load the model: {error}", severity="error", timeout=30)
+
+    def notify(self, message: str, **kwargs: Any) -> None:
+        """Our messages are plain text: a path or an install hint like z2z-chat[torch] is not markup."""
+        super().notify(message, **{"markup": False, **kwargs})
 
     @guarded
     def _loaded(self, rt) -> None:

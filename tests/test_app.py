@@ -628,3 +628,23 @@ def test_attach_by_command_key_and_pasted_path(tiny_ckpt, tmp_path):
             assert app.ctl.session.messages[0]["content"] == sent  # what the model read
 
     run(go())
+
+
+def test_a_failed_model_switch_keeps_the_old_model_and_shows_hints_verbatim(tiny_ckpt, tmp_path):
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32), notifications=True) as pilot:
+            await ready(app, pilot)
+            old = app.ctl.runtime
+            app.load_model(str(tmp_path / "typo[torch]"))
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            failed = [n for n in app._notifications if "Could not load the model" in n.message]
+            assert failed and "typo[torch]" in failed[-1].message and failed[-1].markup is False
+            assert app.ctl.runtime is old
+            status = str(app.query_one("#status").render())
+            assert "no model loaded" not in status and "codebook" in status
+            await say(app, pilot, "still here?")  # the old model still answers
+            assert len(app.ctl.store.messages(app.ctl.conv_id)) == 2
+
+    run(go())
