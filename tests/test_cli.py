@@ -156,3 +156,20 @@ def test_input_too_long_for_the_context_is_a_usage_error(ref_checkpoints, tmp_pa
 def test_negative_seed_is_refused_before_loading():
     r = z2z("--model", "does-not-matter", "--prompt", "hi", "--seed", "-1")
     assert r.returncode == 2 and "--seed" in r.stderr
+
+
+def test_cache_list_and_clean(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "llamacpp" / "tables-abc").mkdir(parents=True)
+    (cache / "llamacpp" / "tables-abc" / "embed.npy").write_bytes(b"x" * 3000)
+    (cache / "llamacpp" / "merged-abc.gguf").write_bytes(b"y" * 5000)
+    (cache / "smollm2").mkdir()
+    (cache / "smollm2" / "base.gguf").write_bytes(b"z" * 7000)
+    env = {**os.environ, "Z2Z_CACHE_DIR": str(cache)}
+    r = subprocess.run([sys.executable, "-m", "app.cli", "--cache", "list"], capture_output=True, text=True, env=env,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and "merged" in r.stdout and "download" in r.stdout and "tables" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "app.cli", "--cache", "clean"], capture_output=True, text=True, env=env,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and "removed" in r.stdout
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == ["base.gguf"]  # the download stays

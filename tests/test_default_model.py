@@ -93,3 +93,22 @@ def test_llamacpp_gives_the_recorded_codes():
     codes, text, _ = reply(rt, FIXED_PROMPT, 3 * len(recorded["codes"]))
     assert codes[: len(recorded["codes"])] == recorded["codes"], text
     rt.close()
+
+
+def test_a_damaged_cached_merge_is_made_again(tmp_path, monkeypatch):
+    """The q8_0 merge of the default model lives in the cache; a truncated one (a full disk, a
+    crash while writing) is noticed when read and rebuilt, not loaded or left to fail every run."""
+    pytest.importorskip("llama_cpp")
+    import backends.llamacpp_backend.checkpoint as ckpt_mod
+
+    base = smollm2_gguf()
+    monkeypatch.setattr(ckpt_mod, "cache_dir", lambda: tmp_path)
+    notes: list[str] = []
+    ckpt_mod.open_checkpoint(DEFAULT_MODEL_DIR, base=base, progress=notes.append).model.close()
+    merged = next((tmp_path / "llamacpp").glob("merged-*.gguf"))
+    with open(merged, "r+b") as f:
+        f.truncate(merged.stat().st_size // 2)
+    notes.clear()
+    model = ckpt_mod.open_checkpoint(DEFAULT_MODEL_DIR, base=base, progress=notes.append).model
+    model.close()
+    assert any("damaged" in n for n in notes) and merged.stat().st_size > 0

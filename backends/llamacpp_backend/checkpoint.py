@@ -85,6 +85,12 @@ def _merged_or_adapter(ckpt: Path, base: Path, progress) -> tuple[Path, Path | N
     st = base.stat()
     key = hashlib.sha256(peft.read_bytes() + f"|{alpha}|{base.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     out = cache_dir() / "llamacpp" / f"merged-{key.hexdigest()[:16]}.gguf"
+    if out.is_file():
+        try:
+            check_gguf(out)
+        except TensorFileError as e:  # a damaged cache entry (a full disk, a crash): made again
+            progress(f"the cached merge {out} is damaged ({e}); making it again")
+            out.unlink()
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
