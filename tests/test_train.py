@@ -404,3 +404,27 @@ def test_gpu_check_reports_throughput_memory_and_loss(trained, tmp_path):
     for line in ("on 1 x CPU", "throughput:", "base tokens/s", "peak memory:", "loss:", "held-out lm loss"):
         assert line in r.stdout, r.stdout
     assert not (tmp_path / "z2z-gpu-check").exists()  # its output is temporary
+
+
+def test_ctrl_c_saves_the_state_it_asks_to_resume_from(trained, tmp_path):
+    """Ctrl+C (SIGINT) before the first save_every: the step is finished and saved, and the same
+    command resumes from it instead of from step 0."""
+    import signal
+    import time
+
+    _, recipe, _ = trained
+    out = tmp_path / "run"
+    args = [str(recipe), "--output", str(out), "--optim.steps", "400", "--save_every", "1000", "--log_every", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.Popen([sys.executable, "-m", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file() or len(metrics(out)) < 3:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    log = "".join(p.communicate(timeout=120))
+    assert p.returncode != 0 and "interrupted after step" in log, log[-2000:]
+    saved = torch.load(out / "state.pt", weights_only=False)["step"]
+    assert saved >= 2
+    r = run_train(recipe, *args[1:], "--stop_at", str(saved + 1))
+    assert r.returncode == 0 and f"at step {saved}" in r.stdout + r.stderr, r.stderr[-2000:]

@@ -243,6 +243,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         val0 = evaluate(acc.unwrap_model(objective), data, cfg, rows)
         metrics.write({"step": 0, "val_lm_loss": round(val0, 5)})
         say(f"step 0: held-out lm loss {val0:.4f} per code (before training; it should fall)")
+    interrupted = _Interrupts()
     for step in range(start, cfg.optim.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -283,10 +284,50 @@ def train(cfg: TrainConfig, log=print) -> Path:
         if done == cfg.stop_at:
             say(f"stopping after step {done} (stop_at); run the same command to resume")
             break
+        if interrupted.now(acc, world):  # Ctrl+C: this step is finished, save it before leaving
+            if done % cfg.save_every and done != cfg.optim.steps:
+                save(acc, objective, opt, built, out, done, final=False)
+            say(f"interrupted after step {done}: saved {out / 'state.pt'}")
+            interrupted.restore()
+            raise KeyboardInterrupt
+    interrupted.restore()
     bar.close()
     if cfg.push_to_hub and acc.is_main_process and (out / "final").is_dir():
         push_to_hub(out / "final", cfg.push_to_hub, say)
     return out / "final"
+
+
+class _Interrupts:
+    """Ctrl+C (SIGINT) during training finishes the step and saves the state it asks the user to
+    resume from; a second Ctrl+C interrupts at once. All processes agree on the step to stop at."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.flag = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.flag:  # the second one
+            self.restore()
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def now(self, acc, world: int) -> bool:
+        if world == 1:
+            return self.flag
+        flag = torch.tensor(float(self.flag), device=acc.device)
+        return bool(acc.reduce(flag, "max").item())
+
+    def restore(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def peak_memory_mb(device: torch.device) -> float:
