@@ -177,6 +177,23 @@ class ChatController:
         writes.append(lambda: self.store.add_message(ref.id, Message("user", text)))
         self.write_all(*writes)
 
+    def withdraw_turn(self) -> None:
+        """The message was cancelled before its reply began (the engine took it back): remove it
+        from the history too, and the conversation if it was its first message."""
+        ref = self.ref
+
+        def undo() -> None:
+            msgs = self.store.messages(ref.id)
+            if msgs and msgs[-1].role == "user":
+                self.store.delete_message(msgs[-1].id)
+            if len(msgs) <= 1:
+                self.store.delete(ref.id)
+                ref.id = None
+
+        self.write(undo)
+        if ref.id is None:
+            ref.creating = False
+
     def end_turn(self, text: str, units: list[list[Any]], stopped: bool, stats: TurnStats | None,
                  save_state: bool = True) -> None:
         if stats is not None:

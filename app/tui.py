@@ -103,6 +103,7 @@ class Z2ZChat(App):
         self.reply_saved = True
         self.status_text = ""
         self.attachments: list = []  # Attachment: files for the next message
+        self.last_sent: tuple[str, list, list] = ("", [], [])
 
     # --- layout and errors --------------------------------------------------------------------
 
@@ -206,7 +207,7 @@ class Z2ZChat(App):
         state = "writing a reply (Esc stops)" if running else (self.status_text or "ready")
         status = self.query_one("#status", Static)
         status.set_class(usage.nearly_full, "warning")
-        status.update(f"{ctl.runtime.describe()} | {state} | {usage.describe()} | codebook {n}/{C}")
+        status.update(f"{ctl.runtime.describe()} | {state} | {usage.describe(short=True)} | codebook {n}/{C}")
 
     # --- conversations --------------------------------------------------------------------
 
@@ -321,10 +322,11 @@ class Z2ZChat(App):
         if new:
             self.refresh_history()
         chat = self.query_one("#chat", VerticalScroll)
-        for a in files:  # collapsed: the file is in the message, not in the way
-            chat.mount(Collapsible(Static(a.text, markup=False), title=f"{a.name} ({_size(a.size)})",
-                                   collapsed=True, classes="attachment"))
-        chat.mount(UserView(event.text))
+        views = [Collapsible(Static(a.text, markup=False), title=f"{a.name} ({_size(a.size)})", collapsed=True,
+                             classes="attachment") for a in files]  # collapsed: in the message, not in the way
+        views.append(UserView(event.text))
+        chat.mount_all(views)
+        self.last_sent = (event.text, files, views)  # what Esc during a long read takes back
         self.start_reply(message)
 
     def start_reply(self, text: str) -> None:
@@ -337,15 +339,21 @@ class Z2ZChat(App):
 
     @work(thread=True, exclusive=True, group="gen")
     def _generate(self, text: str, reply: ReplyView, settings) -> None:
-        from backends.engine import Done, Notice, Token
+        from backends.engine import Done, Notice, Progress, Token
 
         note, stats = "", None
         try:
             for ev in self.ctl.session.send(text, settings, self.cancel):
                 if isinstance(ev, Token):
                     self.call_from_thread(reply.append, ev.text, ev.span)
+                elif isinstance(ev, Progress):
+                    if ev.elapsed_s >= 1.0:  # a long input: say how far it has read
+                        self.call_from_thread(self.show_progress, ev)
                 elif isinstance(ev, Notice):
                     self.call_from_thread(self.notify, ev.text, severity="warning", timeout=10)
+                elif isinstance(ev, Done) and ev.reason == "withdrawn":
+                    self.call_from_thread(self.withdraw, reply)
+                    return
                 elif isinstance(ev, Done):
                     stats = ev.stats
                     note = {"cancelled": "stopped", "length": "max tokens reached",
@@ -354,6 +362,33 @@ class Z2ZChat(App):
             note = "error"
             self.call_from_thread(self.report, e)
         self.call_from_thread(self.finish_reply, reply, note, stats)
+
+    def show_progress(self, p) -> None:
+        self.query_one("#status", Static).update(
+            f"reading {p.done:,} / {p.total:,} positions, about {p.eta_s:.0f} s left (Esc cancels)")
+
+    @guarded
+    def withdraw(self, reply: ReplyView) -> None:
+        """Esc while a long message was being read: it is taken back, and put back in the input."""
+        if self.reply_saved:
+            return
+        self.reply_saved = True
+        try:
+            self.ctl.withdraw_turn()
+        except StoreBusy as e:
+            self.notify(str(e), severity="warning", timeout=15)
+        if self.ctl.conv_id is None:
+            self.refresh_history()
+        text, files, views = self.last_sent
+        for view in (*views, reply):
+            view.remove()
+        self.attachments = files + self.attachments
+        self.show_attachments()
+        box = self.query_one(ChatInput)
+        if not box.text.strip():
+            box.load_text(text)
+        self.status_text = "cancelled: the message was not sent"
+        self.update_status()
 
     @guarded
     def finish_reply(self, reply: ReplyView, note: str, stats, save_state: bool = True) -> None:

@@ -12,7 +12,9 @@ the id level. It yields events:
 - ``Token(text, code, span)``: one emitted code, its number of base tokens, and the text that
   became final with it (possibly ``""`` while a multi-byte character is incomplete);
 - ``Notice(text)``: something the user should know (old turns dropped to fit the context);
-- ``Done(reason, stats)``: ``stop`` | ``length`` | ``cancelled`` | ``context``, with ``TurnStats``.
+- ``Progress(done, total, elapsed_s)``: prefill of an input longer than one chunk, after each chunk;
+- ``Done(reason, stats)``: ``stop`` | ``length`` | ``cancelled`` | ``context`` | ``withdrawn`` (cancelled
+  during the prefill: the message is taken back and the conversation is as it was), with ``TurnStats``.
 
 The session's decode state (``protocol.DecodeState``, its own: two sessions never share one)
 only sees codes, positions and new codebook entries.
@@ -38,7 +40,7 @@ from typing import Any
 from .codec import CodecConfig, CodecSession
 from .detok import Detokenizer
 from .errors import SettingsError, Z2ZError
-from .generate import Stream, generate_codes, prefill, sync_entries
+from .generate import PREFILL_CHUNK, Stream, generate_codes, prefill_chunks, sync_entries
 from .protocol import DecodeState
 from .sampling import Sampler, SamplingSettings
 from .utf8_guard import Utf8Guard
@@ -58,6 +60,19 @@ class Token:
 @dataclass
 class Notice:
     text: str
+
+
+@dataclass
+class Progress:
+    """Prefill of a long input: positions fed of those to feed, seconds since it began."""
+
+    done: int
+    total: int
+    elapsed_s: float
+
+    @property
+    def eta_s(self) -> float:
+        return self.elapsed_s / self.done * (self.total - self.done) if self.done else 0.0
 
 
 @dataclass
@@ -143,7 +158,10 @@ class ContextUsage:
         """The next message (and its reply) may not fit: old turns will be dropped."""
         return self.positions + 2 * self.reply_room > self.window
 
-    def describe(self) -> str:
+    def describe(self, short: bool = False) -> str:
+        if short:  # the status line
+            text = f"ctx {self.positions:,}/{self.window:,} ({self.tokens:,} tok, {self.saved:.0%} saved)"
+            return text + (" nearly full: oldest turns go next" if self.nearly_full else "")
         text = (f"context {self.positions:,} / {self.window:,} positions, {self.tokens:,} tokens, "
                 f"{self.saved:.0%} saved")
         if self.nearly_full:
@@ -157,7 +175,7 @@ class Done:
     stats: TurnStats
 
 
-Event = Token | Notice | Done
+Event = Token | Notice | Progress | Done
 
 
 @dataclass
@@ -314,6 +332,7 @@ class Session:
             raise ContextFullError(
                 f"the conversation does not fit in the context window ({self.state.context_length} positions, "
                 f"{reply_room} of them kept for the reply): drop {drop} of its oldest turns or lower max tokens")
+        before = self.to_dict()  # a message withdrawn during its prefill leaves no trace
         if restart:
             self.messages = self.messages[2 * drop:]
             self._clear_stream()
@@ -330,20 +349,28 @@ class Session:
                           context_tokens=self.stream.n_base, context_codes=len(self.codes),
                           cached_tokens=self.stream.n_base - pending, cached_codes=self.fed)
         reply: list[str] = []
+        withdrawn: list[bool] = []
         try:
-            yield from self._reply(settings, cancel, stats, reply)
+            yield from self._reply(settings, cancel, stats, reply, withdrawn)
         finally:  # also when the consumer stops early: what was said stays said
-            self.messages.append({"role": "assistant", "content": "".join(reply)})
+            if withdrawn:
+                self.restore(before) if restart else self.rewind(before)
+            else:
+                self.messages.append({"role": "assistant", "content": "".join(reply)})
 
     def _reply(self, settings: GenerationSettings, cancel: threading.Event | None, stats: TurnStats,
-               reply: list[str]) -> Iterator[Event]:
+               reply: list[str], withdrawn: list[bool]) -> Iterator[Event]:
         detok = Detokenizer(self.tok)
         t0 = time.perf_counter()
         sync_entries(self.state, self.codec)
-        logits = prefill(self.state, self.stream, cancel)
+        done = total = 0
+        for done, total, logits in prefill_chunks(self.state, self.stream, cancel):
+            if total > PREFILL_CHUNK:
+                yield Progress(done, total, time.perf_counter() - t0)
         stats.prefill_s = time.perf_counter() - t0
-        if logits is None:
-            yield Done("cancelled", stats)
+        if done < total:
+            withdrawn.append(True)
+            yield Done("withdrawn", stats)
             return
         reply_ids: list[int] = []
         reason = "length"

@@ -5,10 +5,11 @@ and the benchmarks both drive:
 
 - ``Stream``: the code stream of one conversation: codes, their RoPE positions (only through
   ``config.positions``), how many base tokens they stand for, and how many are in the KV cache.
-- ``sync_entries(backend, codec)``: hand the codebook entries created since the last call, and
-  the current cScSc candidate, to the backend.
-- ``prefill(backend, stream, cancel)``: feed every pending code, in chunks so a cancel request
-  takes effect between chunks; returns the last position's logits (None if cancelled).
+- ``sync_entries(state, codec)``: hand the codebook entries created since the last call, and
+  the current cScSc candidate, to the decode state.
+- ``prefill(state, stream, cancel)``: feed every pending code, in chunks so a cancel request
+  takes effect between chunks; returns the last position's logits (None if cancelled);
+  ``prefill_chunks`` is the same, one chunk at a time, for callers that show progress.
 - ``generate_codes(...)``: sample, push into the codec, yield a ``Step``, feed the code back;
   the last step carries the reason it stopped (``stop`` | ``length`` | ``cancelled`` |
   ``context``). ``max_tokens`` counts base tokens (what every other tool means by tokens): the
@@ -83,19 +84,29 @@ def sync_entries(state: DecodeState, codec: CodecSession) -> None:
     state.add_entries(codec.take_new_entries(), codec.candidate())
 
 
-def prefill(state: DecodeState, stream: Stream, cancel: threading.Event | None = None,
-            chunk: int = PREFILL_CHUNK) -> np.ndarray | None:
-    """Feed the pending codes; logits of the last one, or None when cancelled between chunks."""
+def prefill_chunks(state: DecodeState, stream: Stream, cancel: threading.Event | None = None,
+                   chunk: int = PREFILL_CHUNK) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Feed the pending codes a chunk at a time: yields (codes fed, codes to feed, the last fed
+    code's logits) after each chunk; stops early when ``cancel`` is set between chunks."""
     codes, pos = stream.pending()
     if not codes:
         raise ValueError("nothing to prefill: the stream has no pending code")
-    logits = None
     for i in range(0, len(codes), chunk):
         if i and cancel is not None and cancel.is_set():
-            return None
+            return
         logits = state.forward(codes[i:i + chunk], pos[i:i + chunk])
         stream.fed += len(codes[i:i + chunk])
-    return logits
+        yield min(i + chunk, len(codes)), len(codes), logits
+
+
+def prefill(state: DecodeState, stream: Stream, cancel: threading.Event | None = None,
+            chunk: int = PREFILL_CHUNK) -> np.ndarray | None:
+    """Feed the pending codes; logits of the last one, or None when cancelled between chunks."""
+    done = total = 0
+    logits = None
+    for done, total, logits in prefill_chunks(state, stream, cancel, chunk):
+        pass
+    return logits if done == total else None
 
 
 @dataclass

@@ -648,3 +648,38 @@ def test_a_failed_model_switch_keeps_the_old_model_and_shows_hints_verbatim(tiny
             assert len(app.ctl.store.messages(app.ctl.conv_id)) == 2
 
     run(go())
+
+
+def test_esc_while_a_long_message_is_read_takes_it_back(tiny_ckpt, tmp_path):
+    """Cancelled during its prefill, a message leaves no trace: not on screen, not in the history,
+    not in the model's state; its text (and files) go back to the input."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("remember the milk\n")
+
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32), notifications=True) as pilot:
+            await ready(app, pilot)
+            await say(app, pilot, "hello")
+            before = app.ctl.session.to_dict()
+            state = app.ctl.session.state
+            forward = state.forward
+
+            def slow_reader(codes, positions):  # Esc arrives while the first chunk is read
+                out = forward(codes, positions)
+                if len(codes) > 100:
+                    app.cancel.set()
+                return out
+
+            state.forward = slow_reader
+            box = app.query_one("#input")
+            box.insert(f"/file {notes}")
+            await pilot.press("enter")
+            await say(app, pilot, "word " * 1500)
+            state.forward = forward
+            assert box.text.strip() == ("word " * 1500).strip() and [a.name for a in app.attachments] == ["notes.txt"]
+            assert [m.content for m in app.ctl.store.messages(app.ctl.conv_id)][-1] != ("word " * 1500).strip()
+            assert len(app.ctl.store.messages(app.ctl.conv_id)) == 2 and len(app.query(".attachment")) == 0
+            assert app.ctl.session.to_dict()["messages"] == before["messages"]
+
+    run(go())

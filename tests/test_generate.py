@@ -132,3 +132,31 @@ def test_without_dropping_turns_a_full_context_is_an_error_that_changes_nothing(
             snapshot = s.to_dict()
             reply(s, f"Message {i}: " + "word " * 12, GenerationSettings(max_tokens=40, drop_old_turns=False))
     assert s.to_dict() == snapshot
+
+
+def test_long_prefill_reports_progress_and_a_cancel_during_it_changes_nothing(tok):
+    import threading
+
+    from backends.engine import Progress
+
+    def withdraw(s):
+        cancel, seen = threading.Event(), []
+        for ev in s.send("word " * 1500, GenerationSettings(max_tokens=20), cancel):  # several chunks
+            if isinstance(ev, Progress):
+                seen.append((ev.done, ev.total))
+                cancel.set()
+            last = ev
+        assert isinstance(last, Done) and last.reason == "withdrawn" and len(seen) == 1 and seen[0][0] < seen[0][1]
+
+    s = new_session(tok, context_length=4096)
+    before = s.to_dict()
+    withdraw(s)  # the first message: the KV cache is trimmed back to nothing
+    assert s.to_dict() == before and s.state.kv == []
+    reply(s, TURNS[0])
+    before = s.to_dict()
+    withdraw(s)  # later on (here the stream restarts, so the cache is rebuilt at the next send)
+    after = s.to_dict()
+    assert after["messages"] == before["messages"] and after["codes"] == before["codes"]
+    fresh = new_session(tok, context_length=4096)
+    reply(fresh, TURNS[0])
+    assert reply(s, TURNS[1])[0] == reply(fresh, TURNS[1])[0]  # as if it had never been sent
