@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -204,24 +205,32 @@ def test_snapshot_stats_view(tiny_ckpt, tmp_path, snap_compare):
 
 
 @pytest.mark.slow
-def test_real_terminal_with_tmux(tiny_ckpt, tmp_path):
+def in_tmux(tmp_path: Path, cmd: str) -> tuple[list[str], Callable[[], str]]:
+    """``cmd`` in a real terminal (tmux, 110x30), waited for until the model has loaded: the tmux
+    command line and a function that reads the screen. The caller kills the server."""
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (.ci/run installs it)")
-    sock = str(tmp_path / "tmux.sock")
     env = {**os.environ, "Z2Z_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color"}
-    cmd = f"{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 8 --device cpu"
-    tmux = ["tmux", "-S", sock]
+    tmux = ["tmux", "-S", str(tmp_path / "tmux.sock")]
     subprocess.run([*tmux, "new-session", "-d", "-x", "110", "-y", "30", cmd], env=env, check=True,
                    cwd=Path(__file__).resolve().parents[1])
 
     def screen() -> str:
         return subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True).stdout
 
+    deadline = time.time() + 90
+    while "codebook" not in screen() and time.time() < deadline:
+        time.sleep(0.5)
+    if "codebook" not in screen():
+        shown = screen()
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+        pytest.fail(f"the app did not load in a real terminal:\n{shown}")
+    return tmux, screen
+
+
+def test_real_terminal_with_tmux(tiny_ckpt, tmp_path):
+    tmux, screen = in_tmux(tmp_path, f"{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 8 --device cpu")
     try:
-        deadline = time.time() + 90
-        while "codebook" not in screen() and time.time() < deadline:
-            time.sleep(0.5)
-        assert "codebook" in screen(), screen()
         time.sleep(1.0)  # let the first frames after loading settle before typing
         subprocess.run([*tmux, "send-keys", "-l", "hello tmux"], check=True)
         deadline = time.time() + 20
@@ -515,22 +524,10 @@ def test_keys_typed_at_once_with_enter_send_the_whole_message(tiny_ckpt, tmp_pat
 
 def test_sigterm_saves_the_reply_being_written(tiny_ckpt, tmp_path):
     """kill (SIGTERM) during a reply: the partial reply is stored as stopped, exit 143."""
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed (.ci/run installs it)")
-    sock, status = str(tmp_path / "tmux.sock"), tmp_path / "status"
-    env = {**os.environ, "Z2Z_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color"}
+    status = tmp_path / "status"
     cmd = f"{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 100000 --device cpu; echo $? > {status}"
-    tmux = ["tmux", "-S", sock]
-    subprocess.run([*tmux, "new-session", "-d", "-x", "110", "-y", "30", cmd], env=env, check=True,
-                   cwd=Path(__file__).resolve().parents[1])
-
-    def screen() -> str:
-        return subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True).stdout
-
+    tmux, screen = in_tmux(tmp_path, cmd)
     try:
-        deadline = time.time() + 90
-        while "codebook" not in screen() and time.time() < deadline:
-            time.sleep(0.5)
         time.sleep(1.0)
         subprocess.run([*tmux, "send-keys", "-l", "write forever"], check=True)
         time.sleep(0.5)

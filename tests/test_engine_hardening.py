@@ -92,11 +92,12 @@ def test_cancel_during_a_long_prefill_takes_effect_between_chunks(loaded):
 
     be.forward = forward
     _, done = reply(s, "def f(x): return x\n" * 150, n=32, cancel=cancel)
-    assert done.reason == "cancelled" and done.stats.reply_codes == 0
-    assert len(be.calls) == 1 and be.calls[0] == 256 and s.fed < len(s.codes)
+    assert done.reason == "withdrawn" and done.stats.reply_codes == 0  # the message is taken back
+    assert len(be.calls) == 1 and be.calls[0] == 256 and s.messages == [] and s.codes == []
     be.forward = orig
-    _, done = reply(s, "go on", n=8)  # the rest of the prompt is fed with the next turn
+    _, done = reply(s, "go on", n=8)
     assert done.reason in ("stop", "length") and s.fed == len(s.codes) - 1
+    assert [m["content"] for m in s.messages][0] == "go on"
 
 
 def test_max_tokens_counts_base_tokens(loaded):

@@ -138,3 +138,51 @@ def test_runtime_opens_a_converted_directory_with_auto(converted):
     assert rt.backend_name == "mlx"
     events = list(rt.session().send("hi", GenerationSettings(max_tokens=4)))
     assert events
+
+
+@pytest.mark.slow
+def test_default_model_on_mlx_matches_torch(tmp_path):
+    """The default model itself (rope base 100,000 in the newer config layout) converted to MLX in
+    float32: logits within 1e-3 of torch's over a prefill and a 60-step decode with hypertokens,
+    and the same greedy reply."""
+    from backends.assets import smollm2_gguf
+    from backends.defaults import DEFAULT_MODEL_DIR
+    from backends.runtime import open_runtime
+
+    base = smollm2_gguf()
+    dst = tmp_path / "default-mlx"
+    convert(str(DEFAULT_MODEL_DIR), dst, dtype="float32", base=base)
+    assert json.loads((dst / "config.json").read_text())["rope_theta"] == 100000.0
+    rt = open_runtime(None, "torch", "cpu", "float32")
+    mlx_model, _ = MLXModel.open(dst)
+    states = [rt.model.new_state(), mlx_model.new_state()]
+    ids = rt.tokenizer(TEXT * 10, add_special_tokens=False)["input_ids"]
+    s = CodecSession(rt.codec)
+    codes = s.encode(ids)
+    k = len(codes) - 60
+    assert k >= 40
+    sessions = [CodecSession(rt.codec), CodecSession(rt.codec)]
+    outs: list[list[np.ndarray]] = [[], []]
+    for i, (state, cs) in enumerate(zip(states, sessions)):
+        for c in codes[:k]:
+            cs.push(c)
+        state.add_entries(cs.take_new_entries(), cs.candidate())
+        outs[i].append(state.forward(codes[:k], list(range(k))))
+        for t in range(k, len(codes)):  # 60 steps, hypertokens among them
+            cs.push(codes[t])
+            state.add_entries(cs.take_new_entries(), cs.candidate())
+            outs[i].append(state.forward([codes[t]], [t]))
+    assert sum(c >= rt.codec.base_vocab_size for c in codes[k:]) >= 5
+    worst = 0.0
+    for a, b in zip(*outs):
+        assert np.array_equal(np.isfinite(a), np.isfinite(b))
+        fin = np.isfinite(a)
+        worst = max(worst, float(np.abs(a[fin] - b[fin]).max()))
+    assert worst <= 1e-3, worst
+
+    def reply(state) -> list[int]:
+        session = Session(state, rt.tokenizer, rt.codec, position_mode=rt.config.position_mode)
+        return [e.code for e in session.send("What is the capital of France?", GenerationSettings(max_tokens=60))
+                if isinstance(e, Token) and e.code is not None]
+
+    assert reply(rt.model.new_state()) == reply(mlx_model.new_state())

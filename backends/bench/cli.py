@@ -151,6 +151,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_long(args: argparse.Namespace) -> int:
+    from ..llamacpp_backend.context import default_threads
+    from ..runtime import open_plain
+    from . import long as bench_long
+
+    if args.backend != "llamacpp":
+        raise Z2ZError("z2z-bench long compares with llama-cpp-python: run it with --backend llamacpp")
+    rt = _runtime(args)
+    try:
+        rows = bench_long.run(rt, open_plain(rt), domains=args.domains.split(","),
+                              lengths=[int(x) for x in args.lengths.split(",")], reply_tokens=args.reply_tokens,
+                              threads=default_threads(), progress=_progress)
+    except RuntimeError as e:
+        raise Z2ZError(str(e)) from e
+    print(json.dumps(rows, indent=2) if args.json else
+          f"long documents, {rt.describe()} (lcp: llama-cpp-python on the same GGUF)\n{bench_long.format_table(rows)}")
+    return 0
+
+
 def cmd_overflow(args: argparse.Namespace) -> int:
     """A long chat in a small window on llama.cpp: how often a turn re-reads the conversation."""
     import statistics
@@ -230,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--prompts", help="JSONL prompt set (default: the default model's evaluation set)")
     an.add_argument("--markdown", help="write the answers side by side to this file")
     an.set_defaults(func=cmd_answers)
+    lg = sub.add_parser("long", help="long documents: prefill, time to first token, KV size, follow-up (llama.cpp)")
+    _model_args(lg)
+    lg.set_defaults(backend="llamacpp")
+    lg.add_argument("--lengths", default="1000,2000,4000,7000", help="document lengths in base tokens")
+    lg.add_argument("--domains", default="code,english,french")
+    lg.add_argument("--reply-tokens", type=int, default=48)
+    lg.set_defaults(func=cmd_long)
+
     ov = sub.add_parser("overflow", help="a long chat past a small context window: restarts and time to first token")
     ov.add_argument("--model", help="llama.cpp-ready checkpoint (default: the embedded model)")
     ov.add_argument("--base", help="override the checkpoint's base model")

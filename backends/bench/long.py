@@ -1,0 +1,101 @@
+"""``z2z-bench long``: reading long documents, then a question, then a follow-up, on llama.cpp.
+
+Per domain (Python sources, English prose, French man pages) and length (base tokens of the
+document), one conversation: the document with a question, then a follow-up question. Three
+engines on the same base GGUF, same threads, one after the other: zip2zip on our engine, the
+plain base on our engine (token ids, no adapter), and llama-cpp-python's ``Llama.generate`` (which
+reuses the KV cache of a shared prompt prefix on the follow-up). Reported: prefill seconds, time to
+first token, KV cache bytes after the reply, decode tokens/s at that depth, and the follow-up's
+time to first token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..runtime import Runtime
+
+QUESTION = "What is the text above about? Answer in one sentence."
+FOLLOW_UP = "Name one detail from it."
+
+
+def _document(tokenizer: Any, domain: str, tokens: int) -> str:
+    from .codec import documents
+
+    docs, _ = documents(tokenizer, domain, 1, tokens)
+    if not docs:
+        raise RuntimeError(f"no {domain} text of {tokens} tokens on this machine")
+    return tokenizer.decode(docs[0])
+
+
+def _ours(rt: Runtime, doc: str, reply_tokens: int) -> dict[str, Any]:
+    from ..engine import Done, GenerationSettings
+
+    s = rt.session()
+    row: dict[str, Any] = {}
+    for key, text in (("first", f"{doc}\n\n{QUESTION}"), ("follow", FOLLOW_UP)):
+        done = [e for e in s.send(text, GenerationSettings(max_tokens=reply_tokens)) if isinstance(e, Done)][-1]
+        st = done.stats
+        row[key] = {"prefill_s": st.prefill_s, "ttft_s": st.ttft_s, "positions": st.context_codes,
+                    "tokens": st.context_tokens, "decode_tok_s": st.decode_tok_s, "kv_bytes": s.state.kv_bytes()}
+    s.state.close()
+    return row
+
+
+def _llama_cpp_python(gguf: str, tokenizer: Any, doc: str, reply_tokens: int, threads: int) -> dict[str, Any]:
+    import llama_cpp
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=8192, n_threads=threads, n_threads_batch=threads, verbose=False)
+    msgs: list[dict[str, str]] = []
+    row: dict[str, Any] = {}
+    for key, text in (("first", f"{doc}\n\n{QUESTION}"), ("follow", FOLLOW_UP)):
+        msgs.append({"role": "user", "content": text})
+        ids = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+        t0 = time.perf_counter()
+        out, t_first = [], 0.0
+        for tok in llm.generate(ids, temp=0.0, reset=False):
+            if not out:
+                t_first = time.perf_counter()
+            if tok == llm.token_eos() or len(out) >= reply_tokens:
+                break
+            out.append(tok)
+        t_end = time.perf_counter()
+        msgs.append({"role": "assistant", "content": tokenizer.decode(out, skip_special_tokens=True)})
+        row[key] = {"prefill_s": t_first - t0, "ttft_s": t_first - t0, "positions": len(ids), "tokens": len(ids),
+                    "decode_tok_s": len(out) / (t_end - t_first) if t_end > t_first else 0.0,
+                    "kv_bytes": llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0)}
+    llm.close()
+    return row
+
+
+def run(rt: Runtime, plain: Runtime, *, domains: list[str], lengths: list[int], reply_tokens: int, threads: int,
+        progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows = []
+    for domain in domains:
+        for n in lengths:
+            doc = _document(rt.tokenizer, domain, n)
+            progress(f"{domain}, {n} tokens: z2z")
+            z = _ours(rt, doc, reply_tokens)
+            progress(f"{domain}, {n} tokens: plain base on our engine")
+            p = _ours(plain, doc, reply_tokens)
+            progress(f"{domain}, {n} tokens: llama-cpp-python")
+            ref = _llama_cpp_python(rt.base, rt.tokenizer, doc, reply_tokens, threads)
+            rows.append({"domain": domain, "doc_tokens": n, "z2z": z, "plain": p, "llama_cpp_python": ref})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'domain':8} {'tokens':>6} {'pos':>6} | {'ttft z2z':>8} {'plain':>6} {'lcp':>6} {'lcp/z2z':>7} | "
+            f"{'KV MB z2z':>9} {'lcp':>6} {'saved':>6} | {'dec z2z':>7} {'lcp':>6} | {'follow-up ttft z2z':>18} {'lcp':>6}")
+    out = [head]
+    for r in rows:
+        z, p, c = r["z2z"]["first"], r["plain"]["first"], r["llama_cpp_python"]["first"]
+        zf, cf = r["z2z"]["follow"], r["llama_cpp_python"]["follow"]
+        out.append(f"{r['domain']:8} {z['tokens']:6} {z['positions']:6} | {z['ttft_s']:8.2f} {p['ttft_s']:6.2f} "
+                   f"{c['ttft_s']:6.2f} {c['ttft_s'] / z['ttft_s']:7.2f} | {z['kv_bytes'] / 2**20:9.1f} "
+                   f"{c['kv_bytes'] / 2**20:6.1f} {1 - z['kv_bytes'] / c['kv_bytes']:6.0%} | "
+                   f"{z['decode_tok_s']:7.1f} {c['decode_tok_s']:6.1f} | {zf['ttft_s']:18.2f} {cf['ttft_s']:6.2f}")
+    return "\n".join(out)
