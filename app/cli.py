@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "off by default: with the v0 default model drafts are rarely accepted)")
     p.add_argument("--stats", action="store_true", help="with --prompt: print a summary line to stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--export", metavar="FILE", help="write every conversation to FILE (JSON Lines), then exit")
+    p.add_argument("--import", dest="import_file", metavar="FILE",
+                   help="import conversations from FILE (our JSON Lines, or a JSON list of {role, content})")
+    p.add_argument("--search", metavar="TEXT", help="print the messages containing TEXT: conversation, role, line")
     p.add_argument("--cache", choices=["list", "clean"],
                    help="list what z2z-chat keeps in its cache directory, or remove what is rebuilt on demand "
                         "(conversions, merged bases, tables; downloads stay)")
@@ -160,6 +164,28 @@ def one_shot(args: argparse.Namespace, settings, message: str) -> int:
     return 0
 
 
+def archive_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from app import archive
+    from app.store import open_store
+
+    store = open_store()
+    try:
+        if store.warning:
+            print(f"z2z-chat: {store.warning}", file=sys.stderr)
+        if args.import_file:
+            print(f"imported {archive.import_file(store, Path(args.import_file))} conversation(s)")
+        if args.export:
+            print(f"exported {archive.export_jsonl(store, Path(args.export))} conversation(s) to {args.export}")
+        if args.search is not None:
+            for h in archive.search(store, args.search):
+                print(f"{h.conversation} {h.title!r}\t{h.role}\t{h.line}")
+    finally:
+        store.close()
+    return 0
+
+
 def cache_command(what: str) -> int:
     import time
 
@@ -219,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cache:
             return cache_command(args.cache)
+        if args.export or args.import_file or args.search is not None:
+            return archive_command(args)
         if args.fetch_default:
             from backends.assets import smollm2_gguf
 

@@ -128,20 +128,29 @@ def conversion_key(model: str, base: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def mlx_conversion(model: str, base: str | None) -> str:
-    """An MLX conversion of a torch checkpoint, made once into the user's cache."""
+def mlx_conversion(model: str, base: str | None, dtype: str = "auto") -> str:
+    """An MLX conversion of a torch checkpoint (float16 unless ``dtype`` says otherwise), made once
+    into the user's cache. An MLX directory is used as it is: a ``dtype`` it was not converted in is
+    an error, not silently ignored."""
+    import json
+
     from .assets import cache_dir
 
     if is_mlx_dir(model):
+        made = json.loads((Path(model) / MLX_MARKER).read_text(encoding="utf-8")).get("dtype")
+        if dtype not in ("auto", made):
+            raise RuntimeOpenError(f"{model} was converted in {made}; for --dtype {dtype} convert it again: "
+                                   f"python convert/to_mlx.py SRC DST --dtype {dtype}")
         return model
-    dst = cache_dir() / "mlx" / conversion_key(model, base)
+    dtype = "float16" if dtype == "auto" else dtype
+    dst = cache_dir() / "mlx" / f"{conversion_key(model, base)}-{dtype}"
     if not is_mlx_dir(str(dst)):
         from .mlx_convert import ConvertError, convert
 
         try:
-            convert(model, dst, force=True, base=base)
+            convert(model, dst, force=True, base=base, dtype=dtype)
         except ConvertError as e:
-            raise RuntimeOpenError(str(e)) from None
+            raise RuntimeOpenError(str(e)) from e
     return str(dst)
 
 
@@ -174,7 +183,7 @@ def _open(model: str | None, backend: str, device: str, dtype: str, base: str | 
     name = _pick(backend, model, torch_options=(device, dtype) != ("auto", "auto"))
     if name == "mlx":
         _need_mlx()
-        return _open_mlx(mlx_conversion(model, base))
+        return _open_mlx(mlx_conversion(model, base, dtype))
     if name == "llamacpp":
         try:
             return _open_llamacpp(gguf_conversion(model, base), base)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +175,31 @@ def test_cache_list_and_clean(tmp_path):
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and "removed" in r.stdout
     assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == ["base.gguf"]  # the download stays
+
+
+def test_export_import_and_search_from_the_command_line(tmp_path):
+    """A round trip through JSON Lines keeps every message; an OpenAI message list imports as a
+    conversation; a malformed file names its line and imports nothing."""
+    def run(*args, data: Path):
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True,
+                              env={**os.environ, "Z2Z_DATA_DIR": str(data)}, stdin=subprocess.DEVNULL, cwd=ROOT)
+
+    src = tmp_path / "openai.json"
+    src.write_text(json.dumps([{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "Where is Paris?"},
+                               {"role": "assistant", "content": "In France.\nOn the Seine."}]))
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run("--import", str(src), data=a).returncode == 0
+    r = run("--search", "seine", data=a)
+    assert r.returncode == 0 and "assistant\tOn the Seine." in r.stdout
+    out = tmp_path / "all.jsonl"
+    assert run("--export", str(out), data=a).returncode == 0
+    assert run("--import", str(out), data=b).returncode == 0
+    again = tmp_path / "again.jsonl"
+    run("--export", str(again), data=b)
+    assert again.read_text() == out.read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(out.read_text() + '{"messages": [{"role": "robot", "content": 1}]}\n')
+    r = run("--import", str(bad), data=tmp_path / "c")
+    assert r.returncode == 1 and "bad.jsonl:2" in r.stderr
+    assert "Paris" not in run("--search", "Paris", data=tmp_path / "c").stdout  # nothing was imported

@@ -186,3 +186,12 @@ def test_default_model_on_mlx_matches_torch(tmp_path):
                 if isinstance(e, Token) and e.code is not None]
 
     assert reply(rt.model.new_state()) == reply(mlx_model.new_state())
+
+
+def test_a_dtype_the_directory_was_not_converted_in_is_an_error(converted):
+    from backends.runtime import RuntimeOpenError, open_runtime
+
+    d = str(converted[CASES[0]])  # converted in float32
+    with pytest.raises(RuntimeOpenError, match="converted in float32; for --dtype float16 convert it again"):
+        open_runtime(d, "mlx", dtype="float16")
+    open_runtime(d, "mlx", dtype="float32").close()

@@ -56,7 +56,7 @@ def _llama_cpp_python(gguf: str, tokenizer: Any, doc: str, reply_tokens: int, th
         ids = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
         t0 = time.perf_counter()
         out, t_first = [], 0.0
-        for tok in llm.generate(ids, temp=0.0, reset=False):
+        for tok in llm.generate(ids, temp=0.0):  # reset: it reuses the longest shared prefix
             if not out:
                 t_first = time.perf_counter()
             if tok == llm.token_eos() or len(out) >= reply_tokens:

@@ -1,0 +1,119 @@
+"""Conversations in and out of the history, for backups and scripts.
+
+- ``export_jsonl(store, path)``: every conversation, one JSON object per line:
+  ``{"title", "model", "system", "settings", "messages": [{"role", "content", "stopped"}]}``.
+- ``import_file(store, path)``: JSON Lines written by ``export_jsonl``, or one JSON list of
+  ``{"role", "content"}`` objects (the OpenAI message format most chat apps export) as a new
+  conversation. Everything is checked before anything is written: a malformed file raises
+  ``ArchiveError`` naming the line and imports nothing.
+- ``search(store, text)``: (conversation id, title, role, the matching line) for every message
+  containing ``text`` (case-insensitive).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backends.errors import Z2ZError
+
+from .store import Message, Store
+
+ROLES = ("system", "user", "assistant")
+
+
+class ArchiveError(Z2ZError, ValueError):
+    """An import file that cannot be read; the message names the line."""
+
+
+@dataclass
+class Hit:
+    conversation: int
+    title: str
+    role: str
+    line: str
+
+
+def export_jsonl(store: Store, path: Path) -> int:
+    """Write every conversation; returns how many."""
+    convs = store.conversations()
+    with open(path, "w", encoding="utf-8") as f:
+        for c in reversed(convs):  # oldest first, so an import keeps the order
+            msgs = [{"role": m.role, "content": m.content, "stopped": m.stopped} for m in store.messages(c.id)]
+            f.write(json.dumps({"title": c.title, "model": c.model, "system": c.system, "settings": c.settings,
+                                "messages": msgs}, ensure_ascii=False) + "\n")
+    return len(convs)
+
+
+def _messages(raw: Any, where: str) -> tuple[str | None, list[Message]]:
+    if not isinstance(raw, list) or not raw:
+        raise ArchiveError(f"{where}: expected a non-empty list of messages")
+    system, out = None, []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ArchiveError(f"{where}: message {i + 1} needs a role ({', '.join(ROLES)}) and text content")
+        if m["role"] == "system":
+            system = m["content"]
+        else:
+            out.append(Message(m["role"], m["content"], stopped=bool(m.get("stopped", False))))
+    return system, out
+
+
+def _parse(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArchiveError(f"{path} cannot be read as UTF-8 text ({e})") from None
+    try:  # a whole-file JSON list: one conversation in the OpenAI message format
+        whole = json.loads(text)
+    except ValueError:
+        whole = None
+    if isinstance(whole, list):
+        system, msgs = _messages(whole, str(path))
+        return [{"title": next((m.content for m in msgs if m.role == "user"), "imported")[:40],
+                 "system": system, "settings": {}, "model": "", "messages": msgs}]
+    convs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError as e:
+            raise ArchiveError(f"{path}:{n}: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ArchiveError(f"{path}:{n}: expected a conversation object")
+        system, msgs = _messages(d.get("messages"), f"{path}:{n}")
+        title = d.get("title") if isinstance(d.get("title"), str) and d["title"].strip() else "imported"
+        settings = d.get("settings") if isinstance(d.get("settings"), dict) else {}
+        convs.append({"title": title, "system": d.get("system") if isinstance(d.get("system"), str) else system,
+                      "settings": settings, "model": d.get("model") if isinstance(d.get("model"), str) else "",
+                      "messages": msgs})
+    if not convs:
+        raise ArchiveError(f"{path} holds no conversation")
+    return convs
+
+
+def import_file(store: Store, path: Path) -> int:
+    """Import every conversation of ``path`` (all or nothing); returns how many."""
+    convs = _parse(Path(path))
+    for c in convs:
+        cid = store.create(c["title"], c["model"], c["system"], c["settings"])
+        for m in c["messages"]:
+            store.add_message(cid, m)
+    return len(convs)
+
+
+def search(store: Store, text: str, limit: int = 200) -> list[Hit]:
+    """Messages containing ``text`` (case-insensitive), newest conversations first."""
+    needle = text.casefold()
+    hits = []
+    for c in store.conversations():
+        for m in store.messages(c.id):
+            if needle in m.content.casefold():
+                line = next((ln for ln in m.content.splitlines() if needle in ln.casefold()), m.content)
+                hits.append(Hit(c.id, c.title, m.role, line.strip()))
+                if len(hits) == limit:
+                    return hits
+    return hits
