@@ -160,3 +160,14 @@ def test_long_prefill_reports_progress_and_a_cancel_during_it_changes_nothing(to
     fresh = new_session(tok, context_length=4096)
     reply(fresh, TURNS[0])
     assert reply(s, TURNS[1])[0] == reply(fresh, TURNS[1])[0]  # as if it had never been sent
+
+
+def test_the_context_meter_counts_what_the_session_holds(tok):
+    s = new_session(tok, context_length=512)
+    for t in TURNS:
+        reply(s, t)
+        u = s.context_usage(GenerationSettings(max_tokens=40))
+        assert (u.positions, u.tokens, u.window) == (len(s.codes), s.stream.n_base, 512)
+        assert u.saved == pytest.approx(1 - len(s.codes) / s.stream.n_base)
+        assert f"{u.positions:,} / 512 positions" in u.describe()
+    assert s.context_usage(GenerationSettings(max_tokens=200)).nearly_full == (len(s.codes) + 2 * 128 > 512)
