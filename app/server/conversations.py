@@ -18,14 +18,16 @@ their saved state (small: lists of ints) for up to ``slots * 16`` conversations.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from backends.engine import Session
 
 Key = tuple[str | None, tuple[tuple[str, str], ...]]
+log = logging.getLogger("z2z-chat.serve")
 
 
 def key_of(system: str | None, messages: list[dict[str, str]]) -> Key:
@@ -38,7 +40,6 @@ class Counters:
     restores: int = 0  # rebuilt exactly from an evicted conversation's saved state
     misses: int = 0  # unknown conversation: built from its messages
     evictions: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Conversations:
@@ -64,8 +65,8 @@ class Conversations:
                 session.restore(saved)
                 self.counters.restores += 1
                 return session, "restored"
-            except ValueError:
-                pass  # cannot happen with our own snapshots; rebuilt from the messages below
+            except ValueError as e:  # our own snapshots restore; rebuilt from the messages if not
+                log.warning("a saved conversation could not be restored (%s); rebuilding it from its messages", e)
         session.restore_or_rebuild(None, history)
         self.counters.misses += 1
         return session, "new"
