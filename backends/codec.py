@@ -340,38 +340,53 @@ def decode(codes: Sequence[int], config: CodecConfig) -> tuple[list[int], Codebo
     V, M, limit, disabled = st.V, st.M, st.limit, st.disabled
     entries, child, orphans = st.entries, st.child, st.orphans
     out: list[int] = []
-    append, extend = out.append, out.extend
+    append, extend, new_entry = out.append, out.extend, entries.append
     # The buffer (the previous code's ids) is tracked by its code ``node`` and length ``blen``:
     # its tuple is only built when an entry is made of it. ``node`` is -1 only when the buffer is
     # empty or, after the slow path, not a code (``sbuf`` holds it then).
-    node, blen, sbuf, nid, indexed = -1, 0, (), V, 0
+    node, blen, sbuf, nid, indexed, pos = -1, 0, (), V, 0, -1
     # Fast path: the canonical cases of ``_DecoderState.step`` inlined (an existing code; a new
-    # entry made of the previous code plus this code's first token). ``st.index`` is only needed
-    # by the other cases, so it is brought up to date lazily, just before ``step`` runs.
-    for pos, c in enumerate(codes):
-        if 0 <= c < V and c not in disabled:
-            d, first, n = None, c, 1
-        elif V <= c < nid:
-            d = entries[c - V]
-            first, n = d[0], len(d)
-        else:
-            n = 0
-        if n:
-            if nid >= limit:  # full: the reference keeps no buffer
-                append(c) if d is None else extend(d)
-                node, blen = -1, 0
-                continue
-            if 0 < blen < M:
-                key = node * V + first
-                if node < 0 or key in child or orphans:
-                    n = 0
-                else:
-                    entries.append(((node,) if node < V else entries[node - V]) + (first,))
+    # entry made of the previous code plus this code's first token), written out once for base
+    # ids and once for hypertokens: one branch per code is what makes it as fast as the Rust
+    # codec. ``st.index`` is only needed by the other cases, so it is brought up to date lazily,
+    # just before ``step`` runs.
+    for c in codes:
+        pos += 1
+        if 0 <= c < V:
+            if c not in disabled:
+                if nid >= limit:  # full: the reference keeps no buffer
+                    append(c)
+                    node, blen = -1, 0
+                    continue
+                if not 0 < blen < M:
+                    append(c)
+                    node, blen = c, 1
+                    continue
+                key = node * V + c
+                if node >= 0 and key not in child and not orphans:
+                    new_entry(((node,) if node < V else entries[node - V]) + (c,))
                     child[key] = nid
                     nid += 1
-            if n:
-                append(c) if d is None else extend(d)
-                node, blen = c, n
+                    append(c)
+                    node, blen = c, 1
+                    continue
+        elif V <= c < nid:
+            d = entries[c - V]
+            if nid >= limit:
+                extend(d)
+                node, blen = -1, 0
+                continue
+            if not 0 < blen < M:
+                extend(d)
+                node, blen = c, len(d)
+                continue
+            key = node * V + d[0]
+            if node >= 0 and key not in child and not orphans:
+                new_entry(((node,) if node < V else entries[node - V]) + d[:1])
+                child[key] = nid
+                nid += 1
+                extend(d)
+                node, blen = c, len(d)
                 continue
         for i in range(indexed, len(entries)):
             st.index[entries[i]] = V + i
