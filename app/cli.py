@@ -136,14 +136,23 @@ def read_message(args: argparse.Namespace) -> str:
 
 
 def one_shot(args: argparse.Namespace, settings, message: str) -> int:
-    from backends.engine import Done, Notice, Token
+    from backends.engine import Done, Notice, Progress, Token
     from backends.runtime import open_runtime
 
     rt = open_runtime(args.model, args.backend, args.device, args.dtype, base=args.base)
     session = rt.session(system=args.system)
-    at_line_start = True
+    at_line_start, shown = True, False
     try:
         for ev in session.send(message, settings):
+            if isinstance(ev, Progress) and ev.elapsed_s >= 1.0 and sys.stderr.isatty():
+                sys.stderr.write(f"\r[z2z-chat] reading {ev.done:,} / {ev.total:,} positions, "
+                                 f"about {ev.eta_s:.0f} s left ")
+                sys.stderr.flush()
+                shown = True
+                continue
+            if shown:  # the first token: the progress line makes way for the reply
+                sys.stderr.write("\r\033[K")
+                shown = False
             if isinstance(ev, Token) and ev.text:
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
@@ -239,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         message = read_message(args) if args.prompt is not None else ""
-    except (SettingsError, AttachmentError) as e:
+    except SettingsError as e:
         parser.error(str(e))
+    except AttachmentError as e:  # one line that names the file, no usage block
+        print(f"z2z-chat: error: {e}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.cache:

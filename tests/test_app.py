@@ -522,8 +522,10 @@ def test_keys_typed_at_once_with_enter_send_the_whole_message(tiny_ckpt, tmp_pat
     run(go())
 
 
-def test_sigterm_saves_the_reply_being_written(tiny_ckpt, tmp_path):
-    """kill (SIGTERM) during a reply: the partial reply is stored as stopped, exit 143."""
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_saves_the_reply_being_written(tiny_ckpt, tmp_path, sig, code):
+    """kill (SIGTERM) or a closed terminal (SIGHUP) during a reply: the partial reply is stored as
+    stopped, and the app exits 143 / 129."""
     status = tmp_path / "status"
     cmd = f"{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 100000 --device cpu; echo $? > {status}"
     tmux, screen = in_tmux(tmp_path, cmd)
@@ -539,11 +541,11 @@ def test_sigterm_saves_the_reply_being_written(tiny_ckpt, tmp_path):
         pid = subprocess.run(["pgrep", "-f", f"^{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 100000"],
                              capture_output=True, text=True).stdout.split()  # python, not the shell around it
         assert pid, "the app is not running"
-        os.kill(int(pid[0]), signal.SIGTERM)
+        os.kill(int(pid[0]), sig)
         deadline = time.time() + 20
         while not status.exists() and time.time() < deadline:
             time.sleep(0.2)
-        assert status.read_text().strip() == "143"  # our exit path, not a traceback (1)
+        assert status.read_text().strip() == str(code)  # our exit path, not a traceback (1)
         store = open_store(tmp_path / "history.db")
         msgs = store.messages(store.conversations()[0].id)
         assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].stopped and msgs[1].content

@@ -145,6 +145,7 @@ def test_a_file_that_cannot_be_attached_is_a_usage_error(tmp_path, make, message
     path = make(tmp_path)
     r = z2z("--model", "unused", "--prompt", "hi", "--file", str(path))
     assert r.returncode == 2 and message in r.stderr and str(path.name) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # one line, no usage block
 
 
 def test_input_too_long_for_the_context_is_a_usage_error(ref_checkpoints, tmp_path):

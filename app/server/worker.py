@@ -16,7 +16,6 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from backends.engine import ContextFullError, Done, GenerationSettings, Token
 from backends.errors import Z2ZError
