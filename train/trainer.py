@@ -189,14 +189,25 @@ class MetricsLog:
 def train(cfg: TrainConfig, log=print) -> Path:
     """Run (or resume) training; returns the final checkpoint directory."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from tqdm.auto import tqdm
+    from accelerate.utils import DistributedDataParallelKwargs
 
     # a batch without hypertokens leaves the encoders unused: DDP must allow that
     # torchrun on a machine without an accelerator: accelerate only goes multi-process (gloo) with cpu=True
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp,
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    try:
+        return _train(acc, cfg, log)
+    finally:
+        # a process that leaves with gloo's threads alive aborts ("terminate called without an active
+        # exception", exit -6), which fails the whole launch after a good run
+        acc.end_training()
+
+
+def _train(acc, cfg: TrainConfig, log) -> Path:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
     out = Path(cfg.output)
     say = log if acc.is_main_process else (lambda *a, **k: None)
     set_seed(cfg.seed)
