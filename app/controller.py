@@ -3,8 +3,9 @@ settings, export. The UI (``tui.py``) renders what this returns; tests drive it 
 
 Contract:
 - What the user typed is written to the store before anything can fail (``begin_turn``).
-- Store writes that meet a lock (another process) stay queued (``PendingWrites``) and are retried
-  with the next write or ``flush()``; ``StoreBusy`` reaches the caller only to tell the user.
+- Store writes that fail with ``NotSaved`` (a lock held by another process, a read-only database,
+  a full disk) stay queued (``PendingWrites``) and are retried with the next write or ``flush()``;
+  ``NotSaved`` reaches the caller only to tell the user.
 - Opening a conversation opens what can be opened: messages with bad bytes are shown repaired,
   an unusable saved engine state is rebuilt from the messages; ``notes`` says what happened.
 - Settings come from the command line's ``settings_from`` and are validated the same way
@@ -24,7 +25,7 @@ from backends.engine import GenerationSettings, TurnStats
 from backends.errors import SettingsError
 
 from .cli import settings_from
-from .store import Message, PendingWrites, Store, StoreBusy
+from .store import Message, NotSaved, PendingWrites, Store
 
 SETTING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "lookahead")
 
@@ -99,13 +100,13 @@ class ChatController:
         return self.pending.run(fn)
 
     def write_all(self, *fns) -> None:
-        """Several writes in order; all are queued even when the first meets a lock (StoreBusy is
+        """Several writes in order; all are queued even when the first is not saved (NotSaved is
         raised after, once, to tell the user)."""
         busy = None
         for fn in fns:
             try:
                 self.write(fn)
-            except StoreBusy as e:
+            except NotSaved as e:
                 busy = e
         if busy is not None:
             raise busy
@@ -161,8 +162,8 @@ class ChatController:
             self.session.system = self.args.system
 
     def begin_turn(self, text: str) -> None:
-        """Record the user's message (creating the conversation on the first one). ``StoreBusy``
-        means both are queued: they are written, in order, when the lock goes."""
+        """Record the user's message (creating the conversation on the first one). ``NotSaved``
+        means both are queued: they are written, in order, once the store takes writes again."""
         self.before_last = self.session.to_dict()
         ref, writes = self.ref, []
         if ref.id is None and not ref.creating:
@@ -253,4 +254,4 @@ class ChatController:
         return path
 
 
-__all__ = ["ChatController", "Opened", "StoreBusy", "export_dir"]
+__all__ = ["ChatController", "NotSaved", "Opened", "export_dir"]

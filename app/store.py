@@ -10,13 +10,20 @@ whether it was stopped, its statistics).
   always the same file, so history written meanwhile stays visible at every launch;
 - a corrupt z2z-chat database (its integrity check fails) is moved aside once to
   ``<name>.corrupt-<time>`` and a fresh one is created at the usual path;
-- a database locked by another process at launch also uses the fallback file.
+- a database locked by another process at launch also uses the fallback file; at the next launch
+  that finds the database free, what the fallback file holds is moved into it;
+- a database the user may not write (read-only file, directory or filesystem) is opened read-only:
+  the history is shown, nothing new is saved, and the warning says so and how to fix it; where
+  there is no readable history at all (the data directory cannot be created) an in-memory store
+  keeps the session going, with the same kind of warning.
 ``Store.warning`` says what happened, naming both paths.
 
 During a session every write retries for up to ``BUSY_WAIT_S`` while another process holds the
-lock, then raises ``StoreBusy``; nothing is lost because the caller keeps the write queued
-(``PendingWrites``) and retries it. Text that is not valid UTF-8 or JSON that does not parse is
-read as what can be read (U+FFFD, or an empty value) and counted in ``Store.repaired``.
+lock, then raises ``StoreBusy``; a read-only database raises ``StoreReadOnly`` and a full disk
+``StoreFull``. All three are ``NotSaved``: nothing is lost in the running app because the caller
+keeps the write queued (``PendingWrites``) and retries it with the next one. Text that is not
+valid UTF-8 or JSON that does not parse is read as what can be read (U+FFFD, or an empty value)
+and counted in ``Store.repaired``.
 """
 
 from __future__ import annotations
@@ -38,8 +45,33 @@ TABLES = {"conversations": {"id", "title", "model", "system", "settings", "state
           "messages": {"id", "conversation", "role", "content", "units", "stopped", "stats", "created"}}
 
 
-class StoreBusy(Z2ZError):
+class NotSaved(Z2ZError):
+    """A write did not reach the disk; the message says why and what happens to it."""
+
+
+class StoreBusy(NotSaved):
     """Another process holds the history database's lock for longer than ``BUSY_WAIT_S``."""
+
+
+class StoreReadOnly(NotSaved):
+    """The history database cannot be written (read-only file, directory or filesystem)."""
+
+
+class StoreFull(NotSaved):
+    """The disk holding the history database is full."""
+
+
+def _not_saved(e: sqlite3.OperationalError, path: Path) -> NotSaved | None:
+    """The NotSaved that a failed write means, or None when it is none of them (a bug: re-raise)."""
+    msg = str(e).lower()
+    if "readonly" in msg or "read-only" in msg:
+        return StoreReadOnly(f"the history database {path} is read-only: what you write is kept while the "
+                             "app runs but NOT saved. Make the file and its directory writable, or set "
+                             "Z2Z_DATA_DIR to a writable directory")
+    if "full" in msg:
+        return StoreFull(f"the disk holding {path} is full: what you write is kept while the app runs and "
+                         "saved with the next message once space is freed; it is NOT saved yet")
+    return None
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -97,8 +129,8 @@ class Conversation:
 
 
 class Store:
-    def __init__(self, conn: sqlite3.Connection, path: Path, warning: str | None = None):
-        self.db, self.path, self.warning = conn, path, warning
+    def __init__(self, conn: sqlite3.Connection, path: Path, warning: str | None = None, read_only: bool = False):
+        self.db, self.path, self.warning, self.read_only = conn, path, warning, read_only
         self.repaired = 0  # stored values that could only be read in part
         conn.text_factory = self._text
 
@@ -120,6 +152,8 @@ class Store:
 
     def _write(self, fn: Callable[[], T]) -> T:
         """Run one write transaction, retrying while another process holds the lock."""
+        if self.read_only:
+            raise _not_saved(sqlite3.OperationalError("readonly"), self.path)
         deadline = time.monotonic() + BUSY_WAIT_S
         while True:
             try:
@@ -127,7 +161,7 @@ class Store:
                     return fn()
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e):
-                    raise
+                    raise (_not_saved(e, self.path) or e) from e
                 if time.monotonic() > deadline:
                     raise StoreBusy(f"the history database {self.path} is locked by another program; "
                                     "what you wrote is kept and will be saved when it is released") from None
@@ -202,17 +236,25 @@ class Store:
 
 
 class PendingWrites:
-    """Writes that could not be made yet (the database was locked), retried in order."""
+    """Writes that could not be made yet (``NotSaved``: locked, read-only, full), retried in order."""
 
     def __init__(self) -> None:
         self.queue: list[Callable[[], Any]] = []
 
     def run(self, write: Callable[[], T]) -> T | None:
-        """Flush what is queued, then ``write``; on ``StoreBusy`` queue it and re-raise."""
+        """Flush what is queued, then ``write``; on ``NotSaved`` the write stays queued and the error
+        is re-raised. Any other error is a bug: that write is dropped (so it cannot block the ones
+        after it) and the error re-raised for the caller to report."""
         self.queue.append(write)
         result = None
         while self.queue:
-            result = self.queue[0]()  # raises StoreBusy: the write stays queued
+            try:
+                result = self.queue[0]()
+            except NotSaved:
+                raise
+            except Exception:
+                self.queue.pop(0)
+                raise
             self.queue.pop(0)
         return result
 
@@ -221,14 +263,14 @@ class NotOurs(Exception):
     """The file is a readable database, but not a z2z-chat one."""
 
 
-def _check_ours(path: Path) -> None:
+def _check_ours(path: Path, how: str = "mode=ro") -> None:
     """Read-only look at an existing file: NotOurs if it is not a z2z-chat database (or empty)."""
     if not path.exists() or path.stat().st_size == 0:
         return
     with open(path, "rb") as f:
         if f.read(16) != b"SQLite format 3\x00":
             raise NotOurs("it is not an SQLite database")
-    ro = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=1.0)
+    ro = sqlite3.connect(f"{path.as_uri()}?{how}", uri=True, timeout=1.0)
     try:
         tables = {r[0] for r in ro.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         tables.discard("sqlite_sequence")
@@ -262,17 +304,88 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _writable(path: Path) -> bool:
+    """Whether SQLite can write here: the file (if any) and its directory (WAL's side files)."""
+    return os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+
+
+def _read_only(path: Path, why: str) -> Store:
+    """The history opened for reading only (it is shown; nothing new is saved)."""
+    for how in ("mode=ro", "immutable=1"):  # immutable: a WAL database whose side files cannot be made
+        try:
+            _check_ours(path, how)
+            conn = sqlite3.connect(f"{path.as_uri()}?{how}", uri=True, timeout=1.0, check_same_thread=False)
+            conn.execute("SELECT count(*) FROM messages").fetchone()
+            break
+        except NotOurs as e:
+            return _in_memory(f"History database {path} {why} and is not a z2z-chat database ({e})")
+        except sqlite3.Error as e:
+            error = e
+    else:
+        return _in_memory(f"History database {path} {why} and cannot be read either ({error})")
+    return Store(conn, path, f"History database {path} {why}: your conversations are shown, but nothing "
+                             "new is saved. Make it writable, or set Z2Z_DATA_DIR to a writable directory.",
+                 read_only=True)
+
+
+def _in_memory(why: str) -> Store:
+    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    conn.executescript(SCHEMA)
+    return Store(conn, Path(":memory:"), f"{why}. This session's messages are kept in memory only and are "
+                                         "NOT saved; set Z2Z_DATA_DIR to a writable directory.")
+
+
+def _merge_fallback(store: Store, fallback: Path) -> str | None:
+    """Move what a fallback file holds (written while the database was locked at launch) into the
+    database, in one transaction: conversations keep their order, messages their order and fields."""
+    if not fallback.exists() or not _writable(fallback):
+        return None
+    try:
+        _check_ours(fallback)
+    except (NotOurs, sqlite3.Error):
+        return None
+    db = store.db
+    db.execute("ATTACH DATABASE ? AS fb", (str(fallback),))
+    try:
+        convs = db.execute("SELECT id, title, model, system, settings, state, created, updated "
+                           "FROM fb.conversations ORDER BY id").fetchall()
+        if not convs:
+            return None
+        with db:
+            for old, *fields in convs:
+                new = db.execute("INSERT INTO conversations (title, model, system, settings, state, created, "
+                                 "updated) VALUES (?, ?, ?, ?, ?, ?, ?)", fields).lastrowid
+                db.execute("INSERT INTO messages (conversation, role, content, units, stopped, stats, created) "
+                           "SELECT ?, role, content, units, stopped, stats, created FROM fb.messages "
+                           "WHERE conversation = ? ORDER BY id", (new, old))
+            db.execute("DELETE FROM fb.messages")
+            db.execute("DELETE FROM fb.conversations")
+    finally:
+        db.execute("DETACH DATABASE fb")
+    return (f"{len(convs)} conversation(s) written to {fallback} while {store.path} was locked were moved "
+            f"into {store.path}.")
+
+
 def open_store(path: Path | None = None) -> Store:
     path = path or default_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fallback = path.with_name(f"{path.stem}-fallback{path.suffix}")
     try:
-        return Store(_connect(path), path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return _in_memory(f"The history directory {path.parent} cannot be created ({e.strerror})")
+    fallback = path.with_name(f"{path.stem}-fallback{path.suffix}")
+    if not _writable(path):
+        return _read_only(path, "is read-only (file, directory or filesystem)")
+    try:
+        store = Store(_connect(path), path)
+        store.warning = _merge_fallback(store, fallback)
+        return store
     except NotOurs as e:
         why = f"is not a z2z-chat history database ({e}); it was left untouched"
     except sqlite3.Error as e:
         if "locked" in str(e) or "busy" in str(e):
             why = "is locked by another program (another z2z-chat?); it was left untouched"
+        elif "readonly" in str(e) or "read-only" in str(e):  # e.g. a read-only mount that access() misses
+            return _read_only(path, "is on a read-only filesystem")
         else:
             aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(path, aside)

@@ -35,7 +35,7 @@ from backends.errors import Z2ZError
 
 from .controller import ChatController
 from .screens import ConfirmDialog, PromptDialog, StatsScreen
-from .store import StoreBusy, default_path, open_store
+from .store import NotSaved, default_path, open_store
 from .widgets import ChatInput, ConversationItem, ReplyView, UserView
 
 
@@ -133,7 +133,9 @@ class Z2ZChat(App):
             where = f"details in {path}"
         except OSError as e:
             where = f"and the log {path} could not be written ({e})"
-        self.notify(f"Something went wrong: {type(error).__name__}: {error} ({where}). Your messages are saved.",
+        unsaved = self.ctl is not None and (self.ctl.pending.queue or self.ctl.store.read_only)
+        saved = "Some of your messages are NOT saved (see the warning before)." if unsaved else "Your messages are saved."
+        self.notify(f"Something went wrong: {type(error).__name__}: {error} ({where}). {saved}",
                     severity="error", timeout=30)
 
     def on_mount(self) -> None:
@@ -314,7 +316,7 @@ class Z2ZChat(App):
         message, files = compose(event.text, self.attachments), self.attachments
         try:
             self.ctl.begin_turn(message)
-        except StoreBusy as e:
+        except NotSaved as e:
             self.notify(str(e), severity="warning", timeout=15)
         self.query_one(ChatInput).accepted(event.text)
         self.attachments = []
@@ -375,7 +377,7 @@ class Z2ZChat(App):
         self.reply_saved = True
         try:
             self.ctl.withdraw_turn()
-        except StoreBusy as e:
+        except NotSaved as e:
             self.notify(str(e), severity="warning", timeout=15)
         if self.ctl.conv_id is None:
             self.refresh_history()
@@ -405,7 +407,7 @@ class Z2ZChat(App):
         try:
             self.ctl.end_turn(reply.text, reply.units, note == "stopped", stats,
                               save_state=save_state and note != "error")
-        except StoreBusy as e:
+        except NotSaved as e:
             self.notify(str(e), severity="warning", timeout=15)
         self.update_status()
 
@@ -527,7 +529,7 @@ class Z2ZChat(App):
         if self.ctl is not None:
             try:
                 self.ctl.flush()
-            except StoreBusy as e:
+            except NotSaved as e:
                 print(f"z2z-chat: {e}; the last messages could not be saved")
             self.ctl.store.close()
 

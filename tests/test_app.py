@@ -158,26 +158,6 @@ def test_failing_model_shows_error_and_keeps_history(tiny_ckpt, tmp_path):
     run(go())
 
 
-def test_corrupt_or_locked_database_starts_fresh_and_leaves_the_file(tmp_path):
-    bad = tmp_path / "history.db"
-    bad.write_bytes(b"this is not a database" * 100)
-    store = open_store(bad)
-    assert store.warning and "left untouched" in store.warning and store.path != bad
-    assert bad.read_bytes().startswith(b"this is not a database")
-    store.close()
-    good = tmp_path / "locked.db"
-    open_store(good).close()
-    holder = sqlite3.connect(good)
-    holder.execute("BEGIN EXCLUSIVE")
-    try:
-        s2 = open_store(good)
-        assert s2.warning and "locked" in s2.warning
-        s2.close()
-    finally:
-        holder.rollback()
-        holder.close()
-
-
 def test_snapshot_main_screen(tiny_ckpt, tmp_path, snap_compare):
     app = make_app(tiny_ckpt, tmp_path / "h.db")
 
@@ -389,36 +369,6 @@ def test_locked_database_during_a_session_keeps_the_message(tiny_ckpt, tmp_path,
     from app.widgets import UserView
 
     run(go())
-
-
-def test_corrupt_history_uses_one_fallback_and_foreign_sqlite_is_untouched(tmp_path):
-    db = tmp_path / "history.db"
-    db.write_bytes(b"garbage" * 100)
-    first = open_store(db)
-    first.create("after the damage", "m", None, {})
-    first.close()
-    second = open_store(db)
-    assert second.path == first.path and [c.title for c in second.conversations()] == ["after the damage"]
-    second.close()
-    foreign = tmp_path / "other.db"
-    conn = sqlite3.connect(foreign)
-    conn.execute("CREATE TABLE notes (x TEXT)")
-    conn.commit()
-    conn.close()
-    before = foreign.read_bytes()
-    s = open_store(foreign)
-    assert s.path != foreign and "not a z2z-chat" in s.warning
-    s.close()
-    assert foreign.read_bytes() == before and not Path(str(foreign) + "-wal").exists()
-    # ours but damaged inside: moved aside once, a fresh one at the usual path
-    ours = tmp_path / "ours.db"
-    open_store(ours).close()
-    data = bytearray(ours.read_bytes())
-    data[100:4096] = b"\x00" * (4096 - 100)
-    ours.write_bytes(bytes(data))
-    s = open_store(ours)
-    assert s.path == ours and "moved" in s.warning and list(tmp_path.glob("ours.db.corrupt-*"))
-    s.close()
 
 
 def test_export_is_utf8_marks_stopped_replies(tiny_ckpt, tmp_path, monkeypatch):
