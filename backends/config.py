@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .codec import CodecConfig
-from .errors import Z2ZError
+from .errors import CheckpointError
 
 CONFIG_NAME = "zip2zip_config.json"
 MLX_MARKER = "z2z_mlx.json"  # written into every MLX conversion (backends/mlx_convert.py)
@@ -55,8 +55,8 @@ def positions(spans: Sequence[int], mode: str, start: int = 0) -> list[int]:
     return out
 
 
-class ConfigError(Z2ZError, ValueError):
-    """A zip2zip config is missing a field or has a bad value; the message names both."""
+class ConfigError(CheckpointError, ValueError):
+    """A zip2zip config (or adapter config) is missing a field or has a bad value; the message names both."""
 
 
 @dataclass

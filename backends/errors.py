@@ -21,3 +21,30 @@ class SettingsError(Z2ZError, ValueError):
 class BackendError(Z2ZError, RuntimeError):
     """A backend was asked for something that cannot exist (a code without an entry, a slot id out
     of range) or failed at run time."""
+
+
+class CheckpointError(Z2ZError, RuntimeError):
+    """A checkpoint or its base model cannot be opened; the message names the file."""
+
+
+class ConvertError(Z2ZError, RuntimeError):
+    """A checkpoint cannot be converted (to GGUF or MLX); the message says why."""
+
+
+# which extra of z2z-chat installs a module an entry point may find missing
+EXTRA_OF = {"torch": "torch", "transformers": "torch", "peft": "torch", "safetensors": "torch",
+            "huggingface_hub": "torch", "mlx": "mlx", "mlx_lm": "mlx", "accelerate": "train",
+            "datasets": "train", "yaml": "train", "gguf": "llamacpp", "llama_cpp": "llamacpp",
+            "textual": "app", "starlette": "serve", "uvicorn": "serve"}
+
+
+def needs_extra(e: ModuleNotFoundError, what: str, extras: str) -> Z2ZError:
+    """The one-line error for a missing optional package (or ``e`` itself, re-raised by the caller,
+    when the module is not one of ours to install: that is a bug, not a setup step)."""
+    top = (e.name or "").partition(".")[0]
+    if top not in EXTRA_OF:
+        raise e
+    torch_note = (" (on a machine without a GPU, pip install torch==2.13.0 first for a CPU build)"
+                  if "torch" in extras or "train" in extras else "")
+    return Z2ZError(f"{what} needs {top}, which is not installed: pip install \"z2z-chat[{extras}]\" "
+                    f"(from a checkout: pip install -e \".[{extras}]\"){torch_note}")

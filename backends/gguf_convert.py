@@ -25,32 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CONFIG_NAME, ConfigError, Zip2ZipConfig, lora_scale_of
-from .errors import Z2ZError
-from .sources import SourceError, is_gguf, load_tokenizer
+from .checkpoint import Checkpoint, snapshot
+from .config import CONFIG_NAME, lora_scale_of
+from .errors import ConvertError
+from .sources import is_gguf, load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM")
-
-
-class ConvertError(Z2ZError, RuntimeError):
-    """The checkpoint cannot be converted; the message says why."""
-
-
-def _resolve(spec: str) -> Path:
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise ConvertError(f"{spec} is a file, not a checkpoint directory")
-    try:
-        from .torch_backend.checkpoint import resolve
-    except ImportError:
-        raise ConvertError(f"{spec} is not a local directory (hub ids need huggingface-hub)") from None
-    try:
-        return resolve(spec)
-    except Z2ZError as e:
-        raise ConvertError(str(e)) from None
 
 
 def _hf_state(base: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -101,7 +82,6 @@ def _merge_hf(state: dict[str, np.ndarray], peft: dict[str, np.ndarray], alpha: 
 def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None = None, force: bool = False,
             progress: Callable[[str], None] = lambda m: None, lora: str = "merge") -> list[Path]:
     from .llamacpp_backend.tensors import (
-        TensorFileError,
         check_gguf,
         merge_lora_gguf,
         read_safetensors,
@@ -112,80 +92,58 @@ def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None =
     if lora not in LORA_MODES:
         raise ConvertError(f"lora must be one of {LORA_MODES}, got {lora!r}")
 
-    ckpt = _resolve(src)
+    ck = Checkpoint.open(src, base, progress)
+    ckpt, config, spec = ck.dir, ck.config, ck.base
     dst = Path(dst)
-    try:
-        config = Zip2ZipConfig.load(ckpt)
-    except ConfigError as e:
-        raise ConvertError(str(e)) from None
     if config.position_mode != "compressed":
         raise ConvertError(f"{ckpt} uses position_mode {config.position_mode!r}, which stock llama.cpp cannot "
                            "run (it needs contiguous positions); use --backend torch or mlx")
     if dst.exists() and any(dst.iterdir()) and not force:
         raise ConvertError(f"{dst} exists and is not empty; pass --force to replace it")
     dst.mkdir(parents=True, exist_ok=True)
-    spec = base or config.base_model_name_or_path
-    if spec != "." and not Path(spec).is_absolute() and (ckpt / spec).exists():
-        spec = str(ckpt / spec)
-    tok_src = ckpt if (ckpt / "tokenizer_config.json").is_file() else spec
-    try:
-        tok = load_tokenizer(tok_src)
-    except SourceError as e:
-        raise ConvertError(str(e)) from None
+    tok = load_tokenizer(ck.tokenizer_source)
     out = dst / "model.gguf"
     peft = alpha = None
-    if (ckpt / "adapter_config.json").is_file():
-        try:
-            _, alpha = lora_scale_of(ckpt)
-        except ConfigError as e:
-            raise ConvertError(str(e)) from e
-        try:
-            peft = read_safetensors(ckpt / "adapter_model.safetensors")
-        except TensorFileError as e:
-            raise ConvertError(str(e)) from None
-    try:
-        if is_gguf(spec):
-            meta = check_gguf(spec)
-            arch = meta.get("general.architecture")
-            n_head, n_kv = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.attention.head_count_kv")
-            if peft is not None and lora == "merge":
-                qtype = quantize if quantize in ("q8_0", "f16") else "q8_0"
-                progress(f"base: {spec} with the LoRA adapter merged -> {out} ({qtype})")
-                merge_lora_gguf(spec, out, peft, alpha, qtype, progress)
-                peft = None
-            else:
-                if quantize != "f32":
-                    progress(f"{spec} is already a GGUF: reused as it is (--quantize applies to HF weights)")
-                progress(f"base: {spec} -> {out}")
-                _place(Path(spec), out)
+    if ck.has_adapter:
+        _, alpha = lora_scale_of(ckpt)
+        peft = read_safetensors(ckpt / "adapter_model.safetensors")
+    if is_gguf(spec):
+        meta = check_gguf(spec)
+        arch = meta.get("general.architecture")
+        n_head, n_kv = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.attention.head_count_kv")
+        if peft is not None and lora == "merge":
+            qtype = quantize if quantize in ("q8_0", "f16") else "q8_0"
+            progress(f"base: {spec} with the LoRA adapter merged -> {out} ({qtype})")
+            merge_lora_gguf(spec, out, peft, alpha, qtype, progress)
+            peft = None
         else:
-            base_dir = _resolve(str(ckpt) if spec == "." else spec)
-            progress(f"reading {base_dir}")
-            state, hf_config = _hf_state(base_dir)
-            n_head = hf_config["num_attention_heads"]
-            n_kv = hf_config.get("num_key_value_heads") or n_head
-            if peft is not None and lora == "merge":
-                progress("merging the LoRA adapter (float32)")
-                _merge_hf(state, peft, alpha)
-                peft = None
-            progress(f"writing {out} ({quantize})")
-            write_llama_gguf(out, state, hf_config, tok, quantize)
-        written = [out]
-        if peft is not None:
-            progress(f"writing {dst / 'lora.gguf'} (LoRA adapter, alpha {alpha})")
-            written.append(write_lora_gguf(dst / "lora.gguf", peft, alpha, int(n_head), int(n_kv or n_head)))
-        enc = next((ckpt / n for n in ("zip2zip_encoders.safetensors", "encoders.safetensors") if (ckpt / n).is_file()), None)
-        if enc is None:
-            raise ConvertError(f"{ckpt} has no hyper-encoder weights")
-        from safetensors.numpy import save_file
+            if quantize != "f32":
+                progress(f"{spec} is already a GGUF: reused as it is (--quantize applies to HF weights)")
+            progress(f"base: {spec} -> {out}")
+            _place(Path(spec), out)
+    else:
+        base_dir = Path(spec) if Path(spec).is_dir() else snapshot(spec)
+        progress(f"reading {base_dir}")
+        state, hf_config = _hf_state(base_dir)
+        n_head = hf_config["num_attention_heads"]
+        n_kv = hf_config.get("num_key_value_heads") or n_head
+        if peft is not None and lora == "merge":
+            progress("merging the LoRA adapter (float32)")
+            _merge_hf(state, peft, alpha)
+            peft = None
+        progress(f"writing {out} ({quantize})")
+        write_llama_gguf(out, state, hf_config, tok, quantize)
+    written = [out]
+    if peft is not None:
+        progress(f"writing {dst / 'lora.gguf'} (LoRA adapter, alpha {alpha})")
+        written.append(write_lora_gguf(dst / "lora.gguf", peft, alpha, int(n_head), int(n_kv or n_head)))
+    from safetensors.numpy import save_file
 
-        save_file(read_safetensors(enc), dst / "zip2zip_encoders.safetensors")
-        written.append(dst / "zip2zip_encoders.safetensors")
-    except TensorFileError as e:
-        raise ConvertError(str(e)) from None
+    save_file(read_safetensors(ck.encoders), dst / "zip2zip_encoders.safetensors")
+    written.append(dst / "zip2zip_encoders.safetensors")
     for name in TOKENIZER_FILES:
-        if (Path(tok_src) / name).is_file():
-            shutil.copyfile(Path(tok_src) / name, dst / name)
+        if (Path(ck.tokenizer_source) / name).is_file():
+            shutil.copyfile(Path(ck.tokenizer_source) / name, dst / name)
             written.append(dst / name)
     if not (dst / "tokenizer_config.json").is_file():
         tok.save_pretrained(dst)

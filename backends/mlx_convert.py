@@ -16,14 +16,10 @@ import tempfile
 from pathlib import Path
 
 from .config import MLX_MARKER
-from .errors import Z2ZError
+from .errors import ConvertError
 from .sources import rope_settings
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
-
-
-class ConvertError(Z2ZError, RuntimeError):
-    pass
 
 
 def log(msg: str) -> None:
@@ -61,10 +57,7 @@ def convert(src: str, dst: Path, *, quantize: int | None = None, q_group_size: i
     from .torch_backend import checkpoint
 
     log(f"loading {src} (torch, float32)")
-    try:
-        loaded = checkpoint.load(src, base=base, dtype=torch.float32, merge_lora=True)
-    except checkpoint.CheckpointError as e:
-        raise ConvertError(str(e)) from None
+    loaded = checkpoint.load(src, base=base, dtype=torch.float32, merge_lora=True)
     lm = loaded.model.lm
     arch = lm.config.model_type
     if arch not in ARCHITECTURES:

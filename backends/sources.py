@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .assets import cache_dir
-from .errors import Z2ZError
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 
-class SourceError(Z2ZError, RuntimeError):
+class SourceError(CheckpointError):
     """A model, checkpoint or tokenizer could not be found or read."""
 
 
@@ -97,13 +100,13 @@ def check_chat_template(tokenizer: Any, where: str) -> None:
                           "chat_template.jinja or the chat_template of tokenizer_config.json") from None
 
 
-def checkpoint_tokenizer(ckpt: Path, vocab_size: int, base_spec: str) -> tuple[Any, int]:
+def checkpoint_tokenizer(ck: Checkpoint) -> tuple[Any, int]:
     """The tokenizer of a checkpoint (its own files, else its base's) and its pad id, checked against
     the config's ``initial_vocab_size``; ``SourceError`` names what does not fit."""
-    src = str(ckpt) if (Path(ckpt) / "tokenizer_config.json").is_file() else base_spec
+    src, vocab_size = ck.tokenizer_source, ck.config.compression.initial_vocab_size
     tok = load_tokenizer(src)
     if len(tok) != vocab_size:
-        raise SourceError(f"the tokenizer has {len(tok)} tokens but {Path(ckpt) / 'zip2zip_config.json'} says "
+        raise SourceError(f"the tokenizer has {len(tok)} tokens but {ck.dir / 'zip2zip_config.json'} says "
                           f"initial_vocab_size={vocab_size}: wrong base model? (tokenizer from {src})")
     pad = pad_id_of(tok)
     if pad is None:

@@ -15,9 +15,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python convert/to_gguf.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.errors import Z2ZError  # noqa: E402
-from backends.gguf_convert import convert  # noqa: E402
-from backends.llamacpp_backend.tensors import QTYPES  # noqa: E402
+from backends.errors import Z2ZError, needs_extra  # noqa: E402
+from backends.llamacpp_backend.tensors import QTYPES  # noqa: E402 (numpy only)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace files in DST")
     a = p.parse_args(argv)
     try:
-        files = convert(a.src, a.dst, a.quantize, base=a.base, force=a.force, lora=a.lora,
-                        progress=lambda m: print(f"to_gguf: {m}", file=sys.stderr))
+        try:
+            from backends.gguf_convert import convert
+
+            files = convert(a.src, a.dst, a.quantize, base=a.base, force=a.force, lora=a.lora,
+                            progress=lambda m: print(f"to_gguf: {m}", file=sys.stderr))
+        except ModuleNotFoundError as e:
+            raise needs_extra(e, "convert/to_gguf.py", "llamacpp") from None
     except Z2ZError as e:
         print(f"to_gguf: error: {e}", file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python convert/to_mlx.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.mlx_convert import ConvertError, convert  # noqa: E402
+from backends.errors import Z2ZError, needs_extra  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     a = p.parse_args(argv)
     try:
-        files = convert(a.src, a.dst, quantize=a.quantize, q_group_size=a.q_group_size, dtype=a.dtype,
-                        force=a.force, base=a.base)
-    except ConvertError as e:
+        try:
+            from backends.mlx_convert import convert
+
+            files = convert(a.src, a.dst, quantize=a.quantize, q_group_size=a.q_group_size, dtype=a.dtype,
+                            force=a.force, base=a.base)
+        except ModuleNotFoundError as e:
+            raise needs_extra(e, "convert/to_mlx.py", "torch,mlx") from None
+    except Z2ZError as e:
         print(f"to_mlx: error: {e}", file=sys.stderr)
         return 1
     total = 0

@@ -42,10 +42,11 @@ def damaged_ckpt(ref_checkpoints, tmp_path):
 
 def test_every_backend_names_the_damaged_adapter_config(damaged_ckpt, tmp_path):
     pytest.importorskip("torch")
-    from backends.gguf_convert import ConvertError, convert
+    from backends.errors import CheckpointError
+    from backends.gguf_convert import convert
     from backends.torch_backend import checkpoint
 
-    with pytest.raises(checkpoint.CheckpointError, match="adapter_config.json: r must be a positive integer"):
+    with pytest.raises(CheckpointError, match="adapter_config.json: r must be a positive integer"):
         checkpoint.load(damaged_ckpt)
-    with pytest.raises(ConvertError, match="adapter_config.json: r must be a positive integer"):
+    with pytest.raises(CheckpointError, match="adapter_config.json: r must be a positive integer"):
         convert(str(damaged_ckpt), tmp_path / "out")

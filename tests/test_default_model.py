@@ -112,3 +112,19 @@ def test_a_damaged_cached_merge_is_made_again(tmp_path, monkeypatch):
     model = ckpt_mod.open_checkpoint(DEFAULT_MODEL_DIR, base=base, progress=notes.append).model
     model.close()
     assert any("damaged" in n for n in notes) and merged.stat().st_size > 0
+
+
+def test_an_error_after_loading_the_gguf_base_is_one_line_in_a_pipe(tmp_path):
+    """transformers draws a de-quantization bar per GGUF tensor; in a pipe that buried the error."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "damaged"
+    shutil.copytree(DEFAULT_MODEL_DIR, ckpt)
+    enc = ckpt / "zip2zip_encoders.safetensors"
+    enc.write_bytes(enc.read_bytes()[:1000])
+    r = subprocess.run([sys.executable, "-m", "app.cli", "--backend", "torch", "--model", str(ckpt), "--base",
+                        str(smollm2_gguf()), "--prompt", "hi"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 1 and "zip2zip_encoders.safetensors is not a readable safetensors file" in r.stderr
+    assert "de-quantizing" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr[-2000:]

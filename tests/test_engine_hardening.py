@@ -193,7 +193,7 @@ def test_restore_rejects_states_that_do_not_fit_and_changes_nothing(loaded):
 def test_uncached_hub_id_fails_fast_offline(monkeypatch):
     import time
 
-    from backends.torch_backend.checkpoint import CheckpointError, resolve
+    from backends.checkpoint import CheckpointError, resolve
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # unreachable, as offline

@@ -19,9 +19,9 @@ from conftest import teacher_forced_agreement  # noqa: E402
 
 from backends.codec import CodecSession, encode  # noqa: E402
 from backends.engine import GenerationSettings, Session, Token  # noqa: E402
-from backends.errors import Z2ZError  # noqa: E402
-from backends.gguf_convert import ConvertError, convert  # noqa: E402
-from backends.llamacpp_backend.checkpoint import CheckpointError, open_checkpoint  # noqa: E402
+from backends.errors import CheckpointError, ConvertError, Z2ZError  # noqa: E402
+from backends.gguf_convert import convert  # noqa: E402
+from backends.llamacpp_backend.checkpoint import open_checkpoint  # noqa: E402
 from backends.llamacpp_backend.encoders import build_encoder  # noqa: E402
 from backends.runtime import RuntimeOpenError, open_runtime  # noqa: E402
 from backends.torch_backend import checkpoint  # noqa: E402

@@ -19,7 +19,8 @@ from backends.codec import CodecSession  # noqa: E402
 from backends.config import positions  # noqa: E402
 from backends.engine import GenerationSettings, Session, Token  # noqa: E402
 from backends.mlx_backend.backend import MLXModel  # noqa: E402
-from backends.mlx_convert import ConvertError, convert  # noqa: E402
+from backends.errors import CheckpointError, ConvertError  # noqa: E402
+from backends.mlx_convert import convert  # noqa: E402
 from backends.torch_backend import checkpoint  # noqa: E402
 from backends.torch_backend.backend import TorchState  # noqa: E402
 
@@ -103,7 +104,7 @@ def test_4bit_conversion_agrees_with_fp32(trained_ckpt, tmp_path):
 
 
 def test_converter_errors(ref_checkpoints, tmp_path, tokenizer_dir):
-    with pytest.raises(ConvertError, match="neither a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="neither a checkpoint directory"):
         convert(str(tmp_path / "missing"), tmp_path / "out")
     (tmp_path / "exists").mkdir()
     with pytest.raises(ConvertError, match="already exists; pass --force"):

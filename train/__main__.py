@@ -13,15 +13,18 @@ def main(argv: list[str] | None = None) -> int:
                                        "Many GPUs: accelerate launch -m train CONFIG")
     p.add_argument("config", help="TOML or YAML config (see train/recipes/)")
     args, overrides = p.parse_known_args(argv)
-    from backends.errors import Z2ZError
+    from backends.errors import Z2ZError, needs_extra
 
     from .config import TrainConfigError, load_config
 
     try:
         cfg = load_config(args.config, overrides)
-        from .trainer import train
+        try:
+            from .trainer import train
 
-        final = train(cfg)
+            final = train(cfg)
+        except ModuleNotFoundError as e:
+            raise needs_extra(e, "training", "train") from None
     except Z2ZError as e:
         print(f"z2z-train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, TrainConfigError) else 1

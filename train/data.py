@@ -121,7 +121,7 @@ def _stream(src: Source) -> Iterator[Any]:
 
 
 def _stream_hub(src: Source, datasets: Any) -> Iterator[Any]:
-    from backends.torch_backend.checkpoint import hub_reachable
+    from backends.checkpoint import hub_reachable
 
     name, _, conf = src.path.removeprefix("hf:").partition(":")
     if not hub_reachable():  # fail in seconds, not after a minute of retries

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from ..assets import cache_dir
+from ..checkpoint import Checkpoint
 from ..codec import CodecConfig
-from ..config import CONFIG_NAME, ConfigError, Zip2ZipConfig, lora_scale_of
-from ..errors import Z2ZError
-from ..sources import SourceError, checkpoint_tokenizer, is_gguf
+from ..config import CONFIG_NAME, Zip2ZipConfig, lora_scale_of
+from ..errors import CheckpointError
+from ..sources import checkpoint_tokenizer, is_gguf
 from .backend import LlamaCppModel, PlainLlamaCppModel
 from .context import LlamaContext
 from .encoders import build_encoder
@@ -41,11 +42,6 @@ from .tensors import (
 )
 
 MODEL_FILE, LORA_FILE = "model.gguf", "lora.gguf"
-ENCODER_FILES = ("zip2zip_encoders.safetensors", "encoders.safetensors")
-
-
-class CheckpointError(Z2ZError, RuntimeError):
-    """The checkpoint cannot run on llama.cpp; the message says why and what to do."""
 
 
 @dataclass
@@ -57,31 +53,27 @@ class Opened:
     base: str  # the base GGUF actually loaded
 
 
-def _base_gguf(ckpt: Path, config: Zip2ZipConfig, base: str | None) -> Path:
-    if (ckpt / MODEL_FILE).is_file():
-        return ckpt / MODEL_FILE
-    spec = base or config.base_model_name_or_path
-    if is_gguf(spec):
-        p = Path(spec) if Path(spec).is_absolute() else (ckpt / spec)
-        return p if p.exists() or Path(spec).is_absolute() else Path(spec)
-    raise CheckpointError(f"{ckpt} has no {MODEL_FILE} and its base ({spec}) is not a GGUF file: convert it "
-                          f"once with `python convert/to_gguf.py {ckpt} OUT_DIR`, or run it with --backend torch")
+def _base_gguf(ck: Checkpoint) -> Path:
+    if (ck.dir / MODEL_FILE).is_file():
+        return ck.dir / MODEL_FILE
+    if is_gguf(ck.base):
+        return Path(ck.base)
+    raise CheckpointError(f"{ck.dir} has no {MODEL_FILE} and its base ({ck.base}) is not a GGUF file: convert it "
+                          f"once with `python convert/to_gguf.py {ck.dir} OUT_DIR`, or run it with --backend torch")
 
 
-def _merged_or_adapter(ckpt: Path, base: Path, progress) -> tuple[Path, Path | None]:
+def _merged_or_adapter(ck: Checkpoint, base: Path, progress) -> tuple[Path, Path | None]:
     """(model GGUF, adapter GGUF or None): a ``lora.gguf`` is applied at load; a PEFT adapter is merged
     once into a cached q8_0 copy of the base (see the module docstring)."""
+    ckpt = ck.dir
     if (ckpt / LORA_FILE).is_file():
         return base, ckpt / LORA_FILE
     peft = ckpt / "adapter_model.safetensors"
-    if not (ckpt / "adapter_config.json").is_file():
+    if not ck.has_adapter:
         return base, None
     if not peft.is_file():
         raise CheckpointError(f"{ckpt} has adapter_config.json but no adapter_model.safetensors")
-    try:
-        _, alpha = lora_scale_of(ckpt)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from e
+    _, alpha = lora_scale_of(ckpt)
     st = base.stat()
     key = hashlib.sha256(peft.read_bytes() + f"|{alpha}|{base.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     out = cache_dir() / "llamacpp" / f"merged-{key.hexdigest()[:16]}.gguf"
@@ -100,10 +92,7 @@ def _merged_or_adapter(ckpt: Path, base: Path, progress) -> tuple[Path, Path | N
     return out, None
 
 
-def _encoders(ckpt: Path, config: Zip2ZipConfig, pad: int, embed: np.ndarray, head: np.ndarray):
-    file = next((ckpt / n for n in ENCODER_FILES if (ckpt / n).is_file()), None)
-    if file is None:
-        raise CheckpointError(f"{ckpt} has no hyper-encoder weights ({' or '.join(ENCODER_FILES)})")
+def _encoders(file: Path, config: Zip2ZipConfig, pad: int, embed: np.ndarray, head: np.ndarray):
     state = read_safetensors(file)
     tied = config.encoder["tie_encoders"]
     parts = {}
@@ -130,22 +119,16 @@ def _encoders(ckpt: Path, config: Zip2ZipConfig, pad: int, embed: np.ndarray, he
 def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n_threads: int | None = None,
                     plain: bool = False, progress=lambda m: None, exact: bool = False) -> Opened:
     """Open ``path`` on llama.cpp (``plain``: its base GGUF alone, fed token ids)."""
-    ckpt = Path(path)
-    try:
-        config = Zip2ZipConfig.load(ckpt)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+    ck = Checkpoint.open(path, base, progress)
+    ckpt, config = ck.dir, ck.config
     if config.position_mode != "compressed" and not plain:
         raise CheckpointError(
             f"{ckpt} uses position_mode {config.position_mode!r}: each code sits at the position of its last "
             "base token, and stock llama.cpp only accepts contiguous positions. Run it with --backend torch "
             "(or mlx on Apple silicon).")
     V = config.compression.initial_vocab_size
-    try:
-        tok, pad = checkpoint_tokenizer(ckpt, V, base or config.base_model_name_or_path)
-    except SourceError as e:
-        raise CheckpointError(str(e)) from None
-    gguf_path = _base_gguf(ckpt, config, base)
+    tok, pad = checkpoint_tokenizer(ck)
+    gguf_path = _base_gguf(ck)
     try:
         meta, embed, head = model_tables(gguf_path)
     except TensorFileError as e:
@@ -156,7 +139,7 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
     model_path, adapter = gguf_path, None
     if not plain:
         try:
-            model_path, adapter = _merged_or_adapter(ckpt, gguf_path, progress)
+            model_path, adapter = _merged_or_adapter(ck, gguf_path, progress)
             if adapter is not None:
                 check_gguf(adapter, "adapter")
         except TensorFileError as e:
@@ -166,7 +149,7 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
     if plain:
         return Opened(PlainLlamaCppModel(ctx, V), tok, config, codec, str(gguf_path))
     try:
-        enc_in, enc_out = _encoders(ckpt, config, pad, embed, embed if head is None else head)
+        enc_in, enc_out = _encoders(ck.encoders, config, pad, embed, embed if head is None else head)
     except (CheckpointError, TensorFileError, KeyError) as e:
         ctx.close()
         raise CheckpointError(f"{ckpt}: the hyper-encoders do not match the config ({e})") from None

@@ -1,18 +1,14 @@
 """zip2zip checkpoints (the ``zip2zip`` 0.2.0 format) to and from ``Zip2ZipLM``.
 
-A checkpoint is a directory or a Hugging Face repo id holding ``zip2zip_config.json``,
-``zip2zip_encoders.safetensors`` (alias ``encoders.safetensors``) and either a PEFT adapter
-(``adapter_config.json`` + ``adapter_model.safetensors``) or nothing (the base as it is). Its
-base model is ``base_model_name_or_path``: ``"."`` (the checkpoint holds the decoder), a path
-(absolute, or relative to the checkpoint so checkpoints can be moved), a ``.gguf`` file, or a
-repo id. Every failure is a ``CheckpointError`` naming the file and the problem; nothing is
-ever replaced by random weights.
+``load`` opens a ``backends.checkpoint.Checkpoint`` (directory, base, tokenizer, encoders, adapter:
+the rules live there) and builds the torch model from it; ``save`` writes one. Every failure is a
+``CheckpointError`` naming the file and the problem; nothing is ever replaced by random weights.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,19 +17,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import ENCODER_FILES, Checkpoint
 from ..codec import CodecConfig
-from ..config import CONFIG_NAME, ConfigError, Zip2ZipConfig, lora_scale_of
-from ..errors import Z2ZError
-from ..sources import SourceError, checkpoint_tokenizer, is_gguf
+from ..config import ADAPTER_CONFIG, CONFIG_NAME, Zip2ZipConfig, lora_scale_of
+from ..errors import CheckpointError
+from ..sources import checkpoint_tokenizer, is_gguf
 from .model import Zip2ZipLM
-
-ENCODER_FILES = ("zip2zip_encoders.safetensors", "encoders.safetensors")
-ADAPTER_CONFIG = "adapter_config.json"
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-class CheckpointError(Z2ZError, RuntimeError):
-    """A checkpoint or its base model could not be loaded; the message names the file."""
 
 
 @dataclass
@@ -45,80 +34,36 @@ class Loaded:
     base: str  # the base model actually loaded (resolved path, GGUF file or repo id)
 
 
-def resolve(spec: str | os.PathLike) -> Path:
-    """A local checkpoint directory for ``spec`` (a directory, or a hub repo id fetched/cached)."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / CONFIG_NAME).is_file():
-            raise CheckpointError(f"{path} has no {CONFIG_NAME}: it is not a zip2zip checkpoint")
-        return path
-    if path.exists() or not _REPO_ID.match(str(spec)):
-        raise CheckpointError(f"{spec} is neither a checkpoint directory nor a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(str(spec), local_files_only=True))  # cached: no network at all
-    except LocalEntryNotFoundError:
-        pass
-    if not hub_reachable():
-        raise CheckpointError(
-            f"{spec} is not in the Hugging Face cache and the hub cannot be reached (offline, or "
-            f"HF_HUB_OFFLINE=1). Run `hf download {spec}` where you are online, or pass a local "
-            "directory.")
-    try:
-        return Path(snapshot_download(str(spec)))
-    except LocalEntryNotFoundError:
-        raise CheckpointError(f"{spec} could not be fetched from the Hugging Face hub") from None
-    except HfHubHTTPError as e:
-        raise CheckpointError(f"cannot fetch {spec} from the Hugging Face hub: {e}") from None
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub answers at all: a failing download retries for most of a minute, this
-    says no in seconds."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _base_spec(config: Zip2ZipConfig, ckpt: Path, override: str | os.PathLike | None) -> str:
-    spec = str(override) if override is not None else config.base_model_name_or_path
-    if spec == ".":
-        return str(ckpt)
-    if override is None and not Path(spec).is_absolute() and (ckpt / spec).exists():
-        return str((ckpt / spec).resolve())  # stored relative to the checkpoint
-    return spec
-
-
 def load_base(spec: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A transformers causal LM from an HF directory, a repo id or a ``.gguf`` file."""
+    """A transformers causal LM from an HF directory, a repo id or a ``.gguf`` file (as
+    ``Checkpoint.open`` resolved it)."""
     from transformers import AutoModelForCausalLM
 
     try:
         if is_gguf(spec):
             p = Path(spec)
-            if not p.is_file():
-                raise CheckpointError(f"base model GGUF {spec} does not exist")
-            lm = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+            with _quiet_dequantization():
+                lm = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
         else:
-            if not Path(spec).exists() and not _REPO_ID.match(spec):
-                raise CheckpointError(f"base model {spec} is neither a local path nor a Hugging Face repo id")
             lm = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-    except CheckpointError:
-        raise
     except (OSError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"cannot load the base model {spec}: {e}") from e
     return lm.to(device).eval()
+
+
+def _quiet_dequantization():
+    """transformers draws a bar per GGUF tensor; in a pipe that is dozens of lines before any
+    error. On a terminal it stays (it is progress); elsewhere it is switched off."""
+    import contextlib
+    import functools
+    from unittest import mock
+
+    if sys.stderr is not None and sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils
+
+    return mock.patch.object(modeling_gguf_pytorch_utils, "tqdm", functools.partial(tqdm, disable=True))
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -128,10 +73,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def load_encoders(model: Zip2ZipLM, ckpt: Path) -> None:
-    file = next((ckpt / n for n in ENCODER_FILES if (ckpt / n).is_file()), None)
-    if file is None:
-        raise CheckpointError(f"{ckpt} has no hyper-encoder weights ({' or '.join(ENCODER_FILES)})")
+def load_encoders(model: Zip2ZipLM, file: Path) -> None:
     state = _read_safetensors(file)
     for k, v in state.items():
         if not v.is_floating_point():
@@ -162,10 +104,7 @@ def _load_adapter(lm: torch.nn.Module, ckpt: Path, merge: bool) -> torch.nn.Modu
     if not weights.is_file():
         raise CheckpointError(f"{ckpt} has {ADAPTER_CONFIG} but no adapter_model.safetensors")
     state = _read_safetensors(weights)
-    try:
-        lora_scale_of(ckpt)  # a damaged adapter_config.json: the same message on every backend
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from e
+    lora_scale_of(ckpt)  # a damaged adapter_config.json: the same message on every backend
     try:
         peft = PeftModel.from_pretrained(lm, ckpt, is_trainable=not merge)
     except (ValueError, RuntimeError, OSError, KeyError) as e:
@@ -182,26 +121,17 @@ def load(spec: str | os.PathLike, *, base: str | os.PathLike | None = None,
          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          merge_lora: bool = True) -> Loaded:
     """Load a zip2zip checkpoint with its base model and tokenizer."""
-    ckpt = resolve(spec)
+    ck = Checkpoint.open(spec, base)
+    tokenizer, pad = checkpoint_tokenizer(ck)
+    lm = load_base(ck.base, dtype, torch.device(device))
+    if ck.has_adapter:
+        lm = _load_adapter(lm, ck.dir, merge_lora)
     try:
-        config = Zip2ZipConfig.load(ckpt)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    base_spec = _base_spec(config, ckpt, base)
-    try:
-        tokenizer, pad = checkpoint_tokenizer(ckpt, config.compression.initial_vocab_size, base_spec)
-    except SourceError as e:
-        raise CheckpointError(str(e)) from None
-    device = torch.device(device)
-    lm = load_base(base_spec, dtype, device)
-    if (ckpt / ADAPTER_CONFIG).is_file() and base_spec != str(ckpt):
-        lm = _load_adapter(lm, ckpt, merge_lora)
-    try:
-        model = Zip2ZipLM(config, lm, pad)
+        model = Zip2ZipLM(ck.config, lm, pad)
     except ValueError as e:
-        raise CheckpointError(f"{ckpt}: {e}") from None
-    load_encoders(model, ckpt)
-    return Loaded(model.eval(), tokenizer, config, config.codec_config(pad), base_spec)
+        raise CheckpointError(f"{ck.dir}: {e}") from e
+    load_encoders(model, ck.encoders)
+    return Loaded(model.eval(), tokenizer, ck.config, ck.config.codec_config(pad), ck.base)
 
 
 def save(model: Zip2ZipLM, directory: str | os.PathLike, tokenizer: Any = None,
