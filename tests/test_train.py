@@ -329,6 +329,64 @@ def test_objective_masks_like_inference(tokenizer_dir, base_dirs):
     assert abs(loss.item() - want.item()) < 1e-4
 
 
+def test_first_subtoken_marginal_folds_entries_onto_their_first_token():
+    from train.objective import first_subtoken_marginal
+
+    g = torch.Generator().manual_seed(0)
+    B, L, V, n = 2, 3, 5, 2
+    logits = torch.randn(B, L, V + n + 1, generator=g)
+    first = torch.tensor([[1, 1], [4, 0]])
+    cand_at, cand_first = torch.tensor([[0, 2], [1, 0]]), torch.tensor([3, 1])
+    keep = torch.zeros(B, L, dtype=torch.bool)
+    keep[cand_at[:, 0], cand_at[:, 1]] = True
+    logits[..., -1] = logits[..., -1].masked_fill(~keep, float("-inf"))  # a candidate only where one exists
+    q = first_subtoken_marginal(logits, V, first, cand_at, cand_first)
+    p = torch.softmax(logits, -1)
+    want = p[..., :V].clone()
+    for b in range(B):
+        for t in range(L):
+            for j in range(n):
+                want[b, t, first[b, j]] += p[b, t, V + j]
+    for (b, t), f in zip(cand_at.tolist(), cand_first.tolist()):
+        want[b, t, f] += p[b, t, -1]
+    assert torch.allclose(q, want, atol=1e-6)
+    assert torch.allclose(q.sum(-1), torch.ones(B, L), atol=1e-6)
+
+
+def test_kl_to_base_is_zero_for_the_base_itself_and_trains_the_adapter(tokenizer_dir, base_dirs):
+    """Without hypertokens (an empty codebook) and with the adapter at its start (B = 0) the
+    zip2zip model is its base: KL 0. Once the adapter moves, KL is positive and its gradient
+    reaches the adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from backends.config import CompressionSettings, Zip2ZipConfig
+    from backends.torch_backend.model import Zip2ZipLM
+    from train.objective import ZipObjective, collate
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = Zip2ZipConfig("x", "transformer", {"hidden_size": 64, "num_hidden_layers": 1, "num_heads": 4,
+                                             "position_encoding": "learnable"},
+                        CompressionSettings(len(tok), 0, 3, sorted(tok.all_special_ids)))
+    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dirs["llama"]),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = Zip2ZipLM(cfg, lm, tok.eos_token_id)
+    codec = cfg.codec_config(tok.eos_token_id)
+    ids = tok("def f(x):\n    return x * 2\n" * 3, add_special_tokens=False)["input_ids"]
+    batch = collate([(ids[:40], 40), (ids[:40], 30)], codec, "compressed")
+    obj = ZipObjective(model, 0.0, True, kl_lambda=1.0)
+    assert obj(batch)["kl_loss"].item() < 1e-5
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = obj(batch)
+    assert out["kl_loss"].item() > 1e-3
+    out["loss"].backward()
+    grads = [p.grad for n, p in lm.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 # --- data sources through the datasets library -------------------------------------------------
 
 

@@ -93,6 +93,7 @@ class TrainConfig:
     position_mode: str = "compressed"
     causal_codebook: bool = True  # softmax sees only entries that exist at each position
     recon_lambda: float = 0.1
+    kl_lambda: float = 0.0  # KL to the base model's next-token distribution (needs a LoRA adapter)
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 20
@@ -121,6 +122,10 @@ class TrainConfig:
             raise bad("max_subtokens/max_codebook_size", "must be >= 1 / >= 0")
         if self.recon_lambda < 0:
             raise bad("recon_lambda", "must be >= 0")
+        if self.kl_lambda < 0:
+            raise bad("kl_lambda", "must be >= 0")
+        if self.kl_lambda > 0 and not self.lora.enabled:
+            raise bad("kl_lambda", "needs lora.enabled = true (the base is the model with its adapter off)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise bad("mixed_precision", "must be no, bf16 or fp16")
         if self.dtype not in ("float32", "bfloat16"):

@@ -18,11 +18,17 @@ cScSc case) with the entry it would create. ``ZipObjective.forward(batch)`` then
    frozen base embedding matrix; cross-entropy against the entry's base ids (pad slots ignored).
    It is tied to the embeddings so it stays small (M x D x D parameters) and pushes the input
    vector to keep what the subtokens were. It is a training-only module: checkpoints do not
-   carry it.
+   carry it;
+5. adds ``kl_lambda`` x KL(base || zip2zip) at every position: the base model (the adapter
+   disabled, no gradient) reads the same text as base tokens, and its next-token distribution at
+   the end of each code is compared with the zip2zip distribution marginalised over first
+   subtokens (a hypertoken's probability counts for its first base token). It keeps the adapter
+   from forgetting what the base would say while it learns to write hypertokens.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +51,9 @@ class Batch:
     created: torch.Tensor  # (B, L) entries existing after input code t
     cand_rows: torch.Tensor  # (K, M) would-be entries of the valid new ids
     cand_at: torch.Tensor  # (K, 2) (row, position) of each candidate
+    base_ids: torch.Tensor  # (B, Lb) the rows as base tokens, pad-filled
+    base_mask: torch.Tensor  # (B, Lb) 1 for real base tokens
+    base_at: torch.Tensor  # (B, L) index in base_ids of the last base token of input code t
     base_tokens: int  # base tokens behind the real codes
 
     def to(self, device) -> Batch:
@@ -56,12 +65,14 @@ def collate(rows: list[tuple[list[int], int]], codec: CodecConfig, position_mode
     M, pad = codec.max_merge_size, codec.pad_id
     L = len(rows[0][0]) - 1
     entries, offsets, n_entries, created, pos_rows, cand_rows, cand_at = [], [], [], [], [], [], []
+    base_rows, base_at = [], []
     base_tokens = 0
     for b, (codes, n) in enumerate(rows):
         s = CodecSession(codec)
-        row_created, spans = [], []
+        row_created, spans, ids = [], [], []
         for t, c in enumerate(codes[:n]):
-            spans.append(len(s.push(c)))
+            ids += s.push(c)
+            spans.append(len(ids) - sum(spans))
             if t < L:
                 row_created.append(len(s))
                 cand = s.candidate()
@@ -76,6 +87,10 @@ def collate(rows: list[tuple[list[int], int]], codec: CodecConfig, position_mode
         created.append(row_created)
         pos = positions(spans, position_mode)
         pos_rows.append((pos + [0] * (L + 1))[:L])
+        ends = [i - 1 for i in itertools.accumulate(spans)]
+        base_at.append((ends + [0] * (L + 1))[:L])
+        base_rows.append(ids)
+    Lb = max(len(r) for r in base_rows)
     return Batch(
         codes=torch.tensor([c for c, _ in rows], dtype=torch.long),
         lengths=torch.tensor([n for _, n in rows], dtype=torch.long),
@@ -86,6 +101,9 @@ def collate(rows: list[tuple[list[int], int]], codec: CodecConfig, position_mode
         created=torch.tensor(created, dtype=torch.long),
         cand_rows=entry_tensor(cand_rows, M, pad, "cpu"),
         cand_at=torch.tensor(cand_at, dtype=torch.long).view(-1, 2),
+        base_ids=torch.tensor([r + [pad] * (Lb - len(r)) for r in base_rows], dtype=torch.long),
+        base_mask=torch.tensor([[1] * len(r) + [0] * (Lb - len(r)) for r in base_rows], dtype=torch.long),
+        base_at=torch.tensor(base_at, dtype=torch.long),
         base_tokens=base_tokens,
     )
 
@@ -107,10 +125,12 @@ class Reconstructor(nn.Module):
 class ZipObjective(nn.Module):
     """Wraps the model so DDP/FSDP see one ``forward`` that returns the losses."""
 
-    def __init__(self, model: Zip2ZipLM, recon_lambda: float, causal_codebook: bool, recon_sample: int = 256):
+    def __init__(self, model: Zip2ZipLM, recon_lambda: float, causal_codebook: bool, recon_sample: int = 256,
+                 kl_lambda: float = 0.0):
         super().__init__()
         self.model = model
         self.recon_lambda = recon_lambda
+        self.kl_lambda = kl_lambda
         self.causal = causal_codebook
         self.recon_sample = recon_sample
         self.recon = Reconstructor(model.lm.get_input_embeddings().weight.shape[1], model.M) if recon_lambda > 0 else None
@@ -155,6 +175,14 @@ class ZipObjective(nn.Module):
         target = target.masked_fill(~in_mask, -100)
         lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), target.view(-1), ignore_index=-100)
         out = {"lm_loss": lm_loss, "loss": lm_loss}
+        if self.kl_lambda > 0:
+            first = batch.entries[rows, 0] if n_max else inp.new_zeros(B, 0)  # (B, n_max)
+            cand_first = batch.cand_rows[:, 0] if self.causal and len(batch.cand_rows) else None
+            q = first_subtoken_marginal(logits, V, first, batch.cand_at, cand_first)  # (B, L, V)
+            p_log = self.base_log_probs(batch, head)  # (B, L, V)
+            kl = (p_log.exp() * (p_log - q.clamp_min(1e-30).log())).sum(-1)  # (B, L)
+            out["kl_loss"] = (kl * in_mask).sum() / in_mask.sum().clamp_min(1)
+            out["loss"] = out["loss"] + self.kl_lambda * out["kl_loss"]
         if self.recon is not None and len(vin):
             # a deterministic subsample keeps the loss identical however the batch is sharded
             pick = torch.linspace(0, len(vin) - 1, min(len(vin), self.recon_sample), device=vin.device).long()
@@ -162,5 +190,34 @@ class ZipObjective(nn.Module):
             want = batch.entries[pick].masked_fill(batch.entries[pick] == m.pad_id, -100)
             recon_loss = F.cross_entropy(rec.reshape(-1, V), want.reshape(-1), ignore_index=-100)
             out["recon_loss"] = recon_loss
-            out["loss"] = lm_loss + self.recon_lambda * recon_loss
+            out["loss"] = out["loss"] + self.recon_lambda * recon_loss
         return out
+
+    @torch.no_grad()
+    def base_log_probs(self, batch: Batch, head: nn.Module) -> torch.Tensor:
+        """The base model's next-token log-probabilities after each input code: (B, L, V)."""
+        m = self.model
+        with m.lm.disable_adapter():
+            hb = m.lm.get_decoder()(input_ids=batch.base_ids, attention_mask=batch.base_mask,
+                                    use_cache=False).last_hidden_state  # (B, Lb, D)
+            at = batch.base_at[..., None].expand(-1, -1, hb.shape[-1])  # (B, L, D)
+            h = hb.gather(1, at)
+            logits = F.linear(h, head.weight[:m.V], None if head.bias is None else head.bias[:m.V])
+        return F.log_softmax(logits.float(), dim=-1)
+
+
+def first_subtoken_marginal(logits: torch.Tensor, V: int, first: torch.Tensor, cand_at: torch.Tensor,
+                            cand_first: torch.Tensor | None) -> torch.Tensor:
+    """The zip2zip distribution over [base | entries | candidate] folded onto base ids: each
+    entry's probability is added to its first subtoken's. logits (B, L, V + n + 1), first (B, n),
+    cand_at (K, 2) with cand_first (K,) -> (B, L, V); rows sum to 1."""
+    probs = F.softmax(logits.float(), dim=-1)
+    B, L, _ = probs.shape
+    n = first.shape[1]
+    q = probs[..., :V].clone()
+    if n:
+        q = q.scatter_add(-1, first[:, None, :].expand(B, L, n), probs[..., V:V + n])
+    if cand_first is not None:
+        b, t = cand_at[:, 0], cand_at[:, 1]
+        q = q.index_put((b, t, cand_first), probs[b, t, -1], accumulate=True)
+    return q

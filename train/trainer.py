@@ -219,7 +219,7 @@ def _train(acc, cfg: TrainConfig, log) -> Path:
     with acc.local_main_process_first():  # prepare is deterministic: each node may build its own cache
         data: Prepared = prepare(cfg.data, codec, str(built.tokenizer_dir),
                                  Path(cfg.data.cache_dir or out / "data-cache"), cfg.seed, log=say)
-    objective = ZipObjective(model, cfg.recon_lambda, cfg.causal_codebook)
+    objective = ZipObjective(model, cfg.recon_lambda, cfg.causal_codebook, kl_lambda=cfg.kl_lambda)
     if cfg.compile:
         model.lm.get_decoder().compile()
     world, rank = acc.num_processes, acc.process_index
