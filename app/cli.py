@@ -12,6 +12,7 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -19,6 +20,19 @@ import warnings
 
 BACKEND_CHOICES = ["auto", "torch", "mlx", "llamacpp"]
 DEFAULT_LOOKAHEAD = 0
+DEFAULT_HYPER_MARGIN: float | None = None
+
+
+def _margin(value: str) -> float | None:
+    if value.strip().lower() == "off":
+        return None
+    try:
+        m = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {value!r}") from None
+    if not math.isfinite(m):
+        raise argparse.ArgumentTypeError(f"expected a finite number or 'off', got {value!r}")
+    return m
 
 
 def _lookahead(value: str) -> int:
@@ -72,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verify up to N codes drafted from the conversation's own text per forward "
                         "(greedy only; same output, fewer forwards when the reply copies earlier text; "
                         "off by default: with the v0 default model drafts are rarely accepted)")
+    p.add_argument("--hyper-margin", type=_margin, default=DEFAULT_HYPER_MARGIN, metavar="M|off",
+                   help="decoding policy: write a hypertoken only when its logit beats its own first "
+                        "subtoken's by M (off: the model's own pick)")
     p.add_argument("--stats", action="store_true", help="with --prompt: print a summary line to stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     p.add_argument("--export", metavar="FILE", help="write every conversation to FILE (JSON Lines), then exit")
@@ -93,7 +110,8 @@ def settings_from(args: argparse.Namespace):
 
     return GenerationSettings(args.max_tokens, SamplingSettings(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed), getattr(args, "lookahead", 0))
+        repetition_penalty=args.repetition_penalty, seed=args.seed), getattr(args, "lookahead", 0),
+        hyper_margin=getattr(args, "hyper_margin", DEFAULT_HYPER_MARGIN))
 
 
 def _quiet_libraries() -> None:

@@ -8,6 +8,9 @@ Contract:
   ``NotSaved`` reaches the caller only to tell the user.
 - Opening a conversation opens what can be opened: messages with bad bytes are shown repaired,
   an unusable saved engine state is rebuilt from the messages; ``notes`` says what happened.
+- Leaving a conversation (another one, a new chat, a model switch, quitting) keeps its KV cache
+  on disk where the backend can export it (``kv_store.py``); opening it again takes that cache
+  instead of reading the conversation again, when it still matches.
 - Settings come from the command line's ``settings_from`` and are validated the same way
   (``SettingsError``) whether typed on the command line or in the app.
 """
@@ -21,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backends.assets import cache_dir
 from backends.engine import GenerationSettings, TurnStats
 from backends.errors import SettingsError
 
 from .cli import settings_from
+from .kv_store import KVStore
 from .store import Message, NotSaved, PendingWrites, Store
 
 SETTING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "lookahead")
@@ -63,6 +68,7 @@ class ChatController:
         self.before_last: dict[str, Any] | None = None
         self.settings: dict[str, Any] = {k: getattr(args, k) for k in SETTING_KEYS}
         self.pending = PendingWrites()
+        self.kv: KVStore | None = None
 
     @property
     def conv_id(self) -> int | None:
@@ -119,19 +125,40 @@ class ChatController:
 
     def attach(self, runtime: Any) -> list[str]:
         """Use a newly loaded model; the open conversation (if any) is re-opened on it."""
+        notes = []
         if self.runtime is not None:
+            notes += self.keep_kv()
             self.runtime.close()
         self.runtime = runtime
+        self.kv = KVStore(cache_dir() / "kv", runtime.identity)
         self.session = runtime.session(system=self.args.system)
-        return self.open(self.conv_id).notes if self.conv_id is not None else []
+        return notes + (self.open(self.conv_id).notes if self.conv_id is not None else [])
+
+    def _kv_key(self, cid: int) -> str:
+        return f"{self.store.path.absolute()}|{cid}"
+
+    def keep_kv(self) -> list[str]:
+        """Save the open conversation's KV cache (before leaving it); a note when it could not be."""
+        if self.kv is None or self.session is None or self.conv_id is None:
+            return []
+        snap = self.session.kv_snapshot()
+        if snap is None:
+            return []
+        try:
+            self.kv.save(self._kv_key(self.conv_id), snap)
+        except OSError as e:
+            return [f"the conversation's KV cache could not be kept in {self.kv.root} ({e.strerror or e}); "
+                    "it will be read again when reopened"]
+        return []
 
     # --- conversations ------------------------------------------------------------------------
 
     def open(self, cid: int) -> Opened:
+        leaving = self.keep_kv() if cid != self.conv_id else []
         conv = self.store.get(cid)
         self.store.repaired = 0
         msgs = self.store.messages(cid)
-        notes = []
+        notes = leaving
         if self.store.repaired:
             notes.append(f"{self.store.repaired} stored value(s) of this conversation were damaged "
                          "and are shown as far as they could be read")
@@ -149,17 +176,20 @@ class ChatController:
                 engine = None
                 notes.append("the saved model state was older than the messages (the app stopped during a "
                              "reply?); it was rebuilt from the messages")
-            note = self.session.restore_or_rebuild(engine, history)
+            kv = self.kv.load(self._kv_key(cid)) if self.kv is not None and engine is not None else None
+            note = self.session.restore_or_rebuild(engine, history, kv)
             if note:
                 notes.append(note)
                 self.before_last = None
         return Opened(msgs, notes)
 
-    def new_chat(self) -> None:
+    def new_chat(self) -> list[str]:
+        notes = self.keep_kv()
         self.ref, self.turns, self.before_last = ConvRef(), [], None
         if self.session is not None:
             self.session.reset()
             self.session.system = self.args.system
+        return notes
 
     def begin_turn(self, text: str) -> None:
         """Record the user's message (creating the conversation on the first one). ``NotSaved``
@@ -222,7 +252,10 @@ class ChatController:
 
     def delete(self, cid: int) -> None:
         self.write(lambda: self.store.delete(cid))
+        if self.kv is not None:
+            self.kv.drop(self._kv_key(cid))
         if cid == self.conv_id:
+            self.ref = ConvRef()  # nothing to keep of a deleted conversation
             self.new_chat()
 
     def rename(self, cid: int, title: str) -> None:

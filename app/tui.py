@@ -18,6 +18,7 @@ import asyncio
 import functools
 import shlex
 import signal
+import sys
 import threading
 import traceback
 from argparse import Namespace
@@ -431,7 +432,8 @@ class Z2ZChat(App):
         if self.generating:
             self.notify("Stop the reply first (Esc)", severity="warning")
             return
-        self.ctl.new_chat()
+        for note in self.ctl.new_chat():
+            self.notify(note, severity="warning", timeout=15)
         self.status_text = ""
         self.query_one("#chat", VerticalScroll).remove_children()
         self.query_one(ChatInput).focus()
@@ -527,6 +529,9 @@ class Z2ZChat(App):
 
     def on_unmount(self) -> None:
         if self.ctl is not None:
+            if not self.generating:  # a reply cut short may still be in the model's hands
+                for note in self.ctl.keep_kv():
+                    print(f"z2z-chat: {note}", file=sys.stderr)
             try:
                 self.ctl.flush()
             except NotSaved as e:

@@ -119,6 +119,7 @@ _KINDS = [("llamacpp/merged-", "llama.cpp base with the LoRA merged (q8_0)", Tru
           ("llamacpp/ckpt-", "llama.cpp conversion of a checkpoint", True),
           ("mlx/", "MLX conversion of a checkpoint", True),
           ("tokenizers/", "tokenizer read from a GGUF", True),
+          ("kv/", "a conversation's saved KV cache (reopens without reading it again)", True),
           ("smollm2/", "the default model's base (download)", False)]
 
 

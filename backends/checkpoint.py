@@ -46,21 +46,26 @@ class Checkpoint:
              progress: Callable[[str], None] | None = None) -> Checkpoint:
         ckpt = resolve(spec)
         config = Zip2ZipConfig.load(ckpt)
-        encoders = next((ckpt / n for n in ENCODER_FILES if (ckpt / n).is_file()), None)
-        if encoders is None:
-            raise CheckpointError(f"{ckpt} has no hyper-encoder weights ({' or '.join(ENCODER_FILES)})")
+        encoders = encoder_file(ckpt)
         base_spec = base_of(ckpt, config, base, progress)
         own_tokenizer = (ckpt / "tokenizer_config.json").is_file()
         return cls(ckpt, config, base_spec, str(ckpt) if own_tokenizer else base_spec, encoders,
                    (ckpt / ADAPTER_CONFIG).is_file() and base_spec != str(ckpt))
 
 
+def encoder_file(ckpt: Path) -> Path:
+    """The hyper-encoder weights of a checkpoint directory."""
+    found = next((ckpt / n for n in ENCODER_FILES if (ckpt / n).is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{ckpt} has no hyper-encoder weights ({' or '.join(ENCODER_FILES)})")
+    return found
+
+
 def base_of(ckpt: Path, config: Zip2ZipConfig, override: str | os.PathLike | None,
             progress: Callable[[str], None] | None = None) -> str:
     """The base model of a checkpoint, by the rule in this module's docstring."""
     if override is not None:
-        spec = str(override)
-        return str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().exists() else _hub_base(spec)
+        return locate_base(override)
     spec = config.base_model_name_or_path
     if spec == ".":
         return str(ckpt)
@@ -76,6 +81,13 @@ def base_of(ckpt: Path, config: Zip2ZipConfig, override: str | os.PathLike | Non
         except AssetError as e:
             raise CheckpointError(str(e)) from None
     return spec if Path(spec).exists() else _hub_base(spec)
+
+
+def locate_base(spec: str | os.PathLike) -> str:
+    """A base given by the user: an existing path (made absolute), else a repo id the cache holds or
+    the hub can serve (``CheckpointError`` in seconds otherwise)."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else _hub_base(str(spec))
 
 
 def _hub_base(spec: str) -> str:

@@ -24,24 +24,27 @@ again. When the context is full the oldest turns are dropped, down to half the w
 next turns do not each restart the cache (budgeted in positions, the unit
 the context is measured in); a message that cannot fit even alone raises ``ContextFullError``
 and leaves the conversation exactly as it was. ``to_dict``/``restore`` save and resume a
-conversation (the KV cache is rebuilt by one prefill at the next ``send``); ``rewind`` goes
-back to an earlier ``to_dict`` of the same stream by trimming the KV cache.
+conversation (the KV cache is rebuilt by one prefill at the next ``send``, or taken from a
+``kv_snapshot`` saved with it when the backend can); ``rewind`` goes back to an earlier
+``to_dict`` of the same stream by trimming the KV cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .codec import CodecConfig, CodecSession
 from .detok import Detokenizer
-from .errors import SettingsError, Z2ZError
+from .errors import BackendError, SettingsError, Z2ZError
 from .generate import PREFILL_CHUNK, Stream, generate_codes, prefill_chunks, sync_entries
-from .protocol import DecodeState
+from .protocol import DecodeState, SavesKV
 from .sampling import Sampler, SamplingSettings
 from .utf8_guard import Utf8Guard
 
@@ -139,6 +142,20 @@ class TurnStats:
                                "decode_codes_s": self.decode_codes_s, "codes_per_forward": self.codes_per_forward}
 
 
+@dataclass(frozen=True)
+class KVSnapshot:
+    """A conversation's KV cache as a backend exported it: ``fed`` positions holding the codes
+    whose ``codes_digest`` is ``digest``."""
+
+    data: bytes
+    fed: int
+    digest: str
+
+
+def codes_digest(codes: Sequence[int]) -> str:
+    return hashlib.sha256(array("q", codes).tobytes()).hexdigest()
+
+
 @dataclass
 class ContextUsage:
     """How full a conversation's context window is: what the status line and ``--stats`` show."""
@@ -184,8 +201,12 @@ class GenerationSettings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     lookahead: int = 0  # most drafted codes verified per forward (greedy only; 0: off)
     drop_old_turns: bool = True  # False: a conversation past the window is a ContextFullError (the server)
+    hyper_margin: float | None = None  # a hypertoken must beat its first subtoken's logit by this (None: off)
 
     def __post_init__(self) -> None:
+        m = self.hyper_margin
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)):
+            raise SettingsError(f"hyper_margin must be a finite number or None, got {m!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise SettingsError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or not 0 <= self.lookahead <= 8:
@@ -379,7 +400,8 @@ class Session:
                                Sampler(settings.sampling, self.V), max_tokens=settings.max_tokens,
                                stop_ids=self.stop_ids, context_length=self.state.context_length,
                                cancel=cancel, window=settings.sampling.repetition_window,
-                               lookahead=settings.lookahead, guard=self.guard)
+                               lookahead=settings.lookahead, guard=self.guard,
+                               hyper_margin=settings.hyper_margin)
         try:
             for step in steps:
                 if stats.reply_codes == 0:
@@ -406,6 +428,32 @@ class Session:
         yield Done(reason, stats)
 
     # --- save / resume ----------------------------------------------------------------------
+
+    def kv_snapshot(self) -> KVSnapshot | None:
+        """The conversation's KV cache as bytes, with what it holds (None: this backend cannot, or
+        nothing was read yet)."""
+        if not isinstance(self.state, SavesKV) or self.fed == 0:
+            return None
+        data, n = self.state.export_kv()
+        if n != self.fed:  # the cache and the stream disagree: not worth keeping
+            return None
+        return KVSnapshot(data, n, codes_digest(self.codes[:n]))
+
+    def _import_kv(self, kv: KVSnapshot | None) -> str | None:
+        """After ``restore``: take ``kv`` when it holds exactly the start of this stream. Returns why
+        it was not taken (the next send then reads the conversation again), or None."""
+        if kv is None:
+            return None
+        if not isinstance(self.state, SavesKV):
+            return "this backend cannot reuse a saved KV cache"
+        if not 0 < kv.fed <= len(self.codes) or kv.digest != codes_digest(self.codes[:kv.fed]):
+            return "the saved KV cache does not match the conversation"
+        try:
+            self.state.import_kv(kv.data, kv.fed)
+        except BackendError as e:
+            return f"the saved KV cache was refused ({e})"
+        self.stream.fed = kv.fed
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": 1, "system": self.system, "position_mode": self.position_mode,
@@ -440,22 +488,27 @@ class Session:
             raise ValueError(f"the saved engine state has fed={d['fed']} outside [0, {len(d['codes'])}]")
         return codec, [dict(m) for m in msgs]
 
-    def restore(self, d: dict[str, Any]) -> None:
-        """Resume a saved conversation; the KV cache is rebuilt by one prefill at the next send.
-        A state that does not fit this model raises ``ValueError`` and changes nothing."""
+    def restore(self, d: dict[str, Any], kv: KVSnapshot | None = None) -> str | None:
+        """Resume a saved conversation. Its KV cache is ``kv`` when that holds the start of this
+        stream (only the rest is read at the next send), else rebuilt by one prefill at the next
+        send; returns why ``kv`` was not used, or None. A state that does not fit this model
+        raises ``ValueError`` and changes nothing."""
         codec, messages = self._load(d)
         self._clear_stream()
         self._set(d, codec, messages)
         self.stream.fed = 0
         codec.take_new_entries()
         self.state.add_entries(list(codec.codebook.items()), codec.candidate())
+        return self._import_kv(kv)
 
-    def restore_or_rebuild(self, d: dict[str, Any] | None, messages: list[dict[str, str]]) -> str | None:
-        """Resume from ``d``; when it is unusable, rebuild the conversation from ``messages``
-        (re-encoded at the next send). Returns a note for the user when it had to rebuild."""
+    def restore_or_rebuild(self, d: dict[str, Any] | None, messages: list[dict[str, str]],
+                           kv: KVSnapshot | None = None) -> str | None:
+        """Resume from ``d`` (and ``kv``, see ``restore``); when it is unusable, rebuild the
+        conversation from ``messages`` (re-encoded at the next send). Returns a note for the user
+        when it had to rebuild."""
         if d:
             try:
-                self.restore(d)
+                self.restore(d, kv)  # a cache that does not fit is dropped quietly: it is only a cache
                 return None
             except ValueError as e:
                 note = f"the saved model state was unusable ({e}); it was rebuilt from the messages"

@@ -123,7 +123,9 @@ class StepRules:
     cancel: threading.Event | None = None
     window: int = 64  # the repetition penalty's window
     guard: Utf8Guard | None = None
+    hyper_margin: float | None = None  # a hypertoken must beat its first subtoken's logit by this
     n_base: int = 0  # base tokens accepted this turn
+    _firsts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,) first ids
 
     def recent(self) -> list[int]:
         return self.stream.codes[-self.window - 4:]
@@ -133,6 +135,8 @@ class StepRules:
         last; with a guard, codes that would split a character are refused and the sampler picks
         again without them."""
         allowed, history = n + (cand is not None), recent[-self.window:]
+        if self.hyper_margin is not None and allowed:
+            logits = self._margin(logits, n, cand)
         code = self.sampler.sample(logits, allowed, history)
         if self.guard is None:
             return code
@@ -144,6 +148,22 @@ class StepRules:
             x[code] = -np.inf
             code = self.sampler.sample(x, allowed, history)
         return code
+
+    def _margin(self, logits: np.ndarray, n: int, cand: tuple[int, tuple[int, ...]] | None) -> np.ndarray:
+        """The decoding policy: a hypertoken whose logit does not beat its own first subtoken's by
+        ``hyper_margin`` is masked, so the base token is written instead (and the rest of the
+        entry is decided step by step). Entries only grow within a turn: their first ids are
+        appended, not recomputed."""
+        V = self.sampler.V
+        if len(self._firsts) < n:
+            new = [self.codec.expand(V + j)[0] for j in range(len(self._firsts), n)]
+            self._firsts = np.concatenate([self._firsts, np.asarray(new, dtype=np.int64)])
+        x = np.array(logits, dtype=np.float32)  # (V + C,)
+        hyper = x[V:V + n]
+        hyper[hyper < x[self._firsts[:n]] + self.hyper_margin] = -np.inf
+        if cand is not None and x[V + n] < x[cand[1][0]] + self.hyper_margin:
+            x[V + n] = -np.inf
+        return x
 
     def _pending(self) -> bytes:
         return self.guard.pending([i for c in self.stream.codes[-4:] for i in self.codec.expand(c)])
@@ -192,9 +212,10 @@ def feed(state: DecodeState, rules: StepRules, code: int) -> np.ndarray:
 def generate_codes(state: DecodeState, codec: CodecSession, stream: Stream, logits: np.ndarray, sampler: Sampler, *,
                    max_tokens: int, stop_ids: set[int] | frozenset[int], context_length: int,
                    cancel: threading.Event | None = None, window: int = 64, lookahead: int = 0,
-                   guard: Utf8Guard | None = None) -> Iterator[Step]:
+                   guard: Utf8Guard | None = None, hyper_margin: float | None = None) -> Iterator[Step]:
     """Decode from ``logits`` (the last fed position's) until a stop reason; see the docstring."""
-    rules = StepRules(codec, stream, sampler, max_tokens, stop_ids, context_length, cancel, window, guard)
+    rules = StepRules(codec, stream, sampler, max_tokens, stop_ids, context_length, cancel, window, guard,
+                      hyper_margin)
     if lookahead > 0 and sampler.greedy:  # lookahead verifies argmax picks
         from .lookahead import generate_lookahead
 

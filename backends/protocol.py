@@ -13,12 +13,15 @@ slots and vectors, its position count. Two states of one model never see each ot
     trim(n)   # drop the last n positions from the KV cache
     kv_bytes() -> int   # memory its KV cache holds now (the server's budget, the context meter)
     reset(); close(); context_length: int
+
+A state that can hand its KV cache out as bytes and take it back (llama.cpp's) also implements
+``SavesKV``: the app keeps a conversation's cache on disk, so reopening it skips the prefill.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -36,6 +39,12 @@ class DecodeState(Protocol):
     def kv_bytes(self) -> int: ...
     def reset(self) -> None: ...
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SavesKV(Protocol):
+    def export_kv(self) -> tuple[bytes, int]: ...  # (bytes, positions)
+    def import_kv(self, data: bytes, n_past: int) -> None: ...  # BackendError when refused
 
 
 class Model(Protocol):

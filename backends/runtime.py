@@ -56,6 +56,11 @@ class Runtime:
     def close(self) -> None:
         self.model.close()
 
+    @cached_property
+    def identity(self) -> str:
+        """Names what a saved KV cache is valid for: the backend, the model's files, the window."""
+        return f"{self.backend_name}|{conversion_key(self.model_name, self.base)}|{self.model.context_length}"
+
     def describe(self) -> str:
         name = Path(self.model_name).name if Path(self.model_name).exists() else self.model_name
         return f"{self.backend_name} | {name} | {self.device}"

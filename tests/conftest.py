@@ -3,14 +3,36 @@ zip2zip checkpoints built from them. No network, no hub."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _private_user_dirs() -> None:
+    """The suite (and every process it starts) writes its cache and history into a directory of
+    its own, not the user's: only the default model's base (a 98 MB download, which CI keeps) is
+    shared with the real cache, through a link."""
+    from backends.assets import cache_dir
+
+    real = cache_dir() / "smollm2"
+    real.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="z2z-tests-"))
+    atexit.register(shutil.rmtree, root, True)
+    (root / "cache").mkdir()
+    (root / "cache" / "smollm2").symlink_to(real, target_is_directory=True)
+    os.environ["Z2Z_CACHE_DIR"] = str(root / "cache")
+    os.environ["Z2Z_DATA_DIR"] = str(root / "data")
+
+
+_private_user_dirs()
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

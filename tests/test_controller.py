@@ -92,3 +92,28 @@ def test_a_locked_database_on_the_first_message_loses_nothing(runtime, tiny_ckpt
     msgs = ctl.store.messages(ctl.conv_id)
     assert [m.role for m in msgs] == ["user", "assistant"] * 2 and msgs[0].content == "first, while locked"
     assert not ctl.pending.queue and len(ctl.store.conversations()) == 1
+
+
+def test_leaving_a_chat_keeps_its_kv_cache_and_reopening_takes_it(tiny_ckpt, tmp_path):
+    """On llama.cpp: a new chat (or quitting) saves the conversation's KV cache; after a relaunch,
+    opening the chat takes it, so the next message reads only itself."""
+    pytest.importorskip("llama_cpp")
+    from backends.runtime import open_runtime
+
+    db = tmp_path / "h.db"
+    args = build_parser().parse_args(["--model", str(tiny_ckpt), "--max-tokens", "8"])
+    ctl = ChatController(args, open_store(db))
+    ctl.attach(open_runtime(str(tiny_ckpt), "llamacpp"))
+    turn(ctl, "hello there, how are you today?")
+    cid, fed = ctl.conv_id, ctl.session.fed
+    assert ctl.new_chat() == [] and ctl.kv.path(ctl._kv_key(cid)).is_file()
+    ctl.runtime.close()
+
+    again = ChatController(args, open_store(db))  # a relaunch
+    again.attach(open_runtime(str(tiny_ckpt), "llamacpp"))
+    opened = again.open(cid)
+    assert opened.notes == [] and again.session.fed == fed > 0
+    events = list(again.session.send("and tomorrow?", again.generation_settings()))
+    assert events[-1].stats.cached_codes == fed
+    again.delete(cid)
+    assert not again.kv.path(again._kv_key(cid)).exists()

@@ -171,3 +171,44 @@ def test_the_context_meter_counts_what_the_session_holds(tok):
         assert u.saved == pytest.approx(1 - len(s.codes) / s.stream.n_base)
         assert f"{u.positions:,} / 512 positions" in u.describe()
     assert s.context_usage(GenerationSettings(max_tokens=200)).nearly_full == (len(s.codes) + 2 * 128 > 512)
+
+
+def test_the_hyper_margin_policy_masks_hypertokens_that_do_not_beat_their_first_subtoken(tok):
+    """The fake model loops, so it writes hypertokens; a huge margin writes none (the same text in
+    base tokens), a hugely negative one changes nothing, and a margin in between sits between."""
+    def written(margin):
+        s = new_session(tok)
+        codes = [c for t in TURNS for c in reply(s, t, GenerationSettings(max_tokens=60, hyper_margin=margin))[0]]
+        return codes, s
+    off, s_off = written(None)
+    V = s_off.V
+    assert sum(c >= V for c in off) > 3
+    assert written(-1e9)[0] == off
+    none, _ = written(1e9)
+    assert not any(c >= V for c in none)
+
+
+def test_the_hyper_margin_compares_each_entry_with_its_own_first_subtoken(tok):
+    import numpy as np
+
+    from backends.codec import CodecSession, encode
+    from backends.generate import StepRules, Stream
+    from backends.sampling import Sampler, SamplingSettings
+
+    c = codec_of(tok)
+    codec = CodecSession(c)
+    ids = tok("abab abab", add_special_tokens=False)["input_ids"]
+    for code in encode(ids, c)[0]:
+        codec.push(code)
+    V, n = c.base_vocab_size, len(codec)
+    assert n >= 2
+    rules = StepRules(codec, Stream(), Sampler(SamplingSettings(), V), 100, frozenset(), 1000, hyper_margin=1.0)
+    logits = np.full(V + c.max_codebook_size, -5.0, dtype=np.float32)
+    first0, first1 = codec.expand(V)[0], codec.expand(V + 1)[0]
+    logits[first0], logits[V] = 2.0, 2.5  # beats its first subtoken by 0.5 < 1: masked
+    if first1 != first0:
+        logits[first1] = 0.0
+    logits[V + 1] = 3.5  # beats its first subtoken by >= 1.5: kept, and the best code
+    masked = rules._margin(logits, n, None)
+    assert masked[V] == -np.inf and masked[V + 1] == logits[V + 1]
+    assert rules.pick(logits, n, None, []) == V + 1

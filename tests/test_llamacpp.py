@@ -207,3 +207,38 @@ def test_vocabulary_mismatch_is_refused(gguf_dirs, tmp_path):
     (d / "zip2zip_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="tokenizer has"):
         open_checkpoint(d, n_threads=1, exact=True)
+
+
+def test_a_saved_kv_cache_reopens_a_conversation_without_reading_it_again(gguf_dirs, tmp_path):
+    """What the app keeps on disk when a chat is left: a fresh runtime (a relaunch) takes it back,
+    the next turn reads only the new message and writes what a full re-read writes."""
+    from app.kv_store import KVStore
+
+    settings = GenerationSettings(max_tokens=12)
+    rt = open_runtime(str(gguf_dirs["merge"]), "llamacpp")
+    a = rt.session()
+    for text in ("def f(x):\n    return x + 1\n", "Again, for g."):
+        list(a.send(text, settings))
+    saved, snap = a.to_dict(), a.kv_snapshot()
+    assert snap is not None and snap.fed == a.fed > 0
+    KVStore(tmp_path / "kv", rt.identity).save("chat-1", snap)
+    rt.close()
+
+    again = open_runtime(str(gguf_dirs["merge"]), "llamacpp")
+    kv = KVStore(tmp_path / "kv", again.identity).load("chat-1")
+    warm, cold = again.session(), again.session()
+    assert warm.restore(saved, kv) is None and warm.fed == snap.fed
+    cold.restore(saved)
+    assert cold.fed == 0
+    ev_warm, ev_cold = list(warm.send("And once more.", settings)), list(cold.send("And once more.", settings))
+    codes = [[e.code for e in evs if isinstance(e, Token) and e.code is not None] for evs in (ev_warm, ev_cold)]
+    assert codes[0] == codes[1] and codes[0]
+    assert ev_warm[-1].stats.cached_codes == snap.fed and ev_cold[-1].stats.cached_codes == 0
+    # a cache that does not hold this conversation's codes is not taken; the turn reads it all
+    other = again.session()
+    changed = dict(saved, codes=list(saved["codes"][:-1]) + [saved["codes"][0]], fed=saved["fed"])
+    try:
+        note = other.restore(changed, kv)
+    except ValueError:
+        note = "the saved state itself was refused"
+    assert note is not None and other.fed == 0

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backends.checkpoint import encoder_file, locate_base
 from backends.config import CompressionSettings, Zip2ZipConfig
 from backends.sources import load_tokenizer, pad_id_of
 from backends.torch_backend import checkpoint
@@ -84,7 +85,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Built:
     tok_dir = Path(cfg.output) / "tokenizer"
     tok.save_pretrained(tok_dir)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    lm = checkpoint.load_base(cfg.base_model, dtype, device)
+    lm = checkpoint.load_base(locate_base(cfg.base_model), dtype, device)
     for p in lm.parameters():
         p.requires_grad_(False)
     disabled = sorted(set(tok.get_added_vocab().values()) | set(tok.all_special_ids))
@@ -120,7 +121,7 @@ def init_from(model: Zip2ZipLM, ckpt: Path) -> None:
         if getattr(theirs, key) != getattr(ours, key):
             raise TrainConfigError(f"init_from: {ckpt} has {key} {getattr(theirs, key)}, the recipe "
                                    f"{getattr(ours, key)}; make the recipe match the checkpoint")
-    checkpoint.load_encoders(model, ckpt)
+    checkpoint.load_encoders(model, encoder_file(ckpt))
     adapter = ckpt / "adapter_model.safetensors"
     if hasattr(model.lm, "peft_config") and adapter.is_file():
         result = set_peft_model_state_dict(model.lm, load_file(adapter))

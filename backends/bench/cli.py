@@ -108,6 +108,11 @@ def cmd_answers(args: argparse.Namespace) -> int:
     from .compare import load_prompts
 
     prompts = load_prompts(args.prompts)[: args.limit or None]
+    if args.margins:
+        margins = [None if m.strip() == "off" else float(m) for m in args.margins.split(",")]
+        _emit(args, f"decoding policy (hyper margin), {rt.describe()}; speed_vs_base: decode tok/s ratio",
+              bench_quality.margin_curve(rt, plain, prompts, args.max_tokens, margins, _progress))
+        return 0
     rows = bench_quality.answers(rt, plain, prompts, args.max_tokens, _progress)
     if args.markdown:
         Path(args.markdown).write_text(bench_quality.format_answers(rows))
@@ -248,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--limit", type=int, default=0, help="first N prompts only")
     an.add_argument("--prompts", help="JSONL prompt set (default: the default model's evaluation set)")
     an.add_argument("--markdown", help="write the answers side by side to this file")
+    an.add_argument("--margins", metavar="M,M,...",
+                    help="the decoding policy's curve instead: e.g. off,0,1,2 (a hypertoken must beat its first "
+                         "subtoken's logit by M); the base answers once")
     an.set_defaults(func=cmd_answers)
     lg = sub.add_parser("long", help="long documents: prefill, time to first token, KV size, follow-up (llama.cpp)")
     _model_args(lg)

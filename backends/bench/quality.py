@@ -79,19 +79,26 @@ def loops(answer: str, reason: str) -> bool:
 
 
 def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: int,
-            progress: Callable[[str], None]) -> list[dict]:
+            progress: Callable[[str], None], hyper_margin: float | None = None,
+            base_rows: list[dict] | None = None) -> list[dict]:
     """Both models answer each prompt (a conversation: earlier turns answered first) greedily on
     the same backend; per prompt: the final replies, their compression, speed, correctness against
-    ``expect`` and replacement characters (U+FFFD: bytes cut across a character)."""
+    ``expect`` and replacement characters (U+FFFD: bytes cut across a character). ``base_rows``:
+    the base's answers of an earlier call, reused (the base does not depend on ``hyper_margin``)."""
     from ..engine import GenerationSettings
 
     out = []
     for i, p in enumerate(prompts):
         turns, expect = p["turns"], p.get("expect", [])
         row: dict[str, Any] = {"kind": p.get("group", ""), "prompt": " / ".join(turns)}
-        for name, r in (("zip", rt), ("base", plain)):
+        if base_rows is not None:
+            row |= {k: v for k, v in base_rows[i].items() if k.startswith("base_")}
+        for name, r, margin in (("zip", rt, hyper_margin), ("base", plain, None)):
+            if name == "base" and base_rows is not None:
+                continue
             progress(f"answers {i + 1}/{len(prompts)}: {name}")
-            text, stats, reason = final_reply(r.session(), turns, GenerationSettings(max_tokens=max_tokens))
+            settings = GenerationSettings(max_tokens=max_tokens, hyper_margin=margin)
+            text, stats, reason = final_reply(r.session(), turns, settings)
             answer = text.strip()
             row[f"{name}_loops"] = loops(answer, reason)
             row[f"{name}_decode_s"] = stats.decode_s
@@ -104,6 +111,24 @@ def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: 
             row[f"{name}_prompt_codes"] = stats.prompt_codes
             row[f"{name}_decode_tok_s"] = stats.decode_tok_s
         out.append(row)
+    return out
+
+
+def margin_curve(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: int,
+                 margins: Sequence[float | None], progress: Callable[[str], None]) -> list[dict]:
+    """The decoding policy's trade-off: for each margin, right answers, output codes per token and
+    decode speed per group, the base answering once for all of them."""
+    out, base_rows = [], None
+    for m in margins:
+        progress(f"hyper margin {'off' if m is None else m}")
+        rows = answers(rt, plain, prompts, max_tokens, progress, m, base_rows)
+        base_rows = rows
+        for s in summarize_answers(rows):
+            out.append({"margin": "off" if m is None else m, "prompts": s["prompts"],
+                        "zip_correct": s["zip_correct"], "base_correct": s["base_correct"],
+                        "output_codes_per_token": s["output_codes_per_token"],
+                        "zip_loops": s["zip_loops"], "zip_fffd": s["zip_fffd"],
+                        "speed_vs_base": s["zip_decode_tok_s"] / s["base_decode_tok_s"] if s["base_decode_tok_s"] else 0.0})
     return out
 
 

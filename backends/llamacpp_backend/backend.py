@@ -56,6 +56,7 @@ class _Shared:
         if self.active is not seq:
             if self.active is not None:
                 self.active.park(self.ctx.save_seq(), self.ctx.n_past)
+                self.active = None  # parked: a failing load below leaves no sequence active
             self.ctx.load_seq(seq.saved, seq.n_past)
             seq.saved = None
             self.active = seq
@@ -84,6 +85,23 @@ class _Sequence:
 
     def trim(self, n: int) -> None:
         self.ctx.trim(n)
+
+    def export_kv(self) -> tuple[bytes, int]:
+        """(KV cache bytes, positions) of this conversation: what ``import_kv`` takes back."""
+        if self.shared.active is self:
+            return self.shared.ctx.save_seq(), self.shared.ctx.n_past
+        return self.saved or b"", self.n_past
+
+    def import_kv(self, data: bytes, n_past: int) -> None:
+        """Take a cache ``export_kv`` gave (this model, maybe another process); loaded now, so bytes
+        llama.cpp refuses raise ``BackendError`` here and leave the conversation empty."""
+        self._clear_kv()
+        self.park(data, n_past)
+        try:
+            self.ctx  # noqa: B018 - activating loads the bytes into the context
+        except BackendError:
+            self.saved, self.n_past = None, 0
+            raise
 
     def kv_bytes(self) -> int:
         if self.shared.active is self:
