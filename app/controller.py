@@ -9,7 +9,7 @@ Contract:
 - Opening a conversation opens what can be opened: messages with bad bytes are shown repaired,
   an unusable saved engine state is rebuilt from the messages; ``notes`` says what happened.
 - Leaving a conversation (another one, a new chat, a model switch, quitting) keeps its KV cache
-  on disk where the backend can export it (``kv_store.py``); opening it again takes that cache
+  on disk where the backend can export it (``backends/kv_store.py``); opening it again takes that cache
   instead of reading the conversation again, when it still matches.
 - Settings come from the command line's ``settings_from`` and are validated the same way
   (``SettingsError``) whether typed on the command line or in the app.
@@ -27,9 +27,9 @@ from typing import Any
 from backends.assets import cache_dir
 from backends.engine import GenerationSettings, TurnStats
 from backends.errors import SettingsError
+from backends.kv_store import KVStore
 
 from .cli import settings_from
-from .kv_store import KVStore
 from .store import Message, NotSaved, PendingWrites, Store
 
 SETTING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "lookahead")

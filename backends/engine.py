@@ -440,16 +440,17 @@ class Session:
         return KVSnapshot(data, n, codes_digest(self.codes[:n]))
 
     def _import_kv(self, kv: KVSnapshot | None) -> str | None:
-        """After ``restore``: take ``kv`` when it holds exactly the start of this stream. Returns why
-        it was not taken (the next send then reads the conversation again), or None."""
+        """On a fresh state after ``restore``'s ``_set``: take ``kv`` (and the entries' vectors saved
+        with it) when it holds exactly the start of this stream. Returns why it was not taken (the
+        caller then registers the entries and the next send reads the conversation again)."""
         if kv is None:
-            return None
+            return "no saved KV cache"
         if not isinstance(self.state, SavesKV):
             return "this backend cannot reuse a saved KV cache"
         if not 0 < kv.fed <= len(self.codes) or kv.digest != codes_digest(self.codes[:kv.fed]):
             return "the saved KV cache does not match the conversation"
         try:
-            self.state.import_kv(kv.data, kv.fed)
+            self.state.import_kv(kv.data, kv.fed, list(self.codec.codebook.items()), self.codec.candidate())
         except BackendError as e:
             return f"the saved KV cache was refused ({e})"
         self.stream.fed = kv.fed
@@ -498,8 +499,10 @@ class Session:
         self._set(d, codec, messages)
         self.stream.fed = 0
         codec.take_new_entries()
-        self.state.add_entries(list(codec.codebook.items()), codec.candidate())
-        return self._import_kv(kv)
+        why = self._import_kv(kv)
+        if why is not None:
+            self.state.add_entries(list(codec.codebook.items()), codec.candidate())
+        return None if kv is None else why
 
     def restore_or_rebuild(self, d: dict[str, Any] | None, messages: list[dict[str, str]],
                            kv: KVSnapshot | None = None) -> str | None:

@@ -16,6 +16,8 @@ slots and vectors, its position count. Two states of one model never see each ot
 
 A state that can hand its KV cache out as bytes and take it back (llama.cpp's) also implements
 ``SavesKV``: the app keeps a conversation's cache on disk, so reopening it skips the prefill.
+``import_kv`` stands for ``add_entries`` on a fresh state: it registers the codebook's entries
+with what the export saved of them instead of encoding them again.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class DecodeState(Protocol):
 @runtime_checkable
 class SavesKV(Protocol):
     def export_kv(self) -> tuple[bytes, int]: ...  # (bytes, positions)
-    def import_kv(self, data: bytes, n_past: int) -> None: ...  # BackendError when refused
+    def import_kv(self, data: bytes, n_past: int, entries: Sequence[Entry],
+                  candidate: Entry | None = None) -> None: ...  # BackendError when refused (state then empty)
 
 
 class Model(Protocol):

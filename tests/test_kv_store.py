@@ -1,11 +1,11 @@
-"""``app/kv_store.py``: conversations' KV caches on disk are checked before use and kept to a budget."""
+"""``backends/kv_store.py``: conversations' KV caches on disk are checked before use and kept to a budget."""
 
 from __future__ import annotations
 
 import os
 
-from app.kv_store import KVStore
 from backends.engine import KVSnapshot, codes_digest
+from backends.kv_store import KVStore
 
 
 def snap(n: int, size: int = 1000) -> KVSnapshot:

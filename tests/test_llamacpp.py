@@ -212,7 +212,7 @@ def test_vocabulary_mismatch_is_refused(gguf_dirs, tmp_path):
 def test_a_saved_kv_cache_reopens_a_conversation_without_reading_it_again(gguf_dirs, tmp_path):
     """What the app keeps on disk when a chat is left: a fresh runtime (a relaunch) takes it back,
     the next turn reads only the new message and writes what a full re-read writes."""
-    from app.kv_store import KVStore
+    from backends.kv_store import KVStore
 
     settings = GenerationSettings(max_tokens=12)
     rt = open_runtime(str(gguf_dirs["merge"]), "llamacpp")
@@ -230,6 +230,9 @@ def test_a_saved_kv_cache_reopens_a_conversation_without_reading_it_again(gguf_d
     assert warm.restore(saved, kv) is None and warm.fed == snap.fed
     cold.restore(saved)
     assert cold.fed == 0
+    live = cold.state.slots.live
+    assert live > 0 and warm.state.slots.live == live  # the entries' vectors came with the cache
+    np.testing.assert_allclose(warm.state.hyper_out[:live], cold.state.hyper_out[:live], atol=1e-5)  # batch rounding
     ev_warm, ev_cold = list(warm.send("And once more.", settings)), list(cold.send("And once more.", settings))
     codes = [[e.code for e in evs if isinstance(e, Token) and e.code is not None] for evs in (ev_warm, ev_cold)]
     assert codes[0] == codes[1] and codes[0]

@@ -6,7 +6,10 @@ engines on the same base GGUF, same threads, one after the other: zip2zip on our
 plain base on our engine (token ids, no adapter), and llama-cpp-python's ``Llama.generate`` (which
 reuses the KV cache of a shared prompt prefix on the follow-up). Reported: prefill seconds, time to
 first token, KV cache bytes after the reply, decode tokens/s at that depth, and the follow-up's
-time to first token.
+time to first token. Then going back to the conversation later (the app's reopen): a new session
+restored from the saved state sends one more question, once with the KV cache saved on disk
+(``KVStore``: written, read back, imported) and once without (the conversation is read again);
+the time from the start of the reopen to the first token.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ..runtime import Runtime
 
 QUESTION = "What is the text above about? Answer in one sentence."
 FOLLOW_UP = "Name one detail from it."
+REOPEN = "Anything else?"
 
 
 def _document(tokenizer: Any, domain: str, tokens: int) -> str:
@@ -40,8 +44,35 @@ def _ours(rt: Runtime, doc: str, reply_tokens: int) -> dict[str, Any]:
         st = done.stats
         row[key] = {"prefill_s": st.prefill_s, "ttft_s": st.ttft_s, "positions": st.context_codes,
                     "tokens": st.context_tokens, "decode_tok_s": st.decode_tok_s, "kv_bytes": s.state.kv_bytes()}
+    row["reopen"] = _reopen(rt, s.to_dict(), s.kv_snapshot())
     s.state.close()
     return row
+
+
+def _reopen(rt: Runtime, saved: dict[str, Any], snap: Any) -> dict[str, float]:
+    """Seconds from reopening a saved conversation to the first token of one more reply, with the
+    KV cache from disk and without it."""
+    import tempfile
+    from pathlib import Path
+
+    from ..engine import GenerationSettings, Token
+    from ..kv_store import KVStore
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = KVStore(Path(tmp), rt.identity)
+        if snap is not None:
+            store.save("chat", snap)
+        for key in ("with_kv", "without_kv"):
+            t0 = time.perf_counter()
+            s = rt.session()
+            s.restore(saved, store.load("chat") if key == "with_kv" else None)
+            for ev in s.send(REOPEN, GenerationSettings(max_tokens=4)):
+                if isinstance(ev, Token):
+                    out[key] = time.perf_counter() - t0
+                    break
+            s.state.close()
+    return out
 
 
 def _llama_cpp_python(gguf: str, tokenizer: Any, doc: str, reply_tokens: int, threads: int) -> dict[str, Any]:
@@ -89,7 +120,8 @@ def run(rt: Runtime, plain: Runtime, *, domains: list[str], lengths: list[int], 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'domain':8} {'tokens':>6} {'pos':>6} | {'ttft z2z':>8} {'plain':>6} {'lcp':>6} {'lcp/z2z':>7} | "
-            f"{'KV MB z2z':>9} {'lcp':>6} {'saved':>6} | {'dec z2z':>7} {'lcp':>6} | {'follow-up ttft z2z':>18} {'lcp':>6}")
+            f"{'KV MB z2z':>9} {'lcp':>6} {'saved':>6} | {'dec z2z':>7} {'lcp':>6} | {'follow-up ttft z2z':>18} {'lcp':>6} | "
+            f"{'reopen ttft kv':>14} {'no kv':>6}")
     out = [head]
     for r in rows:
         z, p, c = r["z2z"]["first"], r["plain"]["first"], r["llama_cpp_python"]["first"]
@@ -97,5 +129,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         out.append(f"{r['domain']:8} {z['tokens']:6} {z['positions']:6} | {z['ttft_s']:8.2f} {p['ttft_s']:6.2f} "
                    f"{c['ttft_s']:6.2f} {c['ttft_s'] / z['ttft_s']:7.2f} | {z['kv_bytes'] / 2**20:9.1f} "
                    f"{c['kv_bytes'] / 2**20:6.1f} {1 - z['kv_bytes'] / c['kv_bytes']:6.0%} | "
-                   f"{z['decode_tok_s']:7.1f} {c['decode_tok_s']:6.1f} | {zf['ttft_s']:18.2f} {cf['ttft_s']:6.2f}")
+                   f"{z['decode_tok_s']:7.1f} {c['decode_tok_s']:6.1f} | {zf['ttft_s']:18.2f} {cf['ttft_s']:6.2f} | "
+                   f"{r['z2z']['reopen'].get('with_kv', 0):14.2f} {r['z2z']['reopen'].get('without_kv', 0):6.2f}")
     return "\n".join(out)

@@ -179,7 +179,7 @@ class LlamaContext:
             raise BackendError("llama.cpp could not save a conversation's KV cache")
         return bytes(buf)
 
-    def load_seq(self, data: bytes | None, n_past: int) -> None:
+    def load_seq(self, data: bytes | memoryview | None, n_past: int) -> None:
         """Replace the KV cache with one ``save_seq`` returned (None: empty) of ``n_past`` positions."""
         self.clear()
         if data:

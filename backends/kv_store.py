@@ -2,7 +2,7 @@
 
 ``KVStore(root, identity)`` keeps one file per conversation under ``root`` (the user cache's
 ``kv/`` directory): a JSON header line (format, the runtime's ``identity`` — backend, model files,
-window —, the positions held, the digest of the codes they hold, the data's length and sha256)
+window —, the positions held, the digest of the codes they hold, the data's length and CRC-32)
 followed by the bytes the backend exported. ``load`` checks every field before the bytes reach
 the backend; a file that fails a check is deleted and ``None`` returned: it is a cache, the
 conversation is read again instead. The directory keeps to a size budget (``Z2Z_KV_CACHE_MB``,
@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 
-from backends.engine import KVSnapshot
+from .engine import KVSnapshot
 
-FORMAT = 1
+FORMAT = 2
 DEFAULT_BUDGET_MB = 2048
 
 
@@ -45,7 +46,7 @@ class KVStore:
         if len(snap.data) > self.budget:
             return
         header = {"format": FORMAT, "identity": self.identity, "fed": snap.fed, "digest": snap.digest,
-                  "size": len(snap.data), "sha256": hashlib.sha256(snap.data).hexdigest()}
+                  "size": len(snap.data), "crc32": zlib.crc32(snap.data)}  # damage, not tampering: CRC-32 is 5x cheaper
         self.root.mkdir(parents=True, exist_ok=True)
         out = self.path(conversation)
         tmp = out.with_suffix(".tmp")
@@ -67,7 +68,7 @@ class KVStore:
             self.drop(conversation)
             return None
         ok = (isinstance(header, dict) and header.get("format") == FORMAT and header.get("identity") == self.identity
-              and header.get("size") == len(data) and header.get("sha256") == hashlib.sha256(data).hexdigest()
+              and header.get("size") == len(data) and header.get("crc32") == zlib.crc32(data)
               and isinstance(header.get("fed"), int) and isinstance(header.get("digest"), str))
         if not ok:  # another model, a damaged or truncated file: read the conversation instead
             self.drop(conversation)
