@@ -70,3 +70,22 @@ def _longest_backtick_run(text: str) -> int:
         run = run + 1 if ch == "`" else 0
         best = max(best, run)
     return best
+
+
+def complete_path(partial: str, limit: int = 50) -> tuple[str, list[str]]:
+    """Tab completion of a path being typed: (the longest completion all matches share, the
+    matches, directories ending in ``/``). Hidden entries only when the name typed starts with a dot."""
+    import os
+
+    head, sep, name = partial.rpartition("/")
+    prefix = head + sep  # what stays as typed ("~/src/", "/", "")
+    folder = Path(os.path.expanduser(prefix or "."))
+    try:
+        entries = sorted(e for e in os.listdir(folder)
+                         if e.startswith(name) and (name.startswith(".") or not e.startswith(".")))
+    except OSError:
+        return partial, []
+    matches = [prefix + e + ("/" if (folder / e).is_dir() else "") for e in entries[:limit]]
+    if not matches:
+        return partial, []
+    return os.path.commonprefix(matches), matches

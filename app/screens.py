@@ -6,6 +6,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
+from textual.suggester import Suggester
 from textual.widgets import (
     Button,
     DataTable,
@@ -20,14 +21,28 @@ from textual.widgets import (
 from backends.engine import TurnStats
 
 
+class PathSuggester(Suggester):
+    """Suggests how the last path typed continues (as far as the files that match agree)."""
+
+    def __init__(self) -> None:
+        super().__init__(use_cache=False, case_sensitive=True)
+
+    async def get_suggestion(self, value: str) -> str | None:
+        from .attachments import complete_path
+
+        head, _, last = value.rpartition(" ")
+        done, _ = complete_path(last)
+        return f"{head} {done}".lstrip() if head else done
+
+
 class PromptDialog(ModalScreen[str | None]):
     """Ask for one value (a title, a model path, a setting); Esc cancels."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, title: str, value: str = "", multiline: bool = False):
+    def __init__(self, title: str, value: str = "", multiline: bool = False, paths: bool = False):
         super().__init__()
-        self.title_text, self.value, self.multiline = title, value, multiline
+        self.title_text, self.value, self.multiline, self.paths = title, value, multiline, paths
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
@@ -36,7 +51,9 @@ class PromptDialog(ModalScreen[str | None]):
                 yield TextArea(self.value, id="value")
                 yield Label("Ctrl+S saves, Esc cancels", classes="hint")
             else:
-                yield Input(self.value, id="value")
+                yield Input(self.value, id="value", suggester=PathSuggester() if self.paths else None)
+                if self.paths:
+                    yield Label("Right arrow takes the suggested completion", classes="hint")
 
     def on_mount(self) -> None:
         self.query_one("#value").focus()  # typed text goes into the field at once

@@ -279,7 +279,7 @@ class Z2ZChat(App):
             if value and value.strip():
                 self.attach_files(shlex.split(value))
 
-        self.push_screen(PromptDialog("Attach a text file (path; several separated by spaces)"), done)
+        self.push_screen(PromptDialog("Attach a text file (path; several separated by spaces)", paths=True), done)
 
     def _attach_command(self, text: str) -> bool:
         """``/file PATH ...``, or a lone path to an existing file: attach instead of sending."""

@@ -48,12 +48,33 @@ class ChatInput(TextArea):
             event.prevent_default()
             self.action_submit()
             return
+        if event.key == "tab" and self.text.startswith("/file ") and "\n" not in self.text:
+            event.stop()
+            event.prevent_default()
+            self._complete_path()
+            return
         if event.key in ("up", "down") and self._recalling():
             event.stop()
             event.prevent_default()
             self._recall(-1 if event.key == "up" else 1)
             return
         await super()._on_key(event)
+
+    def _complete_path(self) -> None:
+        """Tab after ``/file``: complete the last path as far as the matches agree; list them when
+        there are several."""
+        from .attachments import complete_path
+
+        head, _, last = self.text.rpartition(" ")
+        done, matches = complete_path(last)
+        if done != last:
+            self.load_text(f"{head} {done}")
+            self.move_cursor(self.document.end)
+        if len(matches) > 1:
+            shown = ", ".join(m.rstrip("/").rpartition("/")[2] + ("/" if m.endswith("/") else "") for m in matches[:12])
+            self.app.notify(shown + (" ..." if len(matches) > 12 else ""), title="matches", timeout=6)
+        elif not matches:
+            self.app.notify(f"no file matches {last or '(empty)'}", severity="warning", timeout=4)
 
     def _recalling(self) -> bool:
         """Up/Down recall only in an empty input, or one showing a recalled message unchanged."""

@@ -579,6 +579,39 @@ def test_attach_by_command_key_and_pasted_path(tiny_ckpt, tmp_path):
     run(go())
 
 
+def test_tab_completes_a_file_path_after_slash_file(tiny_ckpt, tmp_path):
+    (tmp_path / "notes-2025.txt").write_text("a")
+    (tmp_path / "notes-2026.txt").write_text("b")
+    (tmp_path / "src").mkdir()
+
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32), notifications=True) as pilot:
+            await ready(app, pilot)
+            box = app.query_one("#input")
+            box.insert(f"/file {tmp_path}/no")
+            await pilot.press("tab")
+            await pilot.pause()
+            assert box.text == f"/file {tmp_path}/notes-202"  # as far as the two files agree
+            assert any("notes-2025.txt, notes-2026.txt" in n.message for n in app._notifications)
+            box.insert("6")
+            await pilot.press("tab")
+            assert box.text == f"/file {tmp_path}/notes-2026.txt" and box.has_focus
+            box.load_text(f"/file {tmp_path}/s")
+            box.move_cursor(box.document.end)
+            await pilot.press("tab")
+            assert box.text == f"/file {tmp_path}/src/"
+            await pilot.press("ctrl+o")  # the dialog suggests the completion; the right arrow takes it
+            await pilot.pause()
+            field = app.screen.query_one("#value")
+            field.insert_text_at_cursor(f"{tmp_path}/notes-2025")
+            await pilot.pause(0.2)
+            await pilot.press("right")
+            assert field.value == f"{tmp_path}/notes-2025.txt"
+
+    run(go())
+
+
 def test_a_failed_model_switch_keeps_the_old_model_and_shows_hints_verbatim(tiny_ckpt, tmp_path):
     async def go():
         app = make_app(tiny_ckpt, tmp_path / "h.db")
