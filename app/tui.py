@@ -271,8 +271,16 @@ class Z2ZChat(App):
     def show_attachments(self) -> None:
         bar = self.query_one("#attached", Static)
         bar.display = bool(self.attachments)
-        sizes = ", ".join(f"{a.name} ({_size(a.size)})" for a in self.attachments)
+        sizes = ", ".join(self._describe(a) for a in self.attachments)
         bar.update(f"attached: {sizes} - sent with the next message")
+
+    def _describe(self, a) -> str:
+        """name (size, base tokens, positions it takes against this conversation's codebook)."""
+        session = self.ctl.session if self.ctl is not None else None
+        if session is None:
+            return f"{a.name} ({_size(a.size)})"
+        tokens, positions = session.measure(a.text)
+        return f"{a.name} ({_size(a.size)}, {tokens:,} tokens, {positions:,} positions)"
 
     def action_attach(self) -> None:
         def done(value: str | None) -> None:
@@ -325,7 +333,7 @@ class Z2ZChat(App):
         if new:
             self.refresh_history()
         chat = self.query_one("#chat", VerticalScroll)
-        views = [Collapsible(Static(a.text, markup=False), title=f"{a.name} ({_size(a.size)})", collapsed=True,
+        views = [Collapsible(Static(a.text, markup=False), title=self._describe(a), collapsed=True,
                              classes="attachment") for a in files]  # collapsed: in the message, not in the way
         views.append(UserView(event.text))
         chat.mount_all(views)

@@ -263,6 +263,12 @@ class Session:
     def fed(self) -> int:
         return self.stream.fed
 
+    def measure(self, text: str) -> tuple[int, int]:
+        """(base tokens, positions) ``text`` would take if sent next, against the codebook as it is
+        now (the conversation's own entries apply); nothing changes."""
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return len(ids), len(CodecSession.from_dict(self.codec.to_dict()).encode(ids))
+
     def context_usage(self, settings: GenerationSettings | None = None) -> ContextUsage:
         settings = settings or GenerationSettings()
         window = self.state.context_length

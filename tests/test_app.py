@@ -561,6 +561,8 @@ def test_attach_by_command_key_and_pasted_path(tiny_ckpt, tmp_path):
             await pilot.press("enter")
             await pilot.pause()
             assert box.text == "" and [a.name for a in app.attachments] == ["notes.txt"]
+            tokens, positions = app.ctl.session.measure("remember the milk\n")
+            assert f"notes.txt (18 B, {tokens} tokens, {positions} positions)" in str(app.query_one("#attached").render())
             box.insert(str(code))  # a path pasted alone
             await pilot.press("enter")
             await pilot.pause()
