@@ -238,17 +238,64 @@ class ChatController:
         self.write_all(*writes)
 
     def prepare_regenerate(self) -> str | None:
-        """Drop the last reply and rewind the engine; the user text to answer again, or None."""
-        if self.conv_id is None or self.before_last is None:
+        """Answer the last message again: the engine goes back to before it and the old reply
+        stays as a branch. Returns the user text to answer again, or None."""
+        if self.conv_id is None or self.session is None:
             return None
         msgs = self.store.messages(self.conv_id)
         if len(msgs) < 2 or msgs[-1].role != "assistant" or msgs[-2].role != "user":
             return None
-        self.write(lambda: self.store.delete_message(msgs[-1].id))
+        cid, user = self.conv_id, msgs[-2]
+        self.write(lambda: self.store.set_head(cid, user.id, descend=False))  # the new reply: a sibling
         if self.turns:
             self.turns.pop()
-        self.session.rewind(self.before_last)  # the state before the last user message was added
-        return msgs[-2].content
+        self._rewind(msgs, len(msgs) - 2)  # the state before the user message: send() adds it again
+        self.before_last = self.session.to_dict()
+        return user.content
+
+    def prepare_edit(self, index: int) -> str:
+        """Edit the user message at ``index`` of the branch shown: the engine goes back to before it
+        (only what follows the edit is read) and the next ``begin_turn`` starts a new branch there;
+        the old branch is kept. Returns the message's text."""
+        msgs = self.store.messages(self.conv_id)
+        target = msgs[index]
+        if target.role != "user":
+            raise ValueError(f"message {index} is a reply; only your messages can be edited")
+        cid = self.conv_id
+        self.write(lambda: self.store.set_head(cid, target.parent, descend=False))
+        self.turns = [TurnStats.from_dict(m.stats) for m in msgs[:index] if m.role == "assistant" and m.stats]
+        self._rewind(msgs, index)
+        return target.content
+
+    def switch_branch(self, index: int, step: int) -> list[Message] | None:
+        """Show the previous (-1) or next (+1) branch at message ``index``; the engine keeps what the
+        branches share and reads the rest with the next message. None when there is no such branch."""
+        msgs = self.store.messages(self.conv_id)
+        siblings = self.store.siblings(msgs[index].id)
+        j = siblings.index(msgs[index].id) + step
+        if not 0 <= j < len(siblings):
+            return None
+        cid = self.conv_id
+        self.write(lambda: self.store.set_head(cid, siblings[j]))
+        branch = self.store.messages(cid)
+        self._rewind(msgs, index)
+        self.session.follow([{"role": m.role, "content": m.content} for m in branch[index:]])
+        self.turns = [TurnStats.from_dict(m.stats) for m in branch if m.role == "assistant" and m.stats]
+        self.before_last = None
+        state = {"engine": self.session.to_dict(), "before_last": None}
+        self.write(lambda: self.store.update(cid, state=state))
+        return branch
+
+    def _rewind(self, branch: list[Message], index: int) -> None:
+        """The engine back to before ``branch[index]``: trimmed where it holds that point, else rebuilt
+        from the messages before it (turns it dropped to fit the window, or a state out of step)."""
+        engine = self.session.messages
+        offset = len(branch) - len(engine)  # turns the engine dropped to fit the window
+        shown = [{"role": m.role, "content": m.content} for m in branch[max(offset, 0):]]
+        if offset >= 0 and index >= offset and engine == shown:
+            self.session.rewind_to(index - offset)
+        else:
+            self.session.restore_or_rebuild(None, [{"role": m.role, "content": m.content} for m in branch[:index]])
 
     def delete(self, cid: int) -> None:
         self.write(lambda: self.store.delete(cid))

@@ -1,8 +1,12 @@
 """Conversation history in SQLite (WAL, one commit per message), in the user data directory.
 
-Tables: ``conversations`` (title, model, settings and the engine state needed to resume: codec
-snapshot and code stream) and ``messages`` (role, content, the reply's units for colouring,
-whether it was stopped, its statistics).
+Tables: ``conversations`` (title, model, settings, the engine state needed to resume: codec
+snapshot and code stream, and ``head``: the last message of the branch shown) and ``messages``
+(role, content, the reply's units for colouring, whether it was stopped, its statistics, and
+``parent``: the message it answers or follows). Messages form a tree: an edited message or a
+regenerated reply is a sibling of the one it replaces, and both branches are kept;
+``messages(cid)`` is the branch from the root to ``head``. Files written before branches existed
+are migrated when opened (each message's parent is the one before it).
 
 ``open_store(path)`` looks at the file read-only before writing anything:
 - a file that is not a z2z-chat database (another program's SQLite file, or not SQLite at all
@@ -41,8 +45,9 @@ from backends.errors import Z2ZError
 
 BUSY_WAIT_S = 5.0
 T = TypeVar("T")
-TABLES = {"conversations": {"id", "title", "model", "system", "settings", "state", "created", "updated"},
-          "messages": {"id", "conversation", "role", "content", "units", "stopped", "stats", "created"}}
+TABLES = {"conversations": {"id", "title", "model", "system", "settings", "state", "created", "updated", "head"},
+          "messages": {"id", "conversation", "role", "content", "units", "stopped", "stats", "created", "parent"}}
+ADDED = {"conversations": {"head"}, "messages": {"parent"}}  # columns newer than the first version
 
 
 class NotSaved(Z2ZError):
@@ -82,7 +87,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     settings TEXT NOT NULL DEFAULT '{}',
     state TEXT,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    head INTEGER
 );
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -92,9 +98,17 @@ CREATE TABLE IF NOT EXISTS messages (
     units TEXT,
     stopped INTEGER NOT NULL DEFAULT 0,
     stats TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    parent INTEGER
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation, id);
+"""
+MIGRATE = """
+ALTER TABLE conversations ADD COLUMN head INTEGER;
+ALTER TABLE messages ADD COLUMN parent INTEGER;
+UPDATE messages SET parent = (SELECT max(p.id) FROM messages p
+                              WHERE p.conversation = messages.conversation AND p.id < messages.id);
+UPDATE conversations SET head = (SELECT max(m.id) FROM messages m WHERE m.conversation = conversations.id);
 """
 
 
@@ -115,6 +129,7 @@ class Message:
     stopped: bool = False
     stats: dict[str, Any] | None = None
     id: int | None = None
+    parent: int | None = None
 
 
 @dataclass
@@ -201,14 +216,39 @@ class Store:
 
     # messages
     def messages(self, cid: int) -> list[Message]:
-        rows = self.db.execute("SELECT role, content, units, stopped, stats, id FROM messages "
-                               "WHERE conversation = ? ORDER BY id", (cid,)).fetchall()
+        """The branch shown: from the first message to the conversation's ``head``."""
+        rows = self.db.execute(
+            "WITH RECURSIVE branch(id) AS (SELECT head FROM conversations WHERE id = ? "
+            "UNION ALL SELECT m.parent FROM messages m JOIN branch b ON m.id = b.id WHERE m.parent IS NOT NULL) "
+            "SELECT role, content, units, stopped, stats, id, parent FROM messages "
+            "WHERE id IN (SELECT id FROM branch) ORDER BY id", (cid,)).fetchall()
         out = []
         for r in rows:
             units, stats = self._json(r[2], None), self._json(r[4], None)
             out.append(Message(r[0], r[1], units if isinstance(units, list) else None, bool(r[3]),
-                               stats if isinstance(stats, dict) else None, r[5]))
+                               stats if isinstance(stats, dict) else None, r[5], r[6]))
         return out
+
+    def siblings(self, mid: int) -> list[int]:
+        """Ids of the messages that are alternatives to ``mid`` (same parent, same role), itself
+        included, oldest first: the branches an edit or a regenerate made there."""
+        return [r[0] for r in self.db.execute(
+            "SELECT s.id FROM messages s JOIN messages m ON m.id = ? WHERE s.conversation = m.conversation "
+            "AND s.role = m.role AND s.parent IS m.parent ORDER BY s.id", (mid,))]
+
+    def set_head(self, cid: int, mid: int | None, descend: bool = True) -> None:
+        """Show the branch through ``mid``: down to its newest descendant, or ending at ``mid`` when
+        not ``descend`` (the next message then starts a new branch there; None: before the first)."""
+        def write() -> None:
+            leaf = mid
+            while descend and leaf is not None:
+                child = self.db.execute("SELECT max(id) FROM messages WHERE parent = ?", (leaf,)).fetchone()[0]
+                if child is None:
+                    break
+                leaf = child
+            self.db.execute("UPDATE conversations SET head = ?, updated = ? WHERE id = ?", (leaf, time.time(), cid))
+
+        self._write(write)
 
     def sent(self, limit: int = 500) -> list[str]:
         """What the user sent, in every conversation, oldest first (the input's Up/Down recall)."""
@@ -216,20 +256,31 @@ class Store:
                                (limit,)).fetchall()
         return [r[0] for r in reversed(rows) if isinstance(r[0], str)]
 
-    def add_message(self, cid: int, m: Message) -> int:
+    def add_message(self, cid: int, m: Message, parent: int | None | str = "head") -> int:
+        """Add ``m`` after ``parent`` (default: the branch's last message) and show its branch."""
         def write() -> sqlite3.Cursor:
+            after = (self.db.execute("SELECT head FROM conversations WHERE id = ?", (cid,)).fetchone() or [None])[0] \
+                if parent == "head" else parent
             cur = self.db.execute(
-                "INSERT INTO messages (conversation, role, content, units, stopped, stats, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (conversation, role, content, units, stopped, stats, created, parent) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (cid, m.role, m.content, json.dumps(m.units) if m.units is not None else None, int(m.stopped),
-                 json.dumps(m.stats) if m.stats is not None else None, time.time()))
-            self.db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), cid))
+                 json.dumps(m.stats) if m.stats is not None else None, time.time(), after))
+            self.db.execute("UPDATE conversations SET updated = ?, head = ? WHERE id = ?",
+                            (time.time(), cur.lastrowid, cid))
             return cur
 
         return int(self._write(write).lastrowid)
 
     def delete_message(self, mid: int) -> None:
-        self._write(lambda: self.db.execute("DELETE FROM messages WHERE id = ?", (mid,)))
+        """Remove a message that has no replies (a withdrawn one); its branch shows its parent."""
+        def write() -> None:
+            row = self.db.execute("SELECT conversation, parent FROM messages WHERE id = ?", (mid,)).fetchone()
+            self.db.execute("DELETE FROM messages WHERE id = ?", (mid,))
+            if row is not None:
+                self.db.execute("UPDATE conversations SET head = ? WHERE id = ? AND head = ?", (row[1], row[0], mid))
+
+        self._write(write)
 
     def close(self) -> None:
         self.db.close()
@@ -280,10 +331,22 @@ def _check_ours(path: Path, how: str = "mode=ro") -> None:
             raise NotOurs(f"it holds other tables ({', '.join(sorted(tables))})")
         for t, cols in TABLES.items():
             have = {r[1] for r in ro.execute(f"PRAGMA table_info({t})")}
-            if have != cols:
+            if have not in (cols, cols - ADDED[t]):
                 raise NotOurs(f"its table {t} has other columns")
     finally:
         ro.close()
+
+
+def _needs_migration(conn: sqlite3.Connection) -> bool:
+    return "parent" not in {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """A file from before branches: every message follows the one before it (one transaction)."""
+    if _needs_migration(conn):
+        with conn:
+            for statement in MIGRATE.strip().split(";\n"):
+                conn.execute(statement)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -296,6 +359,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             raise sqlite3.DatabaseError("integrity check failed")
         with conn:
             conn.executescript(SCHEMA)
+        _migrate(conn)
         conn.execute("BEGIN IMMEDIATE")  # fails now, not at the first message, if another writer holds it
         conn.rollback()
     except sqlite3.Error:
@@ -323,6 +387,12 @@ def _read_only(path: Path, why: str) -> Store:
             error = e
     else:
         return _in_memory(f"History database {path} {why} and cannot be read either ({error})")
+    if _needs_migration(conn):
+        mem = sqlite3.connect(":memory:", check_same_thread=False)  # a file from before branches: shown
+        conn.backup(mem)  # migrated in memory, the file stays as it is
+        conn.close()
+        conn = mem
+        _migrate(conn)
     return Store(conn, path, f"History database {path} {why}: your conversations are shown, but nothing "
                              "new is saved. Make it writable, or set Z2Z_DATA_DIR to a writable directory.",
                  read_only=True)
@@ -347,17 +417,25 @@ def _merge_fallback(store: Store, fallback: Path) -> str | None:
     db = store.db
     db.execute("ATTACH DATABASE ? AS fb", (str(fallback),))
     try:
-        convs = db.execute("SELECT id, title, model, system, settings, state, created, updated "
-                           "FROM fb.conversations ORDER BY id").fetchall()
+        branched = "parent" in {r[1] for r in db.execute("PRAGMA fb.table_info(messages)")}
+        convs = db.execute("SELECT id, title, model, system, settings, state, created, updated, "
+                           f"{'head' if branched else 'NULL'} FROM fb.conversations ORDER BY id").fetchall()
         if not convs:
             return None
         with db:
-            for old, *fields in convs:
+            for old, *fields, head in convs:
                 new = db.execute("INSERT INTO conversations (title, model, system, settings, state, created, "
                                  "updated) VALUES (?, ?, ?, ?, ?, ?, ?)", fields).lastrowid
-                db.execute("INSERT INTO messages (conversation, role, content, units, stopped, stats, created) "
-                           "SELECT ?, role, content, units, stopped, stats, created FROM fb.messages "
-                           "WHERE conversation = ? ORDER BY id", (new, old))
+                ids: dict[int | None, int | None] = {None: None}
+                last = None
+                for mid, parent, *row in db.execute(
+                        f"SELECT id, {'parent' if branched else 'NULL'}, role, content, units, stopped, stats, "
+                        "created FROM fb.messages WHERE conversation = ? ORDER BY id", (old,)).fetchall():
+                    last = ids[mid] = db.execute(
+                        "INSERT INTO messages (conversation, role, content, units, stopped, stats, created, parent) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (new, *row, ids.get(parent) if branched else last)).lastrowid
+                db.execute("UPDATE conversations SET head = ? WHERE id = ?", (ids.get(head, last) if branched else last, new))
             db.execute("DELETE FROM fb.messages")
             db.execute("DELETE FROM fb.conversations")
     finally:

@@ -152,6 +152,18 @@ class KVSnapshot:
     digest: str
 
 
+def _marks(raw: Any, n_messages: int, n_codes: int, n_text: int) -> list[tuple[int, int] | None]:
+    """Saved message boundaries, each checked; unknown (None) where missing or impossible."""
+    if not isinstance(raw, list) or len(raw) != n_messages:
+        return [None] * n_messages
+    out: list[tuple[int, int] | None] = []
+    for m in raw:
+        ok = (isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m)
+              and 0 <= m[0] <= n_codes and 0 <= m[1] <= n_text)
+        out.append((m[0], m[1]) if ok else None)
+    return out
+
+
 def codes_digest(codes: Sequence[int]) -> str:
     return hashlib.sha256(array("q", codes).tobytes()).hexdigest()
 
@@ -243,6 +255,7 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation: messages, codebook and KV cache."""
         self.messages: list[dict[str, str]] = []
+        self.marks: list[tuple[int, int] | None] = []  # per message: (codes, fed_text chars) before it
         self._clear_stream()
 
     def _clear_stream(self) -> None:
@@ -362,14 +375,17 @@ class Session:
         before = self.to_dict()  # a message withdrawn during its prefill leaves no trace
         if restart:
             self.messages = self.messages[2 * drop:]
+            self.marks = [None] * len(self.messages)  # re-read as one text: no boundaries inside it
             self._clear_stream()
         if drop:
             yield Notice(f"dropped the {drop} oldest turn(s) to fit the context window "
                          f"({self.state.context_length} positions); the rest was re-read")
         self.messages.append({"role": "user", "content": user_text})
         start = len(self.codes)
+        self.marks.append(None if restart else (start, len(self.fed_text)))
         self.stream.extend(self.codec.encode(ids), self.codec)
         self.fed_text += text
+        reply_mark = (len(self.codes), len(self.fed_text))
         pending = sum(len(self.codec.expand(c)) for c in self.codes[self.fed:])
         stats = TurnStats(prompt_tokens=len(ids), prompt_codes=len(self.codes) - start,
                           codebook_capacity=self.codec_config.max_codebook_size,
@@ -384,6 +400,7 @@ class Session:
                 self.restore(before) if restart else self.rewind(before)
             else:
                 self.messages.append({"role": "assistant", "content": "".join(reply)})
+                self.marks.append(reply_mark)
 
     def _reply(self, settings: GenerationSettings, cancel: threading.Event | None, stats: TurnStats,
                reply: list[str], withdrawn: list[bool]) -> Iterator[Event]:
@@ -465,7 +482,7 @@ class Session:
     def to_dict(self) -> dict[str, Any]:
         return {"version": 1, "system": self.system, "position_mode": self.position_mode,
                 "messages": [dict(m) for m in self.messages], "codes": list(self.codes), "fed": self.fed,
-                "fed_text": self.fed_text, "codec": self.codec.to_dict()}
+                "fed_text": self.fed_text, "codec": self.codec.to_dict(), "marks": [list(m) if m else None for m in self.marks]}
 
     def _load(self, d: dict[str, Any]) -> tuple[CodecSession, list[dict[str, str]]]:
         """Validate a saved state against this model; ``ValueError`` says what is wrong."""
@@ -525,7 +542,37 @@ class Session:
             note = None
         self.reset()
         self.messages = [dict(m) for m in messages]
+        self.marks = [None] * len(messages)
         return note
+
+    def rewind_to(self, n: int) -> bool:
+        """Go back to just before message ``n`` (to edit it, or answer it again): the KV cache is
+        trimmed to that point and the hyper entries made since are dropped, so only what follows
+        is read. Where the boundary is not known (the message was re-read with dropped turns), the
+        conversation is rebuilt from its first ``n`` messages instead. True when the cache was kept."""
+        mark = self.marks[n] if n < len(self.marks) else None
+        if mark is None:
+            messages = self.messages[:n]
+            self.reset()
+            self.messages, self.marks = messages, [None] * n
+            return False
+        n_codes, n_text = mark
+        codec = CodecSession(self.codec_config)
+        for c in self.codes[:n_codes]:
+            codec.push(c)
+        saved = codec.to_dict()
+        saved["fresh"] = min(len(saved["entries"]), self.codec.to_dict()["fresh"])
+        self.rewind({"version": 1, "system": self.system, "position_mode": self.position_mode,
+                     "messages": [dict(m) for m in self.messages[:n]], "codes": self.codes[:n_codes],
+                     "fed": min(self.fed, n_codes), "fed_text": self.fed_text[:n_text], "codec": saved,
+                     "marks": [list(m) if m else None for m in self.marks[:n]]})
+        return True
+
+    def follow(self, messages: list[dict[str, str]]) -> None:
+        """Messages of another branch after the current end (a branch switched to): they are read
+        with the next send, which continues the stream from here."""
+        self.messages += [dict(m) for m in messages]
+        self.marks += [None] * len(messages)
 
     def rewind(self, d: dict[str, Any]) -> None:
         """Go back to an earlier ``to_dict()`` of this session (e.g. to regenerate a reply),
@@ -543,6 +590,7 @@ class Session:
 
     def _set(self, d: dict[str, Any], codec: CodecSession, messages: list[dict[str, str]]) -> None:
         self.system, self.messages = d.get("system"), messages
+        self.marks = _marks(d.get("marks"), len(messages), len(d["codes"]), len(d["fed_text"]))
         self.codec, self.fed_text = codec, d["fed_text"]
         self.stream = Stream(self.position_mode)
         self.stream.extend(d["codes"], codec)

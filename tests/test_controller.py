@@ -117,3 +117,37 @@ def test_leaving_a_chat_keeps_its_kv_cache_and_reopening_takes_it(tiny_ckpt, tmp
     assert events[-1].stats.cached_codes == fed
     again.delete(cid)
     assert not again.kv.path(again._kv_key(cid)).exists()
+
+
+def test_edit_switch_and_regenerate_keep_every_branch_and_reread_only_from_the_branch_point(runtime, tiny_ckpt,
+                                                                                          tmp_path):
+    ctl = controller(runtime, tmp_path / "h.db", tiny_ckpt)
+    turn(ctl, "first message")
+    turn(ctl, "second message")
+    cid = ctl.conv_id
+    first_turn_codes = ctl.session.marks[2][0]
+    assert ctl.prepare_edit(2) == "second message"
+    ctl.begin_turn("second, edited")
+    events = list(ctl.session.send("second, edited", ctl.generation_settings()))
+    ctl.end_turn("".join(getattr(e, "text", "") for e in events), [], False, events[-1].stats)
+    assert events[-1].stats.cached_codes == first_turn_codes > 0  # the first turn was not read again
+    branch = ctl.store.messages(cid)
+    assert [m.content for m in branch][:3] == ["first message", branch[1].content, "second, edited"]
+    assert len(ctl.store.siblings(branch[2].id)) == 2
+
+    shown = ctl.switch_branch(2, -1)  # back to the original second message and its reply
+    assert [m.content for m in shown][2] == "second message" and len(shown) == 4
+    assert ctl.session.messages == [{"role": m.role, "content": m.content} for m in shown]
+    ctl.begin_turn("third")
+    events = list(ctl.session.send("third", ctl.generation_settings()))
+    assert events[-1].stats.cached_codes == first_turn_codes  # only the branch's own part was read
+    ctl.end_turn("".join(getattr(e, "text", "") for e in events), [], False, events[-1].stats)
+    assert ctl.switch_branch(2, -1) is None  # there is no branch before the first
+
+    old = ctl.store.messages(cid)[-1]
+    assert ctl.prepare_regenerate() is not None
+    ctl.end_turn("another answer", [], False, None)
+    last = ctl.store.messages(cid)[-1]
+    assert last.content == "another answer" and ctl.store.siblings(last.id) == [old.id, last.id]
+    reopened = controller(runtime, tmp_path / "h.db", tiny_ckpt).open(cid)  # the branch shown is kept
+    assert [m.content for m in reopened.messages][-1] == "another answer"

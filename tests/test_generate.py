@@ -212,3 +212,21 @@ def test_the_hyper_margin_compares_each_entry_with_its_own_first_subtoken(tok):
     masked = rules._margin(logits, n, None)
     assert masked[V] == -np.inf and masked[V + 1] == logits[V + 1]
     assert rules.pick(logits, n, None, []) == V + 1
+
+
+def test_going_back_to_an_earlier_message_reads_only_what_follows_it(tok):
+    """Editing message 2 (the second user message): the stream is cut at its start, so the edited
+    message is all that is read, and the reply is what a conversation that always had it writes."""
+    s = new_session(tok)
+    for t in TURNS[:2]:
+        reply(s, t)
+    mark = s.marks[2]
+    assert mark is not None and s.rewind_to(2)
+    assert len(s.messages) == 2 and len(s.codes) == mark[0] and s.fed <= mark[0]
+    codes, done, _ = reply(s, "Something else.")
+    fresh = new_session(tok)
+    reply(fresh, TURNS[0])
+    want, fresh_done, _ = reply(fresh, "Something else.")
+    assert codes == want and done.stats.prompt_codes == fresh_done.stats.prompt_codes
+    assert done.stats.cached_codes > 0  # the first turn was not read again
+    assert s.to_dict()["codes"] == fresh.to_dict()["codes"]

@@ -188,3 +188,51 @@ def test_no_history_directory_keeps_the_session_in_memory(tmp_path):
     s.add_message(cid, Message("user", "hi"))
     assert [m.content for m in s.messages(cid)] == ["hi"]
     s.close()
+
+
+FIXTURE = Path(__file__).parent / "data" / "history-before-branches.db"  # written by the store before branches
+
+
+def test_a_history_from_before_branches_opens_with_every_message(tmp_path):
+    import shutil
+
+    db = tmp_path / "history.db"
+    shutil.copy(FIXTURE, db)
+    s = open_store(db)
+    assert s.warning is None
+    convs = {c.title: c for c in s.conversations()}
+    assert set(convs) == {"Capitals", "Code"} and convs["Capitals"].system == "be brief"
+    msgs = s.messages(convs["Capitals"].id)
+    assert [(m.role, m.content, m.units, m.stopped, m.stats) for m in msgs] == [
+        ("user", "What is the capital of France?", None, False, None),
+        ("assistant", "Paris.", [["Par", 1], ["is.", 2]], False, {"ttft_s": 0.12, "reply_codes": 2}),
+        ("user", "And of Italy? ünïcödé 🙂", None, False, None),
+        ("assistant", "Rome", [["Rome", 1]], True, None)]
+    assert [m.parent for m in msgs] == [None] + [m.id for m in msgs[:-1]]  # each follows the one before
+    assert s.get(convs["Capitals"].id).state == {"engine": {"version": 1, "messages": []}, "before_last": None}
+    assert [m.content for m in s.messages(convs["Code"].id)] == ["def f(x):\n    return x", "```python\nf(1)\n```"]
+    s.add_message(convs["Code"].id, Message("user", "thanks"))
+    assert s.messages(convs["Code"].id)[-1].content == "thanks"
+    s.close()
+
+
+def test_edits_and_regenerations_are_branches_that_are_all_kept(tmp_path):
+    s = open_store(tmp_path / "h.db")
+    cid = s.create("t", "m", None, {})
+    u1 = s.add_message(cid, Message("user", "first"))
+    a1 = s.add_message(cid, Message("assistant", "reply 1"))
+    u2 = s.add_message(cid, Message("user", "second"))
+    s.add_message(cid, Message("assistant", "reply 2"))
+    # edit the second message: a sibling of it, after the first reply
+    u2b = s.add_message(cid, Message("user", "second, edited"), parent=a1)
+    a2b = s.add_message(cid, Message("assistant", "reply 2b"))
+    assert [m.content for m in s.messages(cid)] == ["first", "reply 1", "second, edited", "reply 2b"]
+    assert s.siblings(u2b) == [u2, u2b] and s.siblings(u1) == [u1]
+    # regenerate: another reply to the same message
+    a2c = s.add_message(cid, Message("assistant", "reply 2c"), parent=u2b)
+    assert s.siblings(a2c) == [a2b, a2c]
+    s.set_head(cid, u2)  # back to the first branch: down to its newest message
+    assert [m.content for m in s.messages(cid)] == ["first", "reply 1", "second", "reply 2"]
+    s.set_head(cid, u2b)
+    assert s.messages(cid)[-1].content == "reply 2c"
+    s.close()
