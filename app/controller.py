@@ -11,7 +11,7 @@ Contract:
 - Leaving a conversation (another one, a new chat, a model switch, quitting) keeps its KV cache
   on disk where the backend can export it (``backends/kv_store.py``); opening it again takes that cache
   instead of reading the conversation again, when it still matches.
-- Settings come from the command line's ``settings_from`` and are validated the same way
+- Settings start from the command line's ``AppOptions`` and are validated the same way
   (``SettingsError``) whether typed on the command line or in the app.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 import time
-from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,8 @@ from backends.engine import GenerationSettings, TurnStats
 from backends.errors import SettingsError
 from backends.kv_store import KVStore
 
-from .cli import settings_from
+from .options import SETTING_KEYS, AppOptions
 from .store import Message, NotSaved, PendingWrites, Store
-
-SETTING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "lookahead")
 
 
 def export_dir() -> Path:
@@ -59,14 +56,14 @@ class Opened:
 
 
 class ChatController:
-    def __init__(self, args: Namespace, store: Store):
-        self.args, self.store = args, store
+    def __init__(self, options: AppOptions, store: Store):
+        self.options, self.store = options, store
         self.runtime: Any = None
         self.session: Any = None
         self.ref = ConvRef()
         self.turns: list[TurnStats] = []
         self.before_last: dict[str, Any] | None = None
-        self.settings: dict[str, Any] = {k: getattr(args, k) for k in SETTING_KEYS}
+        self.settings: dict[str, Any] = dict(options.settings)
         self.pending = PendingWrites()
         self.kv: KVStore | None = None
 
@@ -77,7 +74,7 @@ class ChatController:
     # --- settings -----------------------------------------------------------------------------
 
     def generation_settings(self) -> GenerationSettings:
-        return settings_from(Namespace(**{**vars(self.args), **self.settings}))
+        return self.options.generation(self.settings)
 
     def set_settings(self, text: str) -> None:
         """Apply ``key=value ...`` (SettingsError names the bad key; nothing changes then)."""
@@ -90,7 +87,7 @@ class ChatController:
                 new[k] = int(v) if k in ("max_tokens", "top_k", "lookahead") else float(v)
             except ValueError:
                 raise SettingsError(f"{k} must be a number, got {v!r}") from None
-        settings_from(Namespace(**{**vars(self.args), **new}))  # validates
+        self.options.generation(new)  # validates
         self.settings = new
         if self.conv_id is not None:
             ref = self.ref
@@ -131,7 +128,7 @@ class ChatController:
             self.runtime.close()
         self.runtime = runtime
         self.kv = KVStore(cache_dir() / "kv", runtime.identity)
-        self.session = runtime.session(system=self.args.system)
+        self.session = runtime.session(system=self.options.system)
         return notes + (self.open(self.conv_id).notes if self.conv_id is not None else [])
 
     def _kv_key(self, cid: int) -> str:
@@ -188,7 +185,7 @@ class ChatController:
         self.ref, self.turns, self.before_last = ConvRef(), [], None
         if self.session is not None:
             self.session.reset()
-            self.session.system = self.args.system
+            self.session.system = self.options.system
         return notes
 
     def begin_turn(self, text: str) -> None:
@@ -275,11 +272,24 @@ class ChatController:
         j = siblings.index(msgs[index].id) + step
         if not 0 <= j < len(siblings):
             return None
+        return self._show_branch(msgs, siblings[j])
+
+    def open_at(self, cid: int, mid: int) -> Opened:
+        """Open a conversation showing the branch that holds message ``mid`` (a search result)."""
+        opened = self.open(cid)
+        if any(m.id == mid for m in opened.messages):
+            return opened
+        return Opened(self._show_branch(opened.messages, mid), opened.notes)
+
+    def _show_branch(self, shown: list[Message], through: int) -> list[Message]:
+        """Show the branch through message ``through``: the engine keeps the part it shares with
+        ``shown`` and reads the rest with the next message."""
         cid = self.conv_id
-        self.write(lambda: self.store.set_head(cid, siblings[j]))
+        self.write(lambda: self.store.set_head(cid, through))
         branch = self.store.messages(cid)
-        self._rewind(msgs, index)
-        self.session.follow([{"role": m.role, "content": m.content} for m in branch[index:]])
+        common = next((i for i, (a, b) in enumerate(zip(shown, branch)) if a.id != b.id), min(len(shown), len(branch)))
+        self._rewind(shown, common)
+        self.session.follow([{"role": m.role, "content": m.content} for m in branch[common:]])
         self.turns = [TurnStats.from_dict(m.stats) for m in branch if m.role == "assistant" and m.stats]
         self.before_last = None
         state = {"engine": self.session.to_dict(), "before_last": None}
@@ -311,7 +321,7 @@ class ChatController:
     def set_system(self, value: str | None) -> None:
         if self.session is not None:
             self.session.system = value
-        self.args.system = value
+        self.options.system = value
         if self.conv_id is not None:
             ref = self.ref
             self.write(lambda: self.store.update(ref.id, system=value))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -13,10 +14,12 @@ from textual.widgets import (
     Footer,
     Input,
     Label,
+    OptionList,
     Sparkline,
     Static,
     TextArea,
 )
+from textual.widgets.option_list import Option
 
 from backends.engine import TurnStats
 
@@ -128,3 +131,48 @@ class StatsScreen(Screen):
         saved = f"{tok - codes} of {tok} tokens saved ({codes / tok:.2f} codes per token)" if tok else "no turns yet"
         yield Static(f"Whole conversation: {saved}", id="stats-total")
         yield Footer()
+
+
+class SearchScreen(ModalScreen["tuple[int, int] | None"]):
+    """Search every conversation's messages (every branch) as you type; Enter (or a click) on a
+    result opens its conversation at that message; Esc closes. Dismisses with (conversation id,
+    message id) or None."""
+
+    BINDINGS = [Binding("escape", "cancel", "Close"), Binding("down", "results", "Results", show=False)]
+
+    def __init__(self, search) -> None:
+        super().__init__()
+        self.search = search  # text -> [archive.Hit]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Search every conversation (words that start with what you type)")
+            yield Input(id="query", placeholder="search")
+            yield OptionList(id="results")
+            yield Label("", id="count", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#query").focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        hits = self.search(event.value) if event.value.strip() else []
+        self.hits = hits
+        results = self.query_one(OptionList)
+        results.clear_options()
+        results.add_options([Option(Text.assemble((f"{h.title[:24]:24} ", "bold"), (f"{h.role:9} ", "dim"), h.line[:120]))
+                             for h in hits])
+        self.query_one("#count", Label).update(f"{len(hits)} message(s)" + (" (the newest)" if len(hits) >= 200 else ""))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if getattr(self, "hits", None):
+            self.dismiss((self.hits[0].conversation, self.hits[0].message))
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        hit = self.hits[event.option_index]
+        self.dismiss((hit.conversation, hit.message))
+
+    def action_results(self) -> None:
+        self.query_one(OptionList).focus()
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -22,6 +22,10 @@ are migrated when opened (each message's parent is the one before it).
   keeps the session going, with the same kind of warning.
 ``Store.warning`` says what happened, naming both paths.
 
+``search(text)`` finds messages on every branch: SQLite FTS5 (an index kept by triggers, built
+once for older files) matching words that start with what was typed, or a plain ``LIKE`` scan
+where this SQLite has no FTS5 or the file cannot be written.
+
 During a session every write retries for up to ``BUSY_WAIT_S`` while another process holds the
 lock, then raises ``StoreBusy``; a read-only database raises ``StoreReadOnly`` and a full disk
 ``StoreFull``. All three are ``NotSaved``: nothing is lost in the running app because the caller
@@ -103,6 +107,18 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation, id);
 """
+FTS = "messages_fts"
+FTS_SCHEMA = f"""
+CREATE VIRTUAL TABLE {FTS} USING fts5(content, content='messages', content_rowid='id');
+CREATE TRIGGER {FTS}_ai AFTER INSERT ON messages BEGIN
+  INSERT INTO {FTS}(rowid, content) VALUES (new.id, new.content); END;
+CREATE TRIGGER {FTS}_ad AFTER DELETE ON messages BEGIN
+  INSERT INTO {FTS}({FTS}, rowid, content) VALUES ('delete', old.id, old.content); END;
+CREATE TRIGGER {FTS}_au AFTER UPDATE OF content ON messages BEGIN
+  INSERT INTO {FTS}({FTS}, rowid, content) VALUES ('delete', old.id, old.content);
+  INSERT INTO {FTS}(rowid, content) VALUES (new.id, new.content); END;
+INSERT INTO {FTS}({FTS}) VALUES ('rebuild');
+"""
 MIGRATE = """
 ALTER TABLE conversations ADD COLUMN head INTEGER;
 ALTER TABLE messages ADD COLUMN parent INTEGER;
@@ -148,6 +164,7 @@ class Store:
         self.db, self.path, self.warning, self.read_only = conn, path, warning, read_only
         self.repaired = 0  # stored values that could only be read in part
         conn.text_factory = self._text
+        self.fts = _has_fts(conn)
 
     def _text(self, raw: bytes) -> str:
         try:
@@ -216,9 +233,12 @@ class Store:
 
     # messages
     def messages(self, cid: int) -> list[Message]:
-        """The branch shown: from the first message to the conversation's ``head``."""
+        """The branch shown: from the first message to the conversation's ``head`` (its newest
+        message when ``head`` is missing or names no message: rows written by other means)."""
         rows = self.db.execute(
-            "WITH RECURSIVE branch(id) AS (SELECT head FROM conversations WHERE id = ? "
+            "WITH RECURSIVE branch(id) AS (SELECT coalesce((SELECT c.head FROM conversations c JOIN messages h "
+            "ON h.id = c.head AND h.conversation = c.id WHERE c.id = ?1), "
+            "(SELECT max(id) FROM messages WHERE conversation = ?1)) "
             "UNION ALL SELECT m.parent FROM messages m JOIN branch b ON m.id = b.id WHERE m.parent IS NOT NULL) "
             "SELECT role, content, units, stopped, stats, id, parent FROM messages "
             "WHERE id IN (SELECT id FROM branch) ORDER BY id", (cid,)).fetchall()
@@ -228,6 +248,25 @@ class Store:
             out.append(Message(r[0], r[1], units if isinstance(units, list) else None, bool(r[3]),
                                stats if isinstance(stats, dict) else None, r[5], r[6]))
         return out
+
+    def search(self, text: str, limit: int = 200) -> list[tuple[int, int, str, str, str]]:
+        """(message id, conversation id, title, role, content) of messages on any branch that contain
+        ``text``: with FTS5, words starting with each word typed; else the text anywhere
+        (case-insensitive for ASCII). Newest first."""
+        words = [w for w in text.split() if w]
+        if not words:
+            return []
+        if self.fts:
+            query = " ".join('"' + w.replace('"', '""') + '"*' for w in words)
+            sql = (f"SELECT m.id, m.conversation, c.title, m.role, m.content FROM {FTS} f "
+                   f"JOIN messages m ON m.id = f.rowid JOIN conversations c ON c.id = m.conversation "
+                   f"WHERE {FTS} MATCH ? ORDER BY m.id DESC LIMIT ?")
+            return self.db.execute(sql, (query, limit)).fetchall()
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return self.db.execute(
+            "SELECT m.id, m.conversation, c.title, m.role, m.content FROM messages m "
+            "JOIN conversations c ON c.id = m.conversation WHERE m.content LIKE ? ESCAPE '\\' "
+            "ORDER BY m.id DESC LIMIT ?", (pattern, limit)).fetchall()
 
     def siblings(self, mid: int) -> list[int]:
         """Ids of the messages that are alternatives to ``mid`` (same parent, same role), itself
@@ -325,6 +364,7 @@ def _check_ours(path: Path, how: str = "mode=ro") -> None:
     try:
         tables = {r[0] for r in ro.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         tables.discard("sqlite_sequence")
+        tables = {t for t in tables if not t.startswith(f"{FTS}")}  # the search index and its shadow tables
         if not tables:
             return
         if tables != set(TABLES):
@@ -335,6 +375,18 @@ def _check_ours(path: Path, how: str = "mode=ro") -> None:
                 raise NotOurs(f"its table {t} has other columns")
     finally:
         ro.close()
+
+
+def _has_fts(conn: sqlite3.Connection) -> bool:
+    """Whether the search index exists, creating it where it can (FTS5 compiled in, file writable)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (FTS,)).fetchone():
+        return True
+    try:
+        with conn:
+            conn.executescript(FTS_SCHEMA)
+        return True
+    except sqlite3.OperationalError:  # no FTS5 in this SQLite, or a read-only file: LIKE then
+        return False
 
 
 def _needs_migration(conn: sqlite3.Connection) -> bool:

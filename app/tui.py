@@ -21,8 +21,6 @@ import signal
 import sys
 import threading
 import traceback
-from argparse import Namespace
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,36 +33,11 @@ from textual.widgets import Collapsible, Footer, ListView, LoadingIndicator, Sta
 from backends.errors import Z2ZError
 
 from .controller import ChatController
-from .screens import ConfirmDialog, PromptDialog, StatsScreen
+from .keys import ACTIONS
+from .options import AppOptions
+from .screens import ConfirmDialog, PromptDialog, SearchScreen, StatsScreen
 from .store import NotSaved, default_path, open_store
-from .widgets import ChatInput, ConversationItem, ReplyView, UserView
-
-
-@dataclass(frozen=True)
-class Action:
-    name: str
-    keys: str
-    title: str
-    help: str
-    show: bool = True
-
-
-# One table makes both the key bindings and the command palette (Ctrl+P).
-ACTIONS = [
-    Action("stop", "escape", "Stop reply", "Stop the reply being written"),
-    Action("new_chat", "ctrl+n", "New chat", "Start a new conversation"),
-    Action("regenerate", "ctrl+r", "Regenerate", "Drop the last reply and answer again"),
-    Action("toggle_units", "ctrl+t", "Hypertokens", "Colour replies by base token / hypertoken (plain text)"),
-    Action("stats", "f3", "Stats", "Compression per turn"),
-    Action("export", "f4", "Export", "Write this conversation to a Markdown file"),
-    Action("system_prompt", "f5", "System prompt", "Change the system prompt of this conversation", False),
-    Action("settings", "f8", "Settings", "max_tokens, temperature, top_p, top_k, repetition_penalty, "
-           "lookahead (greedy only)", False),
-    Action("rename", "f2", "Rename", "Change the title of this conversation", False),
-    Action("delete", "f12", "Delete chat", "Delete this conversation from the history", False),
-    Action("open_model", "f9", "Open model", "Load another zip2zip checkpoint", False),
-    Action("attach", "ctrl+o", "Attach file", "Attach a text file to the next message (also: /file PATH)"),
-]
+from .widgets import ChatInput, ConversationItem, EntryAction, ReplyView, UserView
 
 
 def log_path() -> Path:
@@ -93,14 +66,15 @@ class Z2ZChat(App):
                 Binding("ctrl+c", "quit", "Quit", show=False, priority=True)] + [
         Binding(a.keys, a.name, a.title, show=a.show) for a in ACTIONS]
 
-    def __init__(self, args: Namespace, store_path: Path | None = None):
+    def __init__(self, options: AppOptions, store_path: Path | None = None):
         super().__init__()
-        self.args = args
+        self.options = options
         self.store_path = store_path
         self.ctl: ChatController | None = None
         self.coloured = False
         self.cancel = threading.Event()
         self.reply: ReplyView | None = None
+        self.editing: int | None = None  # the entry being edited (its index), while it is
         self.reply_saved = True
         self.status_text = ""
         self.attachments: list = []  # Attachment: files for the next message
@@ -141,13 +115,13 @@ class Z2ZChat(App):
 
     def on_mount(self) -> None:
         store = open_store(self.store_path)
-        self.ctl = ChatController(self.args, store)
+        self.ctl = ChatController(self.options, store)
         if store.warning:
             self.notify(store.warning, severity="warning", timeout=30)
         self.refresh_history()
         self.query_one(ChatInput).recall = store.sent()
         self.query_one("#chat", VerticalScroll).anchor()
-        self.load_model(self.args.model)
+        self.load_model(self.options.model)
         # SIGTERM (kill, logout, a closing terminal's SIGHUP) leaves like Ctrl+Q: the reply being
         # written is saved as stopped, pending writes are flushed
         loop = asyncio.get_running_loop()
@@ -166,7 +140,7 @@ class Z2ZChat(App):
             self.call_from_thread(self._loading, True, line)
 
         try:
-            rt = open_runtime(model, self.args.backend, self.args.device, self.args.dtype, base=self.args.base,
+            rt = open_runtime(model, self.options.backend, self.options.device, self.options.dtype, base=self.options.base,
                               progress=progress)
         except Z2ZError as e:
             self.call_from_thread(self._load_failed, str(e))
@@ -231,20 +205,75 @@ class Z2ZChat(App):
         self.query_one(ChatInput).focus()
 
     def open_conversation(self, cid: int) -> None:
+        self.editing = None
         opened = self.ctl.open(cid)
+        self.render_messages(opened.messages)
+        for note in opened.notes:
+            self.notify(note, severity="warning", timeout=15)
+        self.status_text = ""
+        self.update_status()
+
+    def render_messages(self, messages: list) -> None:
+        """Show a branch of the conversation, with where each message has other branches."""
         chat = self.query_one("#chat", VerticalScroll)
         chat.remove_children()
-        for m in opened.messages:
+        for m in messages:
             if m.role == "user":
                 chat.mount(UserView(m.content))
             else:
                 view = ReplyView(m.units or [[m.content, 0]], self.coloured)
                 chat.mount(view)
                 self.call_after_refresh(view.finish, "stopped" if m.stopped else "")
-        for note in opened.notes:
-            self.notify(note, severity="warning", timeout=15)
-        self.status_text = ""
-        self.update_status()
+        self.call_after_refresh(self.show_branches)
+
+    def entries(self) -> list[UserView | ReplyView]:
+        return [w for w in self.query_one("#chat", VerticalScroll).children if isinstance(w, (UserView, ReplyView))]
+
+    def show_branches(self) -> None:
+        """Label the entries that have other branches (``‹ 2/3 ›``)."""
+        if self.ctl.conv_id is None:
+            return
+        for view, m in zip(self.entries(), self.ctl.store.messages(self.ctl.conv_id)):
+            if m.id is not None:
+                siblings = self.ctl.store.siblings(m.id)
+                view.set_branch(siblings.index(m.id) + 1, len(siblings))
+
+    @guarded
+    def on_entry_action(self, event: EntryAction) -> None:
+        entry, action = event.entry, event.action
+        if action == "copy":
+            self.copy_to_clipboard(entry.text)
+            self.notify(f"Copied {len(entry.text):,} characters", timeout=3)
+            return
+        if action == "copy_code":
+            blocks = entry.code_blocks()
+            if not blocks:
+                self.notify("This reply has no code block (c copies the whole reply)", severity="warning")
+                return
+            self.copy_to_clipboard("\n\n".join(blocks))
+            self.notify(f"Copied {len(blocks)} code block(s)", timeout=3)
+            return
+        if self.generating or not self.reply_saved:
+            self.notify("Stop the reply first (Esc)", severity="warning")
+            return
+        if self.ctl.conv_id is None or entry not in self.entries():
+            return
+        index = self.entries().index(entry)
+        if action == "edit":
+            self.editing = index
+            box = self.query_one(ChatInput)
+            box.load_text(entry.text)
+            box.move_cursor(box.document.end)
+            box.focus()
+            self.status_text = "editing: Enter sends it as a new branch (the old one is kept), Esc cancels"
+            self.update_status()
+        elif action == "branch":
+            branch = self.ctl.switch_branch(index, event.step)
+            if branch is None:
+                self.notify("No other branch that way", severity="warning", timeout=3)
+                return
+            self.render_messages(branch)
+            self.call_after_refresh(lambda: self.entries()[index].focus())
 
     @property
     def generating(self) -> bool:
@@ -281,6 +310,26 @@ class Z2ZChat(App):
             return f"{a.name} ({_size(a.size)})"
         tokens, positions = session.measure(a.text)
         return f"{a.name} ({_size(a.size)}, {tokens:,} tokens, {positions:,} positions)"
+
+    def action_search(self) -> None:
+        from .archive import search
+
+        def done(found: tuple[int, int] | None) -> None:
+            if found is None:
+                return
+            if self.generating or not self.reply_saved:
+                self.notify("Stop the reply first (Esc)", severity="warning")
+                return
+            cid, mid = found
+            self.editing = None
+            opened = self.ctl.open_at(cid, mid)
+            self.render_messages(opened.messages)
+            for note in opened.notes:
+                self.notify(note, severity="warning", timeout=15)
+            index = next(i for i, m in enumerate(opened.messages) if m.id == mid)
+            self.call_after_refresh(lambda: (self.entries()[index].focus(), self.entries()[index].scroll_visible()))
+
+        self.push_screen(SearchScreen(lambda text: search(self.ctl.store, text)), done)
 
     def action_attach(self) -> None:
         def done(value: str | None) -> None:
@@ -321,6 +370,10 @@ class Z2ZChat(App):
             return
         from .attachments import compose
 
+        if self.editing is not None:  # the edited message starts a new branch at its place
+            self.ctl.prepare_edit(self.editing)
+            self.render_messages(self.ctl.store.messages(self.ctl.conv_id)[:self.editing])
+            self.editing = None
         new = self.ctl.conv_id is None
         message, files = compose(event.text, self.attachments), self.attachments
         try:
@@ -418,11 +471,18 @@ class Z2ZChat(App):
                               save_state=save_state and note != "error")
         except NotSaved as e:
             self.notify(str(e), severity="warning", timeout=15)
+        else:
+            self.show_branches()
         self.update_status()
 
     def action_stop(self) -> None:
         if not self.reply_saved:  # a reply is pending, whether or not its worker has started yet
             self.cancel.set()
+        elif self.editing is not None:
+            self.editing = None
+            self.query_one(ChatInput).load_text("")
+            self.status_text = "edit cancelled"
+            self.update_status()
 
     @guarded
     def action_regenerate(self) -> None:
@@ -440,6 +500,7 @@ class Z2ZChat(App):
         if self.generating:
             self.notify("Stop the reply first (Esc)", severity="warning")
             return
+        self.editing = None
         for note in self.ctl.new_chat():
             self.notify(note, severity="warning", timeout=15)
         self.status_text = ""
@@ -471,7 +532,7 @@ class Z2ZChat(App):
             if value is not None:
                 self.ctl.set_system(value or None)
 
-        current = self.ctl.session.system if self.ctl.session else self.args.system
+        current = self.ctl.session.system if self.ctl.session else self.options.system
         self.push_screen(PromptDialog("System prompt", current or "", multiline=True), done)
 
     def action_settings(self) -> None:
@@ -514,10 +575,10 @@ class Z2ZChat(App):
     def action_open_model(self) -> None:
         def done(value: str | None) -> None:
             if value:
-                self.args.model = value
+                self.options.model = value
                 self.load_model(value)
 
-        loaded = self.ctl.runtime.model_name if self.ctl.runtime else (self.args.model or "")
+        loaded = self.ctl.runtime.model_name if self.ctl.runtime else (self.options.model or "")
         self.push_screen(PromptDialog("Model (zip2zip checkpoint directory or repo id)", loaded), done)
 
     def get_system_commands(self, screen) -> Any:
@@ -551,7 +612,7 @@ def _size(n: int) -> str:
     return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KB" if n < 1 << 20 else f"{n / 2**20:.1f} MB"
 
 
-def run_app(args: Namespace) -> int:
-    app = Z2ZChat(args)
+def run_app(options: AppOptions) -> int:
+    app = Z2ZChat(options)
     app.run()
     return app.return_code or 0

@@ -1,5 +1,10 @@
 """The chat app's widgets: the message input and the two kinds of chat entries.
 
+Chat entries take the focus (Tab, or a click) and then have their own keys, shown in the footer:
+``e`` edits your message (a new branch), ``c`` copies the message, ``y`` copies a reply's code
+blocks, ``<`` and ``>`` switch between the branches at that message. They post ``EntryAction``;
+the app does the work.
+
 ``ReplyView`` shows a streamed reply either as Markdown or, with hypertoken colouring on, as
 plain text coloured by unit (base token / 2-token / 3+-token hypertoken). The coloured text is
 built incrementally (one append per token); Textual coalesces the repaints per frame.
@@ -118,12 +123,40 @@ class ConversationItem(ListItem):
         self.conv_id = conv_id
 
 
-class UserView(Static):
+class EntryAction(TMessage):
+    """A key on a chat entry: ``edit``, ``copy``, ``copy_code``, ``branch`` (``step`` -1 or +1)."""
+
+    def __init__(self, entry: Any, action: str, step: int = 0):
+        super().__init__()
+        self.entry, self.action, self.step = entry, action, step
+
+
+ENTRY_BINDINGS = [Binding("c", "entry('copy')", "Copy"),
+              Binding("less_than_sign", "entry('branch', -1)", "Previous branch"),
+              Binding("greater_than_sign", "entry('branch', 1)", "Next branch")]
+
+
+def branch_label(at: int, of: int) -> Text:
+    return Text(f"‹ {at}/{of} ›  (< > switch)", style="dim") if of > 1 else Text("")
+
+
+class UserView(Static, can_focus=True):
+    BINDINGS = [Binding("e", "entry('edit')", "Edit"), *ENTRY_BINDINGS]
+
     def __init__(self, text: str):
         super().__init__(Text(text), classes="user")
+        self.text = text
+
+    def set_branch(self, at: int, of: int) -> None:
+        self.update(Text(self.text) + (Text("\n") + branch_label(at, of) if of > 1 else Text("")))
+
+    def action_entry(self, action: str, step: int = 0) -> None:
+        self.post_message(EntryAction(self, action, step))
 
 
-class ReplyView(Vertical):
+class ReplyView(Vertical, can_focus=True):
+    BINDINGS = [Binding("y", "entry('copy_code')", "Copy code"), *ENTRY_BINDINGS]
+
     def __init__(self, units: list[list[Any]] | None = None, coloured: bool = False):
         super().__init__(classes="reply")
         self.units: list[list[Any]] = []
@@ -143,6 +176,7 @@ class ReplyView(Vertical):
 
     def on_mount(self) -> None:
         self.set_coloured(self.coloured)
+        self._meta()
 
     def _add(self, text: str, span: int) -> None:
         self.units.append([text, span])
@@ -167,4 +201,26 @@ class ReplyView(Vertical):
         md.display, units.display = not on, on
 
     def finish(self, note: str) -> None:
-        self.query_one(".meta", Static).update(Text(note, style="italic dim"))
+        self.note = note
+        self._meta()
+
+    def set_branch(self, at: int, of: int) -> None:
+        self.branch = (at, of)
+        self._meta()
+
+    def _meta(self) -> None:
+        """The line under the reply: how it ended, and its branches (kept until it is composed)."""
+        meta = self.query(".meta")
+        if meta:
+            at, of = getattr(self, "branch", (1, 1))
+            text = Text(getattr(self, "note", ""), style="italic dim")
+            meta.first(Static).update(text + Text("  ") + branch_label(at, of) if of > 1 else text)
+
+    def code_blocks(self) -> list[str]:
+        """The fenced code blocks of the reply, without their fences."""
+        import re
+
+        return [m.group(1) for m in re.finditer(r"```[^\n]*\n(.*?)(?:```|\Z)", self.text, re.S)]
+
+    def action_entry(self, action: str, step: int = 0) -> None:
+        self.post_message(EntryAction(self, action, step))

@@ -27,6 +27,7 @@ from .errors import CheckpointError
 
 CONFIG_NAME = "zip2zip_config.json"
 MLX_MARKER = "z2z_mlx.json"  # written into every MLX conversion (backends/mlx_convert.py)
+MLX_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")  # decoders the MLX backend runs
 POSITION_MODES = ("compressed", "base_token_end")
 MAX_CODEBOOK = 1 << 16
 

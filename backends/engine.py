@@ -43,9 +43,10 @@ from typing import Any
 from .codec import CodecConfig, CodecSession
 from .detok import Detokenizer
 from .errors import BackendError, SettingsError, Z2ZError
-from .generate import PREFILL_CHUNK, Stream, generate_codes, prefill_chunks, sync_entries
+from .generate import PREFILL_CHUNK, generate_codes, prefill_chunks
 from .protocol import DecodeState, SavesKV
 from .sampling import Sampler, SamplingSettings
+from .steps import Stream, sync_entries
 from .utf8_guard import Utf8Guard
 
 

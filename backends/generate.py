@@ -3,10 +3,6 @@
 A ladder of small pieces, as in gpt-fast and mlx-lm, that the chat engine (``engine.Session``)
 and the benchmarks both drive:
 
-- ``Stream``: the code stream of one conversation: codes, their RoPE positions (only through
-  ``config.positions``), how many base tokens they stand for, and how many are in the KV cache.
-- ``sync_entries(state, codec)``: hand the codebook entries created since the last call, and
-  the current cScSc candidate, to the decode state.
 - ``prefill(state, stream, cancel)``: feed every pending code, in chunks so a cancel request
   takes effect between chunks; returns the last position's logits (None if cancelled);
   ``prefill_chunks`` is the same, one chunk at a time, for callers that show progress.
@@ -16,8 +12,8 @@ and the benchmarks both drive:
   loop stops at the code that reaches it.
 
 With ``lookahead=D`` and a greedy sampler, ``generate_codes`` hands over to
-``lookahead.generate_lookahead``: the same codes, fewer forwards. Both loops share ``StepRules``
-(pick a code, accept it, decide whether to stop).
+``lookahead.generate_lookahead``: the same codes, fewer forwards. Both loops share what is in
+``steps.py`` (the stream, and ``StepRules``: pick a code, accept it, decide whether to stop).
 
 With a ``guard`` (``utf8_guard.Utf8Guard``), a code whose bytes would break UTF-8 (split a
 character) is refused and the sampler picks again without it.
@@ -28,60 +24,18 @@ character) is refused and the sampler picks again without it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import numpy as np
 
 from .codec import CodecSession
-from .config import positions
+from .lookahead import generate_lookahead
 from .protocol import DecodeState
 from .sampling import Sampler
+from .steps import Step, StepRules, Stream, feed
 from .utf8_guard import Utf8Guard
 
 PREFILL_CHUNK = 256  # codes per prefill forward: cancel latency vs per-call overhead
-
-
-@dataclass
-class Stream:
-    """Every code of a conversation in order, with positions; ``codes[:fed]`` are in the KV cache."""
-
-    mode: str = "compressed"
-    codes: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    n_base: int = 0  # base tokens the codes stand for
-    fed: int = 0
-
-    def next_positions(self, spans: Sequence[int]) -> list[int]:
-        """Positions the next codes would take if they stood for ``spans`` base tokens."""
-        return positions(spans, self.mode, len(self.codes) if self.mode == "compressed" else self.n_base)
-
-    def next_position(self, span: int) -> int:
-        return self.next_positions([span])[0]
-
-    def append(self, code: int, span: int) -> None:
-        self.positions.append(self.next_position(span))
-        self.codes.append(code)
-        self.n_base += span
-
-    def extend(self, codes: Sequence[int], codec: CodecSession) -> None:
-        for c in codes:
-            self.append(c, len(codec.expand(c)))
-
-    def pending(self) -> tuple[list[int], list[int]]:
-        return self.codes[self.fed:], self.positions[self.fed:]
-
-
-@dataclass
-class Step:
-    code: int
-    ids: tuple[int, ...]  # the base ids it stands for
-    reason: str | None = None  # set on the last step only
-    drafted: bool = False  # came from an accepted draft (no forward of its own)
-
-
-def sync_entries(state: DecodeState, codec: CodecSession) -> None:
-    state.add_entries(codec.take_new_entries(), codec.candidate())
 
 
 def prefill_chunks(state: DecodeState, stream: Stream, cancel: threading.Event | None = None,
@@ -109,106 +63,6 @@ def prefill(state: DecodeState, stream: Stream, cancel: threading.Event | None =
     return logits if done == total else None
 
 
-@dataclass
-class StepRules:
-    """What both decode loops share: pick the sampler's code, accept a code into the stream and
-    say whether the turn stops there."""
-
-    codec: CodecSession
-    stream: Stream
-    sampler: Sampler
-    max_tokens: int
-    stop_ids: set[int] | frozenset[int]
-    context_length: int
-    cancel: threading.Event | None = None
-    window: int = 64  # the repetition penalty's window
-    guard: Utf8Guard | None = None
-    hyper_margin: float | None = None  # a hypertoken must beat its first subtoken's logit by this
-    n_base: int = 0  # base tokens accepted this turn
-    _firsts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,) first ids
-
-    def recent(self) -> list[int]:
-        return self.stream.codes[-self.window - 4:]
-
-    def pick(self, logits: np.ndarray, n: int, cand: tuple[int, tuple[int, ...]] | None, recent: list[int]) -> int:
-        """The sampler's code among the ``n`` entries (+ the candidate), ``recent`` the codes written
-        last; with a guard, codes that would split a character are refused and the sampler picks
-        again without them."""
-        allowed, history = n + (cand is not None), recent[-self.window:]
-        if self.hyper_margin is not None and allowed:
-            logits = self._margin(logits, n, cand)
-        code = self.sampler.sample(logits, allowed, history)
-        if self.guard is None:
-            return code
-        codec, guard = self.codec, self.guard
-        pending = guard.pending([i for c in recent[-4:] for i in codec.expand(c)])  # <= 4 bytes matter
-        x = logits
-        while not guard.fits(pending, cand[1] if cand and code == cand[0] else codec.expand(code)):
-            x = np.array(logits, dtype=np.float32) if x is logits else x
-            x[code] = -np.inf
-            code = self.sampler.sample(x, allowed, history)
-        return code
-
-    def _margin(self, logits: np.ndarray, n: int, cand: tuple[int, tuple[int, ...]] | None) -> np.ndarray:
-        """The decoding policy: a hypertoken whose logit does not beat its own first subtoken's by
-        ``hyper_margin`` is masked, so the base token is written instead (and the rest of the
-        entry is decided step by step). Entries only grow within a turn: their first ids are
-        appended, not recomputed."""
-        V = self.sampler.V
-        if len(self._firsts) < n:
-            new = [self.codec.expand(V + j)[0] for j in range(len(self._firsts), n)]
-            self._firsts = np.concatenate([self._firsts, np.asarray(new, dtype=np.int64)])
-        x = np.array(logits, dtype=np.float32)  # (V + C,)
-        hyper = x[V:V + n]
-        hyper[hyper < x[self._firsts[:n]] + self.hyper_margin] = -np.inf
-        if cand is not None and x[V + n] < x[cand[1][0]] + self.hyper_margin:
-            x[V + n] = -np.inf
-        return x
-
-    def _pending(self) -> bytes:
-        return self.guard.pending([i for c in self.stream.codes[-4:] for i in self.codec.expand(c)])
-
-    def _mid_character(self) -> bool:
-        """The text ends inside a character that base tokens can finish: a reply cut there would
-        end in U+FFFD, so the limit waits for the code that finishes it (``pick_next``)."""
-        if self.guard is None or self.n_base >= self.max_tokens + 3:
-            return False
-        pending = self._pending()
-        return bool(pending) and bool(self.guard.finishers(pending).any())
-
-    def pick_next(self, logits: np.ndarray) -> int:
-        if self.n_base >= self.max_tokens and self.guard is not None:
-            # past the limit only to finish a character: the sampler picks among the base ids that do
-            ok = self.guard.finishers(self._pending())
-            x = np.full(logits.shape, -np.inf, dtype=np.float32)
-            x[:len(ok)][ok] = logits[:len(ok)][ok]
-            return self.sampler.sample(x, 0, self.recent()[-self.window:])
-        return self.pick(logits, len(self.codec), self.codec.candidate(), self.recent())
-
-    def accept(self, code: int, ids: tuple[int, ...], drafted: bool = False) -> Step:
-        self.stream.append(code, len(ids))
-        self.n_base += len(ids)
-        if code in self.stop_ids:
-            reason = "stop"
-        elif self.n_base >= self.max_tokens and not self._mid_character():
-            reason = "length"
-        elif self.cancel is not None and self.cancel.is_set():
-            reason = "cancelled"
-        elif self.stream.next_position(self.codec.config.max_merge_size) >= self.context_length:
-            reason = "context"
-        else:
-            reason = None
-        return Step(code, ids, reason, drafted)
-
-
-def feed(state: DecodeState, rules: StepRules, code: int) -> np.ndarray:
-    """Hand the new entries to the state and feed the code just accepted; its logits."""
-    sync_entries(state, rules.codec)
-    logits = state.forward([code], [rules.stream.positions[-1]])
-    rules.stream.fed = len(rules.stream.codes)
-    return logits
-
-
 def generate_codes(state: DecodeState, codec: CodecSession, stream: Stream, logits: np.ndarray, sampler: Sampler, *,
                    max_tokens: int, stop_ids: set[int] | frozenset[int], context_length: int,
                    cancel: threading.Event | None = None, window: int = 64, lookahead: int = 0,
@@ -217,8 +71,6 @@ def generate_codes(state: DecodeState, codec: CodecSession, stream: Stream, logi
     rules = StepRules(codec, stream, sampler, max_tokens, stop_ids, context_length, cancel, window, guard,
                       hyper_margin)
     if lookahead > 0 and sampler.greedy:  # lookahead verifies argmax picks
-        from .lookahead import generate_lookahead
-
         yield from generate_lookahead(state, rules, logits, lookahead)
         return
     while True:

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from .codec import CodecSession
-from .generate import Step, StepRules, feed, sync_entries
 from .protocol import DecodeState
+from .steps import Step, StepRules, feed, sync_entries
 
 MAX_DRAFT = 8
 

@@ -15,11 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import MLX_MARKER
+from .config import MLX_ARCHITECTURES, MLX_MARKER
 from .errors import ConvertError
 from .sources import rope_settings
-
-ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
 
 
 def log(msg: str) -> None:
@@ -60,8 +58,8 @@ def convert(src: str, dst: Path, *, quantize: int | None = None, q_group_size: i
     loaded = checkpoint.load(src, base=base, dtype=torch.float32, merge_lora=True)
     lm = loaded.model.lm
     arch = lm.config.model_type
-    if arch not in ARCHITECTURES:
-        raise ConvertError(f"architecture {arch!r} is not supported by the MLX backend ({', '.join(ARCHITECTURES)})")
+    if arch not in MLX_ARCHITECTURES:
+        raise ConvertError(f"architecture {arch!r} is not supported by the MLX backend ({', '.join(MLX_ARCHITECTURES)})")
     with tempfile.TemporaryDirectory() as tmp:
         log(f"writing the merged {arch} decoder")
         write_hf_decoder(lm, loaded.tokenizer, Path(tmp) / "hf")

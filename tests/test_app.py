@@ -19,13 +19,14 @@ pytest.importorskip("textual")
 pytest.importorskip("torch")
 
 from app.cli import build_parser  # noqa: E402
+from app.options import AppOptions  # noqa: E402
 from app.store import open_store  # noqa: E402
 from app.tui import ReplyView, Z2ZChat  # noqa: E402
 
 
 def make_app(ckpt, db: Path, *extra: str) -> Z2ZChat:
     args = build_parser().parse_args(["--model", str(ckpt), "--max-tokens", "12", "--device", "cpu", *extra])
-    return Z2ZChat(args, store_path=db)
+    return Z2ZChat(AppOptions.from_args(args), store_path=db)
 
 
 async def ready(app, pilot) -> None:
@@ -230,6 +231,50 @@ def test_real_terminal_with_tmux(tiny_ckpt, tmp_path):
         subprocess.run([*tmux, "kill-server"], capture_output=True)
 
 
+@pytest.mark.slow
+def test_edit_and_branch_in_a_real_terminal(tiny_ckpt, tmp_path):
+    """Shift+Tab reaches the messages, e edits one, Enter sends the edit, < goes back to the first
+    branch: what a user does, through tmux."""
+    tmux, screen = in_tmux(tmp_path, f"{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 8 --device cpu")
+
+    def keys(*k: str, literal: bool = False) -> None:
+        subprocess.run([*tmux, "send-keys", *(["-l"] if literal else []), *k], check=True)
+        time.sleep(0.4)
+
+    def wait_for(text: str, timeout: float = 30) -> str:
+        deadline = time.time() + timeout
+        while text not in screen() and time.time() < deadline:
+            time.sleep(0.25)
+        assert text in screen(), screen()
+        return screen()
+
+    try:
+        time.sleep(1.0)
+        for question in ("first question", "second question"):
+            keys(question, literal=True)
+            keys("Enter")
+            wait_for("ttft")
+            time.sleep(0.5)
+        keys("BTab")
+        keys("BTab")  # the input, then the last reply, then the second question
+        keys("e")
+        wait_for("editing: Enter sends it as a new branch")
+        for _ in range(len("question")):
+            keys("BSpace")
+        keys("edited", literal=True)
+        keys("Enter")
+        out = wait_for("‹ 2/2 ›")
+        assert "second edited" in out and "second question" not in out, out
+        time.sleep(1.0)
+        keys("BTab")
+        keys("BTab")
+        keys("<")
+        out = wait_for("‹ 1/2 ›")
+        assert "second question" in out and "second edited" not in out, out
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
 # --- issue 12: defects found by trying the app as a user ------------------------------------
 
 
@@ -378,7 +423,7 @@ def test_export_is_utf8_marks_stopped_replies(tiny_ckpt, tmp_path, monkeypatch):
 
     store = open_store(tmp_path / "h.db")
     args = build_parser().parse_args(["--model", str(tiny_ckpt)])
-    ctl = ChatController(args, store)
+    ctl = ChatController(AppOptions.from_args(args), store)
     cid = store.create("emoji 🙂", "m", None, {})
     store.add_message(cid, Message("user", "smile 🙂"))
     store.add_message(cid, Message("assistant", "partial", stopped=True))
@@ -393,7 +438,7 @@ def test_settings_dialog_validates_like_the_cli(tiny_ckpt, tmp_path):
     from backends.errors import SettingsError
 
     args = build_parser().parse_args(["--model", str(tiny_ckpt), "--top-k", "5", "--repetition-penalty", "1.2"])
-    ctl = ChatController(args, open_store(tmp_path / "h.db"))
+    ctl = ChatController(AppOptions.from_args(args), open_store(tmp_path / "h.db"))
     g = ctl.generation_settings()
     assert g.sampling.top_k == 5 and g.sampling.repetition_penalty == 1.2  # not dropped by the UI
     for bad in ("temperature=nan", "repetition_penalty=inf", "max_tokens=0", "colour=red", "top_k=x"):
@@ -577,6 +622,90 @@ def test_attach_by_command_key_and_pasted_path(tiny_ckpt, tmp_path):
             sent = app.ctl.store.messages(app.ctl.conv_id)[0].content
             assert "remember the milk" in sent and "return x + 1" in sent and sent.endswith("What is in these files?")
             assert app.ctl.session.messages[0]["content"] == sent  # what the model read
+
+    run(go())
+
+
+def test_edit_an_earlier_message_switch_branches_and_copy(tiny_ckpt, tmp_path):
+    """Focus a message, e edits it, Enter sends it as a new branch; < and > switch branches, both
+    kept across a relaunch; c copies an entry, y a reply's code blocks (the clipboard call observed)."""
+    db = tmp_path / "h.db"
+
+    async def go():
+        app = make_app(tiny_ckpt, db)
+        async with app.run_test(size=(110, 40), notifications=True) as pilot:
+            await ready(app, pilot)
+            await say(app, pilot, "first question")
+            await say(app, pilot, "second question")
+            entries = app.entries()
+            assert [type(e).__name__ for e in entries] == ["UserView", "ReplyView"] * 2
+            entries[2].focus()
+            await pilot.press("e")
+            box = app.query_one("#input")
+            assert box.text == "second question" and "editing" in str(app.query_one("#status").render())
+            box.load_text("second, edited")
+            await say(app, pilot, "")
+            entries = app.entries()
+            assert [e.text for e in entries][::2] == ["first question", "second, edited"] and len(entries) == 4
+            assert "2/2" in str(entries[2].render())
+            entries[2].focus()
+            await pilot.press("less_than_sign")
+            await pilot.pause()
+            assert [e.text for e in app.entries()][::2] == ["first question", "second question"]
+            assert "1/2" in str(app.entries()[2].render()) and app.focused is app.entries()[2]
+            await pilot.press("c")
+            assert app.clipboard == "second question"
+            reply = app.entries()[1]
+            reply.units = [["Here:\n```python\nprint(1)\n```\nand\n```\nx = 2\n```", 1]]
+            reply.focus()
+            await pilot.press("y")
+            assert app.clipboard == "print(1)\n\n\nx = 2\n"
+            await pilot.press("e")  # replies are not edited: nothing happens
+            assert app.editing is None
+
+    run(go())
+
+    async def relaunch():
+        app = make_app(tiny_ckpt, db)
+        async with app.run_test(size=(110, 40)) as pilot:
+            await ready(app, pilot)
+            app.open_conversation(app.query_one("#history").children[0].conv_id)
+            await pilot.pause()
+            assert [e.text for e in app.entries()][::2] == ["first question", "second question"]
+            app.entries()[2].focus()
+            await pilot.press("greater_than_sign")
+            await pilot.pause()
+            assert app.entries()[2].text == "second, edited"
+
+    run(relaunch())
+
+
+def test_search_finds_messages_on_every_branch_and_opens_there(tiny_ckpt, tmp_path):
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 36)) as pilot:
+            await ready(app, pilot)
+            await say(app, pilot, "tell me about zebras")
+            await say(app, pilot, "and about giraffes")
+            first = app.ctl.conv_id
+            app.entries()[2].focus()
+            await pilot.press("e")
+            app.query_one("#input").load_text("and about elephants")
+            await say(app, pilot, "")  # the giraffes are on the other branch now
+            await pilot.press("ctrl+n")
+            await say(app, pilot, "something else")
+            await pilot.press("ctrl+f")
+            await pilot.pause()
+            app.screen.query_one("#query").insert_text_at_cursor("giraf")
+            await pilot.pause()
+            assert "1 message" in str(app.screen.query_one("#count").render())
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.ctl.conv_id == first
+            assert [e.text for e in app.entries()][::2] == ["tell me about zebras", "and about giraffes"]
+            assert app.focused is app.entries()[2]
+            await say(app, pilot, "more")  # the branch found is the one the model continues
+            assert app.ctl.session.messages[2]["content"] == "and about giraffes"
 
     run(go())
 

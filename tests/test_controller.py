@@ -10,6 +10,7 @@ pytest.importorskip("torch")
 
 from app.cli import build_parser  # noqa: E402
 from app.controller import ChatController  # noqa: E402
+from app.options import AppOptions  # noqa: E402
 from app.store import open_store  # noqa: E402
 from backends.engine import Done  # noqa: E402
 
@@ -23,7 +24,7 @@ def runtime(tiny_ckpt):
 
 def controller(runtime, db, tiny_ckpt) -> ChatController:
     args = build_parser().parse_args(["--model", str(tiny_ckpt), "--max-tokens", "8"])
-    ctl = ChatController(args, open_store(db))
+    ctl = ChatController(AppOptions.from_args(args), open_store(db))
     ctl.runtime, ctl.session = runtime, runtime.session()
     return ctl
 
@@ -102,14 +103,14 @@ def test_leaving_a_chat_keeps_its_kv_cache_and_reopening_takes_it(tiny_ckpt, tmp
 
     db = tmp_path / "h.db"
     args = build_parser().parse_args(["--model", str(tiny_ckpt), "--max-tokens", "8"])
-    ctl = ChatController(args, open_store(db))
+    ctl = ChatController(AppOptions.from_args(args), open_store(db))
     ctl.attach(open_runtime(str(tiny_ckpt), "llamacpp"))
     turn(ctl, "hello there, how are you today?")
     cid, fed = ctl.conv_id, ctl.session.fed
     assert ctl.new_chat() == [] and ctl.kv.path(ctl._kv_key(cid)).is_file()
     ctl.runtime.close()
 
-    again = ChatController(args, open_store(db))  # a relaunch
+    again = ChatController(AppOptions.from_args(args), open_store(db))  # a relaunch
     again.attach(open_runtime(str(tiny_ckpt), "llamacpp"))
     opened = again.open(cid)
     assert opened.notes == [] and again.session.fed == fed > 0

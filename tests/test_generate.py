@@ -12,7 +12,14 @@ import pytest
 from fake_backend import FakeModel
 
 from backends.codec import CodecConfig
-from backends.engine import ContextFullError, Done, GenerationSettings, Notice, Session, Token
+from backends.engine import (
+    ContextFullError,
+    Done,
+    GenerationSettings,
+    Notice,
+    Session,
+    Token,
+)
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +199,8 @@ def test_the_hyper_margin_compares_each_entry_with_its_own_first_subtoken(tok):
     import numpy as np
 
     from backends.codec import CodecSession, encode
-    from backends.generate import StepRules, Stream
     from backends.sampling import Sampler, SamplingSettings
+    from backends.steps import StepRules, Stream
 
     c = codec_of(tok)
     codec = CodecSession(c)

@@ -21,10 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ..codec import CodecConfig, CodecSession
-from ..generate import Stream, generate_codes, sync_entries
+from ..generate import generate_codes
 from ..generate import prefill as prefill_stream
 from ..runtime import Runtime
 from ..sampling import Sampler, SamplingSettings
+from ..steps import Stream, sync_entries
 from .codec import documents
 
 

@@ -24,9 +24,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
-from ..config import Zip2ZipConfig
+from ..config import MLX_ARCHITECTURES, Zip2ZipConfig
 from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows
-from ..mlx_convert import ARCHITECTURES
 from ..sources import pad_id_of, rope_settings
 from .encoders import build_encoder
 
@@ -70,9 +69,9 @@ def attention(attn: nn.Module, x: mx.array, positions: Sequence[int], cache: Any
 class Zip2ZipMLX:
     def __init__(self, config: Zip2ZipConfig, lm: nn.Module, pad_id: int, encoders: dict[str, mx.array],
                  model_type: str):
-        if model_type not in ARCHITECTURES:
+        if model_type not in MLX_ARCHITECTURES:
             raise ValueError(f"architecture {model_type!r} is not supported by the MLX backend "
-                             f"(supported: {', '.join(ARCHITECTURES)})")
+                             f"(supported: {', '.join(MLX_ARCHITECTURES)})")
         c = config.compression
         self.config, self.lm, self.pad_id = config, lm, pad_id
         self.V, self.C, self.M = c.initial_vocab_size, c.max_codebook_size, c.max_subtokens

@@ -1,0 +1,46 @@
+"""What the app runs with, typed and built once from the command line (``AppOptions.from_args``).
+
+The chat UI, its controller and one-shot mode read these fields; nothing in the app goes back to
+the argparse ``Namespace`` or imports ``cli``. ``settings`` are the ones a conversation keeps
+and the user changes in the app (``SETTING_KEYS``); ``generation()`` turns them into the
+engine's ``GenerationSettings``, which validates them (``SettingsError``) the same way whether
+they came from the command line or from the app.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from dataclasses import dataclass, field
+from typing import Any
+
+SETTING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "lookahead")
+
+
+@dataclass
+class AppOptions:
+    model: str | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    base: str | None = None
+    system: str | None = None
+    settings: dict[str, Any] = field(default_factory=lambda: {
+        "max_tokens": 512, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "lookahead": 0})
+    seed: int | None = None
+    hyper_margin: float | None = None
+
+    @classmethod
+    def from_args(cls, a: Namespace) -> AppOptions:
+        return cls(a.model, a.backend, a.device, a.dtype, a.base, a.system,
+                   {k: getattr(a, k) for k in SETTING_KEYS}, a.seed, a.hyper_margin)
+
+    def generation(self, settings: dict[str, Any] | None = None) -> Any:
+        """``GenerationSettings`` from ``settings`` (default: these options' own)."""
+        from backends.engine import GenerationSettings
+        from backends.sampling import SamplingSettings
+
+        s = self.settings if settings is None else settings
+        return GenerationSettings(s["max_tokens"], SamplingSettings(
+            temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
+            repetition_penalty=s["repetition_penalty"], seed=self.seed), s["lookahead"],
+            hyper_margin=self.hyper_margin)
