@@ -1,7 +1,9 @@
 """Conversations in and out of the history, for backups and scripts.
 
 - ``export_jsonl(store, path)``: every conversation, one JSON object per line:
-  ``{"title", "model", "system", "settings", "messages": [{"role", "content", "stopped"}]}``.
+  ``{"title", "model", "system", "settings", "head", "messages": [{"id", "parent", "role",
+  "content", "stopped"}]}`` with every branch: ``id`` numbers the messages within the
+  conversation, ``parent`` names the one each follows, ``head`` the last one of the branch shown.
 - ``import_file(store, path)``: JSON Lines written by ``export_jsonl``, or one JSON list of
   ``{"role", "content"}`` objects (the OpenAI message format most chat apps export) as a new
   conversation. Everything is checked before anything is written: a malformed file raises
@@ -42,23 +44,34 @@ def export_jsonl(store: Store, path: Path) -> int:
     convs = store.conversations()
     with open(path, "w", encoding="utf-8") as f:
         for c in reversed(convs):  # oldest first, so an import keeps the order
-            msgs = [{"role": m.role, "content": m.content, "stopped": m.stopped} for m in store.messages(c.id)]
+            tree = store.tree(c.id)
+            local = {m.id: i for i, m in enumerate(tree, 1)}  # ids within the conversation
+            shown = store.messages(c.id)
+            msgs = [{"id": local[m.id], "parent": local.get(m.parent), "role": m.role, "content": m.content,
+                     "stopped": m.stopped} for m in tree]
             f.write(json.dumps({"title": c.title, "model": c.model, "system": c.system, "settings": c.settings,
-                                "messages": msgs}, ensure_ascii=False) + "\n")
+                                "head": local[shown[-1].id] if shown else None, "messages": msgs},
+                               ensure_ascii=False) + "\n")
     return len(convs)
 
 
 def _messages(raw: Any, where: str) -> tuple[str | None, list[Message]]:
+    """The conversation's messages; with ``id``/``parent`` (our export) a tree, checked: every
+    parent is a message before it."""
     if not isinstance(raw, list) or not raw:
         raise ArchiveError(f"{where}: expected a non-empty list of messages")
-    system, out = None, []
+    system, out, seen = None, [], set()
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ArchiveError(f"{where}: message {i + 1} needs a role ({', '.join(ROLES)}) and text content")
         if m["role"] == "system":
             system = m["content"]
-        else:
-            out.append(Message(m["role"], m["content"], stopped=bool(m.get("stopped", False))))
+            continue
+        mid, parent = m.get("id"), m.get("parent")
+        if mid is not None and (type(mid) is not int or mid in seen or (parent is not None and parent not in seen)):
+            raise ArchiveError(f"{where}: message {i + 1} has a bad id or a parent that does not come before it")
+        seen.add(mid)
+        out.append(Message(m["role"], m["content"], stopped=bool(m.get("stopped", False)), id=mid, parent=parent))
     return system, out
 
 
@@ -90,7 +103,7 @@ def _parse(path: Path) -> list[dict[str, Any]]:
         settings = d.get("settings") if isinstance(d.get("settings"), dict) else {}
         convs.append({"title": title, "system": d.get("system") if isinstance(d.get("system"), str) else system,
                       "settings": settings, "model": d.get("model") if isinstance(d.get("model"), str) else "",
-                      "messages": msgs})
+                      "messages": msgs, "head": d.get("head")})
     if not convs:
         raise ArchiveError(f"{path} holds no conversation")
     return convs
@@ -101,8 +114,16 @@ def import_file(store: Store, path: Path) -> int:
     convs = _parse(Path(path))
     for c in convs:
         cid = store.create(c["title"], c["model"], c["system"], c["settings"])
+        new: dict[int | None, int | None] = {None: None}
         for m in c["messages"]:
-            store.add_message(cid, m)
+            kept = Message(m.role, m.content, stopped=m.stopped)
+            if m.id is None:  # a plain list: each message follows the one before
+                store.add_message(cid, kept)
+            else:
+                new[m.id] = store.add_message(cid, kept, parent=new[m.parent])
+        head = c.get("head")
+        if isinstance(head, int) and head in new:
+            store.set_head(cid, new[head], descend=False)
     return len(convs)
 
 

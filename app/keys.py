@@ -22,7 +22,10 @@ ACTIONS = [
     Action("regenerate", "ctrl+r", "Regenerate", "Answer the last message again (the old reply stays as a branch)"),
     Action("toggle_units", "ctrl+t", "Hypertokens", "Colour replies by base token / hypertoken (plain text)"),
     Action("stats", "f3", "Stats", "Compression per turn"),
-    Action("export", "f4", "Export", "Write this conversation to a Markdown file"),
+    Action("export", "f4", "Export", "Write this conversation (the branch shown) to a Markdown file"),
+    Action("export_all", "f6", "Export all", "Write every conversation, every branch, to a JSON Lines file", False),
+    Action("import_file", "f7", "Import", "Import conversations: our JSON Lines, or a JSON list of {role, content}",
+           False),
     Action("system_prompt", "f5", "System prompt", "Change the system prompt of this conversation", False),
     Action("settings", "f8", "Settings", "max_tokens, temperature, top_p, top_k, repetition_penalty, "
            "lookahead (greedy only)", False),

@@ -268,6 +268,13 @@ class Store:
             "JOIN conversations c ON c.id = m.conversation WHERE m.content LIKE ? ESCAPE '\\' "
             "ORDER BY m.id DESC LIMIT ?", (pattern, limit)).fetchall()
 
+    def tree(self, cid: int) -> list[Message]:
+        """Every message of the conversation, on every branch, oldest first (parents before children)."""
+        rows = self.db.execute("SELECT role, content, units, stopped, stats, id, parent FROM messages "
+                               "WHERE conversation = ? ORDER BY id", (cid,)).fetchall()
+        return [Message(r[0], r[1], self._json(r[2], None), bool(r[3]), self._json(r[4], None), r[5], r[6])
+                for r in rows]
+
     def siblings(self, mid: int) -> list[int]:
         """Ids of the messages that are alternatives to ``mid`` (same parent, same role), itself
         included, oldest first: the branches an edit or a regenerate made there."""

@@ -64,7 +64,8 @@ class Z2ZChat(App):
     CSS_PATH = "z2z.tcss"
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True),
                 Binding("ctrl+c", "quit", "Quit", show=False, priority=True)] + [
-        Binding(a.keys, a.name, a.title, show=a.show) for a in ACTIONS]
+        # the message box (a TextArea) takes F5-F7 for selections: the app's actions come first
+        Binding(a.keys, a.name, a.title, show=a.show, priority=a.keys in ("f5", "f6", "f7")) for a in ACTIONS]
 
     def __init__(self, options: AppOptions, store_path: Path | None = None):
         super().__init__()
@@ -526,6 +527,34 @@ class Z2ZChat(App):
             self.notify("Nothing to export yet", severity="warning")
             return
         self.notify(f"Exported to {self.ctl.export()}", timeout=15)
+
+    def action_export_all(self) -> None:
+        import time
+
+        from .archive import export_jsonl
+        from .controller import export_dir
+
+        path = export_dir() / f"z2z-chat-all-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        n = export_jsonl(self.ctl.store, path)
+        self.notify(f"Exported {n} conversation(s), every branch, to {path}", timeout=15)
+
+    def action_import_file(self) -> None:
+        from .archive import import_file
+
+        def done(value: str | None) -> None:
+            if not value or not value.strip():
+                return
+            try:
+                n = import_file(self.ctl.store, Path(value.strip()).expanduser())
+            except Z2ZError as e:  # a malformed file names its line; nothing was imported
+                self.report(e)
+                return
+            self.notify(f"Imported {n} conversation(s) from {value.strip()}", timeout=10)
+            self.refresh_history()
+
+        self.push_screen(PromptDialog("Import conversations from (JSON Lines, or a JSON list of {role, content})",
+                                      paths=True), done)
 
     def action_system_prompt(self) -> None:
         def done(value: str | None) -> None:

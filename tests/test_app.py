@@ -710,6 +710,38 @@ def test_search_finds_messages_on_every_branch_and_opens_there(tiny_ckpt, tmp_pa
     run(go())
 
 
+def test_export_all_and_import_in_the_app(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("Z2Z_DATA_DIR", str(tmp_path / "data"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"role": "robot", "content": "x"}]')
+    good = tmp_path / "good.json"
+    good.write_text('[{"role": "user", "content": "Where is Rome?"}, {"role": "assistant", "content": "Italy."}]')
+
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32), notifications=True) as pilot:
+            await ready(app, pilot)
+            await say(app, pilot, "hello")
+            await pilot.press("f6")
+            await pilot.pause()
+            found = list((tmp_path / "data" / "exports").glob("z2z-chat-all-*.jsonl"))
+            assert len(found) == 1
+            exported = found[0]
+            assert '"content": "hello"' in exported.read_text()
+            for path, count in ((bad, 1), (good, 2)):
+                await pilot.press("f7")
+                await pilot.pause()
+                app.screen.query_one("#value").value = str(path)
+                await pilot.press("enter")
+                await pilot.pause()
+                await pilot.pause()
+                assert len(app.query_one("#history").children) == count
+            text = " ".join(n.message for n in app._notifications)
+            assert "bad.json: message 1 needs a role" in text and "Imported 1 conversation" in text
+
+    run(go())
+
+
 def test_tab_completes_a_file_path_after_slash_file(tiny_ckpt, tmp_path):
     (tmp_path / "notes-2025.txt").write_text("a")
     (tmp_path / "notes-2026.txt").write_text("b")
