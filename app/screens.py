@@ -123,10 +123,9 @@ class StatsScreen(Screen):
         tok = sum(t.prompt_tokens + t.reply_tokens for t in self.turns)
         codes = sum(t.prompt_codes + t.reply_codes for t in self.turns)
         yield Label("Reply compression per turn (codes per base token; lower is better):")
-        if ratios:
+        if ratios:  # no chart of nothing: an empty chat drew a full-width block
             yield Label(f"max {max(ratios):.2f}", classes="axis")
-        yield Sparkline(ratios or [0], id="stats-chart")
-        if ratios:
+            yield Sparkline(ratios, id="stats-chart")
             yield Label(f"min {min(ratios):.2f}    turns 1 .. {len(ratios)} from left to right", classes="axis")
         saved = f"{tok - codes} of {tok} tokens saved ({codes / tok:.2f} codes per token)" if tok else "no turns yet"
         yield Static(f"Whole conversation: {saved}", id="stats-total")

@@ -20,6 +20,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ class Z2ZChat(App):
         self.coloured = False
         self.cancel = threading.Event()
         self.reply: ReplyView | None = None
+        self.started, self.progress = 0.0, None  # the reply being waited for: when it was asked, its reading
         self.editing: int | None = None  # the entry being edited (its index), while it is
         self.reply_saved = True
         self.status_text = ""
@@ -182,10 +184,11 @@ class Z2ZChat(App):
             return
         n, C = len(ctl.session.codec), ctl.runtime.codec.max_codebook_size
         usage = ctl.session.context_usage(ctl.generation_settings())
-        state = "writing a reply (Esc stops)" if running else (self.status_text or "ready")
+        state = self._waiting() if running else (self.status_text or "ready")
         status = self.query_one("#status", Static)
         status.set_class(usage.nearly_full, "warning")
-        status.update(f"{ctl.runtime.describe()} | {state} | {usage.describe(short=True)} | codebook {n}/{C}")
+        system = " | system prompt on" if ctl.session.system else ""
+        status.update(f"{ctl.runtime.describe()} | {state} | {usage.describe(short=True)} | codebook {n}/{C}{system}")
 
     # --- conversations --------------------------------------------------------------------
 
@@ -194,8 +197,12 @@ class Z2ZChat(App):
         lv = self.query_one("#history", ListView)
         await lv.clear()
         await lv.extend(ConversationItem(c.id, c.title) for c in self.ctl.store.conversations())
-        if lv.children:
-            lv.index = 0  # Tab into the list, then Enter, opens a chat
+        self.highlight_open()
+
+    def highlight_open(self) -> None:
+        """The open chat is the one highlighted in the list; a new chat (or a relaunch) highlights none."""
+        lv = self.query_one("#history", ListView)
+        lv.index = next((i for i, item in enumerate(lv.children) if item.conv_id == self.ctl.conv_id), None)
 
     @guarded
     def on_list_view_selected(self, event: ListView.Selected) -> None:
@@ -209,6 +216,7 @@ class Z2ZChat(App):
         self.editing = None
         opened = self.ctl.open(cid)
         self.render_messages(opened.messages)
+        self.highlight_open()
         for note in opened.notes:
             self.notify(note, severity="warning", timeout=15)
         self.status_text = ""
@@ -325,6 +333,7 @@ class Z2ZChat(App):
             self.editing = None
             opened = self.ctl.open_at(cid, mid)
             self.render_messages(opened.messages)
+            self.highlight_open()
             for note in opened.notes:
                 self.notify(note, severity="warning", timeout=15)
             index = next(i for i, m in enumerate(opened.messages) if m.id == mid)
@@ -399,8 +408,29 @@ class Z2ZChat(App):
         self.query_one("#chat", VerticalScroll).mount(self.reply)
         self.cancel.clear()
         self.reply_saved = False
+        self.started, self.progress = time.monotonic(), None
         self.update_status(running=True)
+        self.ticker = self.set_interval(0.1, self._tick)
         self._generate(text, self.reply, self.ctl.generation_settings())
+
+    SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def _waiting(self) -> str:
+        """From Enter to the end of the reply: a spinner and the time taken, or the reading progress."""
+        elapsed = time.monotonic() - self.started
+        if self.progress is not None and not (self.reply and self.reply.units):
+            p = self.progress
+            return f"reading {p.done:,} / {p.total:,} positions, about {p.eta_s:.0f} s left (Esc cancels)"
+        spin = self.SPINNER[int(elapsed * 10) % len(self.SPINNER)]
+        if self.reply is None or not self.reply.units:
+            return f"{spin} waiting for the first token, {elapsed:.1f} s (Esc stops)"
+        return f"{spin} writing a reply, {elapsed:.1f} s (Esc stops)"
+
+    def _tick(self) -> None:
+        if self.reply_saved:
+            self.ticker.stop()
+        else:
+            self.update_status(running=True)
 
     @work(thread=True, exclusive=True, group="gen")
     def _generate(self, text: str, reply: ReplyView, settings) -> None:
@@ -429,8 +459,7 @@ class Z2ZChat(App):
         self.call_from_thread(self.finish_reply, reply, note, stats)
 
     def show_progress(self, p) -> None:
-        self.query_one("#status", Static).update(
-            f"reading {p.done:,} / {p.total:,} positions, about {p.eta_s:.0f} s left (Esc cancels)")
+        self.progress = p  # the ticker shows it
 
     @guarded
     def withdraw(self, reply: ReplyView) -> None:
@@ -465,7 +494,8 @@ class Z2ZChat(App):
                      if stats.meaningful_speed else "")
             if stats.drafted_codes:
                 speed += f" | lookahead {stats.codes_per_forward:.2f} codes/forward"
-            self.status_text = f"ttft {stats.ttft_s * 1000:.0f} ms{speed}"
+            self.status_text = (f"ttft {stats.ttft_s * 1000:.0f} ms{speed}" if stats.reply_codes
+                                else f"{note or 'ended'} before the first token")
         reply.finish(note)
         try:
             self.ctl.end_turn(reply.text, reply.units, note == "stopped", stats,
@@ -504,6 +534,7 @@ class Z2ZChat(App):
         self.editing = None
         for note in self.ctl.new_chat():
             self.notify(note, severity="warning", timeout=15)
+        self.highlight_open()
         self.status_text = ""
         self.query_one("#chat", VerticalScroll).remove_children()
         self.query_one(ChatInput).focus()
@@ -559,7 +590,10 @@ class Z2ZChat(App):
     def action_system_prompt(self) -> None:
         def done(value: str | None) -> None:
             if value is not None:
-                self.ctl.set_system(value or None)
+                self.ctl.set_system(value.strip() or None)
+                self.notify("System prompt saved: it applies from the next message" if value.strip()
+                            else "System prompt removed", timeout=5)
+                self.update_status()
 
         current = self.ctl.session.system if self.ctl.session else self.options.system
         self.push_screen(PromptDialog("System prompt", current or "", multiline=True), done)
@@ -579,12 +613,19 @@ class Z2ZChat(App):
     def action_rename(self) -> None:
         cid = self.ctl.conv_id
         if cid is None:
+            self.notify("Nothing to rename yet: this chat is saved with its first message", severity="warning")
             return
 
         def done(value: str | None) -> None:
-            if value:
-                self.ctl.rename(cid, value)
-                self.refresh_history()
+            if value is None:
+                return
+            if not value.strip():
+                self.notify("A title needs at least one visible character; the title was not changed",
+                            severity="warning")
+                return
+            self.ctl.rename(cid, " ".join(value.split()))
+            self.notify("Renamed", timeout=3)
+            self.refresh_history()
 
         self.push_screen(PromptDialog("Rename conversation", self.ctl.store.get(cid).title), done)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -738,6 +739,67 @@ def test_export_all_and_import_in_the_app(tiny_ckpt, tmp_path, monkeypatch):
                 assert len(app.query_one("#history").children) == count
             text = " ".join(n.message for n in app._notifications)
             assert "bad.json: message 1 needs a role" in text and "Imported 1 conversation" in text
+
+    run(go())
+
+
+def test_waiting_shows_a_spinner_and_the_time_until_the_first_token(tiny_ckpt, tmp_path):
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(130, 32)) as pilot:
+            await ready(app, pilot)
+            state = app.ctl.session.state
+            forward = state.forward
+
+            def slow(codes, positions):  # a slow first forward: the wait a user sees
+                time.sleep(0.6)
+                return forward(codes, positions)
+
+            state.forward = slow
+            app.query_one("#input").insert("hello")
+            await pilot.press("enter")
+            await pilot.pause(0.4)
+            status = str(app.query_one("#status").render())
+            assert "waiting for the first token" in status and re.search(r"\d\.\d s", status), status
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            state.forward = forward
+            assert re.search(r"ttft (6|7|8|9)\d\d ms", str(app.query_one("#status").render()))
+
+    run(go())
+
+
+def test_small_things_a_new_user_found(tiny_ckpt, tmp_path):
+    """A title of spaces is refused; the list highlights the open chat and none after Ctrl+N; F3 on
+    an empty chat draws no chart; a system prompt shows in the status line and its saving is said."""
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(120, 32), notifications=True) as pilot:
+            await ready(app, pilot)
+            await pilot.press("f3")
+            await pilot.pause()
+            assert not app.screen.query("Sparkline") and "no turns yet" in str(app.screen.query_one("#stats-total").render())
+            await pilot.press("escape")
+            await say(app, pilot, "hello")
+            await pilot.pause()
+            assert app.query_one("#history").index == 0
+            await pilot.press("f2")
+            await pilot.pause()
+            app.screen.query_one("#value").value = "   "
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.ctl.store.get(app.ctl.conv_id).title == "hello"
+            await pilot.press("f5")
+            await pilot.pause()
+            app.screen.query_one("#value").insert("Answer in French.")
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+            assert "system prompt on" in str(app.query_one("#status").render())
+            await pilot.press("ctrl+n")
+            await pilot.pause()
+            assert app.query_one("#history").index is None
+            text = " ".join(n.message for n in app._notifications)
+            assert "at least one visible character" in text and "System prompt saved" in text
 
     run(go())
 
