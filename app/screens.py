@@ -10,6 +10,7 @@ from textual.screen import ModalScreen, Screen
 from textual.suggester import Suggester
 from textual.widgets import (
     Button,
+    Checkbox,
     DataTable,
     Footer,
     Input,
@@ -172,6 +173,62 @@ class SearchScreen(ModalScreen["tuple[int, int] | None"]):
 
     def action_results(self) -> None:
         self.query_one(OptionList).focus()
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+SETTING_HINTS = {"max_tokens": "base tokens per reply (>= 1)", "temperature": "0 = greedy",
+                 "top_p": "in (0, 1]", "top_k": "0 = off", "repetition_penalty": "1 = off (> 0)",
+                 "lookahead": "0..8, greedy replies only"}
+
+
+class SettingsScreen(ModalScreen["tuple[dict, bool] | None"]):
+    """One field per setting, each checked when saved; on an error the dialog stays open with what
+    was typed, the field named and focused. Dismisses with (settings, save as defaults) or None."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
+
+    def __init__(self, settings: dict, check) -> None:
+        super().__init__()
+        self.settings, self.check = settings, check  # check(dict) -> error message or None
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Settings of this conversation")
+            for key, value in self.settings.items():
+                with Horizontal(classes="setting"):
+                    yield Label(f"{key:<19}", classes="setting-name")
+                    yield Input(str(value), id=f"set-{key}", classes="setting-value")
+                    yield Label(SETTING_HINTS.get(key, ""), classes="hint")
+            yield Checkbox("Save as the defaults for new chats and next launches", id="as-default")
+            yield Label("", id="settings-error", classes="error")
+            yield Label("Enter or Ctrl+S saves, Esc cancels", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query(Input).first().focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.action_save()
+
+    def action_save(self) -> None:
+        new, error, field = {}, None, None
+        for key, old in self.settings.items():
+            text = self.query_one(f"#set-{key}", Input).value.strip()
+            try:
+                new[key] = int(text) if isinstance(old, int) and not isinstance(old, bool) else float(text)
+            except ValueError:
+                error, field = f"{key} must be {'an integer' if isinstance(old, int) else 'a number'}, got {text!r}", key
+                break
+        if error is None:
+            error = self.check(new)
+            field = next((k for k in self.settings if error and k in error), None)
+        if error:
+            self.query_one("#settings-error", Label).update(error)
+            if field:
+                self.query_one(f"#set-{field}", Input).focus()
+            return
+        self.dismiss((new, self.query_one("#as-default", Checkbox).value))
 
     def action_cancel(self) -> None:
         self.dismiss(None)

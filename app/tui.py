@@ -36,7 +36,7 @@ from backends.errors import Z2ZError
 from .controller import ChatController
 from .keys import ACTIONS
 from .options import AppOptions
-from .screens import ConfirmDialog, PromptDialog, SearchScreen, StatsScreen
+from .screens import ConfirmDialog, PromptDialog, SearchScreen, SettingsScreen, StatsScreen
 from .store import NotSaved, default_path, open_store
 from .widgets import ChatInput, ConversationItem, EntryAction, ReplyView, UserView
 
@@ -599,16 +599,13 @@ class Z2ZChat(App):
         self.push_screen(PromptDialog("System prompt", current or "", multiline=True), done)
 
     def action_settings(self) -> None:
-        def done(value: str | None) -> None:
-            if value is None:
-                return
-            try:
-                self.ctl.set_settings(value)
-            except Z2ZError as e:
-                self.notify(f"Settings not changed: {e}", severity="error")
+        def done(result: tuple[dict, bool] | None) -> None:
+            if result is not None:
+                self.ctl.apply_settings(*result)
+                self.notify("Settings saved" + (" (also for new chats)" if result[1] else ""), timeout=4)
+                self.update_status()
 
-        self.push_screen(PromptDialog("Settings (max_tokens counts base tokens; lookahead 0..8 applies to "
-                                      "greedy replies, temperature=0)", self.ctl.settings_text()), done)
+        self.push_screen(SettingsScreen(dict(self.ctl.settings), self.ctl.check_settings), done)
 
     def action_rename(self) -> None:
         cid = self.ctl.conv_id

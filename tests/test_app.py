@@ -804,6 +804,34 @@ def test_small_things_a_new_user_found(tiny_ckpt, tmp_path):
     run(go())
 
 
+def test_settings_form_checks_each_field_keeps_the_dialog_open_and_saves_defaults(tiny_ckpt, tmp_path):
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(120, 40), notifications=True) as pilot:
+            await ready(app, pilot)
+            await pilot.press("f8")
+            await pilot.pause()
+            form = app.screen
+            form.query_one("#set-temperature").value = "nan"
+            form.query_one("#set-top_k").value = "3"
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+            assert app.screen is form and "temperature" in str(form.query_one("#settings-error").render())
+            assert form.query_one("#set-top_k").value == "3" and app.focused is form.query_one("#set-temperature")
+            form.query_one("#set-temperature").value = "0.7"
+            form.query_one("#as-default").value = True
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+            assert app.screen is not form
+            g = app.ctl.generation_settings()
+            assert g.sampling.temperature == 0.7 and g.sampling.top_k == 3
+
+    run(go())
+    args = build_parser().parse_args([])  # the next launch starts from them; a flag still wins
+    assert args.temperature == 0.7 and args.top_k == 3
+    assert build_parser().parse_args(["--top-k", "9"]).top_k == 9
+
+
 def test_tab_completes_a_file_path_after_slash_file(tiny_ckpt, tmp_path):
     (tmp_path / "notes-2025.txt").write_text("a")
     (tmp_path / "notes-2026.txt").write_text("b")
