@@ -74,3 +74,22 @@ def save_defaults(settings: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps({k: settings[k] for k in SETTING_KEYS}, indent=2), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def recent_models() -> list[str]:
+    """Models opened before (newest first; "" is the embedded default), for F9's list."""
+    try:
+        saved = json.loads((defaults_path().parent / "recent-models.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [m for m in saved if isinstance(m, str)][:10] if isinstance(saved, list) else []
+
+
+def remember_model(model: str | None) -> None:
+    path = defaults_path().parent / "recent-models.json"
+    models = [model or ""] + [m for m in recent_models() if m != (model or "")]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(models[:10]), encoding="utf-8")
+    except OSError:  # a list of conveniences: not worth an error when the disk refuses it
+        pass

@@ -232,3 +232,34 @@ class SettingsScreen(ModalScreen["tuple[dict, bool] | None"]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class ModelScreen(ModalScreen["str | None"]):
+    """F9: the models opened before (the embedded default first) to pick from, or a path typed with
+    completion (a checkpoint directory, an MLX or GGUF conversion, or a hub repo id). Dismisses
+    with the model ("" for the embedded default) or None."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, loaded: str, recent: list[str]) -> None:
+        super().__init__()
+        self.loaded, self.choices = loaded, [""] + [m for m in recent if m]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Open a model: pick one, or type a path (Right takes the completion)")
+            yield Input(self.loaded, id="value", suggester=PathSuggester())
+            yield OptionList(*[Option("the embedded default model" if m == "" else m) for m in self.choices],
+                             id="models")
+
+    def on_mount(self) -> None:
+        self.query_one("#value").focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(self.choices[event.option_index])
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

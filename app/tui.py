@@ -36,7 +36,7 @@ from backends.errors import Z2ZError
 from .controller import ChatController
 from .keys import ACTIONS
 from .options import AppOptions
-from .screens import ConfirmDialog, PromptDialog, SearchScreen, SettingsScreen, StatsScreen
+from .screens import ConfirmDialog, ModelScreen, PromptDialog, SearchScreen, SettingsScreen, StatsScreen
 from .store import NotSaved, default_path, open_store
 from .widgets import ChatInput, ConversationItem, EntryAction, ReplyView, UserView
 
@@ -173,6 +173,9 @@ class Z2ZChat(App):
 
     @guarded
     def _loaded(self, rt) -> None:
+        from .options import remember_model
+
+        remember_model(self.options.model)
         self._loading(False)
         for note in self.ctl.attach(rt):
             self.notify(note, severity="warning", timeout=15)
@@ -640,13 +643,15 @@ class Z2ZChat(App):
         self.push_screen(ConfirmDialog(f"Delete “{self.ctl.store.get(cid).title}”? This cannot be undone."), done)
 
     def action_open_model(self) -> None:
-        def done(value: str | None) -> None:
-            if value:
-                self.options.model = value
-                self.load_model(value)
+        from .options import recent_models
 
-        loaded = self.ctl.runtime.model_name if self.ctl.runtime else (self.options.model or "")
-        self.push_screen(PromptDialog("Model (zip2zip checkpoint directory or repo id)", loaded), done)
+        def done(value: str | None) -> None:
+            if value is not None:
+                self.options.model = value or None  # "": the embedded default
+                self.load_model(self.options.model)
+
+        loaded = self.options.model or ""
+        self.push_screen(ModelScreen(loaded, recent_models()), done)
 
     def get_system_commands(self, screen) -> Any:
         yield from super().get_system_commands(screen)

@@ -865,6 +865,34 @@ def test_tab_completes_a_file_path_after_slash_file(tiny_ckpt, tmp_path):
     run(go())
 
 
+def test_f9_lists_the_models_opened_before_and_opens_one(tiny_ckpt, trained_ckpt, tmp_path):
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32)) as pilot:
+            await ready(app, pilot)
+            await pilot.press("f9")
+            await pilot.pause()
+            field = app.screen.query_one("#value")
+            field.value = str(trained_ckpt)  # typed (or completed): opens, and is remembered
+            await pilot.press("enter")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert app.ctl.runtime.model_name == str(trained_ckpt)
+            await pilot.press("f9")
+            await pilot.pause()
+            models = app.screen.query_one("#models")
+            assert [str(models.get_option_at_index(i).prompt) for i in range(models.option_count)] == [
+                "the embedded default model", str(trained_ckpt), str(tiny_ckpt)]
+            models.focus()
+            models.highlighted = 2
+            await pilot.press("enter")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert app.ctl.runtime.model_name == str(tiny_ckpt)
+
+    run(go())
+
+
 def test_a_failed_model_switch_keeps_the_old_model_and_shows_hints_verbatim(tiny_ckpt, tmp_path):
     async def go():
         app = make_app(tiny_ckpt, tmp_path / "h.db")
