@@ -129,6 +129,7 @@ def margin_curve(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tok
                         "output_codes_per_token": s["output_codes_per_token"],
                         "zip_loops": s["zip_loops"], "zip_fffd": s["zip_fffd"],
                         "speed_vs_base": s["zip_decode_tok_s"] / s["base_decode_tok_s"] if s["base_decode_tok_s"] else 0.0})
+            progress(f"curve {out[-1]}")  # each margin as it is done: a long run stopped early keeps them
     return out
 
 
