@@ -8,6 +8,19 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _run(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # One of several processes: everything is written and closed (the trainer destroys its
+        # process group), but gloo's threads can still abort the interpreter's own exit
+        # (std::terminate in a static destructor: exit -6, which fails the whole launch after a
+        # good run, seen in CI twice). Leave without running those destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _run(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="z2z-train", description="Train a zip2zip model (LoRA + hyper-encoders).",
                                 epilog="Overrides: --optim.steps 200 --data.seq_len 256 --lora.r 8 ... "
                                        "Many GPUs: accelerate launch -m train CONFIG")
