@@ -339,20 +339,18 @@ class PendingWrites:
         self.queue: list[Callable[[], Any]] = []
 
     def run(self, write: Callable[[], T]) -> T | None:
-        """Flush what is queued, then ``write``; on ``NotSaved`` the write stays queued and the error
-        is re-raised. Any other error is a bug: that write is dropped (so it cannot block the ones
-        after it) and the error re-raised for the caller to report."""
+        """Flush what is queued, then ``write``; on ``NotSaved`` the write stays queued (first, in
+        order) and the error is re-raised. Any other error is a bug: it propagates and that write
+        is dropped, so it cannot block the ones after it."""
         self.queue.append(write)
         result = None
         while self.queue:
+            head = self.queue.pop(0)
             try:
-                result = self.queue[0]()
+                result = head()
             except NotSaved:
+                self.queue.insert(0, head)
                 raise
-            except Exception:
-                self.queue.pop(0)
-                raise
-            self.queue.pop(0)
         return result
 
 
