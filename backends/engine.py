@@ -458,7 +458,10 @@ class Session:
         nothing was read yet)."""
         if not isinstance(self.state, SavesKV) or self.fed == 0:
             return None
-        data, n = self.state.export_kv()
+        try:
+            data, n = self.state.export_kv()
+        except BackendError:  # a cache kind it does not save (a sliding window): read it again instead
+            return None
         if n != self.fed:  # the cache and the stream disagree: not worth keeping
             return None
         return KVSnapshot(data, n, codes_digest(self.codes[:n]))

@@ -12,6 +12,8 @@ where new vectors go and which slots are live; the frameworks only do the numeri
   the first ``n_new`` rows get both vectors, a trailing candidate row only its output vector.
 - ``drop(keep)`` forgets slots ``>= keep`` (a rewind, a rejected draft): they are masked again.
 - ``allowed()``: (C,) bool of the slots that may be scored; everything else is -inf.
+- ``rows``: (C, M) the entry each slot's vectors encode, so a saved state's vectors are taken
+  back only for the entries they were computed from (``saved_vectors``).
 """
 
 from __future__ import annotations
@@ -32,12 +34,18 @@ class Plan:
     rows: list[list[int]]  # (N, M) base ids, pad-filled
     n_new: int  # rows[:n_new] are created entries; a further row is the candidate
 
+    def only(self, keep: np.ndarray) -> Plan:
+        """The rows where ``keep`` (N,) is true, in order (created entries stay first)."""
+        idx = np.flatnonzero(keep)
+        return Plan([self.slots[i] for i in idx], [self.rows[i] for i in idx], int((idx < self.n_new).sum()))
+
 
 class HyperSlots:
     def __init__(self, V: int, C: int, M: int, pad_id: int):
         self.V, self.C, self.M, self.pad_id = V, C, M, pad_id
         self.n_created = 0
         self.candidate: int | None = None
+        self.rows = np.full((C, M), -1, dtype=np.int64)  # (C, M)
 
     def plan(self, entries: Sequence[Entry], candidate: Entry | None = None) -> Plan | None:
         """Validate and record new entries (and the candidate); None when there is nothing to do."""
@@ -53,6 +61,7 @@ class HyperSlots:
             if not 1 <= len(e) <= self.M or min(e) < 0 or max(e) >= self.V:
                 raise BackendError(f"codebook entry {list(e)} is not 1..{self.M} base ids in [0, {self.V})")
         rows = [list(e) + [self.pad_id] * (self.M - len(e)) for _, e in items]
+        self.rows[slots] = rows
         n = len(entries)
         if n:
             self.n_created = max(self.n_created, max(slots[:n]) + 1)
@@ -83,6 +92,18 @@ class HyperSlots:
 
     def reset(self) -> None:
         self.n_created, self.candidate = 0, None
+
+
+def saved_vectors(plan: Plan, saved_rows: np.ndarray, saved_created: int) -> np.ndarray:
+    """(N,) bool: the plan's rows whose vectors a saved state holds, i.e. the same entry in the same
+    slot (``saved_rows`` (L, M) is the saved ``HyperSlots.rows[:live]``); a created entry needs
+    both vectors, so its slot must have been created there too, not only a candidate."""
+    slots = np.asarray(plan.slots, dtype=np.int64)  # (N,)
+    want = np.asarray(plan.rows, dtype=np.int64)  # (N, M)
+    limit = np.where(np.arange(len(slots)) < plan.n_new, saved_created, len(saved_rows))
+    ok = slots < limit
+    ok[ok] = (saved_rows[slots[ok]] == want[ok]).all(axis=1)
+    return ok
 
 
 # --- verification of drafted codes: logits for every position of a forward ---------------------

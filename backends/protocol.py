@@ -14,10 +14,12 @@ slots and vectors, its position count. Two states of one model never see each ot
     kv_bytes() -> int   # memory its KV cache holds now (the server's budget, the context meter)
     reset(); close(); context_length: int
 
-A state that can hand its KV cache out as bytes and take it back (llama.cpp's) also implements
-``SavesKV``: the app keeps a conversation's cache on disk, so reopening it skips the prefill.
-``import_kv`` stands for ``add_entries`` on a fresh state: it registers the codebook's entries
-with what the export saved of them instead of encoding them again.
+A state that can hand its KV cache out as bytes and take it back (every zip2zip state: llama.cpp's
+sequence bytes, torch's and MLX's tensors in ``saved_state.py``) also implements ``SavesKV``: the
+app keeps a conversation's cache on disk, so reopening it skips the prefill. ``import_kv`` stands
+for ``add_entries`` on a fresh state: it registers the codebook's entries with the vectors the
+export saved of them instead of encoding them again. ``export_kv`` raises ``BackendError`` for a
+cache it does not save (a sliding window), and the conversation is then read again.
 """
 
 from __future__ import annotations

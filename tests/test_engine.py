@@ -18,7 +18,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from backends.codec import CodecSession  # noqa: E402
 from backends.detok import Detokenizer  # noqa: E402
-from backends.engine import Done, GenerationSettings, Notice, Session, Token  # noqa: E402
+from backends.engine import Done, GenerationSettings, KVSnapshot, Notice, Session, Token, codes_digest  # noqa: E402
 from backends.sampling import Sampler, SamplingSettings  # noqa: E402
 from backends.torch_backend import checkpoint  # noqa: E402
 from backends.torch_backend.backend import TorchState  # noqa: E402
@@ -245,6 +245,39 @@ def test_save_restore_resumes_identically(rt):
     cb, tb, _, _ = run(b, "more please", GenerationSettings(max_tokens=10))
     assert (ca, ta) == (cb, tb)
     assert len(rec_b.forwards[0][0]) > 20  # the history was rebuilt by one prefill
+
+
+def test_a_saved_kv_cache_resumes_without_reading_the_conversation_again(rt):
+    """What reopening a chat does, on every backend: the state exported after two turns and
+    imported into a fresh one holds the conversation; the next turn reads only the new message
+    and writes what a full re-read writes. A cache that is damaged or does not hold the
+    conversation is refused with the reason, and the conversation is read again."""
+    settings = GenerationSettings(max_tokens=12)
+    fresh = lambda: Session(rt.factory(), rt.tokenizer, rt.codec, position_mode=rt.config.position_mode)  # noqa: E731
+    a = fresh()
+    for text in TURNS_A[:2]:
+        run(a, text, settings)
+    saved, snap = json.loads(json.dumps(a.to_dict())), a.kv_snapshot()
+    assert snap is not None and snap.fed == a.fed > 0
+    warm, cold = fresh(), fresh()
+    assert warm.restore(saved, snap) is None and warm.fed == snap.fed
+    cold.restore(saved)
+    assert cold.fed == 0
+    (cw, tw, dw, _), (cc, tc, dc, _) = run(warm, TURNS_A[2], settings), run(cold, TURNS_A[2], settings)
+    assert (cw, tw) == (cc, tc) and cw
+    assert dw.stats.cached_codes == snap.fed and dc.stats.cached_codes == 0
+    changed = dict(saved, codes=list(saved["codes"][:-1]) + [saved["codes"][0]])
+    for d, kv in ((saved, KVSnapshot(snap.data[: len(snap.data) // 2], snap.fed, snap.digest)),
+                  (saved, KVSnapshot(snap.data, snap.fed - 1, codes_digest(a.codes[: snap.fed - 1]))),
+                  (changed, snap)):
+        other = fresh()
+        try:
+            note = other.restore(d, kv)
+        except ValueError:
+            note = "the saved state itself was refused"
+        assert note is not None and other.fed == 0
+        codes, *_ = run(other, TURNS_A[2], settings)
+        assert d is changed or codes == cc
 
 
 def test_reset_clears_codebook_and_cache(rt):

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..errors import BackendError
-from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows
+from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows, saved_vectors
 from .context import LlamaContext
 
 Encoder = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -142,7 +142,6 @@ class LlamaCppState(_Sequence):
         self.slots = HyperSlots(model.V, model.C, model.M, model.pad_id)
         self.hyper_in = np.zeros((model.C, D), dtype=np.float32)
         self.hyper_out = np.zeros((model.C, D), dtype=np.float32)
-        self.out_rows = np.full((model.C, model.M), -1, dtype=np.int64)  # the entry each hyper_out row encodes
         self.pending_in: dict[int, list[int]] = {}  # slot -> padded row whose input vector is not computed yet
 
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
@@ -152,43 +151,38 @@ class LlamaCppState(_Sequence):
         rows = np.asarray(plan.rows, dtype=np.int64)  # (N, M)
         # one output-encoder call for the new entries and the candidate (a decode step has both)
         self.hyper_out[plan.slots] = self.m.output_encoder(rows, self.m.head_table)
-        self.out_rows[plan.slots] = rows
         for slot, row in zip(plan.slots[:plan.n_new], plan.rows):
             self.pending_in[slot] = row
 
     def export_kv(self) -> tuple[bytes, int]:
         """The KV cache and the hyper output vectors of the live slots with the entries they encode
-        (re-encoding a full codebook costs more than reading it: ~0.6 s for 2,048 entries on 2
-        cores), as one blob."""
+        (re-encoding a full codebook costs more than reading it), as one blob."""
         (kv, n_past), live = self._kv_out(), self.slots.live
         head = struct.pack("<QQ", len(kv), live)
-        return head + kv + self.out_rows[:live].tobytes() + self.hyper_out[:live].tobytes(), n_past
+        return head + kv + self.slots.rows[:live].tobytes() + self.hyper_out[:live].tobytes(), n_past
 
     def import_kv(self, data: bytes, n_past: int, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
         n_kv, live = struct.unpack_from("<QQ", data)
-        M, D = self.out_rows.shape[1], self.hyper_out.shape[1]
+        M, D = self.slots.M, self.hyper_out.shape[1]
         if len(data) != 16 + n_kv + live * (M * 8 + D * 4):
             raise BackendError("a saved KV cache has the wrong size for this model")
         at = 16 + n_kv
         rows = np.frombuffer(data, dtype=np.int64, count=live * M, offset=at).reshape(live, M)
         vectors = np.frombuffer(data, dtype=np.float32, count=live * D, offset=at + rows.nbytes).reshape(live, D)
-        plan = self.slots.plan(entries, candidate)
         try:
             self._kv_in(memoryview(data)[16:at], n_past)  # a view: the cache is ~100 MB
         except BackendError:
             self.reset()
             raise
+        plan = self.slots.plan(entries, candidate)
         if plan is None:
             return
-        want = np.asarray(plan.rows, dtype=np.int64)  # (N, M)
+        same = saved_vectors(plan, rows, live)  # input vectors are lazy: the output side is all that is saved
         slots = np.asarray(plan.slots)
-        saved = slots < live
-        same = np.zeros(len(slots), dtype=bool)
-        same[saved] = (rows[slots[saved]] == want[saved]).all(axis=1)
         self.hyper_out[slots[same]] = vectors[slots[same]]
-        if not same.all():  # entries made after the export's last step (the pending code's): encoded now
-            self.hyper_out[slots[~same]] = self.m.output_encoder(want[~same], self.m.head_table)
-        self.out_rows[slots] = want
+        rest = plan.only(~same)  # entries made after the export's last step (the pending code's)
+        if rest.slots:
+            self.hyper_out[rest.slots] = self.m.output_encoder(np.asarray(rest.rows, dtype=np.int64), self.m.head_table)
         for slot, row in zip(plan.slots[:plan.n_new], plan.rows):
             self.pending_in[slot] = row  # input vectors stay lazy, as after add_entries
 

@@ -186,6 +186,10 @@ class LlamaContext:
             buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
             if self.L.llama_state_seq_set_data(self.ctx, buf, len(data), 0) == 0:
                 raise BackendError("llama.cpp could not restore a conversation's KV cache (out of memory?)")
+            held = self.L.llama_memory_seq_pos_max(self.mem, 0) + 1
+            if held != n_past:  # positions are contiguous from 0: the last one says how many it holds
+                self.clear()
+                raise BackendError(f"a saved KV cache holds {held} positions, not {n_past}")
         self.n_past = n_past
 
     def close(self) -> None:

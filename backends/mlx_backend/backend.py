@@ -9,9 +9,13 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+import safetensors
+import safetensors.numpy
+from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
 
-from ..hyper import Entry, Mask
+from .. import saved_state
+from ..errors import BackendError
+from ..hyper import Entry, Mask, saved_vectors
 from ..sources import context_length_of
 from .model import Zip2ZipMLX, load_converted, position_logits
 
@@ -68,6 +72,41 @@ class MLXState:
     def reset(self) -> None:
         self.cache = make_prompt_cache(self.model.lm)
         self.hyper.slots.reset()
+
+    def export_kv(self) -> tuple[bytes, int]:
+        """The KV cache and the live hyper vectors as safetensors bytes (``backends/saved_state.py``);
+        bfloat16 is written as float32 (numpy has no bfloat16), which casts back exactly."""
+        if any(type(c) is not KVCache for c in self.cache):
+            raise BackendError("a rotating or quantized KV cache is not saved")
+        h, slots = self.hyper, self.hyper.slots
+        t = {name: x[..., :c.offset, :] for (k, v), c in zip(saved_state.kv_names(len(self.cache)), self.cache)
+             for name, x in ((k, c.keys), (v, c.values)) if c.keys is not None}
+        t |= {"hyper_in": h.hyper_in[:slots.n_created], "hyper_out": h.hyper_out[:slots.live]}
+        arrays = {k: np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x) for k, x in t.items()}
+        arrays |= {"rows": slots.rows[:slots.live].copy(), "created": np.array([slots.n_created], dtype=np.int64)}
+        return safetensors.numpy.save(arrays), self.cache[0].offset
+
+    def import_kv(self, data: bytes, n_past: int, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
+        try:
+            t = safetensors.numpy.load(bytes(data))
+        except safetensors.SafetensorError as e:
+            raise BackendError(f"a saved KV cache is not readable: {e}") from e
+        m = self.model
+        rows, created = saved_state.check(t, len(self.cache), n_past, m.config.model_dim, m.M)
+        self.reset()
+        for c, (k, v) in zip(self.cache, saved_state.kv_names(len(self.cache))):
+            c.update_and_fetch(mx.array(t[k]).astype(m.dtype), mx.array(t[v]).astype(m.dtype))
+        plan = self.hyper.slots.plan(entries, candidate)
+        if plan is None:
+            return
+        ok = saved_vectors(plan, rows, created)
+        slots = np.asarray(plan.slots, dtype=np.int64)
+        out, inp = slots[ok], slots[ok & (np.arange(len(slots)) < plan.n_new)]  # a candidate has only its output vector
+        if len(out):
+            self.hyper.hyper_out[mx.array(out)] = mx.array(t["hyper_out"][out]).astype(m.dtype)
+        if len(inp):
+            self.hyper.hyper_in[mx.array(inp)] = mx.array(t["hyper_in"][inp]).astype(m.dtype)
+        m.write_vectors(plan.only(~ok), self.hyper)  # entries made after the export
 
     def close(self) -> None:
         self.cache = None

@@ -25,7 +25,7 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
 from ..config import MLX_ARCHITECTURES, Zip2ZipConfig
-from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows
+from ..hyper import Entry, HyperSlots, Mask, Plan, assemble, candidate_rows
 from ..sources import pad_id_of, rope_settings
 from .encoders import build_encoder
 
@@ -105,7 +105,12 @@ class Zip2ZipMLX:
 
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None, hyper: HyperCache) -> None:
         plan = hyper.slots.plan(entries, candidate)
-        if plan is None:
+        if plan is not None:
+            self.write_vectors(plan, hyper)
+
+    def write_vectors(self, plan: Plan, hyper: HyperCache) -> None:
+        """Encode the plan's rows into ``hyper``: both vectors for its entries, the output one for its candidate."""
+        if not plan.slots:
             return
         rows = mx.array(plan.rows)  # (N, M)
         valid = rows != self.pad_id

@@ -11,11 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
+from .. import saved_state
 from ..errors import BackendError
-from ..hyper import Entry, Mask
+from ..hyper import Entry, Mask, saved_vectors
 from ..sources import context_length_of
 from .model import Zip2ZipLM
 
@@ -106,6 +110,42 @@ class TorchState(_CachedDecoder):
     def reset(self) -> None:
         self._new_cache()
         self.model.reset_entries(self.hyper)
+
+    def export_kv(self) -> tuple[bytes, int]:
+        """The KV cache and the live hyper vectors as safetensors bytes (``backends/saved_state.py``)."""
+        layers = self.cache.layers
+        if any(type(layer) is not DynamicLayer for layer in layers):
+            raise BackendError("a sliding-window KV cache is not saved")  # it holds only the window
+        h, slots = self.hyper, self.hyper.slots
+        t = {name: x.contiguous() for (k, v), layer in zip(saved_state.kv_names(len(layers)), layers)
+             for name, x in ((k, layer.keys), (v, layer.values))}
+        t |= {"hyper_in": h.hyper_in[:slots.n_created], "hyper_out": h.hyper_out[:slots.live],
+              "rows": torch.from_numpy(slots.rows[:slots.live].copy()),
+              "created": torch.tensor([slots.n_created], dtype=torch.int64)}
+        return safetensors.torch.save(t), self.cache.get_seq_length()
+
+    @torch.inference_mode()
+    def import_kv(self, data: bytes, n_past: int, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
+        try:
+            t = safetensors.torch.load(bytes(data))
+        except safetensors.SafetensorError as e:
+            raise BackendError(f"a saved KV cache is not readable: {e}") from e
+        n_layers = self.lm.config.num_hidden_layers
+        rows, created = saved_state.check(t, n_layers, n_past, self.hyper.hyper_out.shape[1], self.model.M)
+        self.reset()
+        dev, dt = self.hyper.hyper_out.device, self.hyper.hyper_out.dtype
+        for i, (k, v) in enumerate(saved_state.kv_names(n_layers)):
+            self.cache.update(t[k].to(dev, dt), t[v].to(dev, dt), i)
+        plan = self.hyper.slots.plan(entries, candidate)
+        if plan is None:
+            return
+        ok = saved_vectors(plan, rows, created)
+        slots, same = torch.as_tensor(plan.slots, dtype=torch.long), torch.from_numpy(ok)
+        entry = torch.arange(len(slots)) < plan.n_new
+        out, inp = slots[same], slots[same & entry]  # a candidate has only its output vector
+        self.hyper.hyper_out[out.to(dev)] = t["hyper_out"][out].to(dev, dt)
+        self.hyper.hyper_in[inp.to(dev)] = t["hyper_in"][inp].to(dev, dt)
+        self.model.write_vectors(plan.only(~ok), self.hyper)  # entries made after the export
 
 
 class PlainTorchModel:

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..codec import CodecSession
 from ..config import Zip2ZipConfig, positions
-from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows
+from ..hyper import Entry, HyperSlots, Mask, Plan, assemble, candidate_rows
 from .encoders import build_encoder
 
 
@@ -105,7 +105,13 @@ class Zip2ZipLM(nn.Module):
                     hyper: HyperCache | None = None) -> None:
         c = hyper or self.hyper
         plan = c.slots.plan(entries, candidate)
-        if plan is None:
+        if plan is not None:
+            self.write_vectors(plan, c)
+
+    @torch.no_grad()
+    def write_vectors(self, plan: Plan, c: HyperCache) -> None:
+        """Encode the plan's rows into ``c``: both vectors for its entries, the output one for its candidate."""
+        if not plan.slots:
             return
         rows = torch.tensor(plan.rows, dtype=torch.long, device=self.device)  # (N, M)
         idx = torch.tensor(plan.slots, device=rows.device)
