@@ -8,6 +8,8 @@
   ``{"role", "content"}`` objects (the OpenAI message format most chat apps export) as a new
   conversation. Everything is checked before anything is written: a malformed file raises
   ``ArchiveError`` naming the line and imports nothing.
+- ``markdown(store, cid)``: one conversation as Markdown for reading, every branch: the branch
+  shown first, then each other one from where it leaves an earlier one.
 - ``search(store, text)``: (conversation id, title, role, the matching line, message id) for
   every message that matches ``text`` on any branch (``Store.search``: FTS5, or ``LIKE``).
 """
@@ -53,6 +55,43 @@ def export_jsonl(store: Store, path: Path) -> int:
                                 "head": local[shown[-1].id] if shown else None, "messages": msgs},
                                ensure_ascii=False) + "\n")
     return len(convs)
+
+
+def markdown(store: Store, cid: int) -> str:
+    conv = store.get(cid)
+    lines = [f"# {conv.title}", ""]
+    if conv.system:
+        lines += [f"*System:* {conv.system}", ""]
+    branches = _branches(store.tree(cid), [m.id for m in store.messages(cid)])
+    level = "##" if len(branches) == 1 else "###"
+    seen: dict[int, int] = {}  # message id -> the branch that showed it first
+    for n, branch in enumerate(branches, 1):
+        if len(branches) > 1:
+            lines += [f"## Branch {n} of {len(branches)}" + (" (shown in the app)" if n == 1 else ""), ""]
+        shared = next((i for i, m in enumerate(branch) if m.id not in seen), len(branch))
+        if shared:
+            lines += [f"*The first {shared} message(s) as in branch {seen[branch[shared - 1].id]}.*", ""]
+        for m in branch[shared:]:
+            seen[m.id] = n
+            lines += [f"{level} {'You' if m.role == 'user' else 'Assistant'}", "", m.content, ""]
+            if m.stopped:
+                lines += ["*(stopped)*", ""]
+    return "\n".join(lines)
+
+
+def _branches(tree: list[Message], shown: list[int]) -> list[list[Message]]:
+    """Every path from the first message to a message nothing follows; the one shown first."""
+    by_id = {m.id: m for m in tree}
+    parents = {m.parent for m in tree}
+    paths = []
+    for leaf in (m for m in tree if m.id not in parents):
+        path, at = [], leaf
+        while at is not None:
+            path.append(at)
+            at = by_id.get(at.parent)
+        paths.append(path[::-1])
+    shown_path = next((p for p in paths if [m.id for m in p] == shown), None)
+    return ([shown_path] if shown_path else []) + [p for p in paths if p is not shown_path]
 
 
 def _messages(raw: Any, where: str) -> tuple[str | None, list[Message]]:

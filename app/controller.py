@@ -342,20 +342,15 @@ class ChatController:
             self.write(lambda: self.store.update(ref.id, system=value))
 
     def export(self) -> Path:
-        """The conversation as Markdown (UTF-8) in ``export_dir()``; returns the file written."""
+        """The conversation, every branch, as Markdown (UTF-8) in ``export_dir()``; returns the file written."""
+        from .archive import markdown
+
         conv = self.store.get(self.conv_id)
-        lines = [f"# {conv.title}", ""]
-        if conv.system:
-            lines += [f"*System:* {conv.system}", ""]
-        for m in self.store.messages(self.conv_id):
-            lines += [f"## {'You' if m.role == 'user' else 'Assistant'}", "", m.content, ""]
-            if m.stopped:
-                lines += ["*(stopped)*", ""]
         safe = re.sub(r"[^\w-]+", "-", conv.title).strip("-")[:40] or "chat"
         out = export_dir()
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"z2z-chat-{conv.id}-{safe}-{time.strftime('%Y%m%d-%H%M%S')}.md"
-        path.write_text("\n".join(lines), encoding="utf-8")
+        path.write_text(markdown(self.store, conv.id), encoding="utf-8")
         return path
 
 

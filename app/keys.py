@@ -22,7 +22,7 @@ ACTIONS = [
     Action("regenerate", "ctrl+r", "Regenerate", "Answer the last message again (the old reply stays as a branch)"),
     Action("toggle_units", "ctrl+t", "Hypertokens", "Colour replies by base token / hypertoken (plain text)"),
     Action("stats", "f3", "Stats", "Compression per turn"),
-    Action("export", "f4", "Export", "Write this conversation (the branch shown) to a Markdown file"),
+    Action("export", "f4", "Export", "Write this conversation, every branch, to a Markdown file"),
     Action("export_all", "f6", "Export all", "Write every conversation, every branch, to a JSON Lines file", False),
     Action("import_file", "f7", "Import", "Import conversations: our JSON Lines, or a JSON list of {role, content}",
            False),
@@ -34,6 +34,7 @@ ACTIONS = [
     Action("open_model", "f9", "Open model", "Load another zip2zip checkpoint", False),
     Action("attach", "ctrl+o", "Attach file", "Attach a text file to the next message (also: /file PATH)"),
     Action("search", "ctrl+f", "Search", "Search every conversation; Enter opens one at the message found"),
+    Action("toggle_sidebar", "ctrl+b", "Chats", "Show or hide the list of chats (hidden by itself under 60 columns)"),
 ]
 
 # keys of a chat entry once it has the focus (Tab / Shift+Tab, or a click); widgets.py binds them

@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from textual import work
+from textual import events, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -82,6 +82,7 @@ class Z2ZChat(App):
         self.status_text = ""
         self.attachments: list = []  # Attachment: files for the next message
         self.last_sent: tuple[str, list, list] = ("", [], [])
+        self.sidebar: bool | None = None  # shown or hidden by Ctrl+B; None: by the window's width
 
     # --- layout and errors --------------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class Z2ZChat(App):
         self.refresh_history()
         self.query_one(ChatInput).recall = store.sent()
         self.query_one("#chat", VerticalScroll).anchor()
+        self._show_sidebar()
         self.load_model(self.options.model)
         # SIGTERM (kill, logout, a closing terminal's SIGHUP) leaves like Ctrl+Q: the reply being
         # written is saved as stopped, pending writes are flushed
@@ -199,7 +201,7 @@ class Z2ZChat(App):
     async def refresh_history(self) -> None:
         lv = self.query_one("#history", ListView)
         await lv.clear()
-        await lv.extend(ConversationItem(c.id, c.title) for c in self.ctl.store.conversations())
+        await lv.extend(ConversationItem(c.id, c.title, c.updated) for c in self.ctl.store.conversations())
         self.highlight_open()
 
     def highlight_open(self) -> None:
@@ -233,7 +235,7 @@ class Z2ZChat(App):
             if m.role == "user":
                 chat.mount(UserView(m.content))
             else:
-                view = ReplyView(m.units or [[m.content, 0]], self.coloured)
+                view = ReplyView(m.units or [[m.content, 0]], self.coloured, self.who())
                 chat.mount(view)
                 self.call_after_refresh(view.finish, "stopped" if m.stopped else "")
         self.call_after_refresh(self.show_branches)
@@ -361,7 +363,7 @@ class Z2ZChat(App):
             if self.attach_files(paths):
                 self.query_one(ChatInput).accepted(text)
             return True
-        if "\n" not in text and Path(text).expanduser().is_file():
+        if "\n" not in text and _is_file(text):
             if self.attach_files([text]):
                 self.query_one(ChatInput).accepted(text)
                 self.notify(f"{Path(text).name} is attached; type your question about it", timeout=6)
@@ -381,14 +383,21 @@ class Z2ZChat(App):
             self.notify("A reply is still running (Esc stops it); your message is kept in the input",
                         severity="warning")
             return
+        from backends.engine import ContextFullError
+
         from .attachments import compose
 
+        message, files = compose(event.text, self.attachments), self.attachments
+        try:
+            self.ctl.session.check_fits(message, self.ctl.generation_settings())
+        except ContextFullError as e:  # before anything changes: an edit stays an edit
+            self.notify(f"Too long: {e}. Your message is kept in the input.", severity="error", timeout=20)
+            return
         if self.editing is not None:  # the edited message starts a new branch at its place
             self.ctl.prepare_edit(self.editing)
             self.render_messages(self.ctl.store.messages(self.ctl.conv_id)[:self.editing])
             self.editing = None
         new = self.ctl.conv_id is None
-        message, files = compose(event.text, self.attachments), self.attachments
         try:
             self.ctl.begin_turn(message)
         except NotSaved as e:
@@ -407,7 +416,7 @@ class Z2ZChat(App):
         self.start_reply(message)
 
     def start_reply(self, text: str) -> None:
-        self.reply = ReplyView(coloured=self.coloured)
+        self.reply = ReplyView(coloured=self.coloured, who=self.who())
         self.query_one("#chat", VerticalScroll).mount(self.reply)
         self.cancel.clear()
         self.reply_saved = False
@@ -542,6 +551,23 @@ class Z2ZChat(App):
         self.query_one("#chat", VerticalScroll).remove_children()
         self.query_one(ChatInput).focus()
         self.update_status()
+
+    def who(self) -> str:
+        """The name over a reply: the model's directory, or repo id."""
+        rt = self.ctl.runtime if self.ctl else None
+        if rt is None:
+            return "model"
+        return "default model" if self.options.model is None else Path(rt.model_name).name or rt.model_name
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._show_sidebar()
+
+    def _show_sidebar(self) -> None:
+        self.query_one("#sidebar").display = self.size.width >= 60 if self.sidebar is None else self.sidebar
+
+    def action_toggle_sidebar(self) -> None:
+        self.sidebar = not self.query_one("#sidebar").display
+        self._show_sidebar()
 
     def action_toggle_units(self) -> None:
         self.coloured = not self.coloured
@@ -678,6 +704,15 @@ class Z2ZChat(App):
             except NotSaved as e:
                 print(f"z2z-chat: {e}; the last messages could not be saved")
             self.ctl.store.close()
+
+
+def _is_file(text: str) -> bool:
+    """A line that names a file (a pasted path is offered as an attachment); a long line of text
+    is no name at all (the OS refuses it: ENAMETOOLONG)."""
+    try:
+        return Path(text).expanduser().is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _size(n: int) -> str:

@@ -2,11 +2,11 @@
 
 Chat entries take the focus (Tab, or a click) and then have their own keys, shown in the footer:
 ``e`` edits your message (a new branch), ``c`` copies the message, ``y`` copies a reply's code
-blocks, ``<`` and ``>`` switch between the branches at that message. They post ``EntryAction``;
+blocks (each block also has a copy button), ``<`` and ``>`` switch between the branches at that message. They post ``EntryAction``;
 the app does the work.
 
-``ReplyView`` shows a streamed reply either as Markdown or, with hypertoken colouring on, as
-plain text coloured by unit (base token / 2-token / 3+-token hypertoken). The coloured text is
+``ReplyView`` shows a streamed reply either as Markdown (a reply that is code without a fence as a
+code block: ``render.py``) or, with hypertoken colouring on, as plain text coloured by unit (base token / 2-token / 3+-token hypertoken). The coloured text is
 built incrementally (one append per token); Textual coalesces the repaints per frame.
 """
 
@@ -21,6 +21,9 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message as TMessage
 from textual.widgets import Label, ListItem, Markdown, Static, TextArea
+from textual.widgets.markdown import MarkdownFence
+
+from .render import as_markdown, looks_like_code
 
 # Unit colours: mid-luminance so they read on dark and light themes alike.
 UNIT_STYLES = {1: "", 2: "bold #2f80ed", 3: "bold #e67e22"}
@@ -115,12 +118,25 @@ class ChatInput(TextArea):
 
 
 class ConversationItem(ListItem):
-    """One conversation in the sidebar; the id is an attribute, not a widget id, so refreshing the
-    list can never collide with items still being removed."""
+    """One conversation in the sidebar: its title (cut with an ellipsis) and when it was last
+    written. The id is an attribute, not a widget id, so refreshing the list can never collide
+    with items still being removed."""
 
-    def __init__(self, conv_id: int, title: str):
-        super().__init__(Label(title))
+    def __init__(self, conv_id: int, title: str, updated: float = 0.0):
+        super().__init__(Label(title, classes="title"), Label(when(updated), classes="when"))
         self.conv_id = conv_id
+
+
+def when(ts: float, now: float | None = None) -> str:
+    """A short local date: the time today, the day this year, else the day and year."""
+    import time
+
+    if not ts:
+        return ""
+    t, today = time.localtime(ts), time.localtime(now)
+    if t[:3] == today[:3]:
+        return time.strftime("%H:%M", t)
+    return time.strftime("%d %b" if t.tm_year == today.tm_year else "%d %b %Y", t).lstrip("0")
 
 
 class EntryAction(TMessage):
@@ -144,23 +160,56 @@ class UserView(Static, can_focus=True):
     BINDINGS = [Binding("e", "entry('edit')", "Edit"), *ENTRY_BINDINGS]
 
     def __init__(self, text: str):
-        super().__init__(Text(text), classes="user")
+        super().__init__(self._body(text), classes="user")
         self.text = text
 
+    @staticmethod
+    def _body(text: str) -> Text:
+        return Text("You", style="bold") + Text("\n") + Text(text)
+
     def set_branch(self, at: int, of: int) -> None:
-        self.update(Text(self.text) + (Text("\n") + branch_label(at, of) if of > 1 else Text("")))
+        self.update(self._body(self.text) + (Text("\n") + branch_label(at, of) if of > 1 else Text("")))
 
     def action_entry(self, action: str, step: int = 0) -> None:
         self.post_message(EntryAction(self, action, step))
 
 
+class CopyButton(Static):
+    """The small button on a code block: a click copies the block's code (OSC 52)."""
+
+    def __init__(self, fence: MarkdownFence):
+        super().__init__("⧉ copy", classes="copy")
+        self.fence = fence
+
+    def on_click(self, event: events.Click) -> None:
+        event.stop()
+        self.app.copy_to_clipboard(self.fence.code)
+        n = self.fence.code.count("\n") + 1
+        self.app.notify(f"Copied the code block ({n} line{'s' if n > 1 else ''})", timeout=3)
+
+
+class CodeBlock(MarkdownFence):
+    def compose(self) -> ComposeResult:
+        yield CopyButton(self)
+        yield from super().compose()
+
+
+class ReplyMarkdown(Markdown):
+    """A reply's Markdown: code blocks carry a copy button."""
+
+    BLOCKS = {**Markdown.BLOCKS, "fence": CodeBlock, "code_block": CodeBlock}
+
+
 class ReplyView(Vertical, can_focus=True):
     BINDINGS = [Binding("y", "entry('copy_code')", "Copy code"), *ENTRY_BINDINGS]
 
-    def __init__(self, units: list[list[Any]] | None = None, coloured: bool = False):
+    def __init__(self, units: list[list[Any]] | None = None, coloured: bool = False, who: str = "model"):
         super().__init__(classes="reply")
+        self.who = who  # the model's name, over the reply
         self.units: list[list[Any]] = []
         self.coloured = coloured
+        self._code = False  # shown as one code block (render.looks_like_code)
+        self._redraw: Any = None  # the timer of the next redraw of that block
         self._coloured_text = Text()
         for text, span in units or []:
             self._add(text, span)
@@ -170,7 +219,8 @@ class ReplyView(Vertical, can_focus=True):
         return "".join(t for t, _ in self.units)
 
     def compose(self) -> ComposeResult:
-        yield Markdown(self.text, classes="body")
+        yield Static(Text(self.who, style="bold"), classes="who")
+        yield ReplyMarkdown(self._markdown(), classes="body")
         yield Static(self._coloured_text, classes="units")
         yield Static("", classes="meta")
 
@@ -188,8 +238,22 @@ class ReplyView(Vertical, can_focus=True):
             return
         if self.coloured:
             self.query_one(".units", Static).update(self._coloured_text)
+        elif self._code or ("\n" in text and looks_like_code(self.text)):
+            # Markdown.append cannot follow an update still in flight (it parses from a stale
+            # line), so a code block is redrawn whole, at most ten times a second
+            self._code = True
+            if self._redraw is None:
+                self._redraw = self.set_timer(0.1, self._redraw_code)
         else:
             self.query_one(Markdown).append(text)
+
+    def _redraw_code(self) -> None:
+        self._redraw = None
+        self.query_one(Markdown).update(self._markdown())
+
+    def _markdown(self) -> str:
+        self._code = looks_like_code(self.text)
+        return as_markdown(self.text)
 
     def set_coloured(self, on: bool) -> None:
         self.coloured = on
@@ -197,11 +261,13 @@ class ReplyView(Vertical, can_focus=True):
         if on:
             units.update(self._coloured_text)
         else:
-            md.update(self.text)
+            md.update(self._markdown())
         md.display, units.display = not on, on
 
     def finish(self, note: str) -> None:
         self.note = note
+        if not self.coloured and self._code != looks_like_code(self.text):  # e.g. a fence came later
+            self.query_one(Markdown).update(self._markdown())
         self._meta()
 
     def set_branch(self, at: int, of: int) -> None:

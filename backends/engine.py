@@ -283,6 +283,12 @@ class Session:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         return len(ids), len(CodecSession.from_dict(self.codec.to_dict()).encode(ids))
 
+    def check_fits(self, user_text: str, settings: GenerationSettings | None = None) -> None:
+        """Raise ``ContextFullError`` when ``user_text`` cannot fit even with every earlier turn
+        dropped (what ``send`` would raise), before anything changes: the app keeps the text."""
+        settings = settings or GenerationSettings()
+        self._plan(user_text, _reply_room(settings.max_tokens, self.state.context_length))
+
     def context_usage(self, settings: GenerationSettings | None = None) -> ContextUsage:
         settings = settings or GenerationSettings()
         window = self.state.context_length

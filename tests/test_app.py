@@ -946,3 +946,94 @@ def test_esc_while_a_long_message_is_read_takes_it_back(tiny_ckpt, tmp_path):
             assert app.ctl.session.to_dict()["messages"] == before["messages"]
 
     run(go())
+
+
+def test_labels_code_without_a_fence_its_copy_button_and_a_small_window(tiny_ckpt, tmp_path):
+    """Messages say who wrote them; a reply that is code without a fence is shown as a code block
+    (streamed too: no "# comment" heading), and its button copies it; at 50x15 the chat list hides
+    itself (Ctrl+B shows it, titles cut with an ellipsis, dated) and a toast stays off the message box."""
+    from textual.widgets._toast import Toast
+    from textual.widgets._markdown import MarkdownHeader
+    from textual.widgets.markdown import MarkdownFence
+
+    from app.widgets import ConversationItem, CopyButton, UserView
+
+    code = "def f(x):\n    # add one\n    return x + 1\n"
+
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32)) as pilot:
+            await ready(app, pilot)
+            await say(app, pilot, "a question whose title is long enough to be cut in the list of chats")
+            assert str(app.query(UserView).last().render()).startswith("You\n")
+            assert str(app.query(ReplyView).last().query_one(".who").render()) == app.who() == Path(app.ctl.runtime.model_name).name
+            item = app.query(ConversationItem).last()
+            assert re.fullmatch(r"\d\d:\d\d", str(item.query_one(".when").render()))
+            streamed = ReplyView(who="m")
+            await app.query_one("#chat").mount(streamed)
+            for part in code.splitlines(keepends=True):
+                streamed.append(part, 1)
+                await pilot.pause()
+            await pilot.pause(0.2)  # the block is redrawn ten times a second
+            whole = ReplyView([[code, 0]], who="m")
+            await app.query_one("#chat").mount(whole)
+            await pilot.pause()
+            for view in (streamed, whole):
+                assert view.query(MarkdownFence) and not view.query(MarkdownHeader)
+                assert view.query_one(MarkdownFence).code.rstrip("\n") == code.rstrip("\n")
+            whole.scroll_visible(animate=False)
+            await pilot.pause()
+            await pilot.click(whole.query_one(CopyButton))
+            assert app.clipboard.rstrip("\n") == code.rstrip("\n")
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(50, 15), notifications=True) as pilot:
+            await ready(app, pilot)
+            sidebar = app.query_one("#sidebar")
+            assert not sidebar.display
+            await pilot.press("ctrl+b")
+            await pilot.pause()
+            assert sidebar.display
+            title = app.query(ConversationItem).first().query_one(".title")
+            assert title.region.width < len("a question whose title") and "…" in str(title.render_line(0).text)
+            app.notify("a toast with a few words in it, long enough to wrap over more than one line")
+            await pilot.pause(0.3)
+            box = app.query_one("#input").region
+            toasts = app.screen.query(Toast)
+            assert toasts and all(not t.region.overlaps(box) for t in toasts)
+
+    run(go())
+
+
+def test_a_chat_list_date_reads_as_a_time_today_and_a_day_before():
+    import time as t
+
+    from app.widgets import when
+
+    now = t.mktime((2026, 12, 2, 15, 0, 0, 0, 0, -1))
+    assert when(now - 3600, now) == "14:00"
+    assert when(now - 86400 * 3, now) == "29 Nov"
+    assert when(t.mktime((2025, 3, 4, 9, 0, 0, 0, 0, -1)), now) == "4 Mar 2025"
+    assert when(0, now) == ""
+
+
+def test_an_edit_too_long_for_the_window_stays_in_the_box(tiny_ckpt, tmp_path):
+    """Checked before anything changes: the message box keeps the edit, still an edit, and the
+    conversation and its history are as they were."""
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 40), notifications=True) as pilot:
+            await ready(app, pilot)
+            await say(app, pilot, "first question")
+            before, fed = [m.content for m in app.ctl.store.messages(app.ctl.conv_id)], app.ctl.session.fed
+            app.entries()[0].focus()
+            await pilot.press("e")
+            long = " ".join(f"w{i}" for i in range(app.ctl.runtime.model.context_length * 2))
+            box = app.query_one("#input")
+            box.load_text(long)
+            await say(app, pilot, "")
+            assert box.text == long and app.editing == 0
+            assert [m.content for m in app.ctl.store.messages(app.ctl.conv_id)] == before
+            assert len(app.entries()) == 2 and app.ctl.session.fed == fed
+            assert [n.message.split(":")[0] for n in app._notifications] == ["Too long"]
+
+    run(go())

@@ -1,4 +1,4 @@
-"""``app/archive.py``: JSON Lines export and import keep every branch of a conversation."""
+"""``app/archive.py``: JSON Lines export and import, and the Markdown export, keep every branch of a conversation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.archive import ArchiveError, export_jsonl, import_file
+from app.archive import ArchiveError, export_jsonl, import_file, markdown
 from app.store import Message, open_store
 
 
@@ -37,6 +37,28 @@ def test_every_branch_survives_an_export_and_an_import(tmp_path):
     again = tmp_path / "again.jsonl"
     export_jsonl(b, again)
     assert again.read_text() == out.read_text()
+
+
+def test_the_markdown_export_shows_every_branch_the_one_shown_first(tmp_path):
+    s = open_store(tmp_path / "a.db")
+    cid = s.create("branches", "m", "be brief", {})
+    s.add_message(cid, Message("user", "first"))
+    reply = s.add_message(cid, Message("assistant", "reply 1"))
+    s.add_message(cid, Message("user", "second"))
+    s.add_message(cid, Message("assistant", "reply 2", stopped=True))
+    edited = s.add_message(cid, Message("user", "second, edited"), parent=reply)
+    s.add_message(cid, Message("assistant", "reply 2b"))
+    s.set_head(cid, edited)
+    text = markdown(s, cid)
+    assert text.startswith("# branches\n\n*System:* be brief")
+    one, two = text.split("## Branch 1 of 2 (shown in the app)")[1].split("## Branch 2 of 2")
+    assert [ln for ln in one.splitlines() if ln and not ln.startswith("###")] == [
+        "first", "reply 1", "second, edited", "reply 2b"]
+    assert [ln for ln in two.splitlines() if ln and not ln.startswith("###")] == [
+        "*The first 2 message(s) as in branch 1.*", "second", "reply 2", "*(stopped)*"]
+    single = s.create("one", "m", None, {})
+    s.add_message(single, Message("user", "hi"))
+    assert markdown(s, single) == "# one\n\n## You\n\nhi\n"
 
 
 def test_a_parent_that_does_not_come_first_is_refused_and_nothing_is_imported(tmp_path):
