@@ -276,7 +276,7 @@ def test_edit_and_branch_in_a_real_terminal(tiny_ckpt, tmp_path):
         subprocess.run([*tmux, "kill-server"], capture_output=True)
 
 
-# --- issue 12: defects found by trying the app as a user ------------------------------------
+# --- what a new user runs into: each test failed before its fix ----------------------------
 
 
 def test_second_conversation_rename_and_delete_do_not_crash(tiny_ckpt, tmp_path):
@@ -307,9 +307,8 @@ def test_second_conversation_rename_and_delete_do_not_crash(tiny_ckpt, tmp_path)
             await pilot.pause()
             assert len(app.query_one("#history").children) == 1
             assert app.is_running
-        return app.return_code
 
-    assert run(go()) in (0, None)
+    run(go())
 
 
 def test_message_sent_while_a_reply_runs_stays_in_the_input(tiny_ckpt, tmp_path):
@@ -415,38 +414,6 @@ def test_locked_database_during_a_session_keeps_the_message(tiny_ckpt, tmp_path,
     from app.widgets import UserView
 
     run(go())
-
-
-def test_export_is_utf8_marks_stopped_replies(tiny_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setenv("Z2Z_DATA_DIR", str(tmp_path / "data"))
-    from app.controller import ChatController
-    from app.store import Message
-
-    store = open_store(tmp_path / "h.db")
-    args = build_parser().parse_args(["--model", str(tiny_ckpt)])
-    ctl = ChatController(AppOptions.from_args(args), store)
-    cid = store.create("emoji 🙂", "m", None, {})
-    store.add_message(cid, Message("user", "smile 🙂"))
-    store.add_message(cid, Message("assistant", "partial", stopped=True))
-    ctl.open(cid)
-    path = ctl.export()
-    text = path.read_bytes().decode("utf-8")
-    assert "smile 🙂" in text and "(stopped)" in text and path.parent == tmp_path / "data" / "exports"
-
-
-def test_settings_dialog_validates_like_the_cli(tiny_ckpt, tmp_path):
-    from app.controller import ChatController
-    from backends.errors import SettingsError
-
-    args = build_parser().parse_args(["--model", str(tiny_ckpt), "--top-k", "5", "--repetition-penalty", "1.2"])
-    ctl = ChatController(AppOptions.from_args(args), open_store(tmp_path / "h.db"))
-    g = ctl.generation_settings()
-    assert g.sampling.top_k == 5 and g.sampling.repetition_penalty == 1.2  # not dropped by the UI
-    for bad in ("temperature=nan", "repetition_penalty=inf", "max_tokens=0", "colour=red", "top_k=x"):
-        with pytest.raises(SettingsError):
-            ctl.set_settings(bad)
-    ctl.set_settings("temperature=0.5 top_k=3")
-    assert ctl.generation_settings().sampling.top_k == 3
 
 
 def test_ui_refuses_a_non_terminal():

@@ -1,8 +1,10 @@
 """``backends/checkpoint.py``: where a checkpoint's base, tokenizer, encoders and adapter come from,
-one rule for every backend and converter. No framework needed."""
+one rule for every backend and converter (no framework needed), and the errors a damaged
+checkpoint gives when a backend opens it (torch, marked)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -14,6 +16,8 @@ from backends.checkpoint import Checkpoint
 from backends.defaults import DEFAULT_MODEL_DIR
 from backends.errors import CheckpointError
 
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason='torch backend: pip install "z2z-chat[torch]"')
 
 def make(tmp_path: Path, base: str, *, tokenizer: bool = False, adapter: bool = False) -> Path:
     d = tmp_path / "ckpt"
@@ -77,3 +81,71 @@ def test_no_encoders_is_named(tmp_path):
     (d / "zip2zip_encoders.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no hyper-encoder weights"):
         Checkpoint.open(d)
+
+
+def test_uncached_hub_id_fails_fast_offline(monkeypatch):
+    from backends.checkpoint import resolve
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # unreachable, as offline
+    t = time.perf_counter()
+    with pytest.raises(CheckpointError, match="cannot be reached"):
+        resolve("someone/not-cached-anywhere")
+    assert time.perf_counter() - t < 10
+
+
+@needs_torch
+def test_nan_encoder_weights_are_refused(tiny_ckpt, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from backends.torch_backend import checkpoint
+
+    d = tmp_path / "nan"
+    shutil.copytree(tiny_ckpt, d)
+    st = load_file(d / "zip2zip_encoders.safetensors")
+    k = next(iter(st))
+    st[k] = np.full_like(st[k], np.nan)
+    save_file(st, d / "zip2zip_encoders.safetensors")
+    with pytest.raises(CheckpointError, match="NaN|finite"):
+        checkpoint.load(d)
+
+
+@needs_torch
+def test_broken_chat_template_and_missing_tokenizer_are_clear_errors(tiny_ckpt, tmp_path):
+    from backends.runtime import RuntimeOpenError, open_runtime
+
+    d = tmp_path / "tpl"
+    shutil.copytree(tiny_ckpt, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }"  # unclosed
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in d.glob("chat_template.jinja"):
+        f.write_text(cfg["chat_template"])
+    with pytest.raises(RuntimeOpenError, match="chat template of .* does not render"):
+        open_runtime(str(d), "torch", "cpu")
+    e = tmp_path / "notok"
+    shutil.copytree(tiny_ckpt, e)
+    (e / "tokenizer.json").unlink()
+    with pytest.raises(RuntimeOpenError, match="no tokenizer files"):
+        open_runtime(str(e), "torch", "cpu")
+
+
+def test_cached_conversions_follow_the_checkpoint(tmp_path):
+    """A checkpoint retrained in place (or a new default model at the same path) must not run the
+    stale MLX / llama.cpp conversion cached for the old one."""
+    import os
+
+    from backends.runtime import conversion_key
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "zip2zip_config.json").write_text("{}")
+    (ckpt / "zip2zip_encoders.safetensors").write_bytes(b"v0")
+    first = conversion_key(str(ckpt), None)
+    assert conversion_key(str(ckpt), None) == first
+    assert conversion_key(str(ckpt), "other-base") != first
+    (ckpt / "zip2zip_encoders.safetensors").write_bytes(b"v1")  # same size: the time tells
+    st = (ckpt / "zip2zip_encoders.safetensors").stat()
+    os.utime(ckpt / "zip2zip_encoders.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert conversion_key(str(ckpt), None) != first

@@ -55,7 +55,7 @@ def test_help_does_not_import_frameworks():
     assert r.returncode == 0, r.stderr
 
 
-# --- issue 12: command-line edge cases ------------------------------------------------------------
+# --- command-line edge cases ----------------------------------------------------------------------
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

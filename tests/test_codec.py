@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 
 from backends.codec import CodecConfig, CodecSession, decode, encode
@@ -404,3 +405,42 @@ def test_codec_is_not_more_than_twice_slower_than_the_reference(tokenizer_dir):
     enc = best(lambda: [r.encode(d) for d in docs]) / best(lambda: [encode(d, config) for d in docs])
     dec = best(lambda: [r.decode(c) for c in coded]) / best(lambda: [decode(c, config) for c in coded])
     assert len(docs) >= 20 and enc >= 0.5 and dec >= 0.5, f"ours vs the reference: encode {enc:.2f}x, decode {dec:.2f}x"
+
+
+# --- only integers are codes; snapshots are validated ------------------------------------------
+
+SMALL = CodecConfig(50, 16, 3, frozenset({0, 1}), 0)
+
+
+@pytest.mark.parametrize("bad", [[1.5], [True], [float("nan")], ["3"]])
+def test_codec_rejects_non_integers(bad):
+    with pytest.raises(ValueError, match="not an integer"):
+        encode([5, *bad], SMALL)
+    with pytest.raises(ValueError, match="not an integer"):
+        decode([5, *bad], SMALL)
+    with pytest.raises(ValueError, match="not an integer"):
+        CodecSession(SMALL).push(bad[0])
+
+
+def test_codec_accepts_numpy_integers():
+    s = CodecSession(SMALL)
+    assert s.push(np.int64(5)) == (5,)
+
+
+def _snap():
+    s = CodecSession(SMALL)
+    s.encode([5, 6, 5, 6, 5, 6, 7])
+    return s.to_dict()
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.pop("buffer"), lambda d: d.pop("config"), lambda d: d.update(buffer=[60000]),
+    lambda d: d.update(buffer=[-1]), lambda d: d.update(buffer=[1]), lambda d: d.update(entries=[[5, 1]]),
+    lambda d: d.update(num_codes=-3), lambda d: d.update(fresh=99), lambda d: d.update(entries="x"),
+    lambda d: d.update(config=5), lambda d: d.update(buffer=[5.5]),
+])
+def test_codec_snapshot_validation(mutate):
+    d = _snap()
+    mutate(d)
+    with pytest.raises(ValueError):
+        CodecSession.from_dict(d)

@@ -50,3 +50,33 @@ def test_every_backend_names_the_damaged_adapter_config(damaged_ckpt, tmp_path):
         checkpoint.load(damaged_ckpt)
     with pytest.raises(CheckpointError, match="adapter_config.json: r must be a positive integer"):
         convert(str(damaged_ckpt), tmp_path / "out")
+
+
+# --- wrong types are clear errors naming the file and key ---------------------------------------
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda d: d.update(encoder=[64, 2]), "encoder"),
+    (lambda d: d["compression"].update(disabled_ids=5), "disabled_ids"),
+    (lambda d: d.update(base_model_name_or_path=123), "base_model_name_or_path"),
+    (lambda d: d["compression"].update(max_subtokens=True), "max_subtokens"),
+    (lambda d: d.update(format_version=99), "format_version"),
+    (lambda d: d["encoder"].update(tie_encoders="no"), "tie_encoders"),
+    (lambda d: d["compression"].update(max_codebook_size=10**9), "max_codebook_size"),
+])
+def test_config_with_wrong_types_is_a_clear_error(tiny_ckpt, mutate, key):
+    import json
+
+    from backends.config import ConfigError, Zip2ZipConfig
+
+    d = json.loads((tiny_ckpt / "zip2zip_config.json").read_text())
+    mutate(d)
+    with pytest.raises(ConfigError, match=key):
+        Zip2ZipConfig.from_dict(d, "x/zip2zip_config.json")
+
+
+def test_non_utf8_config_names_the_file(tmp_path):
+    from backends.config import ConfigError, Zip2ZipConfig
+
+    (tmp_path / "zip2zip_config.json").write_bytes(b'{"a": "\xff\xfe"}')
+    with pytest.raises(ConfigError, match="zip2zip_config.json is not UTF-8"):
+        Zip2ZipConfig.load(tmp_path)

@@ -152,3 +152,33 @@ def test_edit_switch_and_regenerate_keep_every_branch_and_reread_only_from_the_b
     assert last.content == "another answer" and ctl.store.siblings(last.id) == [old.id, last.id]
     reopened = controller(runtime, tmp_path / "h.db", tiny_ckpt).open(cid)  # the branch shown is kept
     assert [m.content for m in reopened.messages][-1] == "another answer"
+
+
+def test_export_is_utf8_marks_stopped_replies(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("Z2Z_DATA_DIR", str(tmp_path / "data"))
+    from app.store import Message
+
+    store = open_store(tmp_path / "h.db")
+    args = build_parser().parse_args(["--model", str(tiny_ckpt)])
+    ctl = ChatController(AppOptions.from_args(args), store)
+    cid = store.create("emoji 🙂", "m", None, {})
+    store.add_message(cid, Message("user", "smile 🙂"))
+    store.add_message(cid, Message("assistant", "partial", stopped=True))
+    ctl.open(cid)
+    path = ctl.export()
+    text = path.read_bytes().decode("utf-8")
+    assert "smile 🙂" in text and "(stopped)" in text and path.parent == tmp_path / "data" / "exports"
+
+
+def test_settings_dialog_validates_like_the_cli(tiny_ckpt, tmp_path):
+    from backends.errors import SettingsError
+
+    args = build_parser().parse_args(["--model", str(tiny_ckpt), "--top-k", "5", "--repetition-penalty", "1.2"])
+    ctl = ChatController(AppOptions.from_args(args), open_store(tmp_path / "h.db"))
+    g = ctl.generation_settings()
+    assert g.sampling.top_k == 5 and g.sampling.repetition_penalty == 1.2  # not dropped by the UI
+    for bad in ("temperature=nan", "repetition_penalty=inf", "max_tokens=0", "colour=red", "top_k=x"):
+        with pytest.raises(SettingsError):
+            ctl.set_settings(bad)
+    ctl.set_settings("temperature=0.5 top_k=3")
+    assert ctl.generation_settings().sampling.top_k == 3
