@@ -20,15 +20,21 @@ app keeps a conversation's cache on disk, so reopening it skips the prefill. ``i
 for ``add_entries`` on a fresh state: it registers the codebook's entries with the vectors the
 export saved of them instead of encoding them again. ``export_kv`` raises ``BackendError`` for a
 cache it does not save (a sliding window), and the conversation is then read again.
+
+Each backend package has one entry point, ``open_model(path, base, device, dtype) -> Loaded``: the shared model with its tokenizer, configs, the base it runs on and the device in
+words. ``runtime.py`` picks the package and imports it lazily.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .codec import CodecConfig
+from .config import Zip2ZipConfig
 from .hyper import Entry, Mask
 
 
@@ -57,3 +63,15 @@ class Model(Protocol):
 
     def new_state(self) -> DecodeState: ...
     def close(self) -> None: ...
+
+
+@dataclass
+class Loaded:
+    """What every backend's ``open_model`` returns."""
+
+    model: Model
+    tokenizer: Any
+    config: Zip2ZipConfig
+    codec: CodecConfig
+    base: str  # the base model it runs on, as loaded (a resolved path, GGUF file or repo id)
+    device: str  # for status lines: "cpu float32", "cpu 2 threads", "gpu float16"

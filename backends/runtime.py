@@ -2,9 +2,15 @@
 
 ``open_runtime(model, backend="auto", device="auto")`` returns a ``Runtime``: the loaded model
 (shared), the tokenizer, the codec config, the zip2zip config and a description for status lines.
-``Runtime.session()`` gives each conversation its own decode state of that model. ``auto``
-picks MLX on Apple silicon when it is installed and the model is an MLX conversion, torch
-otherwise. Errors are ``RuntimeOpenError`` with a message that says what to do.
+``Runtime.session()`` gives each conversation its own decode state of that model.
+
+``BACKENDS`` is the table: per backend, the module whose ``open_model`` loads a checkpoint
+(``protocol.Loaded``), what it needs installed, and the conversion it runs on (MLX and llama.cpp
+run a conversion made once into the user cache; torch runs the checkpoint). ``auto`` picks MLX
+for MLX conversions and on Apple silicon; torch where CUDA is or a device/dtype is asked for;
+llama.cpp where it is installed and the checkpoint's positions are contiguous; else torch.
+Errors of ours (``Z2ZError``) pass through; a missing package or a failed conversion is a
+``RuntimeOpenError`` that says what to do.
 """
 
 from __future__ import annotations
@@ -21,12 +27,9 @@ from typing import Any
 from .codec import CodecConfig
 from .config import MLX_MARKER, Zip2ZipConfig
 from .engine import Session
-from .protocol import Model
-from .utf8_guard import Utf8Guard
 from .errors import Z2ZError
-
-BACKENDS = ("auto", "torch", "mlx", "llamacpp")
-
+from .protocol import Loaded, Model
+from .utf8_guard import Utf8Guard
 
 class RuntimeOpenError(Z2ZError, RuntimeError):
     """A model or backend could not be opened."""
@@ -42,6 +45,11 @@ class Runtime:
     model_name: str
     device: str
     base: str = ""  # the base model it runs on, as loaded
+
+    @classmethod
+    def of(cls, loaded: Loaded, backend: str, model_name: str) -> Runtime:
+        return cls(loaded.model, loaded.tokenizer, loaded.codec, loaded.config, backend, model_name, loaded.device,
+                   loaded.base)
 
     @cached_property
     def guard(self) -> Utf8Guard:
@@ -105,8 +113,8 @@ def _pick(backend: str, model: str, torch_options: bool = False) -> str:
     """``auto``: MLX for MLX conversions and on Apple silicon; CUDA, or a --device/--dtype asked for
     (torch options) -> torch; otherwise llama.cpp when it is installed and the checkpoint's
     positions are contiguous (``compressed``); else torch."""
-    if backend not in BACKENDS:
-        raise RuntimeOpenError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise RuntimeOpenError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     apple = platform.system() == "Darwin" and platform.machine() == "arm64"
@@ -159,56 +167,73 @@ def mlx_conversion(model: str, base: str | None, dtype: str = "auto") -> str:
     return str(dst)
 
 
+@dataclass(frozen=True)
+class Backend:
+    module: str  # under backends/, with open_model(path, base, device, dtype) -> protocol.Loaded
+    needs: tuple[str, ...]  # import names that must be installed
+    install: str  # what to do when one is missing
+
+
+BACKENDS = {
+    "torch": Backend("torch_backend.backend", ("torch", "transformers"),
+                     'the torch backend needs torch and transformers: pip install "z2z-chat[torch]"'),
+    "mlx": Backend("mlx_backend.backend", ("mlx", "mlx_lm"), 'the MLX backend needs mlx and mlx-lm: pip install '
+                   '"z2z-chat[mlx]" (on Linux: pip install "mlx[cpu]" mlx-lm)'),
+    "llamacpp": Backend("llamacpp_backend.checkpoint", ("llama_cpp", "gguf"),
+                        'the llama.cpp backend needs llama-cpp-python and gguf: pip install "z2z-chat[llamacpp]"'),
+}
+
+
+def _module(name: str, model: str = "") -> Any:
+    b = BACKENDS[name]
+    if not all(_installed(m) for m in b.needs):
+        hub = f"{model} is not a local directory; as a Hugging Face repo id " if model and not Path(model).exists() else ""
+        raise RuntimeOpenError(hub + b.install)
+    return importlib.import_module(f".{b.module}", __package__)
+
+
+def _load(name: str, path: str, base: str | None, device: str = "auto", dtype: str = "auto") -> Runtime:
+    try:
+        loaded = _module(name, path).open_model(path, base, device, dtype)
+    except (ValueError, OSError) as e:  # not ours: a library refused the files
+        raise RuntimeOpenError(f"{path}: {e}") from e
+    return Runtime.of(loaded, name, path)
+
+
 def open_runtime(model: str | None = None, backend: str = "auto", device: str = "auto", dtype: str = "auto",
                  base: str | None = None, progress: Callable[[str], None] | None = None) -> Runtime:
     """Open ``model`` (a checkpoint directory, repo id or MLX conversion; None: the embedded default)."""
-    from .sources import SourceError, check_chat_template
+    from .sources import check_chat_template
 
-    rt = _open(model, backend, device, dtype, base, progress)
+    if model is None:
+        from .defaults import default_model
+
+        model, default_base = default_model(progress=progress)
+        base = base or default_base
+    _check_exists(model)
+    rt = _open(model, backend, device, dtype, base)
     try:
         check_chat_template(rt.tokenizer, rt.model_name)
-    except SourceError as e:
+    except Z2ZError:
         rt.close()
-        raise RuntimeOpenError(str(e)) from None
+        raise
     return rt
 
 
-def _open(model: str | None, backend: str, device: str, dtype: str, base: str | None,
-          progress: Callable[[str], None] | None) -> Runtime:
-    if model is None:
-        from .assets import AssetError
-        from .defaults import default_model
-
-        try:
-            model, default_base = default_model(progress=progress)
-        except AssetError as e:
-            raise RuntimeOpenError(str(e)) from None
-        base = base or default_base
-    _check_exists(model)
+def _open(model: str, backend: str, device: str, dtype: str, base: str | None) -> Runtime:
     name = _pick(backend, model, torch_options=(device, dtype) != ("auto", "auto"))
     if name == "mlx":
-        _need_mlx()
-        return _open_mlx(mlx_conversion(model, base, dtype))
+        _module("mlx")  # the conversion needs it too
+        return _load("mlx", mlx_conversion(model, base, dtype), base, device, dtype)
     if name == "llamacpp":
         try:
-            return _open_llamacpp(gguf_conversion(model, base), base)
+            _module("llamacpp")
+            return _load("llamacpp", gguf_conversion(model, base), base, device, dtype)
         except RuntimeOpenError:
             if backend != "auto":
                 raise
-            name = "torch"  # e.g. an architecture convert/to_gguf.py does not write: torch runs it
-    if importlib.util.find_spec("torch") is None:
-        what = "" if Path(model).exists() else f"{model} is not a local directory; as a Hugging Face repo id it needs "
-        raise RuntimeOpenError(f'{what or "the torch backend needs "}torch and transformers: pip install "z2z-chat[torch]"')
-    from .torch_backend import checkpoint
-    from .torch_backend.backend import TorchModel, pick_device
-
-    try:
-        dev, dt = pick_device(device, dtype)
-        loaded = checkpoint.load(model, base=base, device=dev, dtype=dt)
-    except (checkpoint.CheckpointError, ValueError) as e:
-        raise RuntimeOpenError(str(e)) from None
-    return Runtime(TorchModel(loaded.model), loaded.tokenizer, loaded.codec, loaded.config,
-                   "torch", str(model), f"{dev.type} {str(dt).removeprefix('torch.')}", loaded.base)
+            # e.g. an architecture convert/to_gguf.py does not write: torch runs it
+    return _load("torch", model, base, device, dtype)
 
 
 def gguf_conversion(model: str, base: str | None) -> str:
@@ -231,63 +256,17 @@ def gguf_conversion(model: str, base: str | None) -> str:
         try:
             convert(model, dst, "f16", base=base, force=True)
         except ConvertError as e:
-            raise RuntimeOpenError(str(e)) from None
+            raise RuntimeOpenError(str(e)) from e
     return str(dst)
-
-
-def _open_llamacpp(model: str, base: str | None, plain: bool = False) -> Runtime:
-    if not _installed("llama_cpp") or not _installed("gguf"):
-        raise RuntimeOpenError('the llama.cpp backend needs llama-cpp-python and gguf: pip install "z2z-chat[llamacpp]"')
-    from .llamacpp_backend.checkpoint import open_checkpoint
-
-    op = open_checkpoint(model, base=base, plain=plain)
-    ctx = op.model.ctx
-    codec = op.codec
-    if plain:
-        codec = CodecConfig(codec.base_vocab_size, 0, 1, codec.disabled_ids, codec.pad_id)
-    return Runtime(op.model, op.tokenizer, codec, op.config, "llamacpp", str(model) + (" (plain)" if plain else ""),
-                   f"cpu {ctx.n_threads} threads", op.base)
-
-
-def _need_mlx() -> None:
-    if importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx_lm") is None:
-        raise RuntimeOpenError('the MLX backend needs mlx and mlx-lm: pip install "z2z-chat[mlx]" '
-                               '(on Linux: pip install "mlx[cpu]" mlx-lm)')
-
-
-def _open_mlx(model: str) -> Runtime:
-    from .mlx_backend.backend import MLXModel
-
-    try:
-        loaded, tok = MLXModel.open(model)
-    except (ValueError, OSError) as e:
-        raise RuntimeOpenError(f"{e}. Convert a torch checkpoint with: python convert/to_mlx.py SRC DST") from None
-    import mlx.core as mx
-
-    m = loaded.z2z
-    return Runtime(loaded, tok, m.config.codec_config(m.pad_id), m.config, "mlx", str(model),
-                   f"{mx.default_device()} {str(m.dtype).removeprefix('mlx.core.')}")
 
 
 def open_plain(rt: Runtime, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Runtime:
     """The base model of ``rt`` without zip2zip on the same backend (torch or llama.cpp; MLX gets
     torch), for side-by-side comparisons."""
-    from dataclasses import replace
-
     if rt.backend_name == "llamacpp":
-        return _open_llamacpp(rt.model_name, rt.base, plain=True)
-
-    from .codec import CodecConfig
-    from .torch_backend import checkpoint
-    from .torch_backend.backend import PlainTorchModel, pick_device
-
-    dev, dt = pick_device(device, dtype)
-    spec = base or rt.base or rt.config.base_model_name_or_path
-    try:
-        lm = checkpoint.load_base(spec, dt, dev)
-    except checkpoint.CheckpointError as e:
-        raise RuntimeOpenError(str(e)) from None
-    c = rt.codec
-    plain = CodecConfig(c.base_vocab_size, 0, 1, c.disabled_ids, c.pad_id)
-    return Runtime(PlainTorchModel(lm, c.base_vocab_size), rt.tokenizer, plain,
-                   replace(rt.config, position_mode="compressed"), "torch", f"{spec} (plain)", rt.device)
+        name, label = "llamacpp", rt.model_name
+        loaded = _module(name).open_checkpoint(rt.model_name, rt.base, plain=True)
+    else:
+        label = base or rt.base or rt.config.base_model_name_or_path
+        name, loaded = "torch", _module("torch").open_base(label, rt.tokenizer, rt.codec, rt.config, device, dtype)
+    return Runtime.of(loaded, name, f"{label} (plain)")

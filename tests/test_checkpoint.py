@@ -113,7 +113,7 @@ def test_nan_encoder_weights_are_refused(tiny_ckpt, tmp_path):
 
 @needs_torch
 def test_broken_chat_template_and_missing_tokenizer_are_clear_errors(tiny_ckpt, tmp_path):
-    from backends.runtime import RuntimeOpenError, open_runtime
+    from backends.runtime import open_runtime
 
     d = tmp_path / "tpl"
     shutil.copytree(tiny_ckpt, d)
@@ -122,12 +122,12 @@ def test_broken_chat_template_and_missing_tokenizer_are_clear_errors(tiny_ckpt, 
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     for f in d.glob("chat_template.jinja"):
         f.write_text(cfg["chat_template"])
-    with pytest.raises(RuntimeOpenError, match="chat template of .* does not render"):
+    with pytest.raises(CheckpointError, match="chat template of .* does not render"):
         open_runtime(str(d), "torch", "cpu")
     e = tmp_path / "notok"
     shutil.copytree(tiny_ckpt, e)
     (e / "tokenizer.json").unlink()
-    with pytest.raises(RuntimeOpenError, match="no tokenizer files"):
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
         open_runtime(str(e), "torch", "cpu")
 
 

@@ -18,9 +18,7 @@ Failures are ``CheckpointError`` naming the file and what to do.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,6 +27,7 @@ from ..checkpoint import Checkpoint
 from ..codec import CodecConfig
 from ..config import CONFIG_NAME, Zip2ZipConfig, lora_scale_of
 from ..errors import CheckpointError
+from ..protocol import Loaded
 from ..sources import checkpoint_tokenizer, is_gguf
 from .backend import LlamaCppModel, PlainLlamaCppModel
 from .context import LlamaContext
@@ -42,15 +41,6 @@ from .tensors import (
 )
 
 MODEL_FILE, LORA_FILE = "model.gguf", "lora.gguf"
-
-
-@dataclass
-class Opened:
-    model: LlamaCppModel | PlainLlamaCppModel
-    tokenizer: Any
-    config: Zip2ZipConfig
-    codec: CodecConfig
-    base: str  # the base GGUF actually loaded
 
 
 def _base_gguf(ck: Checkpoint) -> Path:
@@ -116,9 +106,17 @@ def _encoders(file: Path, config: Zip2ZipConfig, pad: int, embed: np.ndarray, he
     return parts["input_encoder"], parts.get("output_encoder", parts["input_encoder"])
 
 
+def open_model(path: str | Path, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Loaded:
+    """The backend's entry point (``protocol.Loaded``); llama.cpp runs on the CPU in the GGUF's own types."""
+    if device not in ("auto", "cpu") or dtype != "auto":
+        raise CheckpointError("the llama.cpp backend runs on the CPU in the GGUF's own types: drop --device/--dtype, "
+                              "or use --backend torch")
+    return open_checkpoint(path, base)
+
+
 def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n_threads: int | None = None,
-                    plain: bool = False, progress=lambda m: None, exact: bool = False) -> Opened:
-    """Open ``path`` on llama.cpp (``plain``: its base GGUF alone, fed token ids)."""
+                    plain: bool = False, progress=lambda m: None, exact: bool = False) -> Loaded:
+    """Open ``path`` on llama.cpp (``plain``: its base GGUF alone, fed token ids, no hypertokens)."""
     ck = Checkpoint.open(path, base, progress)
     ckpt, config = ck.dir, ck.config
     if config.position_mode != "compressed" and not plain:
@@ -145,9 +143,10 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
         except TensorFileError as e:
             raise CheckpointError(str(e)) from None
     ctx = LlamaContext(model_path, adapter, n_ctx=n_ctx, n_threads=n_threads, exact=exact)
-    codec = config.codec_config(pad)
+    codec, device = config.codec_config(pad), f"cpu {ctx.n_threads} threads"
     if plain:
-        return Opened(PlainLlamaCppModel(ctx, V), tok, config, codec, str(gguf_path))
+        codec = CodecConfig(codec.base_vocab_size, 0, 1, codec.disabled_ids, codec.pad_id)
+        return Loaded(PlainLlamaCppModel(ctx, V), tok, config, codec, str(gguf_path), device)
     try:
         enc_in, enc_out = _encoders(ck.encoders, config, pad, embed, embed if head is None else head)
     except (CheckpointError, TensorFileError, KeyError) as e:
@@ -155,4 +154,4 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
         raise CheckpointError(f"{ckpt}: the hyper-encoders do not match the config ({e})") from None
     c = config.compression
     model = LlamaCppModel(ctx, embed, head, enc_in, enc_out, V, c.max_codebook_size, c.max_subtokens, pad)
-    return Opened(model, tok, config, codec, str(gguf_path))
+    return Loaded(model, tok, config, codec, str(gguf_path), device)

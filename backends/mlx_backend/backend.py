@@ -14,10 +14,23 @@ import safetensors.numpy
 from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
 
 from .. import saved_state
-from ..errors import BackendError
+from ..errors import BackendError, CheckpointError
+from ..protocol import Loaded
 from ..hyper import Entry, Mask, saved_vectors
 from ..sources import context_length_of
 from .model import Zip2ZipMLX, load_converted, position_logits
+
+
+def open_model(path: str, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Loaded:
+    """The backend's entry point (``protocol.Loaded``) for a directory ``convert/to_mlx.py`` wrote
+    (in its own dtype: ``runtime.mlx_conversion`` checks ``dtype``; MLX picks its device)."""
+    try:
+        model, tok = MLXModel.open(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{e}. Convert a torch checkpoint with: python convert/to_mlx.py SRC DST") from e
+    z = model.z2z
+    return Loaded(model, tok, z.config, z.config.codec_config(z.pad_id), base or z.config.base_model_name_or_path,
+                  f"{mx.default_device()} {str(z.dtype).removeprefix('mlx.core.')}")
 
 
 class MLXModel:

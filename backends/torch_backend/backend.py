@@ -9,6 +9,8 @@ candidate's output side), and one (C_live, D) matrix-vector product for the hype
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import safetensors
@@ -18,9 +20,13 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .. import saved_state
+from ..codec import CodecConfig
+from ..config import Zip2ZipConfig
 from ..errors import BackendError
+from ..protocol import Loaded
 from ..hyper import Entry, Mask, saved_vectors
 from ..sources import context_length_of
+from . import checkpoint
 from .model import Zip2ZipLM
 
 
@@ -37,6 +43,28 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
     else:
         dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     return dev, dt
+
+
+def open_model(path: str, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Loaded:
+    """The backend's entry point (``protocol.Loaded``)."""
+    dev, dt = pick_device(device, dtype)
+    ck = checkpoint.load(path, base=base, device=dev, dtype=dt)
+    return Loaded(TorchModel(ck.model), ck.tokenizer, ck.config, ck.codec, ck.base, _where(dev, dt))
+
+
+def open_base(spec: str, tokenizer: Any, codec: CodecConfig, config: Zip2ZipConfig, device: str = "auto",
+              dtype: str = "auto") -> Loaded:
+    """The base model ``spec`` alone (no zip2zip: C = 0), with a zip2zip model's tokenizer, for
+    side-by-side comparisons on the same engine."""
+    dev, dt = pick_device(device, dtype)
+    lm = checkpoint.load_base(spec, dt, dev)
+    plain = CodecConfig(codec.base_vocab_size, 0, 1, codec.disabled_ids, codec.pad_id)
+    return Loaded(PlainTorchModel(lm, codec.base_vocab_size), tokenizer, replace(config, position_mode="compressed"),
+                  plain, spec, _where(dev, dt))
+
+
+def _where(dev: torch.device, dt: torch.dtype) -> str:
+    return f"{dev.type} {str(dt).removeprefix('torch.')}"
 
 
 class _CachedDecoder:

@@ -26,7 +26,7 @@ from .model import Zip2ZipLM
 
 
 @dataclass
-class Loaded:
+class TorchCheckpoint:
     model: Zip2ZipLM
     tokenizer: Any
     config: Zip2ZipConfig
@@ -119,7 +119,7 @@ def _load_adapter(lm: torch.nn.Module, ckpt: Path, merge: bool) -> torch.nn.Modu
 
 def load(spec: str | os.PathLike, *, base: str | os.PathLike | None = None,
          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         merge_lora: bool = True) -> Loaded:
+         merge_lora: bool = True) -> TorchCheckpoint:
     """Load a zip2zip checkpoint with its base model and tokenizer."""
     ck = Checkpoint.open(spec, base)
     tokenizer, pad = checkpoint_tokenizer(ck)
@@ -131,7 +131,7 @@ def load(spec: str | os.PathLike, *, base: str | os.PathLike | None = None,
     except ValueError as e:
         raise CheckpointError(f"{ck.dir}: {e}") from e
     load_encoders(model, ck.encoders)
-    return Loaded(model.eval(), tokenizer, ck.config, ck.config.codec_config(pad), ck.base)
+    return TorchCheckpoint(model.eval(), tokenizer, ck.config, ck.config.codec_config(pad), ck.base)
 
 
 def save(model: Zip2ZipLM, directory: str | os.PathLike, tokenizer: Any = None,
