@@ -6,8 +6,8 @@ Output directory:
   written with ``gguf`` in f32, f16 or q8_0. Llama-family decoders (Llama, Mistral, SmolLM2)
   only: llama.cpp's other architectures need their own tensor layouts.
 - the LoRA adapter, ``lora="merge"`` (default): merged into the weights (exactly, in float32,
-  before an HF base is written; into a q8_0 copy of a quantized GGUF base). A run-time adapter
-  costs 15-40% per decode step on SmolLM2-135M; the merged q8_0 runs as fast as the Q4_1 base.
+  before an HF base is written; into a q8_0 copy of a quantized GGUF base): it decodes as fast
+  as the base, where a run-time adapter costs every step (README, "llama.cpp").
   ``lora="adapter"``: ``lora.gguf``, a llama.cpp adapter applied at load (smaller on disk).
 - ``zip2zip_config.json`` (base ``model.gguf``), the hyper-encoders (float32 safetensors) and the
   tokenizer files.

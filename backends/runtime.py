@@ -53,7 +53,7 @@ class Runtime:
 
     @cached_property
     def guard(self) -> Utf8Guard:
-        """Built once (0.2 s for a 49k vocabulary): every conversation of this runtime shares it."""
+        """Built once (it decodes the whole vocabulary): every conversation of this runtime shares it."""
         return Utf8Guard(self.tokenizer, self.codec.base_vocab_size)
 
     def session(self, system: str | None = None) -> Session:

@@ -1,1 +1,3 @@
-"""Checkpoint converters: a torch zip2zip checkpoint to other runtimes (``to_mlx.py``)."""
+"""Checkpoint converters, command-line front ends over ``backends/mlx_convert.py`` and
+``backends/gguf_convert.py``: a torch zip2zip checkpoint to an MLX directory (``to_mlx.py``) or to
+a directory the llama.cpp backend runs (``to_gguf.py``)."""

@@ -5,9 +5,9 @@ Accepted layouts (a directory with ``zip2zip_config.json`` and the hyper-encoder
   and optionally ``lora.gguf`` (a llama.cpp LoRA adapter);
 - a torch checkpoint whose base is a GGUF file (the embedded default model: its base is the Q4_1
   GGUF it was trained on) with a PEFT adapter: the adapter is merged once into a q8_0 copy of the
-  base in the user cache (seconds). Measured on SmolLM2-135M (2 threads): Q4_1 + the rank-8
-  adapter applied at run time 9.5-11.9 ms per decode step, the merged q8_0 7.6-8.6 ms, the plain
-  Q4_1 base 8.1-8.3 ms; q8_0 keeps the merged weights within a rounding of what was trained.
+  base in the user cache (seconds): it decodes as fast as the base, where an adapter applied at
+  run time costs every step (README, "llama.cpp"), and q8_0 keeps the merged weights within a
+  rounding of what was trained.
 
 Everything is checked before llama.cpp sees it (it aborts the process on some bad files): the
 position mode (``base_token_end`` needs non-contiguous positions, which stock llama.cpp refuses),

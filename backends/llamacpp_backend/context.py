@@ -12,8 +12,7 @@ contiguous; ``decode`` checks it and raises instead of letting ``llama_decode`` 
 aborts the process on a batch larger than ``n_batch``, so larger inputs are split here.
 ``exact=True`` turns flash attention off and keeps the KV cache in float32: logits within 1e-6 of a
 float32 reference instead of ~1e-3 (the parity tests use it). The default keeps llama.cpp's own
-settings (flash attention, f16 KV cache), which prefill 2.3x faster here (618 vs 269 tokens/s on
-SmolLM2-135M, ``z2z-bench compare``).
+settings (flash attention, f16 KV cache), which prefill faster (README, "llama.cpp").
 """
 
 from __future__ import annotations
@@ -34,8 +33,8 @@ def _quiet_and_init():
     """Silence llama.cpp's logging (it would write over a full-screen UI) and init the backend once.
 
     Also caps numpy's BLAS at one thread: OpenBLAS threads spin while they wait, and on a small
-    CPU they steal the cores llama.cpp's own threads need (measured here: 36 ms per decode step
-    instead of 11 ms). The numpy work per step (encoders, hyper logits) is small matrices anyway."""
+    CPU they steal the cores llama.cpp's own threads need (README, "llama.cpp"). The numpy work
+    per step (encoders, hyper logits) is small matrices anyway."""
     global _LOG_CALLBACK
     import llama_cpp as L
     from threadpoolctl import threadpool_limits
