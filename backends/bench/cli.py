@@ -125,7 +125,7 @@ def cmd_answers(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from . import compare
+    from . import compare, report
 
     prompts = compare.load_prompts(args.prompts, args.groups.split(",") if args.groups else None)[: args.limit or None]
     if not prompts:
@@ -133,9 +133,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rep = compare.run(args.model, args.base, prompts, args.max_tokens, args.repeat, args.mlx, _progress,
                       args.engines.split(",") if args.engines else None)
     if args.plot:
-        compare.plot(rep, args.plot)
+        report.plot(rep, args.plot)
         _progress(f"chart: {args.plot}")
-    print(json.dumps(rep, indent=2, default=str) if args.json else compare.format_report(rep))
+    print(json.dumps(rep, indent=2, default=str) if args.json else report.format_report(rep))
     return 0
 
 
