@@ -3,6 +3,10 @@ settings, export. The UI (``tui.py``) renders what this returns; tests drive it 
 
 Contract:
 - What the user typed is written to the store before anything can fail (``begin_turn``).
+- A turn is ``begin_turn`` (main thread), ``run_turn`` (a worker thread: the engine streams the
+  reply to the UI's callback; nothing is written there) and ``finish_turn`` (main thread: the
+  reply, marked stopped when cancelled, and the engine state; a withdrawn message is taken out).
+  The UI renders events and says how the turn ended (``TurnEnd.note``); it decides nothing.
 - Store writes that fail with ``NotSaved`` (a lock held by another process, a read-only database,
   a full disk) stay queued (``PendingWrites``) and are retried with the next write or ``flush()``;
   ``NotSaved`` reaches the caller only to tell the user.
@@ -18,13 +22,15 @@ Contract:
 from __future__ import annotations
 
 import re
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from backends.assets import cache_dir
-from backends.engine import GenerationSettings, TurnStats
+from backends.engine import Done, Event, GenerationSettings, Token, TurnStats
 from backends.errors import SettingsError
 from backends.kv_store import KVStore
 
@@ -53,6 +59,22 @@ class ConvRef:
 class Opened:
     messages: list[Message]
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TurnEnd:
+    """How a turn ended: the engine's reason ("stop", "length", "context", "cancelled",
+    "withdrawn"), or "error" (then no stats); ``stats`` is None when it did not finish (an error,
+    or quitting mid-reply), and the engine state is then not saved."""
+
+    reason: str
+    stats: TurnStats | None = None
+
+    @property
+    def note(self) -> str:
+        """What the UI shows under the reply."""
+        return {"cancelled": "stopped", "length": "max tokens reached", "context": "context window full",
+                "error": "error"}.get(self.reason, "")
 
 
 class ChatController:
@@ -237,14 +259,33 @@ class ChatController:
         if ref.id is None:
             ref.creating = False
 
-    def end_turn(self, text: str, units: list[list[Any]], stopped: bool, stats: TurnStats | None,
-                 save_state: bool = True) -> None:
-        if stats is not None:
-            self.turns.append(stats)
+    def run_turn(self, text: str, settings: GenerationSettings, cancel: threading.Event | None,
+                 show: Callable[[Event], None]) -> TurnEnd:
+        """The reply to ``text`` (after ``begin_turn``), each event passed to ``show`` as it comes.
+        Runs on a worker thread: it writes nothing (``finish_turn`` does)."""
+        self.reply_units: list[list[Any]] = []
+        end = TurnEnd("error")
+        for ev in self.session.send(text, settings, cancel):
+            if isinstance(ev, Token):
+                self.reply_units.append([ev.text, ev.span])
+            elif isinstance(ev, Done):
+                end = TurnEnd(ev.reason, ev.stats)
+            show(ev)
+        return end
+
+    def finish_turn(self, end: TurnEnd) -> None:
+        """Write how the turn ended (see the module docstring). ``NotSaved``: queued, to tell the user."""
+        if end.reason == "withdrawn":
+            self.withdraw_turn()
+            return
+        units = list(getattr(self, "reply_units", []))  # a copy: quitting mid-reply, the worker still runs
+        if end.stats is not None:
+            self.turns.append(end.stats)
         ref = self.ref
-        msg = Message("assistant", text, units, stopped, stats.to_dict() if stats else None)
+        msg = Message("assistant", "".join(t for t, _ in units), units, end.reason == "cancelled",
+                      end.stats.to_dict() if end.stats else None)
         writes = [lambda: self.store.add_message(ref.id, msg)]
-        if save_state:
+        if end.stats is not None:
             state = {"engine": self.session.to_dict(), "before_last": self.before_last}
             writes.append(lambda: self.store.update(ref.id, state=state))
         self.write_all(*writes)
@@ -354,4 +395,4 @@ class ChatController:
         return path
 
 
-__all__ = ["ChatController", "NotSaved", "Opened", "export_dir"]
+__all__ = ["ChatController", "NotSaved", "Opened", "TurnEnd", "export_dir"]

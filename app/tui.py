@@ -33,7 +33,7 @@ from textual.widgets import Collapsible, Footer, ListView, LoadingIndicator, Sta
 
 from backends.errors import Z2ZError
 
-from .controller import ChatController
+from .controller import ChatController, TurnEnd
 from .keys import ACTIONS
 from .options import AppOptions
 from .screens import ConfirmDialog, ModelScreen, PromptDialog, SearchScreen, SettingsScreen, StatsScreen
@@ -446,43 +446,55 @@ class Z2ZChat(App):
 
     @work(thread=True, exclusive=True, group="gen")
     def _generate(self, text: str, reply: ReplyView, settings) -> None:
-        from backends.engine import Done, Notice, Progress, Token
+        from backends.engine import Notice, Progress, Token
 
-        note, stats = "", None
+        def show(ev) -> None:
+            if isinstance(ev, Token):
+                self.call_from_thread(reply.append, ev.text, ev.span)
+            elif isinstance(ev, Progress) and ev.elapsed_s >= 1.0:  # a long input: say how far it has read
+                self.call_from_thread(self.show_progress, ev)
+            elif isinstance(ev, Notice):
+                self.call_from_thread(self.notify, ev.text, severity="warning", timeout=10)
+
         try:
-            for ev in self.ctl.session.send(text, settings, self.cancel):
-                if isinstance(ev, Token):
-                    self.call_from_thread(reply.append, ev.text, ev.span)
-                elif isinstance(ev, Progress):
-                    if ev.elapsed_s >= 1.0:  # a long input: say how far it has read
-                        self.call_from_thread(self.show_progress, ev)
-                elif isinstance(ev, Notice):
-                    self.call_from_thread(self.notify, ev.text, severity="warning", timeout=10)
-                elif isinstance(ev, Done) and ev.reason == "withdrawn":
-                    self.call_from_thread(self.withdraw, reply)
-                    return
-                elif isinstance(ev, Done):
-                    stats = ev.stats
-                    note = {"cancelled": "stopped", "length": "max tokens reached",
-                            "context": "context window full"}.get(ev.reason, "")
+            end = self.ctl.run_turn(text, settings, self.cancel, show)
         except Exception as e:  # noqa: BLE001 - the worker's boundary
-            note = "error"
             self.call_from_thread(self.report, e)
-        self.call_from_thread(self.finish_reply, reply, note, stats)
+            end = TurnEnd("error")
+        self.call_from_thread(self.finish_reply, reply, end)
 
     def show_progress(self, p) -> None:
         self.progress = p  # the ticker shows it
 
     @guarded
-    def withdraw(self, reply: ReplyView) -> None:
-        """Esc while a long message was being read: it is taken back, and put back in the input."""
+    def finish_reply(self, reply: ReplyView, end: TurnEnd) -> None:
         if self.reply_saved:
             return
         self.reply_saved = True
+        saved = True
         try:
-            self.ctl.withdraw_turn()
+            self.ctl.finish_turn(end)
         except NotSaved as e:
+            saved = False
             self.notify(str(e), severity="warning", timeout=15)
+        if end.reason == "withdrawn":
+            self._withdrawn(reply)
+            return
+        stats = end.stats
+        if stats is not None:
+            speed = (f" | {stats.decode_tok_s:.1f} tok/s ({stats.decode_codes_s:.1f} codes/s)"
+                     if stats.meaningful_speed else "")
+            if stats.drafted_codes:
+                speed += f" | lookahead {stats.codes_per_forward:.2f} codes/forward"
+            self.status_text = (f"ttft {stats.ttft_s * 1000:.0f} ms{speed}" if stats.reply_codes
+                                else f"{end.note or 'ended'} before the first token")
+        reply.finish(end.note)
+        if saved:  # a queued reply is not in the history yet: it has no branches to show
+            self.show_branches()
+        self.update_status()
+
+    def _withdrawn(self, reply: ReplyView) -> None:
+        """Esc while a long message was being read: it was taken back; it goes back in the input."""
         if self.ctl.conv_id is None:
             self.refresh_history()
         text, files, views = self.last_sent
@@ -494,28 +506,6 @@ class Z2ZChat(App):
         if not box.text.strip():
             box.load_text(text)
         self.status_text = "cancelled: the message was not sent"
-        self.update_status()
-
-    @guarded
-    def finish_reply(self, reply: ReplyView, note: str, stats, save_state: bool = True) -> None:
-        if self.reply_saved:
-            return
-        self.reply_saved = True
-        if stats is not None:
-            speed = (f" | {stats.decode_tok_s:.1f} tok/s ({stats.decode_codes_s:.1f} codes/s)"
-                     if stats.meaningful_speed else "")
-            if stats.drafted_codes:
-                speed += f" | lookahead {stats.codes_per_forward:.2f} codes/forward"
-            self.status_text = (f"ttft {stats.ttft_s * 1000:.0f} ms{speed}" if stats.reply_codes
-                                else f"{note or 'ended'} before the first token")
-        reply.finish(note)
-        try:
-            self.ctl.end_turn(reply.text, reply.units, note == "stopped", stats,
-                              save_state=save_state and note != "error")
-        except NotSaved as e:
-            self.notify(str(e), severity="warning", timeout=15)
-        else:
-            self.show_branches()
         self.update_status()
 
     def action_stop(self) -> None:
@@ -691,7 +681,7 @@ class Z2ZChat(App):
         if self.generating and self.reply is not None:
             self.cancel.set()
             # save what was said before leaving; the engine state stays at the previous reply
-            self.finish_reply(self.reply, "stopped", None, save_state=False)
+            self.finish_reply(self.reply, TurnEnd("cancelled"))
         self.exit(return_code=return_code)
 
     def on_unmount(self) -> None:

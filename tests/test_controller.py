@@ -9,10 +9,9 @@ import pytest
 pytest.importorskip("torch")
 
 from app.cli import build_parser  # noqa: E402
-from app.controller import ChatController  # noqa: E402
+from app.controller import ChatController, TurnEnd  # noqa: E402
 from app.options import AppOptions  # noqa: E402
 from app.store import open_store  # noqa: E402
-from backends.engine import Done  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +35,11 @@ def turn(ctl: ChatController, text: str, locked: bool = False) -> None:
     busy = pytest.raises(StoreBusy) if locked else contextlib.nullcontext()
     with busy:
         ctl.begin_turn(text)
-    reply, stats = "", None
-    for ev in ctl.session.send(text, ctl.generation_settings()):
-        reply += getattr(ev, "text", "")
-        stats = ev.stats if isinstance(ev, Done) else stats
+    end = ctl.run_turn(text, ctl.generation_settings(), None, lambda ev: None)
     busy = pytest.raises(StoreBusy) if locked else contextlib.nullcontext()
     with busy:
-        ctl.end_turn(reply, [[reply, 1]], False, stats)
+        ctl.finish_turn(end)
+    return end
 
 
 def test_reopening_after_a_crash_mid_reply_continues_the_messages_shown(runtime, tiny_ckpt, tmp_path):
@@ -128,10 +125,8 @@ def test_edit_switch_and_regenerate_keep_every_branch_and_reread_only_from_the_b
     cid = ctl.conv_id
     first_turn_codes = ctl.session.marks[2][0]
     assert ctl.prepare_edit(2) == "second message"
-    ctl.begin_turn("second, edited")
-    events = list(ctl.session.send("second, edited", ctl.generation_settings()))
-    ctl.end_turn("".join(getattr(e, "text", "") for e in events), [], False, events[-1].stats)
-    assert events[-1].stats.cached_codes == first_turn_codes > 0  # the first turn was not read again
+    end = turn(ctl, "second, edited")
+    assert end.stats.cached_codes == first_turn_codes > 0  # the first turn was not read again
     branch = ctl.store.messages(cid)
     assert [m.content for m in branch][:3] == ["first message", branch[1].content, "second, edited"]
     assert len(ctl.store.siblings(branch[2].id)) == 2
@@ -139,19 +134,18 @@ def test_edit_switch_and_regenerate_keep_every_branch_and_reread_only_from_the_b
     shown = ctl.switch_branch(2, -1)  # back to the original second message and its reply
     assert [m.content for m in shown][2] == "second message" and len(shown) == 4
     assert ctl.session.messages == [{"role": m.role, "content": m.content} for m in shown]
-    ctl.begin_turn("third")
-    events = list(ctl.session.send("third", ctl.generation_settings()))
-    assert events[-1].stats.cached_codes == first_turn_codes  # only the branch's own part was read
-    ctl.end_turn("".join(getattr(e, "text", "") for e in events), [], False, events[-1].stats)
+    assert turn(ctl, "third").stats.cached_codes == first_turn_codes  # only the branch's own part was read
     assert ctl.switch_branch(2, -1) is None  # there is no branch before the first
 
     old = ctl.store.messages(cid)[-1]
-    assert ctl.prepare_regenerate() is not None
-    ctl.end_turn("another answer", [], False, None)
+    again = ctl.prepare_regenerate()
+    assert again == "third"
+    ctl.run_turn(again, ctl.generation_settings(), None, lambda ev: None)
+    ctl.finish_turn(TurnEnd("cancelled"))  # quitting mid-reply: kept as a stopped branch
     last = ctl.store.messages(cid)[-1]
-    assert last.content == "another answer" and ctl.store.siblings(last.id) == [old.id, last.id]
+    assert last.stopped and ctl.store.siblings(last.id) == [old.id, last.id]
     reopened = controller(runtime, tmp_path / "h.db", tiny_ckpt).open(cid)  # the branch shown is kept
-    assert [m.content for m in reopened.messages][-1] == "another answer"
+    assert reopened.messages[-1].id == last.id
 
 
 def test_export_is_utf8_marks_stopped_replies(tiny_ckpt, tmp_path, monkeypatch):
