@@ -199,21 +199,35 @@ class Store:
                                     "what you wrote is kept and will be saved when it is released") from None
                 time.sleep(0.1)
 
+    # rows: the columns each query selects, in order, and the dataclass they make
+    CONVERSATION = "id, title, model, system, settings, state, updated"
+    LISTED = "id, title, model, system, settings, NULL, updated"  # the list does not read saved states
+    MESSAGE = "role, content, units, stopped, stats, id, parent"
+
+    def _conversation(self, row: tuple) -> Conversation:
+        cid, title, model, system, settings, state, updated = row
+        settings, state = self._json(settings, {}), self._json(state, None)
+        return Conversation(cid, title, model, system, settings if isinstance(settings, dict) else {},
+                            state if isinstance(state, dict) else None, updated)
+
+    def _message(self, row: tuple) -> Message:
+        role, content, units, stopped, stats, mid, parent = row
+        units, stats = self._json(units, None), self._json(stats, None)
+        return Message(role, content, units if isinstance(units, list) else None, bool(stopped),
+                       stats if isinstance(stats, dict) else None, mid, parent)
+
     # conversations
     def conversations(self) -> list[Conversation]:
-        rows = self.db.execute("SELECT id, title, model, system, settings, updated FROM conversations "
+        """Every conversation, the most recently written first (``state`` None)."""
+        rows = self.db.execute(f"SELECT {self.LISTED} FROM conversations "
                                "ORDER BY updated DESC, id DESC").fetchall()
-        return [Conversation(r[0], r[1], r[2], r[3], self._json(r[4], {}), None, r[5]) for r in rows]
+        return [self._conversation(r) for r in rows]
 
     def get(self, cid: int) -> Conversation:
-        r = self.db.execute("SELECT id, title, model, system, settings, state, updated FROM conversations "
-                            "WHERE id = ?", (cid,)).fetchone()
+        r = self.db.execute(f"SELECT {self.CONVERSATION} FROM conversations WHERE id = ?", (cid,)).fetchone()
         if r is None:
             raise KeyError(f"no conversation {cid}")
-        settings = self._json(r[4], {})
-        state = self._json(r[5], None)
-        return Conversation(r[0], r[1], r[2], r[3], settings if isinstance(settings, dict) else {},
-                            state if isinstance(state, dict) else None, r[6])
+        return self._conversation(r)
 
     def create(self, title: str, model: str, system: str | None, settings: dict[str, Any]) -> int:
         now = time.time()
@@ -240,14 +254,8 @@ class Store:
             "ON h.id = c.head AND h.conversation = c.id WHERE c.id = ?1), "
             "(SELECT max(id) FROM messages WHERE conversation = ?1)) "
             "UNION ALL SELECT m.parent FROM messages m JOIN branch b ON m.id = b.id WHERE m.parent IS NOT NULL) "
-            "SELECT role, content, units, stopped, stats, id, parent FROM messages "
-            "WHERE id IN (SELECT id FROM branch) ORDER BY id", (cid,)).fetchall()
-        out = []
-        for r in rows:
-            units, stats = self._json(r[2], None), self._json(r[4], None)
-            out.append(Message(r[0], r[1], units if isinstance(units, list) else None, bool(r[3]),
-                               stats if isinstance(stats, dict) else None, r[5], r[6]))
-        return out
+            f"SELECT {self.MESSAGE} FROM messages WHERE id IN (SELECT id FROM branch) ORDER BY id", (cid,)).fetchall()
+        return [self._message(r) for r in rows]
 
     def search(self, text: str, limit: int = 200) -> list[tuple[int, int, str, str, str]]:
         """(message id, conversation id, title, role, content) of messages on any branch that contain
@@ -270,10 +278,9 @@ class Store:
 
     def tree(self, cid: int) -> list[Message]:
         """Every message of the conversation, on every branch, oldest first (parents before children)."""
-        rows = self.db.execute("SELECT role, content, units, stopped, stats, id, parent FROM messages "
-                               "WHERE conversation = ? ORDER BY id", (cid,)).fetchall()
-        return [Message(r[0], r[1], self._json(r[2], None), bool(r[3]), self._json(r[4], None), r[5], r[6])
-                for r in rows]
+        rows = self.db.execute(f"SELECT {self.MESSAGE} FROM messages WHERE conversation = ? ORDER BY id",
+                               (cid,)).fetchall()
+        return [self._message(r) for r in rows]
 
     def siblings(self, mid: int) -> list[int]:
         """Ids of the messages that are alternatives to ``mid`` (same parent, same role), itself
