@@ -20,10 +20,9 @@ The session's decode state (``protocol.DecodeState``, its own: two sessions neve
 only sees codes, positions and new codebook entries.
 
 A new turn continues the codebook and KV cache: nothing already fed is encoded or prefilled
-again. When the context is full the oldest turns are dropped, down to half the window so that the
-next turns do not each restart the cache (budgeted in positions, the unit
-the context is measured in); a message that cannot fit even alone raises ``ContextFullError``
-and leaves the conversation exactly as it was. ``to_dict``/``restore`` save and resume a
+again. How a message joins the conversation (rendering, dropping the oldest turns when the window
+is full, ``ContextFullError`` when it cannot fit even alone) is ``prompt.plan``; a refused message
+leaves the conversation exactly as it was. ``to_dict``/``restore`` save and resume a
 conversation (the KV cache is rebuilt by one prefill at the next ``send``, or taken from a
 ``kv_snapshot`` saved with it when the backend can); ``rewind`` goes back to an earlier
 ``to_dict`` of the same stream by trimming the KV cache.
@@ -42,16 +41,14 @@ from typing import Any
 
 from .codec import CodecConfig, CodecSession
 from .detok import Detokenizer
-from .errors import BackendError, SettingsError, Z2ZError
+from .errors import BackendError, SettingsError
 from .generate import PREFILL_CHUNK, generate_codes, prefill_chunks
+from .prompt import ContextFullError, ContextUsage, Plan, plan, reply_room
 from .protocol import DecodeState, SavesKV
 from .sampling import Sampler, SamplingSettings
+from .snapshot import SessionState
 from .steps import Stream, sync_entries
 from .utf8_guard import Utf8Guard
-
-
-class ContextFullError(Z2ZError, RuntimeError):
-    """The new message alone does not fit in the model's context window."""
 
 
 @dataclass
@@ -153,50 +150,8 @@ class KVSnapshot:
     digest: str
 
 
-def _marks(raw: Any, n_messages: int, n_codes: int, n_text: int) -> list[tuple[int, int] | None]:
-    """Saved message boundaries, each checked; unknown (None) where missing or impossible."""
-    if not isinstance(raw, list) or len(raw) != n_messages:
-        return [None] * n_messages
-    out: list[tuple[int, int] | None] = []
-    for m in raw:
-        ok = (isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m)
-              and 0 <= m[0] <= n_codes and 0 <= m[1] <= n_text)
-        out.append((m[0], m[1]) if ok else None)
-    return out
-
-
 def codes_digest(codes: Sequence[int]) -> str:
     return hashlib.sha256(array("q", codes).tobytes()).hexdigest()
-
-
-@dataclass
-class ContextUsage:
-    """How full a conversation's context window is: what the status line and ``--stats`` show."""
-
-    positions: int  # positions the conversation takes in the KV cache (with the pending code)
-    window: int
-    tokens: int  # base tokens they hold
-    reply_room: int  # positions a reply keeps free (``max_tokens``, at most a quarter of the window)
-
-    @property
-    def saved(self) -> float:
-        """Share of positions hypertokens saved."""
-        return 1 - self.positions / self.tokens if self.tokens else 0.0
-
-    @property
-    def nearly_full(self) -> bool:
-        """The next message (and its reply) may not fit: old turns will be dropped."""
-        return self.positions + 2 * self.reply_room > self.window
-
-    def describe(self, short: bool = False) -> str:
-        if short:  # the status line
-            text = f"ctx {self.positions:,}/{self.window:,} ({self.tokens:,} tok, {self.saved:.0%} saved)"
-            return text + (" nearly full: oldest turns go next" if self.nearly_full else "")
-        text = (f"context {self.positions:,} / {self.window:,} positions, {self.tokens:,} tokens, "
-                f"{self.saved:.0%} saved")
-        if self.nearly_full:
-            text += " | nearly full: the next message drops the oldest turns"
-        return text
 
 
 @dataclass
@@ -224,16 +179,6 @@ class GenerationSettings:
             raise SettingsError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or not 0 <= self.lookahead <= 8:
             raise SettingsError(f"lookahead must be an integer in 0..8, got {self.lookahead!r}")
-
-
-_SENTINEL = "\x00z2z-content-{}\x00"  # stands for a message's text while the template renders
-
-
-def _reply_room(max_tokens: int, context_length: int) -> int:
-    """Positions kept free for a reply: max_tokens, but never more than a quarter of the window,
-    so a large max_tokens does not make every message too long (the reply then stops at
-    ``context``)."""
-    return min(max_tokens, max(context_length // 4, 1))
 
 
 class Session:
@@ -286,86 +231,18 @@ class Session:
     def check_fits(self, user_text: str, settings: GenerationSettings | None = None) -> None:
         """Raise ``ContextFullError`` when ``user_text`` cannot fit even with every earlier turn
         dropped (what ``send`` would raise), before anything changes: the app keeps the text."""
-        settings = settings or GenerationSettings()
-        self._plan(user_text, _reply_room(settings.max_tokens, self.state.context_length))
+        self._plan(user_text, settings or GenerationSettings())
 
     def context_usage(self, settings: GenerationSettings | None = None) -> ContextUsage:
         settings = settings or GenerationSettings()
         window = self.state.context_length
         return ContextUsage(len(self.codes) if self.position_mode == "compressed" else self.stream.n_base,
-                            window, self.stream.n_base, _reply_room(settings.max_tokens, window))
+                            window, self.stream.n_base, reply_room(settings.max_tokens, window))
 
-    # --- prompt -----------------------------------------------------------------------------
-
-    def _render(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-        """The chat template's rendering of ``messages`` plus a generation prompt, as pieces
-        ``(text, is_message_text)`` so message text is tokenized as text, never as markers."""
-        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        real = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        marked = self.tok.apply_chat_template(
-            [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(msgs)], tokenize=False,
-            add_generation_prompt=True)
-        pieces: list[tuple[str, bool]] = []
-        for i, m in enumerate(msgs):
-            before, sep, marked = marked.partition(_SENTINEL.format(i))
-            if not sep:
-                return [(real, False)]  # the template transforms message text: no split possible
-            pieces += [(before, False), (m["content"], True)]
-        pieces.append((marked, False))
-        return pieces if "".join(p for p, _ in pieces) == real else [(real, False)]
-
-    def _tokenize(self, pieces: list[tuple[str, bool]], skip: int) -> tuple[str, list[int]]:
-        """Text and base ids of the pieces after their first ``skip`` characters."""
-        text, ids = "", []
-        for piece, is_text in pieces:
-            if skip >= len(piece):
-                skip -= len(piece)
-                continue
-            piece, skip = piece[skip:], 0
-            if piece:
-                text += piece
-                ids += self.tok(piece, add_special_tokens=False, split_special_tokens=is_text)["input_ids"]
-        return text, ids
-
-    def _plan(self, user_text: str, reply_room: int) -> tuple[int, bool, str, list[int]]:
-        """How to add the new message: (turns to drop, restart the stream, text to feed, its ids).
-
-        Pure: nothing changes until the caller applies the plan, so a message that cannot fit
-        leaves the conversation as it was."""
-        ctx = self.state.context_length
-        M = self.codec_config.max_merge_size
-        pieces = self._render(self.messages + [{"role": "user", "content": user_text}])
-        target = ctx  # a restart only because the rendering changed (a new system prompt) drops nothing
-        if "".join(p for p, _ in pieces).startswith(self.fed_text):
-            target = ctx // 2
-            text, ids = self._tokenize(pieces, len(self.fed_text))
-            # a message takes at most one position per base token: when that bound fits, no trial
-            if self.stream.next_positions([1] * len(ids) + [M])[-1] + reply_room <= ctx:
-                return 0, False, text, ids
-            trial = CodecSession.from_dict(self.codec.to_dict())
-            stream = Stream(self.position_mode, list(self.codes), list(self.positions), self.stream.n_base)
-            stream.extend(trial.encode(ids), trial)
-            if stream.next_position(M) + reply_room <= ctx:
-                return 0, False, text, ids
-        # the cache restarts. When the window is full, drop enough turns that the conversation then
-        # fills at most half of it, so the next turns continue the cache instead of each restarting
-        # it one turn short; when nothing reaches that, the fewest turns that make the message fit
-        fit = None
-        for drop in range(0, len(self.messages) // 2 + 1):
-            kept = self.messages[2 * drop:]
-            text, ids = self._tokenize(self._render(kept + [{"role": "user", "content": user_text}]), 0)
-            trial, stream = CodecSession(self.codec_config), Stream(self.position_mode)
-            stream.extend(trial.encode(ids), trial)
-            need = stream.next_position(M) + reply_room
-            if need <= ctx:
-                fit = fit or (drop, True, text, ids)
-                if need <= target:
-                    return drop, True, text, ids
-        if fit is not None:
-            return fit
-        raise ContextFullError(
-            f"the message needs {stream.next_position(M)} positions plus {reply_room} for the reply, "
-            f"but the context window holds {ctx}: shorten it or lower max tokens")
+    def _plan(self, user_text: str, settings: GenerationSettings) -> Plan:
+        window = self.state.context_length
+        return plan(self.tok, self.system, self.messages, user_text, self.fed_text, self.codec, self.stream,
+                    window, reply_room(settings.max_tokens, window))
 
     # --- one turn ---------------------------------------------------------------------------
 
@@ -373,12 +250,14 @@ class Session:
              cancel: threading.Event | None = None) -> Iterator[Event]:
         """Add a user message and stream the reply (see the module docstring)."""
         settings = settings or GenerationSettings()
-        reply_room = _reply_room(settings.max_tokens, self.state.context_length)
-        drop, restart, text, ids = self._plan(user_text, reply_room)
+        p = self._plan(user_text, settings)
+        drop, restart, text, ids = p.drop, p.restart, p.text, p.ids
         if drop and not settings.drop_old_turns:
+            window = self.state.context_length
             raise ContextFullError(
-                f"the conversation does not fit in the context window ({self.state.context_length} positions, "
-                f"{reply_room} of them kept for the reply): drop {drop} of its oldest turns or lower max tokens")
+                f"the conversation does not fit in the context window ({window} positions, "
+                f"{reply_room(settings.max_tokens, window)} of them kept for the reply): drop {drop} of its "
+                "oldest turns or lower max tokens")
         before = self.to_dict()  # a message withdrawn during its prefill leaves no trace
         if restart:
             self.messages = self.messages[2 * drop:]
@@ -490,51 +369,23 @@ class Session:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": 1, "system": self.system, "position_mode": self.position_mode,
-                "messages": [dict(m) for m in self.messages], "codes": list(self.codes), "fed": self.fed,
-                "fed_text": self.fed_text, "codec": self.codec.to_dict(), "marks": [list(m) if m else None for m in self.marks]}
-
-    def _load(self, d: dict[str, Any]) -> tuple[CodecSession, list[dict[str, str]]]:
-        """Validate a saved state against this model; ``ValueError`` says what is wrong."""
-        if not isinstance(d, dict):
-            raise ValueError("the saved engine state is not a mapping")
-        missing = [k for k in ("messages", "codes", "fed", "fed_text", "codec") if k not in d]
-        if missing:
-            raise ValueError(f"the saved engine state lacks {missing}")
-        codec = CodecSession.from_dict(d["codec"])
-        if codec.config != self.codec_config:
-            raise ValueError("the saved conversation was made with a different codec configuration "
-                             "(another model?)")
-        msgs = d["messages"]
-        if not isinstance(msgs, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs):
-            raise ValueError("the saved engine state has malformed messages")
-        if not isinstance(d["fed_text"], str) or not isinstance(d["fed"], int) or not isinstance(d["codes"], list):
-            raise ValueError("the saved engine state has malformed fields")
-        # the codes must be exactly what this codec state came from
-        replay = CodecSession(self.codec_config)
-        for c in d["codes"]:
-            replay.push(c)  # ValueError on ids that cannot exist
-        if replay.to_dict() | {"fresh": 0} != codec.to_dict() | {"fresh": 0}:
-            raise ValueError("the saved codes do not match the saved codebook")
-        if not 0 <= d["fed"] <= len(d["codes"]):
-            raise ValueError(f"the saved engine state has fed={d['fed']} outside [0, {len(d['codes'])}]")
-        return codec, [dict(m) for m in msgs]
+        """The conversation as JSON data (``snapshot.SessionState``): what the history stores."""
+        return SessionState(self.system, self.position_mode, self.messages, self.codes, self.fed, self.fed_text,
+                            self.codec, self.marks).to_dict()
 
     def restore(self, d: dict[str, Any], kv: KVSnapshot | None = None) -> str | None:
         """Resume a saved conversation. Its KV cache is ``kv`` when that holds the start of this
         stream (only the rest is read at the next send), else rebuilt by one prefill at the next
         send; returns why ``kv`` was not used, or None. A state that does not fit this model
         raises ``ValueError`` and changes nothing."""
-        codec, messages = self._load(d)
+        saved = SessionState.from_dict(d, self.codec_config)
         self._clear_stream()
-        self._set(d, codec, messages)
+        self._set(saved)
         self.stream.fed = 0
-        codec.take_new_entries()
+        self.codec.take_new_entries()
         why = self._import_kv(kv)
         if why is not None:
-            self.state.add_entries(list(codec.codebook.items()), codec.candidate())
+            self.state.add_entries(list(self.codec.codebook.items()), self.codec.candidate())
         return None if kv is None else why
 
     def restore_or_rebuild(self, d: dict[str, Any] | None, messages: list[dict[str, str]],
@@ -570,12 +421,12 @@ class Session:
         codec = CodecSession(self.codec_config)
         for c in self.codes[:n_codes]:
             codec.push(c)
-        saved = codec.to_dict()
-        saved["fresh"] = min(len(saved["entries"]), self.codec.to_dict()["fresh"])
-        self.rewind({"version": 1, "system": self.system, "position_mode": self.position_mode,
-                     "messages": [dict(m) for m in self.messages[:n]], "codes": self.codes[:n_codes],
-                     "fed": min(self.fed, n_codes), "fed_text": self.fed_text[:n_text], "codec": saved,
-                     "marks": [list(m) if m else None for m in self.marks[:n]]})
+        d = codec.to_dict()
+        d["fresh"] = min(len(codec), self.codec.to_dict()["fresh"])  # entries the state has are not new
+        codec = CodecSession.from_dict(d)
+        self._rewind(SessionState(self.system, self.position_mode, [dict(m) for m in self.messages[:n]],
+                                  self.codes[:n_codes], min(self.fed, n_codes), self.fed_text[:n_text], codec,
+                                  self.marks[:n]))
         return True
 
     def follow(self, messages: list[dict[str, str]]) -> None:
@@ -587,20 +438,22 @@ class Session:
     def rewind(self, d: dict[str, Any]) -> None:
         """Go back to an earlier ``to_dict()`` of this session (e.g. to regenerate a reply),
         trimming the KV cache and dropping the hyper entries created since, instead of rebuilding."""
-        codec, messages = self._load(d)
-        if self.codes[:len(d["codes"])] != list(d["codes"]):
-            self.restore(d)  # not an earlier state of this stream
+        self._rewind(SessionState.from_dict(d, self.codec_config), d)
+
+    def _rewind(self, saved: SessionState, d: dict[str, Any] | None = None) -> None:
+        if self.codes[:len(saved.codes)] != saved.codes:
+            self.restore(d if d is not None else saved.to_dict())  # not an earlier state of this stream
             return
-        keep = min(int(d["fed"]), self.fed)
+        keep = min(saved.fed, self.fed)
+        fresh = saved.codec.to_dict()["fresh"]
         self.state.trim(self.fed - keep)
-        self._set(d, codec, messages)
+        self._set(saved)
         self.stream.fed = keep
         # the state had every entry the snapshot had handed over; the rest come with the next sync
-        self.state.drop_entries(int(d["codec"]["fresh"]))
+        self.state.drop_entries(fresh)
 
-    def _set(self, d: dict[str, Any], codec: CodecSession, messages: list[dict[str, str]]) -> None:
-        self.system, self.messages = d.get("system"), messages
-        self.marks = _marks(d.get("marks"), len(messages), len(d["codes"]), len(d["fed_text"]))
-        self.codec, self.fed_text = codec, d["fed_text"]
+    def _set(self, saved: SessionState) -> None:
+        self.system, self.messages, self.marks = saved.system, saved.messages, list(saved.marks)
+        self.codec, self.fed_text = saved.codec, saved.fed_text
         self.stream = Stream(self.position_mode)
-        self.stream.extend(d["codes"], codec)
+        self.stream.extend(saved.codes, saved.codec)

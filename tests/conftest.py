@@ -188,10 +188,10 @@ def teacher_forced_agreement(backend, loaded, want: list[int], prompt: str) -> f
     import numpy as np
 
     from backends.codec import CodecSession
-    from backends.engine import Session
+    from backends.prompt import render, tokenize
 
-    session = Session(backend, loaded.tokenizer, loaded.codec, position_mode=loaded.config.position_mode)
-    ids = session._tokenize(session._render([{"role": "user", "content": prompt}]), 0)[1]
+    tok = loaded.tokenizer
+    ids = tokenize(tok, render(tok, None, [{"role": "user", "content": prompt}]), 0)[1]
     s, V = CodecSession(loaded.codec), loaded.codec.base_vocab_size
     codes = s.encode(ids)
     backend.add_entries(s.take_new_entries(), s.candidate())
