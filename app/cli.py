@@ -152,7 +152,8 @@ def one_shot(args: argparse.Namespace, settings, message: str) -> int:
     from backends.engine import Done, Notice, Progress, Token
     from backends.runtime import open_runtime
 
-    rt = open_runtime(args.model, args.backend, args.device, args.dtype, base=args.base)
+    rt = open_runtime(args.model, args.backend, args.device, args.dtype, base=args.base,
+                      progress=lambda m: print(f"[z2z-chat] {m}", file=sys.stderr, flush=True))
     session = rt.session(system=args.system)
     at_line_start, shown = True, False
     try:

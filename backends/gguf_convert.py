@@ -3,8 +3,8 @@
 Output directory:
 - ``model.gguf``: the base decoder. A GGUF base is reused as it is (hard-linked or copied: it
   is what the adapter was trained on); HF weights (a local directory or a cached hub id) are
-  written with ``gguf`` in f32, f16 or q8_0. Llama-family decoders (Llama, Mistral, SmolLM2)
-  only: llama.cpp's other architectures need their own tensor layouts.
+  written with ``gguf`` in f32, f16 or q8_0: Llama (SmolLM2), Mistral, Qwen2 and Phi-3 decoders
+  (``tensors.ARCHS``; the architectures the MLX backend runs).
 - the LoRA adapter, ``lora="merge"`` (default): merged into the weights (exactly, in float32,
   before an HF base is written; into a q8_0 copy of a quantized GGUF base): it decodes as fast
   as the base, where a run-time adapter costs every step (README, "llama.cpp").
@@ -28,23 +28,20 @@ import numpy as np
 from .checkpoint import Checkpoint, snapshot
 from .config import CONFIG_NAME, lora_scale_of
 from .errors import ConvertError
-from .sources import is_gguf, load_tokenizer
+from .sources import is_gguf, load_tokenizer, pad_id_of
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM")
-
-
 def _hf_state(base: Path) -> tuple[dict[str, np.ndarray], dict]:
-    from .llamacpp_backend.tensors import read_safetensors
+    from .llamacpp_backend.tensors import ARCHS, read_safetensors
 
     cfg_file = base / "config.json"
     if not cfg_file.is_file():
         raise ConvertError(f"{base} has no config.json: is it a Hugging Face model directory?")
     config = json.loads(cfg_file.read_text(encoding="utf-8"))
     arch = (config.get("architectures") or ["?"])[0]
-    if arch not in LLAMA_FAMILY:
+    if arch not in ARCHS:
         raise ConvertError(f"{base}: architecture {arch} is not supported by convert/to_gguf.py "
-                           f"(supported: {', '.join(LLAMA_FAMILY)}); run it with --backend torch or mlx")
+                           f"(supported: {', '.join(ARCHS)}); run it with --backend torch or mlx")
     files = sorted(base.glob("*.safetensors"))
     if not files:
         raise ConvertError(f"{base} has no .safetensors weights")
@@ -83,10 +80,11 @@ def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None =
             progress: Callable[[str], None] = lambda m: None, lora: str = "merge") -> list[Path]:
     from .llamacpp_backend.tensors import (
         check_gguf,
+        ARCHS,
         merge_lora_gguf,
         read_safetensors,
-        write_llama_gguf,
         write_lora_gguf,
+        write_model_gguf,
     )
 
     if lora not in LORA_MODES:
@@ -127,16 +125,17 @@ def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None =
         state, hf_config = _hf_state(base_dir)
         n_head = hf_config["num_attention_heads"]
         n_kv = hf_config.get("num_key_value_heads") or n_head
+        arch = ARCHS[hf_config["architectures"][0]]
         if peft is not None and lora == "merge":
             progress("merging the LoRA adapter (float32)")
             _merge_hf(state, peft, alpha)
             peft = None
         progress(f"writing {out} ({quantize})")
-        write_llama_gguf(out, state, hf_config, tok, quantize)
+        write_model_gguf(out, state, hf_config, tok, quantize)
     written = [out]
     if peft is not None:
         progress(f"writing {dst / 'lora.gguf'} (LoRA adapter, alpha {alpha})")
-        written.append(write_lora_gguf(dst / "lora.gguf", peft, alpha, int(n_head), int(n_kv or n_head)))
+        written.append(write_lora_gguf(dst / "lora.gguf", peft, alpha, int(n_head), int(n_kv or n_head), arch))
     from safetensors.numpy import save_file
 
     save_file(read_safetensors(ck.encoders), dst / "zip2zip_encoders.safetensors")
@@ -145,8 +144,12 @@ def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None =
         if (Path(ck.tokenizer_source) / name).is_file():
             shutil.copyfile(Path(ck.tokenizer_source) / name, dst / name)
             written.append(dst / name)
-    if not (dst / "tokenizer_config.json").is_file():
-        tok.save_pretrained(dst)
+    # as loaded here (its class chosen by the base's config.json, which is not copied): a tokenizer
+    # without a pad token gets a class default, and the pad id the encoders pad entries with must
+    # stay the one torch uses (Qwen2's class gave 0 where the bare files gave eos)
+    tok.save_pretrained(dst)
+    if pad_id_of(load_tokenizer(dst)) != pad_id_of(tok):
+        raise ConvertError(f"{dst}: the converted tokenizer's pad id differs from {ck.tokenizer_source}'s")
     d = config.to_dict() | {"base_model_name_or_path": "model.gguf"}
     (dst / CONFIG_NAME).write_text(json.dumps(d, indent=2, sort_keys=True), encoding="utf-8")
     written.append(dst / CONFIG_NAME)

@@ -211,7 +211,7 @@ def open_runtime(model: str | None = None, backend: str = "auto", device: str = 
         model, default_base = default_model(progress=progress)
         base = base or default_base
     _check_exists(model)
-    rt = _open(model, backend, device, dtype, base)
+    rt = _open(model, backend, device, dtype, base, progress or (lambda line: None))
     try:
         check_chat_template(rt.tokenizer, rt.model_name)
     except Z2ZError:
@@ -220,7 +220,8 @@ def open_runtime(model: str | None = None, backend: str = "auto", device: str = 
     return rt
 
 
-def _open(model: str, backend: str, device: str, dtype: str, base: str | None) -> Runtime:
+def _open(model: str, backend: str, device: str, dtype: str, base: str | None,
+          progress: Callable[[str], None]) -> Runtime:
     name = _pick(backend, model, torch_options=(device, dtype) != ("auto", "auto"))
     if name == "mlx":
         _module("mlx")  # the conversion needs it too
@@ -229,10 +230,10 @@ def _open(model: str, backend: str, device: str, dtype: str, base: str | None) -
         try:
             _module("llamacpp")
             return _load("llamacpp", gguf_conversion(model, base), base, device, dtype)
-        except RuntimeOpenError:
+        except RuntimeOpenError as e:
             if backend != "auto":
                 raise
-            # e.g. an architecture convert/to_gguf.py does not write: torch runs it
+            progress(f"llama.cpp cannot run {model} ({e}); running it on torch instead")
     return _load("torch", model, base, device, dtype)
 
 

@@ -245,3 +245,81 @@ def test_a_saved_kv_cache_reopens_a_conversation_without_reading_it_again(gguf_d
     except ValueError:
         note = "the saved state itself was refused"
     assert note is not None and other.fed == 0
+
+
+@pytest.fixture(scope="module")
+def arch_ckpts(ref_checkpoints, tmp_path_factory, tokenizer_dir):
+    """Reference-made zip2zip checkpoints (LoRA on every projection, hypertokens) on the other bases
+    llama.cpp runs: Phi-3 (fused qkv / gate_up, untied head with extra rows) and Qwen2 (attention
+    biases, GQA, tied embeddings, a rope base of 1e6)."""
+    from reference import ref_model
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True,
+                      eos_token_id=2, bos_token_id=None, pad_token_id=None)
+    lm = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # biases are zero at init: random ones, so a converter that drops them fails
+        for name, p in lm.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.5)
+    base = tmp_path_factory.mktemp("qwen2-base")
+    lm.save_pretrained(base)
+    tok.save_pretrained(base)
+    d = tmp_path_factory.mktemp("qwen2-ckpt")
+    ref_model("llama", "transformer", "compressed", base, tok).save_pretrained(d)  # q/k/v/o/gate/up/down LoRA
+    return {"phi3": ref_checkpoints[("phi3", "transformer", "compressed")][1], "qwen2": d}
+
+
+@pytest.mark.parametrize("arch", ["phi3", "qwen2"])
+@pytest.mark.parametrize("lora", ["adapter", "merge"])
+def test_phi3_and_qwen2_convert_and_equal_torch(arch_ckpts, tmp_path, arch, lora):
+    d = tmp_path / f"{arch}-{lora}"
+    convert(str(arch_ckpts[arch]), d, "f32", force=True, lora=lora)
+    loaded = checkpoint.load(arch_ckpts[arch])
+    codes = stream(loaded.tokenizer, loaded.codec)
+    assert sum(c >= loaded.codec.base_vocab_size for c in codes[20:]) >= 8  # hypertokens mid-stream
+    ours = run_stream(open_checkpoint(d, n_threads=1, exact=True).model.new_state(), codes, loaded.codec)
+    want = run_stream(TorchState(loaded.model), codes, loaded.codec)
+    for a, b in zip(ours, want):
+        assert np.array_equal(np.isfinite(a), np.isfinite(b))
+        fin = np.isfinite(a)
+        np.testing.assert_allclose(a[fin], b[fin], atol=1e-3)
+
+
+def test_phi3_long_context_rope_factors_are_written_as_llama_cpp_reads_them(tmp_path, tokenizer_dir):
+    """Phi-3.5's longrope: both factor tables and the attention factor llama.cpp's converter computes
+    (not run here: llama.cpp picks long or short factors by context size, transformers by sequence
+    length, so the two differ by design past the original window)."""
+    import math
+
+    import gguf
+    from transformers import AutoTokenizer
+
+    from backends.llamacpp_backend.tensors import check_gguf, write_model_gguf
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    long, short = np.linspace(1, 4, 8).tolist(), np.linspace(1, 1.5, 8).tolist()
+    config = {"architectures": ["Phi3ForCausalLM"], "num_attention_heads": 4, "num_key_value_heads": 4,
+              "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 4096,
+              "original_max_position_embeddings": 512, "rope_theta": 10000.0,
+              "rope_scaling": {"type": "longrope", "long_factor": long, "short_factor": short}}
+    rng = np.random.default_rng(0)
+    state = {"model.embed_tokens.weight": rng.standard_normal((len(tok), 64)), "model.norm.weight": np.ones(64),
+             "lm_head.weight": rng.standard_normal((len(tok), 64))}
+    for hf, shape in (("self_attn.qkv_proj", (192, 64)), ("self_attn.o_proj", (64, 64)), ("mlp.gate_up_proj", (256, 64)),
+                      ("mlp.down_proj", (64, 128)), ("input_layernorm", (64,)), ("post_attention_layernorm", (64,))):
+        state[f"model.layers.0.{hf}.weight"] = rng.standard_normal(shape)
+    path = write_model_gguf(tmp_path / "phi3.gguf", state, config, tok)
+    r = gguf.GGUFReader(path)
+    tensors = {t.name: np.asarray(t.data) for t in r.tensors}
+    np.testing.assert_allclose(tensors["rope_factors_long.weight"], long)
+    np.testing.assert_allclose(tensors["rope_factors_short.weight"], short)
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight", "output.weight"} <= set(tensors)
+    assert r.fields["general.architecture"].contents() == "phi3"
+    assert r.fields["phi3.rope.scaling.original_context_length"].contents() == 512
+    assert r.fields["phi3.rope.scaling.attn_factor"].contents() == pytest.approx(math.sqrt(1 + math.log(8) / math.log(512)))
+    check_gguf(path)  # and it parses as a model llama.cpp can be handed

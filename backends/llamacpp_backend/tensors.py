@@ -9,11 +9,14 @@
 - ``model_tables(path)``: ``check_gguf`` + ``read_gguf_tables`` for a model, cached in the user
   cache as ``.npy`` files keyed by the file's path, size and mtime: parsing a GGUF with a 49k-token
   vocabulary takes seconds in Python, loading the cached tables (memory-mapped) takes none.
-- ``write_lora_gguf(path, peft_state, alpha, n_head, n_head_kv)``: a PEFT LoRA adapter as a
-  llama.cpp adapter GGUF. llama.cpp stores q/k projection rows permuted for its RoPE layout, so
-  ``lora_B`` of ``q_proj``/``k_proj`` gets the same row permutation (``permute_qk``).
-- ``write_llama_gguf(path, state, config, tokenizer, qtype)``: an HF Llama-family decoder (state
-  dict as numpy, HF names) as a llama.cpp model GGUF (f32, f16, q8_0), with its BPE vocabulary.
+- ``write_lora_gguf(path, peft_state, alpha, n_head, n_head_kv, arch)``: a PEFT LoRA adapter as a
+  llama.cpp adapter GGUF. On ``llama`` llama.cpp stores q/k projection rows permuted for its
+  interleaved RoPE, so ``lora_B`` of ``q_proj``/``k_proj`` gets the same row permutation
+  (``permute_qk``); ``qwen2`` and ``phi3`` rotate halves as HF does and take the rows as they are.
+- ``write_model_gguf(path, state, config, tokenizer, qtype)``: an HF decoder of one of ``ARCHS``
+  (Llama, Mistral, Qwen2 with its attention biases, Phi-3 with fused ``qkv_proj``/``gate_up_proj``
+  and its long-context RoPE factors) as a llama.cpp model GGUF (f32, f16, q8_0), with its BPE
+  vocabulary.
 """
 
 from __future__ import annotations
@@ -150,14 +153,26 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# a layer's HF modules -> llama.cpp tensors, every architecture of ARCHS (Phi-3's fused projections
+# are llama.cpp's attn_qkv and its fused gate+up ffn_up)
 HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+              "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+         "Phi3ForCausalLM": "phi3"}  # HF architecture -> llama.cpp's
+
+
+def _permute(gg: str, arch: str, n_head: int, n_kv: int, w: np.ndarray) -> np.ndarray:
+    """q/k rows in llama.cpp's order for ``arch``: interleaved on llama, HF's own elsewhere (NEOX RoPE)."""
+    if arch != "llama" or gg not in ("attn_q", "attn_k"):
+        return w
+    return permute_qk(w, n_head if gg == "attn_q" else n_kv)
 _LORA_KEY = re.compile(r"layers\.(\d+)\.((?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
 def write_lora_gguf(path: str | Path, peft_state: dict[str, np.ndarray], alpha: float, n_head: int,
-                    n_head_kv: int) -> Path:
+                    n_head_kv: int, arch: str = "llama") -> Path:
     import gguf
 
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
@@ -167,18 +182,15 @@ def write_lora_gguf(path: str | Path, peft_state: dict[str, np.ndarray], alpha: 
             raise TensorFileError(f"adapter tensor {k} is not a LoRA A/B weight of a decoder layer "
                                   "(only attention and MLP projections can run on llama.cpp)")
         pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = v
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_type("adapter")
     w.add_string("adapter.type", "lora")
     w.add_float32("adapter.lora.alpha", float(alpha))  # llama.cpp scales by alpha / r, as peft does
     for (i, hf), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"} or hf not in HF_TO_GGUF:
             raise TensorFileError(f"adapter layer {i} {hf}: expected one lora_A and one lora_B")
-        gg, B = HF_TO_GGUF[hf], ab["B"]
-        if gg == "attn_q":
-            B = permute_qk(B, n_head)
-        elif gg == "attn_k":
-            B = permute_qk(B, n_head_kv)
+        gg = HF_TO_GGUF[hf]
+        B = _permute(gg, arch, n_head, n_head_kv, ab["B"])
         w.add_tensor(f"blk.{i}.{gg}.weight.lora_a", np.ascontiguousarray(ab["A"], dtype=np.float32))  # (r, in)
         w.add_tensor(f"blk.{i}.{gg}.weight.lora_b", np.ascontiguousarray(B, dtype=np.float32))  # (out, r)
     _finish(w)
@@ -195,7 +207,7 @@ def _finish(w: Any) -> None:
 QTYPES = ("f32", "f16", "q8_0")
 
 
-def write_llama_gguf(path: str | Path, state: dict[str, np.ndarray], config: dict[str, Any], tokenizer: Any,
+def write_model_gguf(path: str | Path, state: dict[str, np.ndarray], config: dict[str, Any], tokenizer: Any,
                      qtype: str = "f32") -> Path:
     """``state``: HF names (``model.embed_tokens.weight``, ``model.layers.N...``, ``model.norm.weight``,
     ``lm_head.weight`` unless tied), float32; ``config``: the HF config as a dict."""
@@ -203,28 +215,27 @@ def write_llama_gguf(path: str | Path, state: dict[str, np.ndarray], config: dic
 
     if qtype not in QTYPES:
         raise TensorFileError(f"quantization {qtype!r} is not one of {QTYPES}")
+    hf_arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
+    if hf_arch not in ARCHS:
+        raise TensorFileError(f"architecture {hf_arch} has no llama.cpp layout here (supported: {', '.join(ARCHS)}): "
+                              "run it with --backend torch or mlx")
+    arch = ARCHS[hf_arch]
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    L = config["num_hidden_layers"]
-    w = gguf.GGUFWriter(str(path), "llama")
+    L, D = config["num_hidden_layers"], config["hidden_size"]
+    head_dim = config.get("head_dim") or D // n_head
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name(str(config.get("_name_or_path") or "zip2zip-base"))
     w.add_context_length(int(config.get("max_position_embeddings") or 2048))
-    w.add_embedding_length(config["hidden_size"])
+    w.add_embedding_length(D)
     w.add_block_count(L)
     w.add_feed_forward_length(config["intermediate_size"])
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
     rope = rope_settings(config)
     w.add_rope_freq_base(rope.get("rope_theta", 10000.0))
-    scaling = rope.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(scaling["factor"]))
-    elif kind != "default":
-        raise TensorFileError(f"rope scaling {kind!r} is not written to GGUF here (linear only): "
-                              "run this model with --backend torch or mlx")
+    extra = _rope_scaling(w, arch, config, rope.get("rope_scaling") or {}, head_dim)
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
-    w.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
+    w.add_rope_dimension_count(head_dim)
     V = state["model.embed_tokens.weight"].shape[0]
     w.add_vocab_size(V)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -242,19 +253,48 @@ def write_llama_gguf(path: str | Path, state: dict[str, np.ndarray], config: dic
                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
 
     add("token_embd.weight", state["model.embed_tokens.weight"])
+    for name, a in extra.items():
+        add(name, a)
     for i in range(L):
         for hf, gg in HF_TO_GGUF.items():
-            a = state[f"model.layers.{i}.{hf}.weight"]
-            if gg == "attn_q":
-                a = permute_qk(a, n_head)
-            elif gg == "attn_k":
-                a = permute_qk(a, n_kv)
-            add(f"blk.{i}.{gg}.weight", a)
+            for part in ("weight", "bias"):  # Qwen2's q/k/v carry biases
+                a = state.get(f"model.layers.{i}.{hf}.{part}")
+                if a is not None:
+                    add(f"blk.{i}.{gg}.{part}", _permute(gg, arch, n_head, n_kv, a))
     add("output_norm.weight", state["model.norm.weight"])
     if not config.get("tie_word_embeddings", False) and "lm_head.weight" in state:
         add("output.weight", state["lm_head.weight"])
     _finish(w)
     return Path(path)
+
+
+def _rope_scaling(w: Any, arch: str, config: dict[str, Any], scaling: dict[str, Any],
+                  head_dim: int) -> dict[str, np.ndarray]:
+    """RoPE scaling metadata; returns tensors it needs (Phi-3's long and short RoPE factors, whose
+    attention factor is computed as llama.cpp's converter does)."""
+    import math
+
+    import gguf
+
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return {}
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+        return {}
+    if kind in ("longrope", "su") and arch == "phi3":
+        orig = int(scaling.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+                   or config["max_position_embeddings"])
+        scale = int(config["max_position_embeddings"]) / orig
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+        w.add_rope_scaling_orig_ctx_len(orig)
+        long, short = (np.asarray(scaling[k], dtype=np.float32) for k in ("long_factor", "short_factor"))
+        if long.shape != (head_dim // 2,) or short.shape != (head_dim // 2,):
+            raise TensorFileError(f"longrope factors must have {head_dim // 2} values each")
+        return {"rope_factors_long.weight": long, "rope_factors_short.weight": short}
+    raise TensorFileError(f"rope scaling {kind!r} is not written to GGUF here (linear; longrope on Phi-3): "
+                          "run this model with --backend torch or mlx")
 
 
 def _add_vocab(w: Any, tokenizer: Any, n_rows: int) -> None:
@@ -286,7 +326,7 @@ def _add_vocab(w: Any, tokenizer: Any, n_rows: int) -> None:
 def merge_lora_gguf(src: str | Path, dst: str | Path, peft_state: dict[str, np.ndarray], alpha: float,
                     qtype: str = "q8_0", progress: Any = lambda m: None) -> Path:
     """A copy of the model GGUF ``src`` with a PEFT LoRA merged into its weights: each adapted weight
-    is dequantized, ``W + alpha/r * B @ A`` added (B row-permuted for q/k as llama.cpp stores them),
+    is dequantized, ``W + alpha/r * B @ A`` added (B row-permuted for q/k where llama.cpp stores them so),
     and stored as ``qtype`` (q8_0 or f16; a merge cannot go back to the base's 4-bit blocks without
     moving the weights the adapter was trained on). Other tensors and all metadata are copied."""
     import gguf
@@ -307,9 +347,7 @@ def merge_lora_gguf(src: str | Path, dst: str | Path, peft_state: dict[str, np.n
         r = ab["A"].shape[0]
         d = (alpha / r) * (ab["B"] @ ab["A"])  # (out, in)
         gg = HF_TO_GGUF[hf]
-        if gg in ("attn_q", "attn_k"):
-            d = permute_qk(d, n_head if gg == "attn_q" else n_kv)
-        deltas[f"blk.{i}.{gg}.weight"] = d
+        deltas[f"blk.{i}.{gg}.weight"] = _permute(gg, arch, n_head, n_kv, d)
     w = gguf.GGUFWriter(str(dst), arch)
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
