@@ -31,6 +31,7 @@ from .errors import Z2ZError
 from .protocol import Loaded, Model
 from .utf8_guard import Utf8Guard
 
+
 class RuntimeOpenError(Z2ZError, RuntimeError):
     """A model or backend could not be opened."""
 
