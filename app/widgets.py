@@ -3,7 +3,7 @@
 Chat entries take the focus (Tab, or a click) and then have their own keys, shown in the footer:
 ``e`` edits your message (a new branch), ``c`` copies the message, ``y`` copies a reply's code
 blocks (each block also has a copy button), ``<`` and ``>`` switch between the branches at that message. They post ``EntryAction``;
-the app does the work.
+the app does the work. Any other printable key goes to the message box (``Entry``).
 
 ``ReplyView`` shows a streamed reply either as Markdown (a reply that is code without a fence as a
 code block: ``render.py``) or, with hypertoken colouring on, as plain text coloured by unit (base token / 2-token / 3+-token hypertoken). The coloured text is
@@ -156,7 +156,25 @@ def branch_label(at: int, of: int) -> Text:
     return Text(f"‹ {at}/{of} ›  (< > switch)", style="dim") if of > 1 else Text("")
 
 
-class UserView(Static, can_focus=True):
+class Entry:
+    """What both chat entries do with keys: their bindings post ``EntryAction``; any other printable
+    key goes to the message box with the focus, so typing after a search opened a message (or after
+    Shift+Tab) is not lost."""
+
+    BINDINGS: list[Binding]
+
+    def action_entry(self, action: str, step: int = 0) -> None:
+        self.post_message(EntryAction(self, action, step))
+
+    def on_key(self, event: events.Key) -> None:
+        if event.is_printable and event.character and all(b.key != event.key for b in self.BINDINGS):
+            event.stop()
+            box = self.app.query_one(ChatInput)
+            box.focus()
+            box.insert(event.character)
+
+
+class UserView(Entry, Static, can_focus=True):
     BINDINGS = [Binding("e", "entry('edit')", "Edit"), *ENTRY_BINDINGS]
 
     def __init__(self, text: str):
@@ -169,9 +187,6 @@ class UserView(Static, can_focus=True):
 
     def set_branch(self, at: int, of: int) -> None:
         self.update(self._body(self.text) + (Text("\n") + branch_label(at, of) if of > 1 else Text("")))
-
-    def action_entry(self, action: str, step: int = 0) -> None:
-        self.post_message(EntryAction(self, action, step))
 
 
 class CopyButton(Static):
@@ -200,7 +215,7 @@ class ReplyMarkdown(Markdown):
     BLOCKS = {**Markdown.BLOCKS, "fence": CodeBlock, "code_block": CodeBlock}
 
 
-class ReplyView(Vertical, can_focus=True):
+class ReplyView(Entry, Vertical, can_focus=True):
     BINDINGS = [Binding("y", "entry('copy_code')", "Copy code"), *ENTRY_BINDINGS]
 
     def __init__(self, units: list[list[Any]] | None = None, coloured: bool = False, who: str = "model"):
@@ -287,6 +302,3 @@ class ReplyView(Vertical, can_focus=True):
         import re
 
         return [m.group(1) for m in re.finditer(r"```[^\n]*\n(.*?)(?:```|\Z)", self.text, re.S)]
-
-    def action_entry(self, action: str, step: int = 0) -> None:
-        self.post_message(EntryAction(self, action, step))

@@ -441,6 +441,16 @@ class CodecSession:
         """Base ids of an existing code (base, disabled or created hypertoken)."""
         return (code,) if code < self._s.V else self._s.entries[code - self._s.V]
 
+    @property
+    def fresh(self) -> int:
+        """Entries ``[fresh:]`` were created since the last ``take_new_entries()``: the model has not
+        been handed them yet."""
+        return self._s.fresh
+
+    @fresh.setter
+    def fresh(self, n: int) -> None:
+        self._s.fresh = min(max(int(n), 0), len(self._s.entries))
+
     def take_new_entries(self) -> list[tuple[int, tuple[int, ...]]]:
         """Entries created since the last call, as ``(id, base ids)``, in id order."""
         s = self._s

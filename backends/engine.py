@@ -421,9 +421,7 @@ class Session:
         codec = CodecSession(self.codec_config)
         for c in self.codes[:n_codes]:
             codec.push(c)
-        d = codec.to_dict()
-        d["fresh"] = min(len(codec), self.codec.to_dict()["fresh"])  # entries the state has are not new
-        codec = CodecSession.from_dict(d)
+        codec.fresh = self.codec.fresh  # entries the state has are not new
         self._rewind(SessionState(self.system, self.position_mode, [dict(m) for m in self.messages[:n]],
                                   self.codes[:n_codes], min(self.fed, n_codes), self.fed_text[:n_text], codec,
                                   self.marks[:n]))
@@ -445,7 +443,7 @@ class Session:
             self.restore(d if d is not None else saved.to_dict())  # not an earlier state of this stream
             return
         keep = min(saved.fed, self.fed)
-        fresh = saved.codec.to_dict()["fresh"]
+        fresh = saved.codec.fresh
         self.state.trim(self.fed - keep)
         self._set(saved)
         self.stream.fed = keep

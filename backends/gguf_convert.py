@@ -30,7 +30,6 @@ from .config import CONFIG_NAME, lora_scale_of
 from .errors import ConvertError
 from .sources import is_gguf, load_tokenizer, pad_id_of
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 def _hf_state(base: Path) -> tuple[dict[str, np.ndarray], dict]:
     from .llamacpp_backend.tensors import ARCHS, read_safetensors
 
@@ -140,14 +139,10 @@ def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None =
 
     save_file(read_safetensors(ck.encoders), dst / "zip2zip_encoders.safetensors")
     written.append(dst / "zip2zip_encoders.safetensors")
-    for name in TOKENIZER_FILES:
-        if (Path(ck.tokenizer_source) / name).is_file():
-            shutil.copyfile(Path(ck.tokenizer_source) / name, dst / name)
-            written.append(dst / name)
-    # as loaded here (its class chosen by the base's config.json, which is not copied): a tokenizer
-    # without a pad token gets a class default, and the pad id the encoders pad entries with must
-    # stay the one torch uses (Qwen2's class gave 0 where the bare files gave eos)
-    tok.save_pretrained(dst)
+    # the tokenizer as loaded here, not its files copied: its class comes from the base's config.json
+    # (not copied), and a tokenizer without a pad token gets that class's default; the pad id the
+    # encoders pad entries with must stay the one torch uses (Qwen2's class gave 0, the bare files eos)
+    written += [Path(f) for f in tok.save_pretrained(dst) if Path(f).is_file()]
     if pad_id_of(load_tokenizer(dst)) != pad_id_of(tok):
         raise ConvertError(f"{dst}: the converted tokenizer's pad id differs from {ck.tokenizer_source}'s")
     d = config.to_dict() | {"base_model_name_or_path": "model.gguf"}

@@ -672,7 +672,9 @@ def test_search_finds_messages_on_every_branch_and_opens_there(tiny_ckpt, tmp_pa
             assert app.ctl.conv_id == first
             assert [e.text for e in app.entries()][::2] == ["tell me about zebras", "and about giraffes"]
             assert app.focused is app.entries()[2]
-            await say(app, pilot, "more")  # the branch found is the one the model continues
+            await pilot.press(*"more")  # typed while the message found has the focus: not lost
+            assert app.query_one("#input").text == "more" and app.focused is app.query_one("#input")
+            await say(app, pilot, "")  # the branch found is the one the model continues
             assert app.ctl.session.messages[2]["content"] == "and about giraffes"
 
     run(go())
