@@ -34,10 +34,9 @@ def _gguf_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def load_tokenizer(spec: str | os.PathLike) -> Any:
-    """A transformers tokenizer from an HF directory, a repo id or a ``.gguf`` file."""
-    from transformers import AutoTokenizer
-
+def load_tokenizer(spec: str | os.PathLike, lean: bool = False) -> Any:
+    """A transformers tokenizer from an HF directory, a repo id or a ``.gguf`` file; with ``lean``, a
+    ``tokenizer.ChatTokenizer`` where the files allow it (no transformers import: the llama.cpp path)."""
     spec = str(spec)
     try:
         if is_gguf(spec):
@@ -46,7 +45,9 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
                 raise SourceError(f"GGUF file {spec} does not exist")
             cached = cache_dir() / "tokenizers" / _gguf_key(path)
             if (cached / "tokenizer.json").exists():
-                return AutoTokenizer.from_pretrained(cached)
+                return _from_files(cached, lean)
+            from transformers import AutoTokenizer
+
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             tok.save_pretrained(cached)
             return tok
@@ -54,11 +55,22 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
         if d.is_dir() and not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
             raise SourceError(f"{d} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json): "
                               "copy them from the base model into it")
-        return AutoTokenizer.from_pretrained(spec)
+        return _from_files(spec, lean)
     except SourceError:
         raise
     except (OSError, ValueError) as e:
         raise SourceError(f"cannot load a tokenizer from {spec}: {e}") from e
+
+
+def _from_files(spec: str | os.PathLike, lean: bool) -> Any:
+    from . import tokenizer
+
+    tok = tokenizer.load(spec) if lean and Path(spec).is_dir() else None
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(spec)
+    return tok
 
 
 def pad_id_of(tokenizer: Any) -> int | None:
@@ -100,11 +112,12 @@ def check_chat_template(tokenizer: Any, where: str) -> None:
                           "chat_template.jinja or the chat_template of tokenizer_config.json") from None
 
 
-def checkpoint_tokenizer(ck: Checkpoint) -> tuple[Any, int]:
+def checkpoint_tokenizer(ck: Checkpoint, lean: bool = False) -> tuple[Any, int]:
     """The tokenizer of a checkpoint (its own files, else its base's) and its pad id, checked against
-    the config's ``initial_vocab_size``; ``SourceError`` names what does not fit."""
+    the config's ``initial_vocab_size``; ``SourceError`` names what does not fit. ``lean``: see
+    ``load_tokenizer``."""
     src, vocab_size = ck.tokenizer_source, ck.config.compression.initial_vocab_size
-    tok = load_tokenizer(src)
+    tok = load_tokenizer(src, lean)
     if len(tok) != vocab_size:
         raise SourceError(f"the tokenizer has {len(tok)} tokens but {ck.dir / 'zip2zip_config.json'} says "
                           f"initial_vocab_size={vocab_size}: wrong base model? (tokenizer from {src})")

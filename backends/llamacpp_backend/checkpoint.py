@@ -125,7 +125,7 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
             "base token, and stock llama.cpp only accepts contiguous positions. Run it with --backend torch "
             "(or mlx on Apple silicon).")
     V = config.compression.initial_vocab_size
-    tok, pad = checkpoint_tokenizer(ck)
+    tok, pad = checkpoint_tokenizer(ck, lean=True)  # no transformers import (2-4 s, 50-240 MB)
     gguf_path = _base_gguf(ck)
     try:
         meta, embed, head = model_tables(gguf_path)
