@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +30,11 @@ from .config import CONFIG_NAME, lora_scale_of
 from .errors import ConvertError
 from .sources import is_gguf, load_tokenizer, pad_id_of
 
-def _hf_state(base: Path) -> tuple[dict[str, np.ndarray], dict]:
-    from .llamacpp_backend.tensors import ARCHS, read_safetensors
+def _hf_state(base: Path) -> tuple[Mapping[str, np.ndarray], dict]:
+    """The base's weights, read one tensor at a time (a 4B model is 15 GB of float32), and config."""
+    from collections import ChainMap
+
+    from .llamacpp_backend.tensors import ARCHS, SafetensorsFile
 
     cfg_file = base / "config.json"
     if not cfg_file.is_file():
@@ -44,10 +47,7 @@ def _hf_state(base: Path) -> tuple[dict[str, np.ndarray], dict]:
     files = sorted(base.glob("*.safetensors"))
     if not files:
         raise ConvertError(f"{base} has no .safetensors weights")
-    state: dict[str, np.ndarray] = {}
-    for f in files:
-        state |= read_safetensors(f)
-    return state, config
+    return ChainMap(*(SafetensorsFile(f) for f in files)), config
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -60,19 +60,33 @@ def _place(src: Path, dst: Path) -> None:
 LORA_MODES = ("merge", "adapter")
 
 
-def _merge_hf(state: dict[str, np.ndarray], peft: dict[str, np.ndarray], alpha: float) -> None:
-    """W += alpha / r * B @ A for every adapted HF weight, in place."""
-    import re
+class _Merged(Mapping[str, np.ndarray]):
+    """HF weights with a PEFT LoRA adapter merged as each is read: W + alpha / r * B @ A (float32)."""
 
-    key = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.default)?\.weight$")
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    for k, v in peft.items():
-        m = key.search(k)
-        if m is None:
-            raise ConvertError(f"adapter tensor {k} is not a LoRA A/B weight of a decoder layer")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = v
-    for name, ab in pairs.items():
-        state[f"{name}.weight"] = state[f"{name}.weight"] + (alpha / ab["A"].shape[0]) * (ab["B"] @ ab["A"])
+    def __init__(self, state: Mapping[str, np.ndarray], peft: dict[str, np.ndarray], alpha: float):
+        import re
+
+        key = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+)\.lora_([AB])(?:\.default)?\.weight$")
+        self.state, self.alpha, self.pairs = state, alpha, {}
+        for k, v in peft.items():
+            m = key.search(k)
+            if m is None:
+                raise ConvertError(f"adapter tensor {k} is not a LoRA A/B weight of a decoder layer")
+            self.pairs.setdefault(f"{m.group(1)}.weight", {})[m.group(2)] = v
+        missing = [k for k in self.pairs if k not in state]
+        if missing:
+            raise ConvertError(f"the adapter adapts {missing[0]}, which the base model does not have: wrong base?")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        w = self.state[name]
+        ab = self.pairs.get(name)
+        return w if ab is None else w + (self.alpha / ab["A"].shape[0]) * (ab["B"] @ ab["A"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
 
 
 def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None = None, force: bool = False,
@@ -126,8 +140,8 @@ def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None =
         n_kv = hf_config.get("num_key_value_heads") or n_head
         arch = ARCHS[hf_config["architectures"][0]]
         if peft is not None and lora == "merge":
-            progress("merging the LoRA adapter (float32)")
-            _merge_hf(state, peft, alpha)
+            progress("merging the LoRA adapter (float32, as each weight is written)")
+            state = _Merged(state, peft, alpha)
             peft = None
         progress(f"writing {out} ({quantize})")
         write_model_gguf(out, state, hf_config, tok, quantize)

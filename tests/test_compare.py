@@ -55,3 +55,24 @@ def test_answers_flags_replies_that_loop_to_the_limit():
     assert loops(stuck, "length")
     assert not loops(stuck, "stop")  # asked to repeat, and stopped on its own
     assert not loops("Rome is the capital of Italy, a city on the Tiber with a long history " * 1, "length")
+
+
+def test_scale_makes_converts_and_measures_a_released_geometry(tmp_path):
+    """``z2z-bench scale`` on the tiny geometry: the same code path as Phi-3.5-mini's (a Phi-3 base in
+    shards, longrope, released-shape encoders, the adapter merged while converting)."""
+    pytest.importorskip("llama_cpp")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "Z2Z_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "backends.bench.cli", "scale", "--geometry", "tiny", "--out",
+                        str(tmp_path / "scale"), "--lengths", "64", "--prompt-tokens", "32", "--steps", "4", "--json"],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    assert [row["engine"] for row in rep["load"]] == ["z2z/llamacpp (first)", "z2z/llamacpp (again)",
+                                                      "llama-cpp-python"]
+    assert all(row["load_s"] > 0 and row["peak_rss_mb"] > 50 for row in rep["load"])
+    assert rep["load"][-1]["load_vs_plain"] == 1.0
+    assert rep["prefill"][0]["tokens"] == 64
+    forced = next(row for row in rep["decode"] if row.get("mode") == "forced")
+    assert forced["zip_steps"] == forced["plain_steps"] == 4 and forced["step_overhead"] > -1
+    assert (tmp_path / "scale" / "gguf" / "model.gguf").is_file()
+    assert len(list((tmp_path / "scale" / "base").glob("model-*.safetensors"))) == 3  # two layers + the outer ones

@@ -203,6 +203,31 @@ def cmd_overflow(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..runtime import open_runtime
+    from . import model as bench_model
+    from . import scale
+
+    out = Path(args.out or f"out/scale-{args.geometry}")
+    gguf_dir = scale.make_checkpoint(out, args.geometry, _progress, args.quantize)
+    title = f"{args.geometry} ({scale.GEOMETRIES[args.geometry].params / 1e9:.2f}B, random weights, {args.quantize})"
+    sections = {"load": scale.load(gguf_dir, _progress)}
+    rt = open_runtime(str(gguf_dir), "llamacpp")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    sections["prefill"] = bench_model.prefill(rt, lengths, 1, _progress)
+    sections["decode"] = bench_model.decode(rt, args.prompt_tokens, args.steps, _progress)
+    if args.json:
+        print(json.dumps(sections, indent=2))
+    else:
+        from .model import format_rows
+
+        for name, rows in sections.items():
+            print(f"{name}, {title}\n{format_rows(rows)}\n")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="zip2zip checkpoint directory or repo id (default: the embedded model)")
     p.add_argument("--base", help="override the checkpoint's base model")
@@ -257,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the decoding policy's curve instead: e.g. off,0,1,2 (a hypertoken must beat its first "
                          "subtoken's logit by M); the base answers once")
     an.set_defaults(func=cmd_answers)
+    sc = sub.add_parser("scale", help="a random-weight model of a released geometry on llama.cpp: load, memory, "
+                        "prefill, decode vs plain llama.cpp")
+    sc.add_argument("--geometry", default="phi3.5-mini", choices=["phi3.5-mini", "tiny"])
+    sc.add_argument("--out", help="where the model is made and kept (default out/scale-GEOMETRY)")
+    sc.add_argument("--quantize", default="q8_0", choices=["f16", "q8_0"])
+    sc.add_argument("--lengths", default="256,1024", help="prefill prompt lengths")
+    sc.add_argument("--prompt-tokens", type=int, default=256)
+    sc.add_argument("--steps", type=int, default=32)
+    sc.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    sc.set_defaults(func=cmd_scale)
     lg = sub.add_parser("long", help="long documents: prefill, time to first token, KV size, follow-up (llama.cpp)")
     _model_args(lg)
     lg.set_defaults(backend="llamacpp")

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .engines import Spec, build
+from .memory import peak_rss_mb
 from .report import agreement, correct, summary
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "default_model" / "eval" / "prompts.jsonl"
@@ -71,7 +71,7 @@ def _worker(conn: Any, spec: Spec, model: str | None, base: str | None, info: di
     while True:
         msg = conn.recv()
         if msg is None:
-            conn.send({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            conn.send({"peak_rss_mb": peak_rss_mb()})
             return
         try:
             conn.send({"ok": True, **engine.run(msg["turns"], msg["max_tokens"])})

@@ -27,8 +27,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from .memory import proc_kb
 
 TURNS = [
     "Write a Python function is_prime(n) that returns True when n is prime.",
@@ -54,16 +55,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _proc_kb(pid: int, key: str) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return float(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 class _Server:
     def __init__(self, name: str, cmd: list[str], port: int, progress: Callable[[str], None]):
         import httpx
@@ -86,11 +77,11 @@ class _Server:
         raise RuntimeError(f"{name} did not start in 300 s")
 
     def peak_mb(self) -> float | None:
-        kb = _proc_kb(self.proc.pid, "VmHWM")
+        kb = proc_kb(self.proc.pid, "VmHWM")
         return kb / 1024 if kb else None
 
     def rss_mb(self) -> float | None:
-        kb = _proc_kb(self.proc.pid, "VmRSS")
+        kb = proc_kb(self.proc.pid, "VmRSS")
         return kb / 1024 if kb else None
 
     def stop(self) -> None:

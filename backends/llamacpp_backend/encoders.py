@@ -94,7 +94,7 @@ def res_latent_attn(w: Weights, cfg: dict[str, Any], pad_id: int) -> Callable[[n
         N, M = rows.shape
         x = table[rows]  # (N, M, D)
         first = x[:, 0]
-        if "proj_in.weight" in w:
+        if "proj_in.weight.T" in w:
             x = linear(x, w, "proj_in")
         x = x + w["pos_embed.weight"][:M]  # (N, M, H)
         valid = rows != pad_id
@@ -112,7 +112,7 @@ def res_latent_attn(w: Weights, cfg: dict[str, Any], pad_id: int) -> Callable[[n
             out = x[np.arange(N), np.maximum(valid.sum(-1), 1) - 1]
         else:
             out = (x * valid[..., None]).sum(1) / np.maximum(valid.sum(-1, keepdims=True), 1)
-        if "proj_out.weight" in w:
+        if "proj_out.weight.T" in w:
             out = linear(out, w, "proj_out")
         return out + first if residual else out
 
@@ -124,11 +124,14 @@ ENCODERS = {"transformer": transformer, "res_latent_attn": res_latent_attn}
 
 def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_id: int
                   ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    w = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+    w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
     for i in range(cfg["num_hidden_layers"]):  # one matmul for q, k and v (a step's encoders are latency-bound)
         for fused, parts in ((f"layers.{i}.attention.qkv", [f"layers.{i}.attention.{n}_proj" for n in "qkv"]),
                              (f"layers.{i}.wqkv", [f"layers.{i}.w{n}" for n in "qkv"])):
             if all(f"{p}.weight" in w for p in parts):
-                w[f"{fused}.weight"] = np.concatenate([w[f"{p}.weight"] for p in parts])
-    w |= {f"{k}.T": np.ascontiguousarray(v.T) for k, v in w.items() if v.ndim == 2 and k.endswith(".weight")}
+                w[f"{fused}.weight"] = np.concatenate([w.pop(f"{p}.weight") for p in parts])
+    # each matrix kept once, in the (in, out) layout ``linear`` reads: the encoders of a 4B model's
+    # zip2zip checkpoint are ~1 GB of float32 each, so a second copy would cost as much again
+    for k in [k for k, v in w.items() if v.ndim == 2 and k.endswith(".weight") and not k.startswith("pos_embed")]:
+        w[f"{k}.T"] = np.ascontiguousarray(w.pop(k).T)
     return ENCODERS[encoder_type](w, cfg, pad_id)

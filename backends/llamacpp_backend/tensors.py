@@ -1,7 +1,8 @@
 """Tensor files for the llama.cpp path, in numpy only (no torch, no MLX).
 
-- ``read_safetensors(path)``: every tensor as float32 numpy (BF16 and F16 included, which
-  ``safetensors.numpy`` cannot give as float32 by itself); errors name the file.
+- ``SafetensorsFile(path)``: a memory-mapped safetensors file whose tensors are decoded to float32
+  numpy one at a time (BF16 and F16 included, which ``safetensors.numpy`` cannot give as float32
+  by itself); ``read_safetensors(path)`` reads them all. Errors name the file.
 - ``read_gguf_tables(path)``: the token-embedding matrix and, when the model has one, the LM head
   (``output.weight``), dequantized to float32 with ``gguf``; ``None`` head means tied embeddings.
 - ``check_gguf(path, kind)``: parse a GGUF before llama.cpp sees it (llama.cpp aborts the process
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,30 +43,50 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np
               "I64": np.int64, "I32": np.int32}
 
 
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + n])
-    except FileNotFoundError:
-        raise TensorFileError(f"{path} does not exist") from None
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-        raise TensorFileError(f"{path} is not a readable safetensors file ({e})") from None
-    out = {}
-    base = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dt = _ST_DTYPES.get(info.get("dtype"))
-        start, end = info["data_offsets"]
-        if dt is None or base + end > len(data):
-            raise TensorFileError(f"{path}: tensor {name} has dtype {info.get('dtype')} or lies outside the file")
-        a = np.frombuffer(data, dtype=dt, count=(end - start) // np.dtype(dt).itemsize, offset=base + start)
-        if info["dtype"] == "BF16":
+class SafetensorsFile(Mapping[str, np.ndarray]):
+    """A safetensors file, memory-mapped: each tensor is decoded to float32 when it is read, so a
+    converter holds one tensor at a time, not a 7 GB model (the header is checked at open)."""
+
+    def __init__(self, path: str | Path):
+        import mmap
+
+        self.path = path = Path(path)
+        try:
+            with path.open("rb") as f:
+                self._data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            (n,) = struct.unpack("<Q", self._data[:8])
+            header = json.loads(self._data[8:8 + n])
+        except FileNotFoundError:
+            raise TensorFileError(f"{path} does not exist") from None
+        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+            raise TensorFileError(f"{path} is not a readable safetensors file ({e})") from None
+        self._index = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if info.get("dtype") not in _ST_DTYPES or 8 + n + end > len(self._data):
+                raise TensorFileError(f"{path}: tensor {name} has dtype {info.get('dtype')} or lies outside the file")
+            self._index[name] = (info["dtype"], tuple(info["shape"]), 8 + n + start, end - start)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        kind, shape, at, size = self._index[name]
+        dt = _ST_DTYPES[kind]
+        a = np.frombuffer(self._data, dtype=dt, count=size // np.dtype(dt).itemsize, offset=at)
+        if kind == "BF16":
             a = (a.astype(np.uint32) << 16).view(np.float32)
-        out[name] = a.reshape(info["shape"]).astype(np.float32)
-    return out
+        return a.reshape(shape).astype(np.float32)  # a copy: nothing keeps the map's pages
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a (small) safetensors file as float32."""
+    return dict(SafetensorsFile(path))
 
 
 def check_gguf(path: str | Path, kind: str = "model") -> dict[str, Any]:
@@ -207,10 +229,10 @@ def _finish(w: Any) -> None:
 QTYPES = ("f32", "f16", "q8_0")
 
 
-def write_model_gguf(path: str | Path, state: dict[str, np.ndarray], config: dict[str, Any], tokenizer: Any,
+def write_model_gguf(path: str | Path, state: Mapping[str, np.ndarray], config: dict[str, Any], tokenizer: Any,
                      qtype: str = "f32") -> Path:
     """``state``: HF names (``model.embed_tokens.weight``, ``model.layers.N...``, ``model.norm.weight``,
-    ``lm_head.weight`` unless tied), float32; ``config``: the HF config as a dict."""
+    ``lm_head.weight`` unless tied), float32, each read once; ``config``: the HF config as a dict."""
     import gguf
 
     if qtype not in QTYPES:
