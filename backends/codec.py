@@ -153,17 +153,18 @@ def encode(ids: Sequence[int], config: CodecConfig) -> tuple[list[int], Codebook
     get = child.get
     parent: list[int] = []  # entry V + i == expansion(parent[i]) + (last[i],)
     last: list[int] = []
-    lens: list[int] = []
+    add_parent, add_last = parent.append, last.append
     out: list[int] = []
     emit = out.append
     nid = V
     cur = -1  # code of the buffer, -1 when empty
+    n = 0  # the buffer's length in base ids: counted as it grows, not looked up per entry
     for t in ids:
         if cur < 0:
             if t in disabled:
                 emit(t)
             else:
-                cur = t
+                cur, n = t, 1
             continue
         key = cur * V + t
         nxt = get(key)
@@ -174,18 +175,17 @@ def encode(ids: Sequence[int], config: CodecConfig) -> tuple[list[int], Codebook
                 cur = -1
                 continue
             if nid < limit:
-                n = 2 if cur < V else lens[cur - V] + 1
-                child[key] = nid if n < M else ~nid
-                parent.append(cur)
-                last.append(t)
-                lens.append(n)
+                child[key] = nid if n + 1 < M else ~nid
+                add_parent(cur)
+                add_last(t)
                 nid += 1
-            cur = t
+            cur, n = t, 1
         elif nxt < 0:
             emit(~nxt)
             cur = -1
         else:
             cur = nxt
+            n += 1
     if cur >= 0:
         emit(cur)
     return out, Codebook(V, _LazyChain(V, parent, last))

@@ -210,7 +210,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
     from . import model as bench_model
     from . import scale
 
+    import os
+
     out = Path(args.out or f"out/scale-{args.geometry}")
+    os.environ["Z2Z_CONTEXT"] = str(args.context)  # both engines, in this process and the measuring ones
     gguf_dir = scale.make_checkpoint(out, args.geometry, _progress, args.quantize)
     title = f"{args.geometry} ({scale.GEOMETRIES[args.geometry].params / 1e9:.2f}B, random weights, {args.quantize})"
     sections = {"load": scale.load(gguf_dir, _progress)}
@@ -290,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--lengths", default="256,1024", help="prefill prompt lengths")
     sc.add_argument("--prompt-tokens", type=int, default=256)
     sc.add_argument("--steps", type=int, default=32)
+    sc.add_argument("--context", type=int, default=4096, help="window of both engines (default 4096)")
     sc.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sc.set_defaults(func=cmd_scale)
     lg = sub.add_parser("long", help="long documents: prefill, time to first token, KV size, follow-up (llama.cpp)")

@@ -63,13 +63,16 @@ def documents(tokenizer: Any, domain: str, n_docs: int, doc_tokens: int) -> tupl
     return docs, nbytes
 
 
-def _best(f: Callable[[], object], repeat: int) -> float:
-    times = []
+def _best_of(fs: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Best seconds of each function, run in turn within every repeat: a machine that slows down
+    part way through a run slows both codecs, not only the one timed then."""
+    best = dict.fromkeys(fs, float("inf"))
     for _ in range(repeat):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for k, f in fs.items():
+            t = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best
 
 
 def run(tokenizer: Any, *, M: int, C: int, n_docs: int, doc_tokens: int, repeat: int,
@@ -100,23 +103,23 @@ def run(tokenizer: Any, *, M: int, C: int, n_docs: int, doc_tokens: int, repeat:
             "compression": n_codes / n_tok,
         }
         progress(f"{domain}: timing encode/decode over {len(docs)} x {doc_tokens} tokens")
-        t_enc = _best(lambda: [encode(d, config) for d in docs], repeat)
-        t_dec = _best(lambda: [decode(c, config) for c in coded], repeat)
-        row["encode_mtok_s"], row["decode_mtok_s"] = n_tok / t_enc / 1e6, n_tok / t_dec / 1e6
+        fs = {"enc": lambda: [encode(d, config) for d in docs], "dec": lambda: [decode(c, config) for c in coded]}
         if zc is not None:
             ref = zc.LZWCompressor(V, C, M, pad, sorted(disabled))
             assert [ref.encode(d)[0] for d in docs] == coded, "reference codec disagrees"
-            r_enc = _best(lambda: [ref.encode(d) for d in docs], repeat)
-            r_dec = _best(lambda: [ref.decode(c) for c in coded], repeat)
-            row["ref_encode_mtok_s"], row["ref_decode_mtok_s"] = n_tok / r_enc / 1e6, n_tok / r_dec / 1e6
-            row["encode_ratio"], row["decode_ratio"] = r_enc / t_enc, r_dec / t_dec
+            fs |= {"ref_enc": lambda: [ref.encode(d) for d in docs], "ref_dec": lambda: [ref.decode(c) for c in coded]}
+        t = _best_of(fs, repeat)
+        row["encode_mtok_s"], row["decode_mtok_s"] = n_tok / t["enc"] / 1e6, n_tok / t["dec"] / 1e6
+        if zc is not None:
+            row["ref_encode_mtok_s"], row["ref_decode_mtok_s"] = n_tok / t["ref_enc"] / 1e6, n_tok / t["ref_dec"] / 1e6
+            row["encode_ratio"], row["decode_ratio"] = t["ref_enc"] / t["enc"], t["ref_dec"] / t["dec"]
 
         def push_all() -> None:
             for codes in coded:
                 s = CodecSession(config)
                 for c in codes:
                     s.push(c)
-        row["push_us"] = _best(push_all, repeat) / n_codes * 1e6
+        row["push_us"] = _best_of({"push": push_all}, repeat)["push"] / n_codes * 1e6
         rows.append(row)
     return rows
 

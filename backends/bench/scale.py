@@ -11,7 +11,7 @@ by side in one run:
 - ``load``: each engine in a fresh process, opening the model and writing an 8-token reply to a
   short prompt: seconds to open, peak RSS (``memory.peak_rss_mb``); z2z-chat through
   ``open_runtime`` (run twice: the first run also builds its table cache), plain llama.cpp through
-  ``llama_cpp.Llama`` on the same GGUF with the same window and threads;
+  ``llama_cpp.Llama`` on the same GGUF with the same window (``--context``) and threads;
 - ``prefill`` and ``decode`` (``bench/model.py``): zip2zip against the same GGUF fed token ids.
 
 Random weights cost the same arithmetic as trained ones. What they cannot show is compression (a

@@ -1,7 +1,7 @@
 """One llama.cpp model and context over llama-cpp-python's low-level API (``llama_cpp``).
 
 ``LlamaContext(model_path, adapter_path, n_ctx, n_threads)`` loads the model (and a LoRA adapter
-GGUF), creates a context with ``embeddings=True`` and pooling NONE, and decodes batches of
+GGUF; ``n_ctx`` 0 is ``default_window``, ``n_threads`` None ``default_threads``), creates a context with ``embeddings=True`` and pooling NONE, and decodes batches of
 *input embeddings* (``llama_batch.embd``; tokens NULL). ``decode(rows, pos0)`` returns the
 base-vocabulary logits and the final hidden state of the last row. With embeddings on and
 pooling NONE, llama.cpp's per-token "embedding" is ``result_norm``: the RMS-normed state that
@@ -47,6 +47,19 @@ def _quiet_and_init():
     return L
 
 
+DEFAULT_WINDOW = 8192
+
+
+def default_window(n_ctx_train: int) -> int:
+    """Positions of the context window: ``Z2Z_CONTEXT``, else the model's own up to 8,192.
+    llama.cpp allocates the whole window's KV cache up front: a 128k-position Phi-3.5-mini window
+    is 48 GB of f16 cache, 8,192 positions 3 GB, SmolLM2-135M's 8,192 180 MB."""
+    env = os.environ.get("Z2Z_CONTEXT")
+    if env:
+        return max(16, int(env))
+    return min(n_ctx_train, DEFAULT_WINDOW) if n_ctx_train > 0 else DEFAULT_WINDOW
+
+
 def default_threads() -> int:
     env = os.environ.get("Z2Z_THREADS")
     if env:
@@ -67,7 +80,7 @@ class LlamaContext:
         try:
             self.n_ctx_train = L.llama_model_n_ctx_train(self.model)
             cp = L.llama_context_default_params()
-            cp.n_ctx = n_ctx or self.n_ctx_train
+            cp.n_ctx = n_ctx or default_window(self.n_ctx_train)
             cp.n_batch = cp.n_ubatch = N_BATCH
             cp.n_seq_max = 1
             self.n_threads = cp.n_threads = cp.n_threads_batch = n_threads or default_threads()
@@ -79,7 +92,8 @@ class LlamaContext:
                 cp.type_k = cp.type_v = L.GGML_TYPE_F32
             self.ctx = L.llama_init_from_model(self.model, cp)
             if not self.ctx:
-                raise BackendError(f"llama.cpp could not create a context for {model_path} (out of memory?)")
+                raise BackendError(f"llama.cpp could not create a context of {cp.n_ctx} positions for {model_path} "
+                                   "(out of memory?): set Z2Z_CONTEXT to fewer positions")
             if adapter_path is not None:
                 self.adapter = L.llama_adapter_lora_init(self.model, str(adapter_path).encode())
                 if not self.adapter:
