@@ -116,6 +116,7 @@ class CacheEntry:
 
 _KINDS = [("llamacpp/merged-", "llama.cpp base with the LoRA merged (q8_0)", True),
           ("llamacpp/tables-", "llama.cpp embedding tables (float32)", True),
+          ("llamacpp/encoders-", "llama.cpp hyper-encoder weights, laid out for numpy (float32)", True),
           ("llamacpp/ckpt-", "llama.cpp conversion of a checkpoint", True),
           ("mlx/", "MLX conversion of a checkpoint", True),
           ("tokenizers/", "tokenizer read from a GGUF", True),

@@ -63,8 +63,12 @@ def run_stream(backend, codes, codec, k=20):
     return outs
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["qkv-fused", "qkv-apart"])  # apart: large encoders
 @pytest.mark.parametrize("enc", ["transformer", "res_latent_attn"])
-def test_numpy_encoders_equal_torch(enc, ref_checkpoints):
+def test_numpy_encoders_equal_torch(enc, fused, ref_checkpoints, monkeypatch):
+    from backends.llamacpp_backend import encoders
+
+    monkeypatch.setattr(encoders, "SMALL", encoders.SMALL if fused else 0)
     case = LLAMA if enc == "transformer" else ("llama", "res_latent_attn", "base_token_end")
     loaded = checkpoint.load(ref_checkpoints[case][1])
     m = loaded.model
@@ -323,3 +327,24 @@ def test_phi3_long_context_rope_factors_are_written_as_llama_cpp_reads_them(tmp_
     assert r.fields["phi3.rope.scaling.original_context_length"].contents() == 512
     assert r.fields["phi3.rope.scaling.attn_factor"].contents() == pytest.approx(math.sqrt(1 + math.log(8) / math.log(512)))
     check_gguf(path)  # and it parses as a model llama.cpp can be handed
+
+
+def test_encoder_weights_are_prepared_once_and_a_damaged_cache_is_made_again(gguf_dirs, tmp_path, monkeypatch):
+    """The numpy layout of the encoders is kept in the cache and read back as views: the same
+    vectors from a fresh preparation, the cached file and a rebuilt one."""
+    monkeypatch.setenv("Z2Z_CACHE_DIR", str(tmp_path / "cache"))
+    rows = np.array([[5, 6, 7], [8, 9, 2]])
+
+    def vectors() -> np.ndarray:
+        loaded = open_checkpoint(gguf_dirs["merge"], n_threads=1, exact=True)
+        m = loaded.model
+        out = np.concatenate([m.input_encoder(rows, m.embed_table), m.output_encoder(rows, m.head_table)])
+        m.close()
+        return out
+
+    fresh = vectors()
+    (cached,) = (tmp_path / "cache" / "llamacpp").glob("encoders-*.safetensors")
+    np.testing.assert_array_equal(vectors(), fresh)
+    cached.write_bytes(cached.read_bytes()[:100])  # cut short, as a full disk would leave it
+    np.testing.assert_array_equal(vectors(), fresh)
+    assert cached.stat().st_size > 100

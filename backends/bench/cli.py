@@ -216,11 +216,16 @@ def cmd_scale(args: argparse.Namespace) -> int:
     os.environ["Z2Z_CONTEXT"] = str(args.context)  # both engines, in this process and the measuring ones
     gguf_dir = scale.make_checkpoint(out, args.geometry, _progress, args.quantize)
     title = f"{args.geometry} ({scale.GEOMETRIES[args.geometry].params / 1e9:.2f}B, random weights, {args.quantize})"
-    sections = {"load": scale.load(gguf_dir, _progress)}
-    rt = open_runtime(str(gguf_dir), "llamacpp")
-    lengths = [int(x) for x in args.lengths.split(",")]
-    sections["prefill"] = bench_model.prefill(rt, lengths, 1, _progress)
-    sections["decode"] = bench_model.decode(rt, args.prompt_tokens, args.steps, _progress)
+    wanted, sections = args.sections.split(","), {}
+    if "load" in wanted:
+        sections["load"] = scale.load(gguf_dir, _progress)
+    if "prefill" in wanted or "decode" in wanted:
+        rt = open_runtime(str(gguf_dir), "llamacpp")
+        if "prefill" in wanted:
+            lengths = [int(x) for x in args.lengths.split(",")]
+            sections["prefill"] = bench_model.prefill(rt, lengths, 1, _progress)
+        if "decode" in wanted:
+            sections["decode"] = bench_model.decode(rt, args.prompt_tokens, args.steps, _progress)
     if args.json:
         print(json.dumps(sections, indent=2))
     else:
@@ -294,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--prompt-tokens", type=int, default=256)
     sc.add_argument("--steps", type=int, default=32)
     sc.add_argument("--context", type=int, default=4096, help="window of both engines (default 4096)")
+    sc.add_argument("--sections", default="load,prefill,decode", help="what to measure (default: all three)")
     sc.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sc.set_defaults(func=cmd_scale)
     lg = sub.add_parser("long", help="long documents: prefill, time to first token, KV size, follow-up (llama.cpp)")

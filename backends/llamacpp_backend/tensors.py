@@ -2,7 +2,8 @@
 
 - ``SafetensorsFile(path)``: a memory-mapped safetensors file whose tensors are decoded to float32
   numpy one at a time (BF16 and F16 included, which ``safetensors.numpy`` cannot give as float32
-  by itself); ``read_safetensors(path)`` reads them all. Errors name the file.
+  by itself), or viewed in place when stored as float32; ``read_safetensors(path)`` reads them
+  all. Errors name the file.
 - ``read_gguf_tables(path)``: the token-embedding matrix and, when the model has one, the LM head
   (``output.weight``), dequantized to float32 with ``gguf``; ``None`` head means tied embeddings.
 - ``check_gguf(path, kind)``: parse a GGUF before llama.cpp sees it (llama.cpp aborts the process
@@ -70,12 +71,17 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             self._index[name] = (info["dtype"], tuple(info["shape"]), 8 + n + start, end - start)
 
     def __getitem__(self, name: str) -> np.ndarray:
+        return self.view(name).astype(np.float32)  # a copy: nothing keeps the map's pages
+
+    def view(self, name: str) -> np.ndarray:
+        """The tensor as float32 without a copy where the file stores float32 (read-only, backed by
+        the file's pages, which the OS shares and can drop), else decoded."""
         kind, shape, at, size = self._index[name]
         dt = _ST_DTYPES[kind]
         a = np.frombuffer(self._data, dtype=dt, count=size // np.dtype(dt).itemsize, offset=at)
         if kind == "BF16":
             a = (a.astype(np.uint32) << 16).view(np.float32)
-        return a.reshape(shape).astype(np.float32)  # a copy: nothing keeps the map's pages
+        return a.reshape(shape) if a.dtype == np.float32 else a.reshape(shape).astype(np.float32)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
