@@ -64,6 +64,24 @@ def _needs(lead: int) -> int:
     return 1 if 0xC2 <= lead <= 0xDF else 2 if 0xE0 <= lead <= 0xEF else 3 if 0xF0 <= lead <= 0xF4 else 0
 
 
+# second bytes a lead byte allows (others: 0x80-0xBF); Python's incremental decoder defers this
+# check until the character's last byte, so ``\xed\xb7`` passes as a prefix no byte can finish
+_SECOND = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def _valid(data: bytes) -> bool:
+    """``data`` is valid UTF-8 that may end inside a character some bytes can still finish."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+    except UnicodeDecodeError:
+        return False
+    tail = _incomplete_tail(data)
+    if len(tail) < 2:
+        return True
+    lo, hi = _SECOND.get(tail[0], (0x80, 0xBF))
+    return lo <= tail[1] <= hi
+
+
 def _incomplete_tail(data: bytes) -> bytes:
     tail = data[-4:]
     for back, b in enumerate(reversed(tail)):
@@ -87,9 +105,7 @@ class Utf8Guard:
                 if not b or not _continuation(b[0]):
                     continue
                 data = pending + b
-                try:
-                    codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
-                except UnicodeDecodeError:
+                if not _valid(data):
                     continue
                 tail = _incomplete_tail(data)
                 ok[i] = not tail or tail == data  # finished, or still the same character
@@ -103,9 +119,4 @@ class Utf8Guard:
     def fits(self, pending: bytes, ids: Sequence[int]) -> bool:
         """Whether ``pending`` followed by the bytes of ``ids`` is valid UTF-8 (which may end
         inside a character: the next code can finish it)."""
-        data = pending + b"".join(self.bytes[i] for i in ids if 0 <= i < len(self.bytes))
-        try:
-            codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
-        except UnicodeDecodeError:
-            return False
-        return True
+        return _valid(pending + b"".join(self.bytes[i] for i in ids if 0 <= i < len(self.bytes)))

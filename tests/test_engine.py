@@ -476,4 +476,9 @@ def test_utf8_guard_knows_bytes_and_boundaries():
     assert guard.fits(b"", [byte_ids[data[2]], byte_ids[data[3]]])  # a character may stay incomplete
     assert guard.pending([byte_ids[data[2]], byte_ids[data[3]]]) == data[2:4]
     assert not guard.fits(b"\xf0", [byte_ids[0x87]])  # a continuation byte out of the lead's range
+    # ranges Python's incremental decoder only checks at the character's last byte: a surrogate's
+    # prefix (\xed\xb7) passed, and no byte could finish it, so every later code was masked
+    for lead, bad, good in ((0xED, 0xB7, 0x9F), (0xE0, 0x80, 0xA0), (0xF4, 0x90, 0x8F)):
+        assert not guard.fits(bytes([lead]), [byte_ids[bad]]) and guard.fits(bytes([lead]), [byte_ids[good]])
+        assert not guard.finishers(bytes([lead]))[byte_ids[bad]] and guard.finishers(bytes([lead]))[byte_ids[good]]
     assert guard.pending(ids) == b""
