@@ -35,6 +35,16 @@ def _margin(value: str) -> float | None:
     return m
 
 
+def _hyper_batch(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"expected a number 1..64, got {value!r}")
+    return n
+
+
 def _lookahead(value: str) -> int:
     if value.strip().lower() in ("off", "0", "no"):
         return 0
@@ -92,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hyper-margin", type=_margin, default=DEFAULT_HYPER_MARGIN, metavar="M|off",
                    help="decoding policy: write a hypertoken only when its logit beats its own first "
                         "subtoken's by M (off: the model's own pick)")
+    p.add_argument("--hyper-batch", type=_hyper_batch, default=1, metavar="K",
+                   help="decoding policy: hand new hypertokens to the model K at a time while it writes "
+                        "(one output-encoder call per K entries instead of per step; an entry cannot be "
+                        "written until then; 1, the default: as trained)")
     p.add_argument("--stats", action="store_true", help="with --prompt: print a summary line to stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     p.add_argument("--export", metavar="FILE", help="write every conversation to FILE (JSON Lines), then exit")

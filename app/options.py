@@ -31,11 +31,12 @@ class AppOptions:
         "max_tokens": 512, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "lookahead": 0})
     seed: int | None = None
     hyper_margin: float | None = None
+    hyper_batch: int = 1
 
     @classmethod
     def from_args(cls, a: Namespace) -> AppOptions:
         return cls(a.model, a.backend, a.device, a.dtype, a.base, a.system,
-                   {k: getattr(a, k) for k in SETTING_KEYS}, a.seed, a.hyper_margin)
+                   {k: getattr(a, k) for k in SETTING_KEYS}, a.seed, a.hyper_margin, a.hyper_batch)
 
     def generation(self, settings: dict[str, Any] | None = None) -> Any:
         """``GenerationSettings`` from ``settings`` (default: these options' own)."""
@@ -46,7 +47,7 @@ class AppOptions:
         return GenerationSettings(s["max_tokens"], SamplingSettings(
             temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
             repetition_penalty=s["repetition_penalty"], seed=self.seed), s["lookahead"],
-            hyper_margin=self.hyper_margin)
+            hyper_margin=self.hyper_margin, hyper_batch=self.hyper_batch)
 
 
 def defaults_path() -> Path:

@@ -170,8 +170,12 @@ class GenerationSettings:
     lookahead: int = 0  # most drafted codes verified per forward (greedy only; 0: off)
     drop_old_turns: bool = True  # False: a conversation past the window is a ContextFullError (the server)
     hyper_margin: float | None = None  # a hypertoken must beat its first subtoken's logit by this (None: off)
+    hyper_batch: int = 1  # new hypertokens reach the model this many at a time while it writes (1: as trained)
 
     def __post_init__(self) -> None:
+        b = self.hyper_batch
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 64:
+            raise SettingsError(f"hyper_batch must be an integer in 1..64, got {b!r}")
         m = self.hyper_margin
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)):
             raise SettingsError(f"hyper_margin must be a finite number or None, got {m!r}")
@@ -310,7 +314,7 @@ class Session:
                                stop_ids=self.stop_ids, context_length=self.state.context_length,
                                cancel=cancel, window=settings.sampling.repetition_window,
                                lookahead=settings.lookahead, guard=self.guard,
-                               hyper_margin=settings.hyper_margin)
+                               hyper_margin=settings.hyper_margin, hyper_batch=settings.hyper_batch)
         try:
             for step in steps:
                 if stats.reply_codes == 0:

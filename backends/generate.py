@@ -66,11 +66,13 @@ def prefill(state: DecodeState, stream: Stream, cancel: threading.Event | None =
 def generate_codes(state: DecodeState, codec: CodecSession, stream: Stream, logits: np.ndarray, sampler: Sampler, *,
                    max_tokens: int, stop_ids: set[int] | frozenset[int], context_length: int,
                    cancel: threading.Event | None = None, window: int = 64, lookahead: int = 0,
-                   guard: Utf8Guard | None = None, hyper_margin: float | None = None) -> Iterator[Step]:
+                   guard: Utf8Guard | None = None, hyper_margin: float | None = None,
+                   hyper_batch: int = 1) -> Iterator[Step]:
     """Decode from ``logits`` (the last fed position's) until a stop reason; see the docstring."""
+    drafting = lookahead > 0 and sampler.greedy  # lookahead verifies argmax picks, over every entry at once
     rules = StepRules(codec, stream, sampler, max_tokens, stop_ids, context_length, cancel, window, guard,
-                      hyper_margin)
-    if lookahead > 0 and sampler.greedy:  # lookahead verifies argmax picks
+                      hyper_margin, 1 if drafting else hyper_batch)
+    if drafting:
         yield from generate_lookahead(state, rules, logits, lookahead)
         return
     while True:

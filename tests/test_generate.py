@@ -376,3 +376,37 @@ def test_the_stream_after_a_stopped_reply_is_the_template_rendering(tok):
     assert full.startswith(s.fed_text) and full[len(s.fed_text):].startswith("<|im_end|>")
     _, done, _ = reply(s, "Thanks. Summarize our conversation.", GenerationSettings(max_tokens=8))
     assert done.reason in ("stop", "length")
+
+
+def test_hyper_batch_hands_entries_over_k_at_a_time_and_never_writes_one_not_handed_over(tok):
+    """The decoding policy that batches the output encoder's work: while the model writes, new
+    entries reach the state ``hyper_batch`` at a time (the candidate never); a code is written
+    only when the state holds its entry; the next turn hands everything over before it reads."""
+    s = new_session(tok)
+    handed: list[int] = []
+    add = s.state.add_entries
+
+    def counting(entries, candidate=None):
+        handed.append(len(entries))
+        add(entries, candidate)
+
+    s.state.add_entries = counting
+    written = []
+    forward = s.state.forward
+
+    def checking(codes, positions):
+        written.extend(codes)
+        assert all(c < s.V + s.state.slots.n_created for c in codes), "a code was fed before its entry"
+        return forward(codes, positions)
+
+    s.state.forward = checking
+    settings = GenerationSettings(max_tokens=120, hyper_batch=4)
+    codes, done, _ = reply(s, TURNS[0], settings)
+    assert any(c >= s.V for c in codes), "the fake writes hypertokens: the test needs some"
+    during = handed[1:]  # the first hand-over is the prompt's, before the prefill
+    assert during and all(n >= 4 for n in during if n), during
+    assert s.codec.fresh < len(s.codec) or len(s.codec) == s.V  # the turn ended with entries withheld
+    reply(s, TURNS[1], settings)
+    assert handed[len(during) + 1] > 0  # the next turn handed them over before reading
+    with pytest.raises(SettingsError, match="hyper_batch"):
+        GenerationSettings(hyper_batch=0)

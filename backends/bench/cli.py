@@ -58,7 +58,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     rt = _runtime(args)
     _emit(args, f"decode, {rt.describe()} (step_overhead: zip2zip step time / plain step time - 1)",
-          bench_model.decode(rt, args.prompt_tokens, args.steps, _progress))
+          bench_model.decode(rt, args.prompt_tokens, args.steps, _progress, args.hyper_batch))
     return 0
 
 
@@ -108,10 +108,11 @@ def cmd_answers(args: argparse.Namespace) -> int:
     from .compare import load_prompts
 
     prompts = load_prompts(args.prompts)[: args.limit or None]
-    if args.margins:
-        margins = [None if m.strip() == "off" else float(m) for m in args.margins.split(",")]
-        _emit(args, f"decoding policy (hyper margin), {rt.describe()}; speed_vs_base: decode tok/s ratio",
-              bench_quality.margin_curve(rt, plain, prompts, args.max_tokens, margins, _progress))
+    policies = [{"hyper_margin": None if m.strip() == "off" else float(m)} for m in (args.margins or "").split(",") if m]
+    policies += [{"hyper_batch": int(b)} for b in (args.hyper_batches or "").split(",") if b]
+    if policies:
+        _emit(args, f"decoding policies, {rt.describe()}; speed_vs_base: decode tok/s ratio",
+              bench_quality.policy_curve(rt, plain, prompts, args.max_tokens, policies, _progress))
         return 0
     rows = bench_quality.answers(rt, plain, prompts, args.max_tokens, _progress)
     if args.markdown:
@@ -225,7 +226,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
             lengths = [int(x) for x in args.lengths.split(",")]
             sections["prefill"] = bench_model.prefill(rt, lengths, 1, _progress)
         if "decode" in wanted:
-            sections["decode"] = bench_model.decode(rt, args.prompt_tokens, args.steps, _progress)
+            sections["decode"] = bench_model.decode(rt, args.prompt_tokens, args.steps, _progress, args.hyper_batch)
     if args.json:
         print(json.dumps(sections, indent=2))
     else:
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(dc)
     dc.add_argument("--prompt-tokens", type=int, default=256)
     dc.add_argument("--steps", type=int, default=256)
+    dc.add_argument("--hyper-batch", type=int, default=1, help="the decoding policy (z2z-chat --hyper-batch)")
     dc.set_defaults(func=cmd_decode)
     ch = sub.add_parser("chat", help="time to first token over a scripted multi-turn chat")
     _model_args(ch)
@@ -289,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--margins", metavar="M,M,...",
                     help="the decoding policy's curve instead: e.g. off,0,1,2 (a hypertoken must beat its first "
                          "subtoken's logit by M); the base answers once")
+    an.add_argument("--hyper-batches", metavar="K,K,...",
+                    help="the same for z2z-chat --hyper-batch: e.g. 1,4,8 (with --margins: both curves, one base)")
     an.set_defaults(func=cmd_answers)
     sc = sub.add_parser("scale", help="a random-weight model of a released geometry on llama.cpp: load, memory, "
                         "prefill, decode vs plain llama.cpp")
@@ -300,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--steps", type=int, default=32)
     sc.add_argument("--context", type=int, default=4096, help="window of both engines (default 4096)")
     sc.add_argument("--sections", default="load,prefill,decode", help="what to measure (default: all three)")
+    sc.add_argument("--hyper-batch", type=int, default=1, help="the decoding policy (z2z-chat --hyper-batch)")
     sc.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sc.set_defaults(func=cmd_scale)
     lg = sub.add_parser("long", help="long documents: prefill, time to first token, KV size, follow-up (llama.cpp)")

@@ -99,7 +99,7 @@ class _Forced:
 
 
 def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forced: list[int] | None,
-                 be: Any = None) -> dict:
+                 be: Any = None, hyper_batch: int = 1) -> dict:
     """One decode run through ``generate_codes``; returns steps, base tokens and seconds spent in
     the step loop. Plain: ``be`` fed base ids (a codec without a codebook)."""
     be, c = be or rt.model.new_state(), rt.codec
@@ -117,7 +117,7 @@ def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forc
     t = time.perf_counter()
     # each yielded step was preceded by one forward; the (steps + 1)-th yield closes the last one
     for step in generate_codes(be, codec, stream, logits, sampler, max_tokens=1 << 62, stop_ids=frozenset(),
-                               context_length=be.context_length):
+                               context_length=be.context_length, hyper_batch=hyper_batch if zip2zip else 1):
         if n == steps or step.reason is not None:
             break
         n += 1
@@ -125,7 +125,8 @@ def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forc
     return {"steps": n, "base_tokens": base_tokens, "seconds": time.perf_counter() - t}
 
 
-def decode(rt: Runtime, prompt_tokens: int, steps: int, progress: Callable[[str], None]) -> list[dict]:
+def decode(rt: Runtime, prompt_tokens: int, steps: int, progress: Callable[[str], None],
+           hyper_batch: int = 1) -> list[dict]:
     ids = _code_ids(rt, prompt_tokens + steps)
     prompt, cont = ids[:prompt_tokens], ids[prompt_tokens:prompt_tokens + steps]
     rows = []
@@ -134,7 +135,7 @@ def decode(rt: Runtime, prompt_tokens: int, steps: int, progress: Callable[[str]
         progress(f"decode ({mode}): plain")
         p = _decode_loop(rt, prompt, steps, False, forced, pb)
         progress(f"decode ({mode}): zip2zip")
-        z = _decode_loop(rt, prompt, steps, True, forced)
+        z = _decode_loop(rt, prompt, steps, True, forced, hyper_batch=hyper_batch)
         step_p, step_z = p["seconds"] / p["steps"], z["seconds"] / z["steps"]
         rows.append({"mode": mode, "plain_steps": p["steps"], "zip_steps": z["steps"],
                      "zip_base_tokens": z["base_tokens"], "plain_ms_step": step_p * 1e3, "zip_ms_step": step_z * 1e3,

@@ -80,11 +80,11 @@ def loops(answer: str, reason: str) -> bool:
 
 def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: int,
             progress: Callable[[str], None], hyper_margin: float | None = None,
-            base_rows: list[dict] | None = None) -> list[dict]:
+            base_rows: list[dict] | None = None, hyper_batch: int = 1) -> list[dict]:
     """Both models answer each prompt (a conversation: earlier turns answered first) greedily on
     the same backend; per prompt: the final replies, their compression, speed, correctness against
     ``expect`` and replacement characters (U+FFFD: bytes cut across a character). ``base_rows``:
-    the base's answers of an earlier call, reused (the base does not depend on ``hyper_margin``)."""
+    the base's answers of an earlier call, reused (the base does not depend on the policies)."""
     from ..engine import GenerationSettings
 
     out = []
@@ -97,7 +97,8 @@ def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: 
             if name == "base" and base_rows is not None:
                 continue
             progress(f"answers {i + 1}/{len(prompts)}: {name}")
-            settings = GenerationSettings(max_tokens=max_tokens, hyper_margin=margin)
+            settings = GenerationSettings(max_tokens=max_tokens, hyper_margin=margin,
+                                          hyper_batch=hyper_batch if name == "zip" else 1)
             text, stats, reason = final_reply(r.session(), turns, settings)
             answer = text.strip()
             row[f"{name}_loops"] = loops(answer, reason)
@@ -114,22 +115,24 @@ def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: 
     return out
 
 
-def margin_curve(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: int,
-                 margins: Sequence[float | None], progress: Callable[[str], None]) -> list[dict]:
-    """The decoding policy's trade-off: for each margin, right answers, output codes per token and
-    decode speed per group, the base answering once for all of them."""
+def policy_curve(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: int,
+                 policies: Sequence[dict[str, Any]], progress: Callable[[str], None]) -> list[dict]:
+    """The decoding policies' trade-off: for each policy (``answers`` keyword arguments:
+    ``hyper_margin``, ``hyper_batch``), right answers, output codes per token and decode speed per
+    group, the base answering once for all of them."""
     out, base_rows = [], None
-    for m in margins:
-        progress(f"hyper margin {'off' if m is None else m}")
-        rows = answers(rt, plain, prompts, max_tokens, progress, m, base_rows)
+    for policy in policies:
+        label = ", ".join(f"{k}={v}" for k, v in policy.items())
+        progress(f"policy {label}")
+        rows = answers(rt, plain, prompts, max_tokens, progress, base_rows=base_rows, **policy)
         base_rows = rows
         for s in summarize_answers(rows):
-            out.append({"margin": "off" if m is None else m, "prompts": s["prompts"],
+            out.append({"policy": label, "prompts": s["prompts"],
                         "zip_correct": s["zip_correct"], "base_correct": s["base_correct"],
                         "output_codes_per_token": s["output_codes_per_token"],
                         "zip_loops": s["zip_loops"], "zip_fffd": s["zip_fffd"],
                         "speed_vs_base": s["zip_decode_tok_s"] / s["base_decode_tok_s"] if s["base_decode_tok_s"] else 0.0})
-            progress(f"curve {out[-1]}")  # each margin as it is done: a long run stopped early keeps them
+            progress(f"curve {out[-1]}")  # each policy as it is done: a long run stopped early keeps them
     return out
 
 
