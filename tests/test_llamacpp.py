@@ -4,6 +4,7 @@ greedy parity, quantized agreement, position-mode refusal, and bad files failing
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -296,8 +297,7 @@ def test_phi3_and_qwen2_convert_and_equal_torch(arch_ckpts, tmp_path, arch, lora
 
 def test_phi3_long_context_rope_factors_are_written_as_llama_cpp_reads_them(tmp_path, tokenizer_dir):
     """Phi-3.5's longrope: both factor tables and the attention factor llama.cpp's converter computes
-    (not run here: llama.cpp picks long or short factors by context size, transformers by sequence
-    length, so the two differ by design past the original window)."""
+    (run against transformers in ``test_phi3_longrope_logits_equal_transformers``)."""
     import math
 
     import gguf
@@ -348,3 +348,40 @@ def test_encoder_weights_are_prepared_once_and_a_damaged_cache_is_made_again(ggu
     cached.write_bytes(cached.read_bytes()[:100])  # cut short, as a full disk would leave it
     np.testing.assert_array_equal(vectors(), fresh)
     assert cached.stat().st_size > 100
+
+
+@pytest.mark.parametrize("n_ctx,length", [(512, 200), (1024, 600)], ids=["short-factors", "long-factors"])
+def test_phi3_longrope_logits_equal_transformers(tmp_path, tokenizer_dir, n_ctx, length):
+    """Phi-3.5's long-context RoPE through convert and llama.cpp against transformers, in the two
+    regimes where both pick the same factors: a window and sequence within the original context
+    (short factors), and past it (long factors and the attention factor). llama.cpp rounds its
+    window up to a multiple of 256, so the original context here is 512."""
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    from backends.llamacpp_backend.context import LlamaContext
+    from backends.llamacpp_backend.tensors import write_model_gguf
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                     original_max_position_embeddings=512, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                      "long_factor": np.linspace(1, 6, 8).tolist(),
+                                      "short_factor": np.linspace(1, 1.3, 8).tolist()},
+                     eos_token_id=2, bos_token_id=None, pad_token_id=None)
+    lm = Phi3ForCausalLM(cfg).eval()
+    state = {k: v.detach().numpy() for k, v in lm.state_dict().items()}
+    config = json.loads(cfg.to_json_string()) | {"architectures": ["Phi3ForCausalLM"]}
+    path = write_model_gguf(tmp_path / "phi3.gguf", state, config, tok)
+    ids = np.random.default_rng(1).integers(3, len(tok), size=length)
+    with torch.no_grad():
+        want = lm(torch.tensor(ids[None])).logits[0].numpy()  # (T, V)
+    ctx = LlamaContext(path, n_ctx=n_ctx, n_threads=1, exact=True)
+    try:
+        with pytest.raises(Z2ZError, match="at most"):  # llama.cpp keeps the last batch's outputs only
+            ctx.decode_ids(np.full(513, 5), 0, every_row=True)
+        got = np.concatenate([ctx.decode_ids(ids[s:s + 256], s, every_row=True)[0] for s in range(0, length, 256)])
+    finally:
+        ctx.close()
+    np.testing.assert_allclose(got[:, :len(tok)], want[:, :len(tok)], atol=1e-5, rtol=1e-4)

@@ -119,19 +119,19 @@ class LlamaContext:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_embd or rows.shape[0] == 0:
             raise BackendError(f"input rows must be (T >= 1, {self.n_embd}), got {rows.shape}")
-        if every_row and rows.shape[0] > N_BATCH:
-            raise BackendError(f"every_row decodes at most {N_BATCH} rows")
         return self._decode(self.batch, rows, pos0, every_row)
 
     def decode_ids(self, ids: np.ndarray, pos0: int, every_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Token-id input (what plain llama.cpp does): the baseline for comparisons."""
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         if ids.ndim != 1 or ids.shape[0] == 0 or ids.min() < 0 or ids.max() >= self.n_vocab:
-            raise BackendError(f"token ids must be 1..{N_BATCH} ids in [0, {self.n_vocab})")
+            raise BackendError(f"token ids must be at least one id in [0, {self.n_vocab})")
         return self._decode(self.id_batch, ids, pos0, every_row)
 
     def _decode(self, b, data: np.ndarray, pos0: int, every_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
         T = data.shape[0]
+        if every_row and T > N_BATCH:  # llama.cpp keeps the outputs of the last batch only
+            raise BackendError(f"every_row decodes at most {N_BATCH} rows")
         if pos0 != self.n_past:
             raise BackendError(f"llama.cpp needs contiguous positions: the cache ends at {self.n_past - 1}, "
                                f"the input starts at {pos0}")

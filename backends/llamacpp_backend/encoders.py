@@ -46,7 +46,7 @@ def linear(x: np.ndarray, w: Weights, name: str) -> np.ndarray:
 
 
 def _qkv(x: np.ndarray, w: Weights, fused: str, part: str) -> list[np.ndarray]:
-    """q, k and v: one matmul where ``build_encoder`` fused them, else three (``part`` formats q/k/v)."""
+    """q, k and v: one matmul where ``prepare`` fused them, else three (``part`` formats q/k/v)."""
     if f"{fused}.weight.T" in w:
         return np.split(linear(x, w, fused), 3, axis=-1)
     return [linear(x, w, part.format(n)) for n in "qkv"]
