@@ -67,7 +67,7 @@ def test_scale_makes_converts_and_measures_a_released_geometry(tmp_path):
                        capture_output=True, text=True, timeout=900, env=env, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)
-    assert [row["engine"] for row in rep["load"]] == ["z2z/llamacpp (first)", "z2z/llamacpp (again)",
+    assert [row["engine"] for row in rep["load"]] == ["z2z/llamacpp (run 1)", "z2z/llamacpp (run 2)",
                                                       "llama-cpp-python"]
     assert all(row["load_s"] > 0 and row["peak_rss_mb"] > 50 for row in rep["load"])
     assert rep["load"][-1]["load_vs_plain"] == 1.0

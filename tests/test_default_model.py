@@ -105,7 +105,7 @@ def test_a_damaged_cached_merge_is_made_again(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod, "cache_dir", lambda: tmp_path)
     notes: list[str] = []
     ckpt_mod.open_checkpoint(DEFAULT_MODEL_DIR, base=base, progress=notes.append).model.close()
-    merged = next((tmp_path / "llamacpp").glob("merged-*.gguf"))
+    merged = next((tmp_path / "llamacpp").glob("merged-*/model.gguf"))
     with open(merged, "r+b") as f:
         f.truncate(merged.stat().st_size // 2)
     notes.clear()

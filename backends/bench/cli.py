@@ -219,7 +219,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
     title = f"{args.geometry} ({scale.GEOMETRIES[args.geometry].params / 1e9:.2f}B, random weights, {args.quantize})"
     wanted, sections = args.sections.split(","), {}
     if "load" in wanted:
-        sections["load"] = scale.load(gguf_dir, _progress)
+        try:
+            sections["load"] = scale.load(gguf_dir, _progress)
+        except RuntimeError as e:  # a measuring process failed: its error output is in the message
+            raise Z2ZError(str(e)) from e
     if "prefill" in wanted or "decode" in wanted:
         rt = open_runtime(str(gguf_dir), "llamacpp")
         if "prefill" in wanted:

@@ -70,19 +70,22 @@ def _merged_or_adapter(ck: Checkpoint, base: Path, progress) -> tuple[Path, Path
     _, alpha = lora_scale_of(ckpt)
     st = base.stat()
     key = hashlib.sha256(peft.read_bytes() + f"|{alpha}|{base.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    out = cache_dir() / "llamacpp" / f"merged-{key.hexdigest()[:16]}.gguf"
-    if out.is_file():
-        try:
+    entry = cache_dir() / "llamacpp" / f"merged-{key.hexdigest()[:16]}"
+    out, size = entry / MODEL_FILE, entry / "size"  # size: written once the file is known sound
+    if out.is_file() and not (size.is_file() and size.read_text().strip() == str(out.stat().st_size)):
+        try:  # parsing it takes seconds (a 49k-token vocabulary in Python): once, not at every open
             check_gguf(out)
+            size.write_text(str(out.stat().st_size))
         except TensorFileError as e:  # a damaged cache entry (a full disk, a crash): made again
             progress(f"the cached merge {out} is damaged ({e}); making it again")
             out.unlink()
     if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
+        entry.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         progress(f"merging the LoRA adapter of {ckpt.name} into {base.name} (once)")
         merge_lora_gguf(base, tmp, read_safetensors(peft), float(alpha), "q8_0", progress)
         tmp.replace(out)
+        size.write_text(str(out.stat().st_size))
     return out, None
 
 
