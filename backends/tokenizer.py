@@ -103,7 +103,9 @@ class ChatTokenizer:
         return dict(self._added_vocab)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], tokenize: bool = False,
-                            add_generation_prompt: bool = False, **kwargs: Any) -> str | list[int]:
+                            add_generation_prompt: bool = False, return_dict: bool = False) -> str | list[int]:
+        if return_dict:
+            raise ValueError("ChatTokenizer returns ids or text, not a BatchEncoding")
         if self._template is None:
             raise ValueError("this tokenizer has no chat template")
         text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
