@@ -15,8 +15,9 @@ compares them on every tokenizer the tests have):
 - ``eos_token_id``, ``pad_token_id``, ``unk_token_id``, ``bos_token_id``, ``len(tok)``,
   ``get_added_vocab()``, ``all_special_ids``, ``backend_tokenizer``.
 
-``load(directory)`` returns None where this is not enough (no ``tokenizer.json``, a template this
-environment cannot compile, ``clean_up_tokenization_spaces`` set): the caller loads transformers then.
+``load(directory)`` returns None where this is not enough (no readable ``tokenizer.json``, a template
+this environment cannot compile, ``clean_up_tokenization_spaces`` set): the caller loads transformers
+then, which reads what it can or says what is wrong.
 """
 
 from __future__ import annotations
@@ -128,8 +129,11 @@ def load(directory: str | Path) -> ChatTokenizer | None:
     extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
     extra = [_content(t) for t in (extra.values() if isinstance(extra, dict) else extra)]
     try:
-        return ChatTokenizer(Tokenizer.from_file(str(d / "tokenizer.json")),
-                             {k: _content(config.get(k)) for k in SPECIAL_KEYS}, [t for t in extra if t],
+        backend = Tokenizer.from_file(str(d / "tokenizer.json"))
+    except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception; transformers then names the problem
+        return None
+    try:
+        return ChatTokenizer(backend, {k: _content(config.get(k)) for k in SPECIAL_KEYS}, [t for t in extra if t],
                              _template(d, config))
     except jinja2.TemplateSyntaxError:  # e.g. transformers' {% generation %} tag
         return None

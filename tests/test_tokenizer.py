@@ -84,6 +84,8 @@ def test_what_it_cannot_do_is_left_to_transformers(tokenizer_dir, tmp_path):
     (d / "chat_template.jinja").write_text("{% for m in messages %}{% generation %}{{ m['content'] }}"
                                            "{% endgeneration %}{% endfor %}")
     assert chat_tokenizer.load(d) is None
+    (d / "tokenizer.json").write_text("{not json")
+    assert chat_tokenizer.load(d) is None
     (d / "tokenizer.json").unlink()
     assert chat_tokenizer.load(d) is None
 
