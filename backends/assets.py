@@ -40,6 +40,13 @@ def cache_dir() -> Path:
     return platformdirs.user_cache_path("z2z-chat")
 
 
+def file_key(path: Path, *extra: object) -> str:
+    """A cache key for what is derived from ``path`` (and ``extra``): its real path, size and mtime,
+    so an edited or replaced file gets a new entry without hashing its bytes."""
+    st = path.stat()
+    return hashlib.sha256("|".join(map(str, (path.resolve(), st.st_size, st.st_mtime_ns, *extra))).encode()).hexdigest()[:16]
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -9,12 +9,11 @@ conversion (several seconds) happens once.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .assets import cache_dir
+from .assets import cache_dir, file_key
 from .errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -29,11 +28,6 @@ def is_gguf(spec: str | os.PathLike) -> bool:
     return str(spec).lower().endswith(".gguf")
 
 
-def _gguf_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-
-
 def load_tokenizer(spec: str | os.PathLike, lean: bool = False) -> Any:
     """A transformers tokenizer from an HF directory, a repo id or a ``.gguf`` file; with ``lean``, a
     ``tokenizer.ChatTokenizer`` where the files allow it (no transformers import: the llama.cpp path)."""
@@ -43,7 +37,7 @@ def load_tokenizer(spec: str | os.PathLike, lean: bool = False) -> Any:
             path = Path(spec)
             if not path.is_file():
                 raise SourceError(f"GGUF file {spec} does not exist")
-            cached = cache_dir() / "tokenizers" / _gguf_key(path)
+            cached = cache_dir() / "tokenizers" / file_key(path)
             if (cached / "tokenizer.json").exists():
                 return _from_files(cached, lean)
             from transformers import AutoTokenizer

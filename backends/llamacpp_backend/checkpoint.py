@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..assets import cache_dir
+from ..assets import cache_dir, file_key
 from ..checkpoint import Checkpoint
 from ..codec import CodecConfig
 from ..config import CONFIG_NAME, Zip2ZipConfig, lora_scale_of
@@ -94,9 +94,7 @@ def _encoder_weights(file: Path, prefixes: tuple[str, ...], cfg: dict) -> dict[s
     file's path, size and mtime, and read back as views of the cached file: a released 4B
     checkpoint's encoders are 1.8 GB, whose transposing took 6.7 s and checking 2.8 s of a 14.8 s
     load here. The NaN check runs when the cache entry is made."""
-    st = file.stat()
-    key = hashlib.sha256(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{prefixes}|{LAYOUT}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "llamacpp" / f"encoders-{key}.safetensors"
+    cached = cache_dir() / "llamacpp" / f"encoders-{file_key(file, prefixes, LAYOUT)}.safetensors"
     if cached.is_file():
         try:
             f = SafetensorsFile(cached)

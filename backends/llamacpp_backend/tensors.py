@@ -132,16 +132,12 @@ _META_KEYS = ("general.architecture", "general.type")
 
 def model_tables(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
     """(metadata, embedding, LM head or None) of a model GGUF, through the cache (see the docstring)."""
-    import hashlib
-
-    from ..assets import cache_dir
+    from ..assets import cache_dir, file_key
 
     path = Path(path)
     if not path.is_file():
         raise TensorFileError(f"model GGUF {path} does not exist")
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    d = cache_dir() / "llamacpp" / f"tables-{key}"
+    d = cache_dir() / "llamacpp" / f"tables-{file_key(path)}"
     if (d / "meta.json").is_file():
         meta = json.loads((d / "meta.json").read_text())
         head = np.load(d / "head.npy", mmap_mode="r") if (d / "head.npy").is_file() else None
