@@ -16,7 +16,9 @@ norm); the hyper logits are ``hyper_out[:live] @ h`` in numpy, masked as on ever
 Input vectors are computed lazily: an entry's ``hyper_in`` is needed only once the entry is fed
 as an input code, which most entries never are, while its output vector is needed at once (the
 model may emit it next). That halves the encoder work of a decode step, the part of a step that
-is not llama.cpp's.
+is not llama.cpp's. Output vectors are needed only after llama.cpp returns the step's hidden
+state, so ``add_entries`` leaves them pending and ``forward`` computes them while llama.cpp
+decodes (``LlamaContext.decode(during=...)``); whatever reads ``hyper_out`` flushes them first.
 
 Positions must be contiguous (llama.cpp's rule), so only ``compressed`` checkpoints run here.
 
@@ -141,18 +143,36 @@ class LlamaCppState(_Sequence):
         D = model.embed_table.shape[1]
         self.slots = HyperSlots(model.V, model.C, model.M, model.pad_id)
         self.hyper_in = np.zeros((model.C, D), dtype=np.float32)
-        self.hyper_out = np.zeros((model.C, D), dtype=np.float32)
+        self._out = np.zeros((model.C, D), dtype=np.float32)  # (C, D) output vectors; read ``hyper_out``
         self.pending_in: dict[int, list[int]] = {}  # slot -> padded row whose input vector is not computed yet
+        self.pending_out: tuple[list[int], np.ndarray] | None = None  # slots, (N, M) rows: output vectors to compute
 
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
         plan = self.slots.plan(entries, candidate)
         if plan is None:
             return
-        rows = np.asarray(plan.rows, dtype=np.int64)  # (N, M)
+        self._flush_out()  # a later plan may reuse the candidate's slot
         # one output-encoder call for the new entries and the candidate (a decode step has both)
-        self.hyper_out[plan.slots] = self.m.output_encoder(rows, self.m.head_table)
+        self.pending_out = (plan.slots, np.asarray(plan.rows, dtype=np.int64))
         for slot, row in zip(plan.slots[:plan.n_new], plan.rows):
             self.pending_in[slot] = row
+
+    def _flush_out(self) -> None:
+        if self.pending_out is not None:
+            slots, rows = self.pending_out
+            self._out[slots] = self.m.output_encoder(rows, self.m.head_table)  # (N, D)
+            self.pending_out = None
+
+    @property
+    def hyper_out(self) -> np.ndarray:
+        """(C, D) output vectors of the slots, the pending ones computed first."""
+        self._flush_out()
+        return self._out
+
+    def _decode(self, codes: Sequence[int], positions: Sequence[int], every_row: bool = False):
+        """llama.cpp's (logits, hidden) of the codes, the pending output vectors computed meanwhile."""
+        during = self._flush_out if self.pending_out is not None else None
+        return self.ctx.decode(self._rows(codes), _start(positions), every_row=every_row, during=during)
 
     def export_kv(self) -> tuple[bytes, int]:
         """The KV cache and the hyper output vectors of the live slots with the entries they encode
@@ -163,7 +183,7 @@ class LlamaCppState(_Sequence):
 
     def import_kv(self, data: bytes, n_past: int, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
         n_kv, live = struct.unpack_from("<QQ", data)
-        M, D = self.slots.M, self.hyper_out.shape[1]
+        M, D = self.slots.M, self._out.shape[1]
         if len(data) != 16 + n_kv + live * (M * 8 + D * 4):
             raise BackendError("a saved KV cache has the wrong size for this model")
         at = 16 + n_kv
@@ -174,15 +194,16 @@ class LlamaCppState(_Sequence):
         except BackendError:
             self.reset()
             raise
+        self.pending_out = None  # every live slot is set below
         plan = self.slots.plan(entries, candidate)
         if plan is None:
             return
         same = saved_vectors(plan, rows, live)  # input vectors are lazy: the output side is all that is saved
         slots = np.asarray(plan.slots)
-        self.hyper_out[slots[same]] = vectors[slots[same]]
+        self._out[slots[same]] = vectors[slots[same]]
         rest = plan.only(~same)  # entries made after the export's last step (the pending code's)
         if rest.slots:
-            self.hyper_out[rest.slots] = self.m.output_encoder(np.asarray(rest.rows, dtype=np.int64), self.m.head_table)
+            self._out[rest.slots] = self.m.output_encoder(np.asarray(rest.rows, dtype=np.int64), self.m.head_table)
         for slot, row in zip(plan.slots[:plan.n_new], plan.rows):
             self.pending_in[slot] = row  # input vectors stay lazy, as after add_entries
 
@@ -193,6 +214,7 @@ class LlamaCppState(_Sequence):
             self.hyper_in[todo] = self.m.input_encoder(rows, self.m.embed_table)
 
     def drop_entries(self, keep: int) -> None:
+        self._flush_out()
         self.slots.drop(keep)
         self.pending_in = {s: r for s, r in self.pending_in.items() if s < keep}
 
@@ -210,7 +232,7 @@ class LlamaCppState(_Sequence):
 
     def forward_all(self, codes: Sequence[int], positions: Sequence[int], masks: Sequence[Mask]) -> np.ndarray:
         """Logits (T, V + C) of every position, each masked as inference masks it there."""
-        base, H = self.ctx.decode(self._rows(codes), _start(positions), every_row=True)  # (T, n_vocab), (T, D)
+        base, H = self._decode(codes, positions, every_row=True)  # (T, n_vocab), (T, D)
         n_max = max(n for n, _ in masks)
         ts, rows = candidate_rows(masks, self.slots.M, self.slots.pad_id)
         cand = np.zeros(0, dtype=np.float32)
@@ -219,7 +241,7 @@ class LlamaCppState(_Sequence):
         return assemble(base[:, : self.V], H @ self.hyper_out[:n_max].T, masks, ts, cand, self.V, self.C)
 
     def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-        base, h = self.ctx.decode(self._rows(codes), _start(positions))
+        base, h = self._decode(codes, positions)
         out = np.full(self.V + self.C, -np.inf, dtype=np.float32)  # (V + C,)
         out[: self.V] = base[: self.V]
         s = self.slots
@@ -233,6 +255,7 @@ class LlamaCppState(_Sequence):
         self._clear_kv()
         self.slots.reset()
         self.pending_in.clear()
+        self.pending_out = None
 
 
 class PlainLlamaCppModel(_Shared):

@@ -10,6 +10,12 @@ feeds the LM head (checked in ``tests/test_llamacpp.py``: hidden @ head.T == log
 llama.cpp requires each batch of a sequence to start at the cache's last position + 1 and to be
 contiguous; ``decode`` checks it and raises instead of letting ``llama_decode`` fail. It also
 aborts the process on a batch larger than ``n_batch``, so larger inputs are split here.
+``decode(..., during=f)`` runs ``f()`` on a side thread while llama.cpp decodes on the calling
+thread (ctypes releases the GIL for the call): the backend computes the hyper-encoders' output
+vectors there, which the step needs only after llama.cpp returns. llama.cpp stays on the calling
+thread because its OpenMP thread team belongs to the thread that calls it: a second calling thread
+makes a second team, and with more OpenMP threads than cores libgomp stops spinning at barriers
+and every decode, ours and any other in the process, slowed down by half (13.5 -> 21-26 ms per step here).
 ``exact=True`` turns flash attention off and keeps the KV cache in float32: logits within 1e-6 of a
 float32 reference instead of ~1e-3 (the parity tests use it). The default keeps llama.cpp's own
 settings (flash attention, f16 KV cache), which prefill faster (README, "llama.cpp").
@@ -19,6 +25,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from pathlib import Path
 
 import numpy as np
@@ -112,14 +121,17 @@ class LlamaContext:
             self.close()
             raise
         self.n_past = 0
+        self._side: ThreadPoolExecutor | None = None  # made at the first decode with ``during``
 
-    def decode(self, rows: np.ndarray, pos0: int, every_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def decode(self, rows: np.ndarray, pos0: int, every_row: bool = False,
+               during: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Feed (T, D) input embeddings at positions pos0 .. pos0 + T - 1; logits (n_vocab,) and hidden
-        state (D,) of the last row, or (T, n_vocab) and (T, D) with ``every_row``."""
+        state (D,) of the last row, or (T, n_vocab) and (T, D) with ``every_row``. ``during`` runs
+        on a side thread meanwhile (module docstring)."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_embd or rows.shape[0] == 0:
             raise BackendError(f"input rows must be (T >= 1, {self.n_embd}), got {rows.shape}")
-        return self._decode(self.batch, rows, pos0, every_row)
+        return self._decode(self.batch, rows, pos0, every_row, during)
 
     def decode_ids(self, ids: np.ndarray, pos0: int, every_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Token-id input (what plain llama.cpp does): the baseline for comparisons."""
@@ -128,7 +140,8 @@ class LlamaContext:
             raise BackendError(f"token ids must be at least one id in [0, {self.n_vocab})")
         return self._decode(self.id_batch, ids, pos0, every_row)
 
-    def _decode(self, b, data: np.ndarray, pos0: int, every_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, b, data: np.ndarray, pos0: int, every_row: bool = False,
+                during: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         T = data.shape[0]
         if every_row and T > N_BATCH:  # llama.cpp keeps the outputs of the last batch only
             raise BackendError(f"every_row decodes at most {N_BATCH} rows")
@@ -137,7 +150,20 @@ class LlamaContext:
                                f"the input starts at {pos0}")
         if pos0 + T > self.n_ctx:
             raise BackendError(f"the context window ({self.n_ctx} positions) is full")
-        L = self.L
+        if during is not None and self._side is None:
+            self._side = ThreadPoolExecutor(1, thread_name_prefix="z2z-side")
+        job = None if during is None else self._side.submit(during)
+        try:
+            self._feed(b, data, pos0, every_row)
+        finally:
+            if job is not None:
+                _wait(job)
+        if job is not None:
+            job.result()  # its error, if it raised
+        return self._outputs(T, every_row)
+
+    def _feed(self, b, data: np.ndarray, pos0: int, every_row: bool) -> None:
+        L, T = self.L, data.shape[0]
         for s in range(0, T, N_BATCH):
             chunk = data[s:s + N_BATCH]
             n = chunk.shape[0]
@@ -154,6 +180,9 @@ class LlamaContext:
                 raise BackendError(f"llama_decode failed with status {rc}"
                                    + (" (KV cache full)" if rc == 1 else ""))
         self.n_past = pos0 + T
+
+    def _outputs(self, T: int, every_row: bool) -> tuple[np.ndarray, np.ndarray]:
+        L = self.L
         if every_row:
             logits, hidden = L.llama_get_logits(self.ctx), L.llama_get_embeddings(self.ctx)
             if not logits or not hidden:
@@ -209,6 +238,9 @@ class LlamaContext:
         L = getattr(self, "L", None)
         if L is None:
             return
+        if getattr(self, "_side", None) is not None:
+            self._side.shutdown()
+            self._side = None
         for name in ("batch", "id_batch"):
             if getattr(self, name, None) is not None:
                 L.llama_batch_free(getattr(self, name))
@@ -222,3 +254,17 @@ class LlamaContext:
         if self.model:
             L.llama_model_free(self.model)
             self.model = None
+
+
+def _wait(job: Future) -> None:
+    """Wait for ``job`` to end even through Ctrl-C (it writes the state the next step reads), then
+    raise the interrupt."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            wait_all([job])
+            break
+        except KeyboardInterrupt as e:
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted

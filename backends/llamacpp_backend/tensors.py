@@ -10,7 +10,11 @@
   on some malformed files); returns its metadata as a dict.
 - ``model_tables(path)``: ``check_gguf`` + ``read_gguf_tables`` for a model, cached in the user
   cache as ``.npy`` files keyed by the file's path, size and mtime: parsing a GGUF with a 49k-token
-  vocabulary takes seconds in Python, loading the cached tables (memory-mapped) takes none.
+  vocabulary takes seconds in Python, opening the cached tables takes none. They are ``RowFile``s:
+  rows read with ``pread`` when indexed, not memory maps: the hyper-encoders and the input rows
+  touch a few rows a step, and a map's fault-around made 64 KB resident for each (26-30 MB of
+  SmolLM2's 113 MB table after a 64-token reply, all of it after a long chat; Phi-3.5-mini's
+  two tables are 790 MB).
 - ``write_lora_gguf(path, peft_state, alpha, n_head, n_head_kv, arch)``: a PEFT LoRA adapter as a
   llama.cpp adapter GGUF. On ``llama`` llama.cpp stores q/k projection rows permuted for its
   interleaved RoPE, so ``lora_B`` of ``q_proj``/``k_proj`` gets the same row permutation
@@ -24,6 +28,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from collections.abc import Iterator, Mapping
@@ -130,7 +135,7 @@ def _parse(path: Path, kind: str) -> tuple[dict[str, Any], Any]:
 _META_KEYS = ("general.architecture", "general.type")
 
 
-def model_tables(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+def model_tables(path: str | Path) -> tuple[dict[str, Any], RowFile, RowFile | None]:
     """(metadata, embedding, LM head or None) of a model GGUF, through the cache (see the docstring)."""
     from ..assets import cache_dir, file_key
 
@@ -139,9 +144,11 @@ def model_tables(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarr
         raise TensorFileError(f"model GGUF {path} does not exist")
     d = cache_dir() / "llamacpp" / f"tables-{file_key(path)}"
     if (d / "meta.json").is_file():
-        meta = json.loads((d / "meta.json").read_text())
-        head = np.load(d / "head.npy", mmap_mode="r") if (d / "head.npy").is_file() else None
-        return meta, np.load(d / "embed.npy", mmap_mode="r"), head
+        try:
+            head = RowFile(d / "head.npy") if (d / "head.npy").is_file() else None
+            return json.loads((d / "meta.json").read_text()), RowFile(d / "embed.npy"), head
+        except (TensorFileError, OSError, ValueError):  # a damaged entry (a full disk, a crash): made again
+            (d / "meta.json").unlink()
     meta, reader = _parse(path, "model")
     embed, head = read_gguf_tables(path, reader)
     arch = meta.get("general.architecture")
@@ -152,7 +159,36 @@ def model_tables(path: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarr
     if head is not None:
         np.save(d / "head.npy", head)
     (d / "meta.json").write_text(json.dumps(keep))  # written last: its presence marks a complete entry
-    return keep, embed, head
+    return model_tables(path)  # as files, not the arrays just read: they are the process's largest
+
+
+class RowFile:
+    """A (rows, D) float32 ``.npy`` table on disk, indexed like an array by row ids (any shape
+    ``S``, giving (*S, D)); each row is one ``pread``, so only the rows read cost memory."""
+
+    def __init__(self, path: str | Path):
+        with open(path, "rb") as f:
+            fmt = np.lib.format
+            major, _ = fmt.read_magic(f)
+            shape, fortran, dtype = (fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0)(f)
+            self.offset = f.tell()
+        self._row = shape[1] * 4 if len(shape) == 2 else 0
+        if not self._row or fortran or dtype != np.float32 or os.path.getsize(path) != self.offset + shape[0] * self._row:
+            raise TensorFileError(f"{path} is not a whole (rows, D) float32 table")
+        self.path, self.shape = Path(path), shape
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __getitem__(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        flat = ids.reshape(-1).tolist()
+        if flat and (min(flat) < 0 or max(flat) >= self.shape[0]):
+            raise IndexError(f"row ids must be in [0, {self.shape[0]}) for {self.path}")
+        buf = b"".join([os.pread(self._fd, self._row, self.offset + r * self._row) for r in flat])
+        return np.frombuffer(buf, dtype=np.float32).reshape(*ids.shape, self.shape[1]).copy()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
 
 def read_gguf_tables(path: str | Path, reader: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
