@@ -127,6 +127,9 @@ def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forc
 
 def decode(rt: Runtime, prompt_tokens: int, steps: int, progress: Callable[[str], None],
            hyper_batch: int = 1) -> list[dict]:
+    """Own and forced decoding, plain vs zip2zip; on llama.cpp also forced decoding with the
+    output encoder placed the other way (beside llama.cpp's step where it runs before it by
+    default, or before where it runs beside: ``LlamaContext.spare_cpu``), and llama-cpp-python's loop."""
     ids = _code_ids(rt, prompt_tokens + steps)
     prompt, cont = ids[:prompt_tokens], ids[prompt_tokens:prompt_tokens + steps]
     rows = []
@@ -135,17 +138,28 @@ def decode(rt: Runtime, prompt_tokens: int, steps: int, progress: Callable[[str]
         progress(f"decode ({mode}): plain")
         p = _decode_loop(rt, prompt, steps, False, forced, pb)
         progress(f"decode ({mode}): zip2zip")
-        z = _decode_loop(rt, prompt, steps, True, forced, hyper_batch=hyper_batch)
-        step_p, step_z = p["seconds"] / p["steps"], z["seconds"] / z["steps"]
-        rows.append({"mode": mode, "plain_steps": p["steps"], "zip_steps": z["steps"],
-                     "zip_base_tokens": z["base_tokens"], "plain_ms_step": step_p * 1e3, "zip_ms_step": step_z * 1e3,
-                     "step_overhead": step_z / step_p - 1,
-                     "plain_tok_s": p["base_tokens"] / p["seconds"], "zip_tok_s": z["base_tokens"] / z["seconds"],
-                     "ratio": (z["base_tokens"] / z["seconds"]) / (p["base_tokens"] / p["seconds"])})
+        rows.append(_row(mode, p, _decode_loop(rt, prompt, steps, True, forced, hyper_batch=hyper_batch)))
     if rt.backend_name == "llamacpp":
+        ctx = rt.model.ctx
+        ctx.spare_cpu = not ctx.spare_cpu
+        mode = "forced, encoder " + ("beside" if ctx.spare_cpu else "before")
+        progress(f"decode ({mode}): zip2zip")
+        try:
+            rows.append(_row(mode, p, _decode_loop(rt, prompt, steps, True, cont, hyper_batch=hyper_batch)))
+        finally:
+            ctx.spare_cpu = not ctx.spare_cpu
         progress("decode: llama-cpp-python Llama.create_completion on the base GGUF")
         rows.append(_create_completion(rt, prompt, steps))
     return rows
+
+
+def _row(mode: str, p: dict, z: dict) -> dict:
+    step_p, step_z = p["seconds"] / p["steps"], z["seconds"] / z["steps"]
+    return {"mode": mode, "plain_steps": p["steps"], "zip_steps": z["steps"],
+            "zip_base_tokens": z["base_tokens"], "plain_ms_step": step_p * 1e3, "zip_ms_step": step_z * 1e3,
+            "step_overhead": step_z / step_p - 1,
+            "plain_tok_s": p["base_tokens"] / p["seconds"], "zip_tok_s": z["base_tokens"] / z["seconds"],
+            "ratio": (z["base_tokens"] / z["seconds"]) / (p["base_tokens"] / p["seconds"])}
 
 
 def _create_completion(rt: Runtime, prompt: list[int], steps: int) -> dict:

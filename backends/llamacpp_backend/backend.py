@@ -18,7 +18,8 @@ as an input code, which most entries never are, while its output vector is neede
 model may emit it next). That halves the encoder work of a decode step, the part of a step that
 is not llama.cpp's. Output vectors are needed only after llama.cpp returns the step's hidden
 state, so ``add_entries`` leaves them pending and ``forward`` computes them while llama.cpp
-decodes (``LlamaContext.decode(during=...)``); whatever reads ``hyper_out`` flushes them first.
+decodes where llama.cpp's threads leave a CPU free (``LlamaContext.decode(during=...)``), else
+before; reading ``hyper_out`` computes them first.
 
 Positions must be contiguous (llama.cpp's rule), so only ``compressed`` checkpoints run here.
 
@@ -170,9 +171,13 @@ class LlamaCppState(_Sequence):
         return self._out
 
     def _decode(self, codes: Sequence[int], positions: Sequence[int], every_row: bool = False):
-        """llama.cpp's (logits, hidden) of the codes, the pending output vectors computed meanwhile."""
+        """llama.cpp's (logits, hidden) of the codes; the pending output vectors are computed
+        meanwhile where llama.cpp leaves a CPU free, else first."""
+        ctx, rows = self.ctx, self._rows(codes)
+        if not ctx.spare_cpu:
+            self._flush_out()
         during = self._flush_out if self.pending_out is not None else None
-        return self.ctx.decode(self._rows(codes), _start(positions), every_row=every_row, during=during)
+        return ctx.decode(rows, _start(positions), every_row=every_row, during=during)
 
     def export_kv(self) -> tuple[bytes, int]:
         """The KV cache and the hyper output vectors of the live slots with the entries they encode

@@ -12,10 +12,13 @@ contiguous; ``decode`` checks it and raises instead of letting ``llama_decode`` 
 aborts the process on a batch larger than ``n_batch``, so larger inputs are split here.
 ``decode(..., during=f)`` runs ``f()`` on a side thread while llama.cpp decodes on the calling
 thread (ctypes releases the GIL for the call): the backend computes the hyper-encoders' output
-vectors there, which the step needs only after llama.cpp returns. llama.cpp stays on the calling
-thread because its OpenMP thread team belongs to the thread that calls it: a second calling thread
-makes a second team, and with more OpenMP threads than cores libgomp stops spinning at barriers
-and every decode, ours and any other in the process, slowed down by half (13.5 -> 21-26 ms per step here).
+vectors there, which the step needs only after llama.cpp returns. That pays only on a CPU that
+llama.cpp's threads leave free (``spare_cpu``): on 2 cores with 2 llama.cpp threads, a side thread
+made the default model's forced decode step slower (16.8 vs 14.9 ms, median of 4) where with 1
+llama.cpp thread it hid the encoder (16.6 vs 19.9 ms). llama.cpp stays on the calling thread
+because its OpenMP thread team belongs to the thread that calls it: a second calling thread makes
+a second team, and with more OpenMP threads than cores libgomp stops spinning at barriers and
+every decode, ours and any other in the process, slowed by half (13.5 -> 21-26 ms per step here).
 ``exact=True`` turns flash attention off and keeps the KV cache in float32: logits within 1e-6 of a
 float32 reference instead of ~1e-3 (the parity tests use it). The default keeps llama.cpp's own
 settings (flash attention, f16 KV cache), which prefill faster (README, "llama.cpp").
@@ -69,11 +72,27 @@ def default_window(n_ctx_train: int) -> int:
     return min(n_ctx_train, DEFAULT_WINDOW) if n_ctx_train > 0 else DEFAULT_WINDOW
 
 
+def _cpus() -> list[int]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def default_threads() -> int:
+    """``Z2Z_THREADS``, else one thread per physical core this process may use, llama.cpp's own
+    default (``-t``); the other hardware threads of those cores are then free for the
+    hyper-encoders (``decode(during=...)``). Where the topology is unknown (not Linux), every CPU."""
     env = os.environ.get("Z2Z_THREADS")
     if env:
         return max(1, int(env))
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    cpus, cores = _cpus(), set()
+    for c in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
 
 
 class LlamaContext:
@@ -93,6 +112,9 @@ class LlamaContext:
             cp.n_batch = cp.n_ubatch = N_BATCH
             cp.n_seq_max = 1
             self.n_threads = cp.n_threads = cp.n_threads_batch = n_threads or default_threads()
+            # a CPU llama.cpp's threads leave free: only then does work overlapped with a decode run
+            # beside it instead of taking turns with llama.cpp's threads (module docstring)
+            self.spare_cpu = len(_cpus()) > self.n_threads
             cp.embeddings = True
             cp.pooling_type = L.LLAMA_POOLING_TYPE_NONE
             cp.no_perf = True
