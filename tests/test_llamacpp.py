@@ -184,15 +184,20 @@ def broken(gguf_dirs, tmp_path, how):
         (d / "adapter_config.json").write_text("{}")
     elif how == "adapter-is-a-model":
         shutil.copyfile(model, d / "lora.gguf")
-    elif how == "other-width":  # an encoder file for another hidden size
+    elif how in ("nan-encoder", "other-width"):  # NaN weights, or an encoder file for another hidden size
         from safetensors.numpy import load_file, save_file
 
         st = load_file(d / "zip2zip_encoders.safetensors")
-        save_file({k: (v[:, :32] if v.ndim == 2 else v) for k, v in st.items()}, d / "zip2zip_encoders.safetensors")
+        if how == "nan-encoder":
+            st = {k: (np.full_like(v, np.nan) if "output_encoder" in k else v) for k, v in st.items()}
+        else:
+            st = {k: (v[:, :32] if v.ndim == 2 else v) for k, v in st.items()}
+        save_file(st, d / "zip2zip_encoders.safetensors")
     return d
 
 
-@pytest.mark.parametrize("how", ["truncated", "garbage", "missing-adapter", "adapter-is-a-model", "other-width"])
+@pytest.mark.parametrize("how", ["truncated", "garbage", "missing-adapter", "adapter-is-a-model", "other-width",
+                                 "nan-encoder"])
 def test_bad_files_are_clear_errors(gguf_dirs, tmp_path, how):
     d = broken(gguf_dirs, tmp_path, how)
     with pytest.raises((CheckpointError, RuntimeOpenError)):
@@ -349,6 +354,25 @@ def test_encoder_weights_are_prepared_once_and_a_damaged_cache_is_made_again(ggu
     cached.write_bytes(cached.read_bytes()[:100])  # cut short, as a full disk would leave it
     np.testing.assert_array_equal(vectors(), fresh)
     assert cached.stat().st_size > 100
+    (table,) = (tmp_path / "cache" / "llamacpp").glob("tables-*/embed.npy")  # the same for the tables
+    table.write_bytes(table.read_bytes()[:1000])
+    np.testing.assert_array_equal(vectors(), fresh)
+
+
+def test_an_encoder_config_edited_after_the_first_open_is_checked_again(gguf_dirs, tmp_path, monkeypatch):
+    """The encoders are checked when their cache entry is made; the entry's key holds the encoder
+    config, so a config that no longer fits the weights fails at open, not at the first hypertoken."""
+    import json
+
+    monkeypatch.setenv("Z2Z_CACHE_DIR", str(tmp_path / "cache"))
+    d = tmp_path / "edited"
+    shutil.copytree(gguf_dirs["f32"], d)
+    open_checkpoint(d, n_threads=1, exact=True).model.close()
+    cfg = json.loads((d / "zip2zip_config.json").read_text())
+    cfg["encoder"]["num_hidden_layers"] += 1  # a layer the weights do not have
+    (d / "zip2zip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="input_encoder does not match"):
+        open_checkpoint(d, n_threads=1, exact=True)
 
 
 @pytest.mark.parametrize("n_ctx,length", [(512, 200), (1024, 600)], ids=["short-factors", "long-factors"])

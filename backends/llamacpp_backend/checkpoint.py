@@ -9,8 +9,8 @@ Accepted layouts (a directory with ``zip2zip_config.json`` and the hyper-encoder
   run time costs every step (README, "llama.cpp"), and q8_0 keeps the merged weights within a
   rounding of what was trained.
 
-The hyper-encoders' weights are laid out for numpy once (``encoders.prepare``) and kept in the user
-cache, read back as views of that file.
+The hyper-encoders' weights are checked and laid out for numpy once (``encoders.prepare``) and
+kept in the user cache, read back as views of that file.
 
 Everything is checked before llama.cpp sees it (it aborts the process on some bad files): the
 position mode (``base_token_end`` needs non-contiguous positions, which stock llama.cpp refuses),
@@ -21,6 +21,7 @@ Failures are ``CheckpointError`` naming the file and what to do.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -89,54 +90,55 @@ def _merged_or_adapter(ck: Checkpoint, base: Path, progress) -> tuple[Path, Path
     return out, None
 
 
-def _encoder_weights(file: Path, prefixes: tuple[str, ...], cfg: dict) -> dict[str, dict[str, np.ndarray]]:
-    """{prefix: weights as ``encoders.prepare`` lays them out}, kept in the user cache keyed by the
-    file's path, size and mtime, and read back as views of the cached file: a released 4B
-    checkpoint's encoders are 1.8 GB, whose transposing took 6.7 s and checking 2.8 s of a 14.8 s
-    load here. The NaN check runs when the cache entry is made."""
-    cached = cache_dir() / "llamacpp" / f"encoders-{file_key(file, prefixes, LAYOUT)}.safetensors"
+def _encoders(file: Path, config: Zip2ZipConfig, pad: int):
+    """(input encoder, output encoder), their weights laid out by ``encoders.prepare`` and kept in
+    the user cache (keyed by the file's path, size and mtime and the encoder config), read back as
+    views of the cached file: a released 4B checkpoint's encoders are 1.8 GB, whose transposing took
+    6.7 s and checking 2.8 s of a 14.8 s load here. The checks (finite weights, shapes that fit the
+    config: one call on a stand-in row) run when the cache entry is made; the call alone read all
+    1.8 GB, 0.5 s of every open."""
+    prefixes = ("input_encoder",) + (() if config.encoder["tie_encoders"] else ("output_encoder",))
+    cfg = config.encoder
+    key = file_key(file, prefixes, LAYOUT, config.encoder_type, config.model_dim, json.dumps(cfg, sort_keys=True))
+    cached = cache_dir() / "llamacpp" / f"encoders-{key}.safetensors"
+    weights = None
     if cached.is_file():
         try:
             f = SafetensorsFile(cached)
-            return {p: {k[len(p) + 1:]: f.view(k) for k in f if k.startswith(p + ".")} for p in prefixes}
+            weights = {p: {k[len(p) + 1:]: f.view(k) for k in f if k.startswith(p + ".")} for p in prefixes}
         except TensorFileError:  # a damaged entry (a full disk, a crash): made again
             cached.unlink()
-    state, out = SafetensorsFile(file), {}
-    for prefix in prefixes:
-        sub = {k[len(prefix) + 1:]: state.view(k) for k in state if k.startswith(prefix + ".")}
-        if not sub:
-            raise CheckpointError(f"{file} has no {prefix}.* weights")
-        bad = [k for k, v in sub.items() if not np.isfinite(v).all()]
-        if bad:
-            raise CheckpointError(f"{file}: {prefix}.{bad[0]} holds NaN or infinite values")
-        try:
-            out[prefix] = prepare(sub, cfg)
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"{file}: {prefix} does not match {CONFIG_NAME} ({type(e).__name__}: {e})") from None
-    from safetensors.numpy import save_file
+    if weights is None:
+        weights = {p: _checked(file, p, config, pad) for p in prefixes}
+        from safetensors.numpy import save_file
 
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    save_file({f"{p}.{k}": v for p, w in out.items() for k, v in w.items()}, tmp)
-    tmp.replace(cached)
-    return out
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        save_file({f"{p}.{k}": v for p, w in weights.items() for k, v in w.items()}, tmp)
+        tmp.replace(cached)
+    enc = {p: build_encoder(config.encoder_type, w, cfg, pad, prepared=True) for p, w in weights.items()}
+    return enc["input_encoder"], enc.get("output_encoder", enc["input_encoder"])
 
 
-def _encoders(file: Path, config: Zip2ZipConfig, pad: int, embed: np.ndarray, head: np.ndarray):
-    prefixes = ("input_encoder",) + (() if config.encoder["tie_encoders"] else ("output_encoder",))
-    parts = {}
-    for prefix, weights in _encoder_weights(file, prefixes, config.encoder).items():
-        enc = build_encoder(config.encoder_type, weights, config.encoder, pad, prepared=True)
-        probe = np.array([[0] * config.compression.max_subtokens])  # fails now, not at the first hypertoken
-        try:
-            out = enc(probe, embed if prefix == "input_encoder" else head)
-        except (KeyError, ValueError, IndexError) as e:
-            raise CheckpointError(f"{file}: {prefix} does not match {CONFIG_NAME} ({type(e).__name__}: {e})") from None
-        if out.shape != (1, config.model_dim) or not np.isfinite(out).all():
-            raise CheckpointError(f"{file}: {prefix} gives vectors of shape {out.shape[1:]}, "
-                                  f"expected ({config.model_dim},) and finite")
-        parts[prefix] = enc
-    return parts["input_encoder"], parts.get("output_encoder", parts["input_encoder"])
+def _checked(file: Path, prefix: str, config: Zip2ZipConfig, pad: int) -> dict[str, np.ndarray]:
+    """``prefix``'s weights, prepared, once they are finite and run on a stand-in row."""
+    st = SafetensorsFile(file)
+    sub = {k[len(prefix) + 1:]: st.view(k) for k in st if k.startswith(prefix + ".")}
+    if not sub:
+        raise CheckpointError(f"{file} has no {prefix}.* weights")
+    bad = [k for k, v in sub.items() if not np.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{file}: {prefix}.{bad[0]} holds NaN or infinite values")
+    row, table = np.zeros((1, config.compression.max_subtokens), dtype=np.int64), np.ones((1, config.model_dim), np.float32)
+    try:
+        w = prepare(sub, config.encoder)
+        out = build_encoder(config.encoder_type, w, config.encoder, pad, prepared=True)(row, table)
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{file}: {prefix} does not match {CONFIG_NAME} ({type(e).__name__}: {e})") from None
+    if out.shape != (1, config.model_dim) or not np.isfinite(out).all():
+        raise CheckpointError(f"{file}: {prefix} gives vectors of shape {out.shape[1:]}, "
+                              f"expected ({config.model_dim},) and finite")
+    return w
 
 
 def open_model(path: str | Path, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Loaded:
@@ -181,7 +183,7 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
         codec = CodecConfig(codec.base_vocab_size, 0, 1, codec.disabled_ids, codec.pad_id)
         return Loaded(PlainLlamaCppModel(ctx, V), tok, config, codec, str(gguf_path), device)
     try:
-        enc_in, enc_out = _encoders(ck.encoders, config, pad, embed, embed if head is None else head)
+        enc_in, enc_out = _encoders(ck.encoders, config, pad)
     except (CheckpointError, TensorFileError, KeyError) as e:
         ctx.close()
         raise CheckpointError(f"{ckpt}: the hyper-encoders do not match the config ({e})") from None
