@@ -112,6 +112,37 @@ def test_greedy_codes_equal_torch(ref_checkpoints, gguf_dirs):
     assert any(c >= loaded.codec.base_vocab_size for c in a)
 
 
+def test_output_vectors_computed_beside_the_decode_give_the_same_logits(gguf_dirs, ref_checkpoints):
+    """The output encoder runs beside llama.cpp's decode where a CPU is free, else before it: the
+    same logits either way, hypertokens mid-stream."""
+    loaded = open_checkpoint(gguf_dirs["merge"], n_threads=1, exact=True)
+    codes = stream(loaded.tokenizer, loaded.codec)
+    runs = []
+    for spare in (True, False):
+        loaded.model.ctx.spare_cpu = spare
+        runs.append(run_stream(loaded.model.new_state(), codes, loaded.codec))
+    assert sum(c >= loaded.codec.base_vocab_size for c in codes[20:]) >= 8
+    np.testing.assert_array_equal(np.stack(runs[0]), np.stack(runs[1]))
+
+
+def test_an_error_beside_the_decode_leaves_the_context_usable(gguf_dirs):
+    """What runs beside a decode (``during``) may fail or be interrupted: the decode still ends
+    before the error is raised, so the cache holds the step and the next decode follows it."""
+    model = open_checkpoint(gguf_dirs["f32"], n_threads=1, exact=True).model
+    rows = model.embed_table[[5, 6, 7, 8]]
+
+    def boom() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model.ctx.decode(rows[:2], 0, during=boom)
+    assert model.ctx.n_past == 2
+    logits, _ = model.ctx.decode(rows[2:], 2)
+    model.ctx.clear()
+    expected, _ = model.ctx.decode(rows, 0)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
 def test_hidden_state_is_the_final_norm_output(gguf_dirs):
     """The module docstring's claim: llama.cpp's per-token embedding is what feeds the LM head."""
     model = open_checkpoint(gguf_dirs["f32"], n_threads=1, exact=True).model

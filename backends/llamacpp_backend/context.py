@@ -12,13 +12,12 @@ contiguous; ``decode`` checks it and raises instead of letting ``llama_decode`` 
 aborts the process on a batch larger than ``n_batch``, so larger inputs are split here.
 ``decode(..., during=f)`` runs ``f()`` on a side thread while llama.cpp decodes on the calling
 thread (ctypes releases the GIL for the call): the backend computes the hyper-encoders' output
-vectors there, which the step needs only after llama.cpp returns. That pays only on a CPU that
-llama.cpp's threads leave free (``spare_cpu``): on 2 cores with 2 llama.cpp threads, a side thread
-made the default model's forced decode step slower (16.8 vs 14.9 ms, median of 4) where with 1
-llama.cpp thread it hid the encoder (16.6 vs 19.9 ms). llama.cpp stays on the calling thread
-because its OpenMP thread team belongs to the thread that calls it: a second calling thread makes
-a second team, and with more OpenMP threads than cores libgomp stops spinning at barriers and
-every decode, ours and any other in the process, slowed by half (13.5 -> 21-26 ms per step here).
+vectors there, which the step needs only after llama.cpp returns. The backend does that only on a
+CPU llama.cpp's threads leave free (``spare_cpu``): beside busy llama.cpp threads it gained nothing
+(README, "llama.cpp"). llama.cpp stays on the calling thread because its OpenMP thread team
+belongs to the thread that calls it: a second calling thread makes a second team, and with more
+OpenMP threads than cores libgomp stops spinning at barriers, and every decode in the process, ours
+and any other, slowed by half (13.5 -> 21-26 ms per step on the default model here).
 ``exact=True`` turns flash attention off and keeps the KV cache in float32: logits within 1e-6 of a
 float32 reference instead of ~1e-3 (the parity tests use it). The default keeps llama.cpp's own
 settings (flash attention, f16 KV cache), which prefill faster (README, "llama.cpp").
