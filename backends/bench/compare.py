@@ -24,6 +24,7 @@ engines are in ``engines.py``, the figures and the table in ``report.py``.
 from __future__ import annotations
 
 import json
+import os
 import multiprocessing as mp
 import time
 from collections.abc import Callable
@@ -154,7 +155,7 @@ def model_info(model: str | None, base: str | None) -> dict[str, Any]:
         gguf = str(conv / "model.gguf") if not (ckpt / "adapter_config.json").is_file() else None
     return {"model": str(model), "base": spec, "gguf": gguf, "checkpoint": str(model),
             "tokenizer": str(ckpt) if (ckpt / "tokenizer_config.json").is_file() else spec,
-            "position_mode": cfg.position_mode, "n_ctx": 4096,
+            "position_mode": cfg.position_mode, "n_ctx": int(os.environ.get("Z2Z_CONTEXT", 4096)),
             "codec": cfg.codec_config(_pad(ckpt, spec))}
 
 

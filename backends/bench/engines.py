@@ -14,6 +14,7 @@ engine a ``Spec`` names.
 from __future__ import annotations
 
 import json
+import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -184,10 +185,13 @@ class Reference(Stateless):
 
 def build(spec: Spec, model: str | None, base: str | None, info: dict[str, Any]) -> Any:
     if spec.kind in ("z2z", "plain"):
+        os.environ["Z2Z_CONTEXT"] = str(info["n_ctx"])  # llama.cpp's window as llama-cpp-python's (own process)
         return Z2Z(spec, model, base)
     from ..sources import load_tokenizer
 
-    tok = load_tokenizer(info["tokenizer"])
+    # llama-cpp-python's process reads the tokenizer as ours does (no transformers: 80+ MB of its
+    # peak memory would be the harness's, not llama.cpp's)
+    tok = load_tokenizer(info["tokenizer"], lean=spec.kind == "llamacpp")
     if spec.kind == "llamacpp":
         return LlamaCppPython(spec, info["gguf"], tok, info["n_ctx"])
     if spec.kind == "transformers":
