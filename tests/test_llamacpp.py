@@ -64,12 +64,14 @@ def run_stream(backend, codes, codec, k=20):
     return outs
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["qkv-fused", "qkv-apart"])  # apart: large encoders
+# large: as a large encoder runs, q, k and v apart and each product split over 3 threads
+@pytest.mark.parametrize("fused", [True, False], ids=["small", "large"])
 @pytest.mark.parametrize("enc", ["transformer", "res_latent_attn"])
 def test_numpy_encoders_equal_torch(enc, fused, ref_checkpoints, monkeypatch):
     from backends.llamacpp_backend import encoders
 
     monkeypatch.setattr(encoders, "SMALL", encoders.SMALL if fused else 0)
+    monkeypatch.setattr(encoders, "SPLIT", encoders.SPLIT if fused else 0)
     case = LLAMA if enc == "transformer" else ("llama", "res_latent_attn", "base_token_end")
     loaded = checkpoint.load(ref_checkpoints[case][1])
     m = loaded.model
@@ -77,7 +79,8 @@ def test_numpy_encoders_equal_torch(enc, fused, ref_checkpoints, monkeypatch):
     table = m.lm.get_input_embeddings().weight.detach().numpy()
     for side, module in (("input_encoder", m.input_encoder), ("output_encoder", m.output_encoder)):
         weights = {k: v.detach().numpy() for k, v in module.state_dict().items()}
-        ours = build_encoder(enc, weights, loaded.config.encoder, m.pad_id)(rows, table)
+        with encoders.use_threads(1 if fused else 3):
+            ours = build_encoder(enc, weights, loaded.config.encoder, m.pad_id)(rows, table)
         with torch.no_grad():
             want = module(torch.tensor(rows), torch.tensor(table)).numpy()
         np.testing.assert_allclose(ours, want, atol=1e-5, err_msg=side)

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 
 from ..errors import BackendError
 from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows, saved_vectors
 from .context import LlamaContext
+from .encoders import use_threads
 
 Encoder = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -158,10 +160,12 @@ class LlamaCppState(_Sequence):
         for slot, row in zip(plan.slots[:plan.n_new], plan.rows):
             self.pending_in[slot] = row
 
-    def _flush_out(self) -> None:
+    def _flush_out(self, threads: int = 0) -> None:
+        """Compute the pending output vectors, on ``threads`` CPUs (0: all of them; ``encoders.use_threads``)."""
         if self.pending_out is not None:
             slots, rows = self.pending_out
-            self._out[slots] = self.m.output_encoder(rows, self.m.head_table)  # (N, D)
+            with use_threads(threads or self.m.ctx.cpus):
+                self._out[slots] = self.m.output_encoder(rows, self.m.head_table)  # (N, D)
             self.pending_out = None
 
     @property
@@ -176,7 +180,7 @@ class LlamaCppState(_Sequence):
         ctx, rows = self.ctx, self._rows(codes)
         if not ctx.spare_cpu:
             self._flush_out()
-        during = self._flush_out if self.pending_out is not None else None
+        during = partial(self._flush_out, ctx.cpus - ctx.n_threads) if self.pending_out is not None else None
         return ctx.decode(rows, _start(positions), every_row=every_row, during=during)
 
     def export_kv(self) -> tuple[bytes, int]:
@@ -208,7 +212,8 @@ class LlamaCppState(_Sequence):
         self._out[slots[same]] = vectors[slots[same]]
         rest = plan.only(~same)  # entries made after the export's last step (the pending code's)
         if rest.slots:
-            self._out[rest.slots] = self.m.output_encoder(np.asarray(rest.rows, dtype=np.int64), self.m.head_table)
+            self.pending_out = (rest.slots, np.asarray(rest.rows, dtype=np.int64))
+            self._flush_out()
         for slot, row in zip(plan.slots[:plan.n_new], plan.rows):
             self.pending_in[slot] = row  # input vectors stay lazy, as after add_entries
 
@@ -216,7 +221,8 @@ class LlamaCppState(_Sequence):
         todo = sorted({s for s in slots if s in self.pending_in})
         if todo:
             rows = np.asarray([self.pending_in.pop(s) for s in todo], dtype=np.int64)  # (N, M)
-            self.hyper_in[todo] = self.m.input_encoder(rows, self.m.embed_table)
+            with use_threads(self.m.ctx.cpus):  # before the decode: every CPU is idle
+                self.hyper_in[todo] = self.m.input_encoder(rows, self.m.embed_table)
 
     def drop_entries(self, keep: int) -> None:
         self._flush_out()
@@ -242,7 +248,9 @@ class LlamaCppState(_Sequence):
         ts, rows = candidate_rows(masks, self.slots.M, self.slots.pad_id)
         cand = np.zeros(0, dtype=np.float32)
         if ts:
-            cand = (H[ts] * self.m.output_encoder(np.asarray(rows, dtype=np.int64), self.m.head_table)).sum(-1)
+            with use_threads(self.m.ctx.cpus):
+                vectors = self.m.output_encoder(np.asarray(rows, dtype=np.int64), self.m.head_table)  # (len(ts), D)
+            cand = (H[ts] * vectors).sum(-1)
         return assemble(base[:, : self.V], H @ self.hyper_out[:n_max].T, masks, ts, cand, self.V, self.C)
 
     def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:

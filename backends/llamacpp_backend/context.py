@@ -113,7 +113,8 @@ class LlamaContext:
             self.n_threads = cp.n_threads = cp.n_threads_batch = n_threads or default_threads()
             # a CPU llama.cpp's threads leave free: only then does work overlapped with a decode run
             # beside it instead of taking turns with llama.cpp's threads (module docstring)
-            self.spare_cpu = len(_cpus()) > self.n_threads
+            self.cpus = len(_cpus())
+            self.spare_cpu = self.cpus > self.n_threads
             cp.embeddings = True
             cp.pooling_type = L.LLAMA_POOLING_TYPE_NONE
             cp.no_perf = True

@@ -10,12 +10,53 @@ Attention rows with no key (a ``transformer`` pad slot) come out as zeros, as to
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 Weights = dict[str, np.ndarray]
+SPLIT = 1 << 22  # elements (16 MB of float32): a product by a larger matrix is split across threads
+_local = threading.local()  # .threads: how many CPUs the calling thread's encoder calls may use
+_pool: ThreadPoolExecutor | None = None
+
+
+@contextmanager
+def use_threads(n: int) -> Iterator[None]:
+    """Encoder calls on this thread may split their large products over ``n`` threads (numpy's
+    BLAS stays at one thread each: its own threads spin after a call, on llama.cpp's cores). The
+    caller says how many CPUs are idle meanwhile: all of them before a llama.cpp step, the ones
+    its threads leave free beside one."""
+    before = getattr(_local, "threads", 1)
+    _local.threads = max(1, n)
+    try:
+        yield
+    finally:
+        _local.threads = before
+
+
+def _split(x: np.ndarray, wt: np.ndarray, n: int) -> np.ndarray:
+    """``x @ wt`` as ``n`` products of column blocks, run at once (numpy releases the GIL in BLAS):
+    each reads 1/n of the matrix, which is what bounds these products (few rows, a large matrix)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="z2z-encoder")
+    out = np.empty((x.shape[0], wt.shape[1]), dtype=np.float32)
+    cuts = np.linspace(0, wt.shape[1], n + 1).astype(int)
+
+    def block(i: int) -> None:
+        a, b = cuts[i], cuts[i + 1]
+        out[:, a:b] = x @ wt[:, a:b]
+
+    jobs = [_pool.submit(block, i) for i in range(1, n)]
+    block(0)
+    for j in jobs:
+        j.result()
+    return out
 
 
 def erf(x: np.ndarray) -> np.ndarray:
@@ -42,7 +83,9 @@ def layer_norm(x: np.ndarray, w: Weights, prefix: str, eps: float = 1e-5) -> np.
 def linear(x: np.ndarray, w: Weights, name: str) -> np.ndarray:
     wt = w[f"{name}.weight.T"]  # (in, out), transposed once at build time: 1.3-1.6x faster than a .T view here
     # one 2-D GEMM: numpy runs a 3-D @ 2-D product as a loop of small ones
-    return (x.reshape(-1, x.shape[-1]) @ wt).reshape(*x.shape[:-1], wt.shape[1])
+    x2, n = x.reshape(-1, x.shape[-1]), min(getattr(_local, "threads", 1), wt.shape[1])
+    out = _split(x2, wt, n) if n > 1 and wt.size >= SPLIT else x2 @ wt
+    return out.reshape(*x.shape[:-1], wt.shape[1])
 
 
 def _qkv(x: np.ndarray, w: Weights, fused: str, part: str) -> list[np.ndarray]:
