@@ -180,7 +180,7 @@ class LlamaCppState(_Sequence):
         ctx, rows = self.ctx, self._rows(codes)
         if not ctx.spare_cpu:
             self._flush_out()
-        during = partial(self._flush_out, ctx.cpus - ctx.n_threads) if self.pending_out is not None else None
+        during = partial(self._flush_out, max(1, ctx.cpus - ctx.n_threads)) if self.pending_out is not None else None
         return ctx.decode(rows, _start(positions), every_row=every_row, during=during)
 
     def export_kv(self) -> tuple[bytes, int]:

@@ -6,6 +6,10 @@ torch nor MLX.
 (rows, D) float32, the embedding (input side) or LM head (output side) matrix. Output (N, D).
 Attention rows with no key (a ``transformer`` pad slot) come out as zeros, as torch's
 ``scaled_dot_product_attention`` returns them. GELU is the exact (erf) one.
+
+Inside ``use_threads(n)`` a product by a large matrix (``SPLIT``) is split by columns over ``n``
+threads: the caller knows how many CPUs are idle while the encoder runs (the llama.cpp backend:
+all of them before a step, the ones llama.cpp's threads leave free beside one).
 """
 
 from __future__ import annotations
