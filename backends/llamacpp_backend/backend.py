@@ -160,12 +160,17 @@ class LlamaCppState(_Sequence):
         for slot, row in zip(plan.slots[:plan.n_new], plan.rows):
             self.pending_in[slot] = row
 
+    def _encode(self, encoder: Encoder, rows: np.ndarray, table, threads: int = 0) -> np.ndarray:
+        """``encoder(rows, table)`` (N, D) on ``threads`` CPUs (``encoders.use_threads``); 0: all of
+        them, as when llama.cpp is not running."""
+        with use_threads(threads or self.m.ctx.cpus):
+            return encoder(rows, table)
+
     def _flush_out(self, threads: int = 0) -> None:
-        """Compute the pending output vectors, on ``threads`` CPUs (0: all of them; ``encoders.use_threads``)."""
+        """Compute the pending output vectors (``_encode``'s ``threads``)."""
         if self.pending_out is not None:
             slots, rows = self.pending_out
-            with use_threads(threads or self.m.ctx.cpus):
-                self._out[slots] = self.m.output_encoder(rows, self.m.head_table)  # (N, D)
+            self._out[slots] = self._encode(self.m.output_encoder, rows, self.m.head_table, threads)
             self.pending_out = None
 
     @property
@@ -221,8 +226,7 @@ class LlamaCppState(_Sequence):
         todo = sorted({s for s in slots if s in self.pending_in})
         if todo:
             rows = np.asarray([self.pending_in.pop(s) for s in todo], dtype=np.int64)  # (N, M)
-            with use_threads(self.m.ctx.cpus):  # before the decode: every CPU is idle
-                self.hyper_in[todo] = self.m.input_encoder(rows, self.m.embed_table)
+            self.hyper_in[todo] = self._encode(self.m.input_encoder, rows, self.m.embed_table)  # before the decode
 
     def drop_entries(self, keep: int) -> None:
         self._flush_out()
@@ -248,9 +252,8 @@ class LlamaCppState(_Sequence):
         ts, rows = candidate_rows(masks, self.slots.M, self.slots.pad_id)
         cand = np.zeros(0, dtype=np.float32)
         if ts:
-            with use_threads(self.m.ctx.cpus):
-                vectors = self.m.output_encoder(np.asarray(rows, dtype=np.int64), self.m.head_table)  # (len(ts), D)
-            cand = (H[ts] * vectors).sum(-1)
+            vectors = self._encode(self.m.output_encoder, np.asarray(rows, dtype=np.int64), self.m.head_table)
+            cand = (H[ts] * vectors).sum(-1)  # (len(ts),)
         return assemble(base[:, : self.V], H @ self.hyper_out[:n_max].T, masks, ts, cand, self.V, self.C)
 
     def forward(self, codes: Sequence[int], positions: Sequence[int]) -> np.ndarray:
