@@ -24,6 +24,7 @@ from backends.errors import CheckpointError, ConvertError, Z2ZError  # noqa: E40
 from backends.gguf_convert import convert  # noqa: E402
 from backends.llamacpp_backend.checkpoint import open_checkpoint  # noqa: E402
 from backends.llamacpp_backend.encoders import build_encoder  # noqa: E402
+from backends.llamacpp_backend.tensors import SafetensorsFile  # noqa: E402
 from backends.runtime import RuntimeOpenError, open_runtime  # noqa: E402
 from backends.torch_backend import checkpoint  # noqa: E402
 from backends.torch_backend.backend import TorchState  # noqa: E402
@@ -64,14 +65,16 @@ def run_stream(backend, codes, codec, k=20):
     return outs
 
 
-# large: as a large encoder runs, q, k and v apart and each product split over 3 threads
-@pytest.mark.parametrize("fused", [True, False], ids=["small", "large"])
+# large: as a large encoder runs, q, k and v apart and each product split over 3 threads;
+# q8_0, f16: every matrix is of that type on ggml's kernels (3 threads), torch's within its rounding
+@pytest.mark.parametrize("size", ["small", "large", "q8_0", "f16"])
 @pytest.mark.parametrize("enc", ["transformer", "res_latent_attn"])
-def test_numpy_encoders_equal_torch(enc, fused, ref_checkpoints, monkeypatch):
+def test_numpy_encoders_equal_torch(enc, size, ref_checkpoints, monkeypatch):
     from backends.llamacpp_backend import encoders
 
-    monkeypatch.setattr(encoders, "SMALL", encoders.SMALL if fused else 0)
-    monkeypatch.setattr(encoders, "SPLIT", encoders.SPLIT if fused else 0)
+    for name in ("SMALL", "SPLIT", "QUANT"):
+        big = size == "small" or (size == "large" and name == "QUANT")  # the limit left as it is
+        monkeypatch.setattr(encoders, name, getattr(encoders, name) if big else 0)
     case = LLAMA if enc == "transformer" else ("llama", "res_latent_attn", "base_token_end")
     loaded = checkpoint.load(ref_checkpoints[case][1])
     m = loaded.model
@@ -79,11 +82,31 @@ def test_numpy_encoders_equal_torch(enc, fused, ref_checkpoints, monkeypatch):
     table = m.lm.get_input_embeddings().weight.detach().numpy()
     for side, module in (("input_encoder", m.input_encoder), ("output_encoder", m.output_encoder)):
         weights = {k: v.detach().numpy() for k, v in module.state_dict().items()}
-        with encoders.use_threads(1 if fused else 3):
-            ours = build_encoder(enc, weights, loaded.config.encoder, m.pad_id)(rows, table)
+        prepared = encoders.prepare(weights, loaded.config.encoder, "f16" if size == "f16" else "q8_0")
+        assert any(k.endswith((".q8_0", ".f16")) for k in prepared) == (size in ("q8_0", "f16"))
+        with encoders.use_threads(1 if size == "small" else 3):
+            ours = build_encoder(enc, prepared, loaded.config.encoder, m.pad_id, prepared=True)(rows, table)
         with torch.no_grad():
             want = module(torch.tensor(rows), torch.tensor(table)).numpy()
-        np.testing.assert_allclose(ours, want, atol=1e-5, err_msg=side)
+        err = np.linalg.norm(ours - want) / np.linalg.norm(want)
+        if size in ("q8_0", "f16"):
+            assert err < {"q8_0": 0.04, "f16": 0.003}[size], side
+        else:
+            np.testing.assert_allclose(ours, want, atol=1e-5, err_msg=side)
+
+
+def test_q8_0_products_equal_numpy_within_rounding():
+    from backends.llamacpp_backend import ggml_matmul
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 128)).astype(np.float32)  # (out, in)
+    x = rng.standard_normal((5, 256)).astype(np.float32)[:, ::2]  # (N, in), not contiguous
+    m = ggml_matmul.QuantMatrix(ggml_matmul.quantize(w, "q8_0"), "q8_0")
+    want, ours = x @ w.T, m.matmul(x, 1)
+    assert ours.shape == (5, 96) and m.nbytes == 96 * 128 // 32 * 34
+    assert 0 < np.linalg.norm(ours - want) < 0.01 * np.linalg.norm(want)
+    assert np.array_equal(m.matmul(x, 3), ours)  # threads split the work, not the sums
+    assert np.array_equal(m.matmul(x[:1], 2)[0], ours[0])  # one row as in a batch
 
 
 @pytest.mark.parametrize("lora", ["adapter", "merge"])
@@ -369,10 +392,15 @@ def test_phi3_long_context_rope_factors_are_written_as_llama_cpp_reads_them(tmp_
     check_gguf(path)  # and it parses as a model llama.cpp can be handed
 
 
-def test_encoder_weights_are_prepared_once_and_a_damaged_cache_is_made_again(gguf_dirs, tmp_path, monkeypatch):
-    """The numpy layout of the encoders is kept in the cache and read back as views: the same
-    vectors from a fresh preparation, the cached file and a rebuilt one."""
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_encoder_weights_are_prepared_once_and_a_damaged_cache_is_made_again(gguf_dirs, tmp_path, monkeypatch, kind):
+    """The encoders' layout is kept in the cache and read back: the same vectors from a fresh
+    preparation, the cached file and a rebuilt one (q8_0: every matrix that fits, as ggml blocks)."""
+    from backends.llamacpp_backend import encoders
+
     monkeypatch.setenv("Z2Z_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("Z2Z_ENCODER_WEIGHTS", kind)
+    monkeypatch.setattr(encoders, "QUANT", 0)
     rows = np.array([[5, 6, 7], [8, 9, 2]])
 
     def vectors() -> np.ndarray:
@@ -384,6 +412,7 @@ def test_encoder_weights_are_prepared_once_and_a_damaged_cache_is_made_again(ggu
 
     fresh = vectors()
     (cached,) = (tmp_path / "cache" / "llamacpp").glob("encoders-*.safetensors")
+    assert any(k.endswith(".q8_0") for k in SafetensorsFile(cached)) == (kind == "q8_0")
     np.testing.assert_array_equal(vectors(), fresh)
     cached.write_bytes(cached.read_bytes()[:100])  # cut short, as a full disk would leave it
     np.testing.assert_array_equal(vectors(), fresh)
@@ -391,6 +420,12 @@ def test_encoder_weights_are_prepared_once_and_a_damaged_cache_is_made_again(ggu
     (table,) = (tmp_path / "cache" / "llamacpp").glob("tables-*/embed.npy")  # the same for the tables
     table.write_bytes(table.read_bytes()[:1000])
     np.testing.assert_array_equal(vectors(), fresh)
+
+
+def test_an_unknown_encoder_weight_type_is_a_clear_error(gguf_dirs, monkeypatch):
+    monkeypatch.setenv("Z2Z_ENCODER_WEIGHTS", "q4")
+    with pytest.raises(CheckpointError, match="Z2Z_ENCODER_WEIGHTS='q4': use q8_0"):
+        open_checkpoint(gguf_dirs["merge"], n_threads=1)
 
 
 def test_an_encoder_config_edited_after_the_first_open_is_checked_again(gguf_dirs, tmp_path, monkeypatch):

@@ -9,8 +9,9 @@ Accepted layouts (a directory with ``zip2zip_config.json`` and the hyper-encoder
   run time costs every step (README, "llama.cpp"), and q8_0 keeps the merged weights within a
   rounding of what was trained.
 
-The hyper-encoders' weights are checked and laid out for numpy once (``encoders.prepare``) and
-kept in the user cache, read back as views of that file.
+The hyper-encoders' weights are checked and laid out once (``encoders.prepare``: float32 for
+numpy, large matrices as q8_0 for ggml unless ``Z2Z_ENCODER_WEIGHTS=f32``) and kept in the user
+cache, read back from that file.
 
 Everything is checked before llama.cpp sees it (it aborts the process on some bad files): the
 position mode (``base_token_end`` needs non-contiguous positions, which stock llama.cpp refuses),
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,8 @@ from ..protocol import Loaded
 from ..sources import checkpoint_tokenizer, is_gguf
 from .backend import LlamaCppModel, PlainLlamaCppModel
 from .context import LlamaContext
-from .encoders import LAYOUT, build_encoder, prepare
+from . import encoders
+from .encoders import build_encoder, prepare
 from .tensors import (
     SafetensorsFile,
     TensorFileError,
@@ -90,16 +93,17 @@ def _merged_or_adapter(ck: Checkpoint, base: Path, progress) -> tuple[Path, Path
     return out, None
 
 
-def _encoders(file: Path, config: Zip2ZipConfig, pad: int):
+def _encoders(file: Path, config: Zip2ZipConfig, pad: int, kind: str):
     """(input encoder, output encoder), their weights laid out by ``encoders.prepare`` and kept in
-    the user cache (keyed by the file's path, size and mtime and the encoder config), read back as
-    views of the cached file: a released 4B checkpoint's encoders are 1.8 GB, whose transposing took
-    6.7 s and checking 2.8 s of a 14.8 s load here. The checks (finite weights, shapes that fit the
+    the user cache (keyed by the file's path, size and mtime, the encoder config and ``kind``),
+    read back from the cached file (float32 matrices as views of it): a released 4B checkpoint's
+    float32 encoders are 1.8 GB, whose transposing took 6.7 s and checking 2.8 s of a 14.8 s load. The checks (finite weights, shapes that fit the
     config: one call on a stand-in row) run when the cache entry is made; the call alone read all
     1.8 GB, 0.5 s of every open."""
     prefixes = ("input_encoder",) + (() if config.encoder["tie_encoders"] else ("output_encoder",))
     cfg = config.encoder
-    key = file_key(file, prefixes, LAYOUT, config.encoder_type, config.model_dim, json.dumps(cfg, sort_keys=True))
+    key = file_key(file, prefixes, encoders.LAYOUT, kind, encoders.QUANT, config.encoder_type, config.model_dim,
+                   json.dumps(cfg, sort_keys=True))
     cached = cache_dir() / "llamacpp" / f"encoders-{key}.safetensors"
     weights = None
     if cached.is_file():
@@ -109,7 +113,7 @@ def _encoders(file: Path, config: Zip2ZipConfig, pad: int):
         except TensorFileError:  # a damaged entry (a full disk, a crash): made again
             cached.unlink()
     if weights is None:
-        weights = {p: _checked(file, p, config, pad) for p in prefixes}
+        weights = {p: _checked(file, p, config, pad, kind) for p in prefixes}
         from safetensors.numpy import save_file
 
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +124,16 @@ def _encoders(file: Path, config: Zip2ZipConfig, pad: int):
     return enc["input_encoder"], enc.get("output_encoder", enc["input_encoder"])
 
 
-def _checked(file: Path, prefix: str, config: Zip2ZipConfig, pad: int) -> dict[str, np.ndarray]:
+def _encoder_weights() -> str:
+    """``Z2Z_ENCODER_WEIGHTS``: the type of the encoders' large matrices (``encoders.prepare``):
+    ``q8_0`` (the default), ``f16``, or ``f32`` (torch's outputs exactly, 3.8x q8_0's memory)."""
+    value = os.environ.get("Z2Z_ENCODER_WEIGHTS", "q8_0")
+    if value not in ("q8_0", "f16", "f32"):
+        raise CheckpointError(f"Z2Z_ENCODER_WEIGHTS={value!r}: use q8_0 (the default), f16 or f32")
+    return value
+
+
+def _checked(file: Path, prefix: str, config: Zip2ZipConfig, pad: int, kind: str) -> dict[str, np.ndarray]:
     """``prefix``'s weights, prepared, once they are finite and run on a stand-in row."""
     st = SafetensorsFile(file)
     sub = {k[len(prefix) + 1:]: st.view(k) for k in st if k.startswith(prefix + ".")}
@@ -131,7 +144,7 @@ def _checked(file: Path, prefix: str, config: Zip2ZipConfig, pad: int) -> dict[s
         raise CheckpointError(f"{file}: {prefix}.{bad[0]} holds NaN or infinite values")
     row, table = np.zeros((1, config.compression.max_subtokens), dtype=np.int64), np.ones((1, config.model_dim), np.float32)
     try:
-        w = prepare(sub, config.encoder)
+        w = prepare(sub, config.encoder, kind)
         out = build_encoder(config.encoder_type, w, config.encoder, pad, prepared=True)(row, table)
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"{file}: {prefix} does not match {CONFIG_NAME} ({type(e).__name__}: {e})") from None
@@ -159,7 +172,7 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
             f"{ckpt} uses position_mode {config.position_mode!r}: each code sits at the position of its last "
             "base token, and stock llama.cpp only accepts contiguous positions. Run it with --backend torch "
             "(or mlx on Apple silicon).")
-    V = config.compression.initial_vocab_size
+    V, kind = config.compression.initial_vocab_size, _encoder_weights()
     tok, pad = checkpoint_tokenizer(ck, lean=True)  # no transformers import (2-4 s, 50-240 MB)
     gguf_path = _base_gguf(ck)
     try:
@@ -183,7 +196,7 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
         codec = CodecConfig(codec.base_vocab_size, 0, 1, codec.disabled_ids, codec.pad_id)
         return Loaded(PlainLlamaCppModel(ctx, V), tok, config, codec, str(gguf_path), device)
     try:
-        enc_in, enc_out = _encoders(ck.encoders, config, pad)
+        enc_in, enc_out = _encoders(ck.encoders, config, pad, kind)
     except (CheckpointError, TensorFileError, KeyError) as e:
         ctx.close()
         raise CheckpointError(f"{ckpt}: the hyper-encoders do not match the config ({e})") from None

@@ -7,8 +7,13 @@ torch nor MLX.
 Attention rows with no key (a ``transformer`` pad slot) come out as zeros, as torch's
 ``scaled_dot_product_attention`` returns them. GELU is the exact (erf) one.
 
+Matrices of ``QUANT`` elements or more are kept as q8_0 (or float16) and multiplied on ggml's
+kernels (``ggml_matmul``; ``prepare(kind="f32")`` keeps float32): at a released model's size the
+encoders are 1.8 GB of float32 and a call is bound by reading them. Those outputs equal torch's
+within that rounding; smaller matrices (the default model's) stay float32 and equal torch's.
+
 Inside ``use_threads(n)`` a product by a large matrix (``SPLIT``) is split by columns over ``n``
-threads: the caller knows how many CPUs are idle while the encoder runs (the llama.cpp backend:
+threads (ggml's threads for a q8_0 one): the caller knows how many CPUs are idle while the encoder runs (the llama.cpp backend:
 all of them before a step, the ones llama.cpp's threads leave free beside one).
 """
 
@@ -23,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-Weights = dict[str, np.ndarray]
+from . import ggml_matmul
+
+Weights = dict[str, Any]  # np.ndarray; once built, a ggml_matmul.QuantMatrix under name.weight.ggml
 SPLIT = 1 << 22  # elements (16 MB of float32): a product by a larger matrix is split across threads
 _local = threading.local()  # .threads: how many CPUs the calling thread's encoder calls may use
 _pool: ThreadPoolExecutor | None = None
@@ -85,16 +92,24 @@ def layer_norm(x: np.ndarray, w: Weights, prefix: str, eps: float = 1e-5) -> np.
 
 
 def linear(x: np.ndarray, w: Weights, name: str) -> np.ndarray:
-    wt = w[f"{name}.weight.T"]  # (in, out), transposed once at build time: 1.3-1.6x faster than a .T view here
-    # one 2-D GEMM: numpy runs a 3-D @ 2-D product as a loop of small ones
-    x2, n = x.reshape(-1, x.shape[-1]), min(getattr(_local, "threads", 1), wt.shape[1])
-    out = _split(x2, wt, n) if n > 1 and wt.size >= SPLIT else x2 @ wt
-    return out.reshape(*x.shape[:-1], wt.shape[1])
+    x2, threads = x.reshape(-1, x.shape[-1]), getattr(_local, "threads", 1)  # one 2-D product: numpy runs 3-D @ 2-D as a loop
+    q = w.get(f"{name}.weight.ggml")
+    if q is not None:
+        out = q.matmul(x2, threads)
+    else:
+        wt = w[f"{name}.weight.T"]  # (in, out), transposed once at build time: 1.3-1.6x faster than a .T view here
+        n = min(threads, wt.shape[1])
+        out = _split(x2, wt, n) if n > 1 and wt.size >= SPLIT else x2 @ wt
+    return out.reshape(*x.shape[:-1], out.shape[1])
+
+
+def _has(w: Weights, name: str) -> bool:
+    return f"{name}.weight.T" in w or f"{name}.weight.ggml" in w
 
 
 def _qkv(x: np.ndarray, w: Weights, fused: str, part: str) -> list[np.ndarray]:
     """q, k and v: one matmul where ``prepare`` fused them, else three (``part`` formats q/k/v)."""
-    if f"{fused}.weight.T" in w:
+    if _has(w, fused):
         return np.split(linear(x, w, fused), 3, axis=-1)
     return [linear(x, w, part.format(n)) for n in "qkv"]
 
@@ -148,7 +163,7 @@ def res_latent_attn(w: Weights, cfg: dict[str, Any], pad_id: int) -> Callable[[n
         N, M = rows.shape
         x = table[rows]  # (N, M, D)
         first = x[:, 0]
-        if "proj_in.weight.T" in w:
+        if _has(w, "proj_in"):
             x = linear(x, w, "proj_in")
         x = x + w["pos_embed.weight"][:M]  # (N, M, H)
         valid = rows != pad_id
@@ -166,7 +181,7 @@ def res_latent_attn(w: Weights, cfg: dict[str, Any], pad_id: int) -> Callable[[n
             out = x[np.arange(N), np.maximum(valid.sum(-1), 1) - 1]
         else:
             out = (x * valid[..., None]).sum(1) / np.maximum(valid.sum(-1, keepdims=True), 1)
-        if "proj_out.weight.T" in w:
+        if _has(w, "proj_out"):
             out = linear(out, w, "proj_out")
         return out + first if residual else out
 
@@ -176,11 +191,13 @@ def res_latent_attn(w: Weights, cfg: dict[str, Any], pad_id: int) -> Callable[[n
 ENCODERS = {"transformer": transformer, "res_latent_attn": res_latent_attn}
 
 
-def prepare(weights: Weights, cfg: dict[str, Any]) -> Weights:
+def prepare(weights: Weights, cfg: dict[str, Any], kind: str = "q8_0") -> Weights:
     """The checkpoint's weights ((out, in) matrices, possibly read-only views of its file) as the
-    encoders use them: each matrix kept once, as the (in, out) copy ``linear`` multiplies by (numpy
-    multiplies by it 1.3-1.6x faster than by a transposed view: 6-8 rows, one BLAS thread, 0.27 vs
-    0.32 ms at 768x256, 19 vs 31 ms at 3072x12288), q, k and v fused where they are small."""
+    encoders use them, each matrix kept once: one of ``QUANT`` elements or more as ``kind`` blocks
+    (``name.weight.q8_0`` or ``.f16``, see ``ggml_matmul``) unless ``kind`` is f32, else as the (in, out) float32 copy
+    ``linear`` multiplies by (numpy multiplies by it 1.3-1.6x faster than by a transposed view: 6-8
+    rows, one BLAS thread, 0.27 vs 0.32 ms at 768x256, 19 vs 31 ms at 3072x12288); q, k and v fused
+    where they are small."""
     w = dict(weights)
     for i in range(cfg["num_hidden_layers"]):  # one matmul for q, k and v where they are small (latency-bound)
         for fused, parts in ((f"layers.{i}.attention.qkv", [f"layers.{i}.attention.{n}_proj" for n in "qkv"]),
@@ -188,15 +205,31 @@ def prepare(weights: Weights, cfg: dict[str, Any]) -> Weights:
             if all(f"{p}.weight" in w for p in parts) and w[f"{parts[0]}.weight"].size <= SMALL:
                 w[f"{fused}.weight"] = np.concatenate([w.pop(f"{p}.weight") for p in parts])
     for k in [k for k, v in w.items() if v.ndim == 2 and k.endswith(".weight") and not k.startswith("pos_embed")]:
-        w[f"{k}.T"] = np.ascontiguousarray(w.pop(k).T, dtype=np.float32)
-    return {k: np.asarray(v, dtype=np.float32) for k, v in w.items()}
+        m = w.pop(k)
+        if kind in ggml_matmul.TYPES and m.size >= QUANT and ggml_matmul.fits(m, kind):
+            w[f"{k}.{kind}"] = ggml_matmul.quantize(m, kind)
+        else:
+            w[f"{k}.T"] = np.ascontiguousarray(m.T, dtype=np.float32)
+    return {k: v if _ggml_kind(k) else np.asarray(v, dtype=np.float32) for k, v in w.items()}
+
+
+def _ggml_kind(key: str) -> str | None:
+    kind = key.rsplit(".", 1)[-1]
+    return kind if kind in ggml_matmul.TYPES else None
 
 
 SMALL = 1 << 20  # elements: above this q, k and v stay apart (fusing would need a second copy at load)
-LAYOUT = 1  # of prepare's output; part of the key of cached prepared weights: change it with the layout
+QUANT = 1 << 22  # elements: a matrix this large is kept as q8_0 (Phi-3.5-mini's encoders: 1.8 GB -> 0.48 GB)
+LAYOUT = 2  # of prepare's output; part of the key of cached prepared weights: change it with the layout
 
 
-def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_id: int, prepared: bool = False
-                  ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_id: int, prepared: bool = False,
+                  kind: str = "q8_0") -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """The encoder of the checkpoint's ``weights`` (or of ``prepare``'s output, with ``prepared``)."""
-    return ENCODERS[encoder_type](weights if prepared else prepare(weights, cfg), cfg, pad_id)
+    w = {}
+    for k, v in (weights if prepared else prepare(weights, cfg, kind)).items():
+        if (t := _ggml_kind(k)) is not None:  # name.weight.q8_0 -> name.weight.ggml, a QuantMatrix
+            w[f"{k.rsplit('.', 1)[0]}.ggml"] = ggml_matmul.QuantMatrix(v, t)
+        else:
+            w[k] = v
+    return ENCODERS[encoder_type](w, cfg, pad_id)

@@ -46,7 +46,7 @@ class TensorFileError(Z2ZError, ValueError):
 
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32}
+              "I64": np.int64, "I32": np.int32, "U8": np.uint8}
 
 
 class SafetensorsFile(Mapping[str, np.ndarray]):
@@ -86,6 +86,8 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         a = np.frombuffer(self._data, dtype=dt, count=size // np.dtype(dt).itemsize, offset=at)
         if kind == "BF16":
             a = (a.astype(np.uint32) << 16).view(np.float32)
+        if kind == "U8":  # raw bytes (the encoder cache's q8_0 blocks)
+            return a.reshape(shape)
         return a.reshape(shape) if a.dtype == np.float32 else a.reshape(shape).astype(np.float32)
 
     def __iter__(self) -> Iterator[str]:
