@@ -210,10 +210,11 @@ def prepare(weights: Weights, cfg: dict[str, Any], kind: str = "q8_0") -> Weight
             w[f"{k}.{kind}"] = ggml_matmul.quantize(m, kind)
         else:
             w[f"{k}.T"] = np.ascontiguousarray(m.T, dtype=np.float32)
-    return {k: v if _ggml_kind(k) else np.asarray(v, dtype=np.float32) for k, v in w.items()}
+    return {k: v if ggml_kind(k) else np.asarray(v, dtype=np.float32) for k, v in w.items()}
 
 
-def _ggml_kind(key: str) -> str | None:
+def ggml_kind(key: str) -> str | None:
+    """The ggml type of ``prepare``'s ``key`` (``name.weight.q8_0``: q8_0), None for float32."""
     kind = key.rsplit(".", 1)[-1]
     return kind if kind in ggml_matmul.TYPES else None
 
@@ -228,7 +229,7 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
     """The encoder of the checkpoint's ``weights`` (or of ``prepare``'s output, with ``prepared``)."""
     w = {}
     for k, v in (weights if prepared else prepare(weights, cfg, kind)).items():
-        if (t := _ggml_kind(k)) is not None:  # name.weight.q8_0 -> name.weight.ggml, a QuantMatrix
+        if (t := ggml_kind(k)) is not None:  # name.weight.q8_0 -> name.weight.ggml, a QuantMatrix
             w[f"{k.rsplit('.', 1)[0]}.ggml"] = ggml_matmul.QuantMatrix(v, t)
         else:
             w[k] = v

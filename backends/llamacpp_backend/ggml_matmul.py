@@ -45,6 +45,8 @@ def _lib() -> tuple[ctypes.CDLL, ctypes.CDLL]:
         ("ggml_get_data", p, [p]), ("ggml_mul_mat", p, [p, p, p]),
         ("ggml_new_graph_custom", p, [p, sz, ctypes.c_bool]), ("ggml_build_forward_expand", None, [p, p]),
         ("ggml_quantize_chunk", sz, [ctypes.c_int, p, p, i64, i64, i64, p]),
+        ("ggml_backend_cpu_buffer_from_ptr", p, [p, sz]), ("ggml_backend_tensor_alloc", ctypes.c_int, [p, p, p]),
+        ("ggml_backend_buffer_free", None, [p]),
     ):
         f = getattr(base, name)
         f.restype, f.argtypes = res, args
@@ -83,19 +85,25 @@ _scratch = threading.local()  # .buf: a calling thread's memory for its products
 
 
 class QuantMatrix:
-    """A ``kind`` matrix (``quantize``'s blocks) copied into ggml memory of its own."""
+    """A ``kind`` matrix: ``quantize``'s blocks, read by ggml where they lie (an array of ours, or a
+    view of the memory-mapped encoder cache: nothing is copied, and the pages are read as the
+    products first need them, as llama.cpp reads its own mapped GGUF)."""
 
     def __init__(self, blocks: np.ndarray, kind: str):
         base, _ = _lib()
         t, per, size = TYPES[kind]
-        self.out, self.inp = blocks.shape[0], blocks.shape[1] // size * per  # (out, in)
-        size = base.ggml_tensor_overhead() + blocks.nbytes + 256
-        self._ctx = base.ggml_init(_InitParams(size, None, False))
-        if not self._ctx:
-            raise MemoryError(f"ggml could not allocate {size} bytes for an encoder matrix")
+        if not blocks.flags.c_contiguous:
+            blocks = np.ascontiguousarray(blocks)
+        self._blocks = blocks  # keeps the memory (or the map) alive for ggml
+        self.out, self.inp, self.nbytes = blocks.shape[0], blocks.shape[1] // size * per, blocks.nbytes  # (out, in)
+        self._ctx = base.ggml_init(_InitParams(2 * base.ggml_tensor_overhead(), None, True))  # metadata only
         self._t = base.ggml_new_tensor_2d(self._ctx, t, self.inp, self.out)  # ne0 = in: ggml's rows are ours
-        ctypes.memmove(base.ggml_get_data(self._t), np.ascontiguousarray(blocks).ctypes.data, blocks.nbytes)
-        self.nbytes = blocks.nbytes
+        # a CPU buffer over the blocks' memory; ggml wants its start aligned, so it starts at their page
+        at = blocks.ctypes.data
+        page = at & ~4095
+        self._buf = base.ggml_backend_cpu_buffer_from_ptr(page, at + self.nbytes - page)
+        if not self._buf or base.ggml_backend_tensor_alloc(self._buf, self._t, at) != 0:
+            raise MemoryError("ggml could not take an encoder matrix's memory")
 
     def matmul(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """(N, in) float32 -> (N, out) float32: ``x @ w.T`` on ``threads`` ggml threads."""
@@ -127,6 +135,10 @@ class QuantMatrix:
             base.ggml_free(ctx)
 
     def __del__(self) -> None:
+        base = _lib()[0]
+        if getattr(self, "_buf", None):
+            base.ggml_backend_buffer_free(self._buf)  # the buffer's record: the memory is the blocks'
+            self._buf = None
         if getattr(self, "_ctx", None):
-            _lib()[0].ggml_free(self._ctx)
+            base.ggml_free(self._ctx)
             self._ctx = None
