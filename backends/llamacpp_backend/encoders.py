@@ -1,47 +1,45 @@
-"""Hyper-encoders in numpy, numerically the torch ones (``torch_backend/encoders.py``), reading the
-same parameter names from ``zip2zip_encoders.safetensors``, so the llama.cpp path needs neither
-torch nor MLX.
+"""Hyper-encoders on ggml's CPU kernels (``ggml_graph``), numerically the torch ones
+(``torch_backend/encoders.py``), reading the same parameter names from
+``zip2zip_encoders.safetensors``, so the llama.cpp path needs neither torch nor MLX.
 
 ``encoder(rows, table)``: ``rows`` (N, M) int base ids right-padded with ``pad_id``, ``table``
 (rows, D) float32, the embedding (input side) or LM head (output side) matrix. Output (N, D).
 Attention rows with no key (a ``transformer`` pad slot) come out as zeros, as torch's
 ``scaled_dot_product_attention`` returns them. GELU is the exact (erf) one.
 
-Matrices of ``QUANT`` elements or more are kept as q8_0 (or float16) and multiplied on ggml's
-kernels (``ggml_matmul``; ``prepare(kind="f32")`` keeps float32): at a released model's size the
-encoders are 1.8 GB of float32 and a call is bound by reading them. Those outputs equal torch's
-within that rounding; smaller matrices (the default model's) stay float32 and equal torch's.
+An encoder call is one ggml graph (a few hundred rows at most: longer calls are cut). Matrices of
+``QUANT`` elements or more are kept as q8_0 (``prepare``'s ``kind``; f16, or float32 with
+``f32``): a released 4B model's encoders are 1.8 GB as float32 and a call was bound by reading
+them. Outputs equal torch's within float32 rounding, or within that type's rounding; smaller
+matrices (all of the default model's) stay float32.
 
-Inside ``use_threads(n)`` a product by a large matrix (``SPLIT``) is split by columns over ``n``
-threads (ggml's threads for a q8_0 one): the caller knows how many CPUs are idle while the encoder runs (the llama.cpp backend:
-all of them before a step, the ones llama.cpp's threads leave free beside one).
+Inside ``use_threads(n)`` a call runs on ``n`` ggml threads: the caller knows how many CPUs are
+idle meanwhile (the llama.cpp backend: all of them before a step, the ones llama.cpp's threads
+leave free beside one).
 """
 
 from __future__ import annotations
 
-import os
+import math
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from . import ggml_matmul
+from . import ggml_graph
+from .ggml_graph import Graph, Tensors
 
-Weights = dict[str, Any]  # np.ndarray; once built, a ggml_matmul.QuantMatrix under name.weight.ggml
-SPLIT = 1 << 22  # elements (16 MB of float32): a product by a larger matrix is split across threads
+Weights = dict[str, np.ndarray]
 _local = threading.local()  # .threads: how many CPUs the calling thread's encoder calls may use
-_pool: ThreadPoolExecutor | None = None
+CHUNK = 256  # entries per graph: bounds a call's memory (a released model's FFN rows: 200 KB an entry)
 
 
 @contextmanager
 def use_threads(n: int) -> Iterator[None]:
-    """Encoder calls on this thread may split their large products over ``n`` threads (numpy's
-    BLAS stays at one thread each: its own threads spin after a call, on llama.cpp's cores). The
-    caller says how many CPUs are idle meanwhile: all of them before a llama.cpp step, the ones
-    its threads leave free beside one."""
+    """Encoder calls on this thread run on ``n`` ggml threads; the caller says how many CPUs are
+    idle meanwhile: all of them before a llama.cpp step, the ones its threads leave free beside one."""
     before = getattr(_local, "threads", 1)
     _local.threads = max(1, n)
     try:
@@ -50,140 +48,91 @@ def use_threads(n: int) -> Iterator[None]:
         _local.threads = before
 
 
-def _split(x: np.ndarray, wt: np.ndarray, n: int) -> np.ndarray:
-    """``x @ wt`` as ``n`` products of column blocks, run at once (numpy releases the GIL in BLAS):
-    each reads 1/n of the matrix, which is what bounds these products (few rows, a large matrix)."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="z2z-encoder")
-    out = np.empty((x.shape[0], wt.shape[1]), dtype=np.float32)
-    cuts = np.linspace(0, wt.shape[1], n + 1).astype(int)
+def _attention(g: Graph, w: Tensors, x: int, names: list[str], heads: int, M: int, N: int, H: int, mask: int,
+               keep: int | None = None) -> int:
+    """Multi-head self-attention of x (H, M, N) with ``mask`` (M, M, 1, N) added to the scores;
+    ``keep`` (1, M, 1, N) zeroes query rows. Returns the output projection's input's product, (H, M, N)."""
+    d = H // heads
 
-    def block(i: int) -> None:
-        a, b = cuts[i], cuts[i + 1]
-        out[:, a:b] = x @ wt[:, a:b]
+    def split(t: int) -> int:
+        return g.permute(g.reshape(t, d, heads, M, N), 0, 2, 1, 3)  # (d, M, h, N)
 
-    jobs = [_pool.submit(block, i) for i in range(1, n)]
-    block(0)
-    for j in jobs:
-        j.result()
-    return out
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """Numerical Recipes' erfc fit (|rel. error| < 1.2e-7): well inside float32 tolerances."""
-    z = np.abs(x)
-    t = 1.0 / (1.0 + 0.5 * z)
-    poly = (-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
-        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
-            -0.82215223 + t * 0.17087277)))))))))
-    r = 1.0 - t * np.exp(poly)
-    return np.copysign(r, x)
+    q, k = split(g.mm(w[names[0]], x)), split(g.mm(w[names[1]], x))
+    v = g.cont(g.permute(g.reshape(g.mm(w[names[2]], x), d, heads, M, N), 1, 2, 0, 3))  # (M, d, h, N)
+    p = g.softmax(g.mm(k, q), mask, 1.0 / math.sqrt(d))  # (M_k, M_q, h, N)
+    o = g.mm(v, p)  # (d, M_q, h, N)
+    if keep is not None:
+        o = g.mul(o, keep)
+    o = g.reshape(g.cont(g.permute(o, 0, 2, 1, 3)), H, M, N)  # heads side by side, as torch's
+    return g.mm(w[names[3]], o)
 
 
-def gelu(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0).astype(x.dtype)))
+def _pool(g: Graph, x: int, weights: np.ndarray, H: int, N: int) -> int:
+    """x (H, M, N) -> (H, N): each entry's rows weighted by ``weights`` (N, M) (a mean, or one row)."""
+    xt = g.cont(g.permute(x, 1, 0, 2, 3))  # (M, H, N)
+    return g.reshape(g.mm(xt, g.input(weights[:, None, :])), H, N)  # (M, H, N) x (M, 1, N) -> (H, 1, N)
 
 
-def layer_norm(x: np.ndarray, w: Weights, prefix: str, eps: float = 1e-5) -> np.ndarray:
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * w[f"{prefix}.weight"] + w[f"{prefix}.bias"]
+def transformer(w: Tensors, cfg: dict[str, Any], pad_id: int, H: int) -> Callable[..., np.ndarray]:
+    heads, layers = cfg["num_heads"], cfg["num_hidden_layers"]
 
-
-def linear(x: np.ndarray, w: Weights, name: str) -> np.ndarray:
-    x2, threads = x.reshape(-1, x.shape[-1]), getattr(_local, "threads", 1)  # one 2-D product: numpy runs 3-D @ 2-D as a loop
-    q = w.get(f"{name}.weight.ggml")
-    if q is not None:
-        out = q.matmul(x2, threads)
-    else:
-        wt = w[f"{name}.weight.T"]  # (in, out), transposed once at build time: 1.3-1.6x faster than a .T view here
-        n = min(threads, wt.shape[1])
-        out = _split(x2, wt, n) if n > 1 and wt.size >= SPLIT else x2 @ wt
-    return out.reshape(*x.shape[:-1], out.shape[1])
-
-
-def _has(w: Weights, name: str) -> bool:
-    return f"{name}.weight.T" in w or f"{name}.weight.ggml" in w
-
-
-def _qkv(x: np.ndarray, w: Weights, fused: str, part: str) -> list[np.ndarray]:
-    """q, k and v: one matmul where ``prepare`` fused them, else three (``part`` formats q/k/v)."""
-    if _has(w, fused):
-        return np.split(linear(x, w, fused), 3, axis=-1)
-    return [linear(x, w, part.format(n)) for n in "qkv"]
-
-
-def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(N, h, M, d) each; mask broadcastable to (N, h, M, M), True = attend; empty rows -> 0."""
-    scores = (q @ k.swapaxes(-1, -2)) / np.sqrt(q.shape[-1]).astype(q.dtype)
-    scores = np.where(mask, scores, -np.inf)
-    any_key = mask.any(-1, keepdims=True)
-    scores = np.where(any_key, scores, 0.0)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    p = np.where(any_key & mask, p, 0.0)
-    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-30)
-    return p @ v
-
-
-def _heads(t: np.ndarray, h: int) -> np.ndarray:
-    N, M, H = t.shape
-    return t.reshape(N, M, h, H // h).transpose(0, 2, 1, 3)  # (N, h, M, d)
-
-
-def _merge(t: np.ndarray) -> np.ndarray:
-    N, h, M, d = t.shape
-    return t.transpose(0, 2, 1, 3).reshape(N, M, h * d)
-
-
-def transformer(w: Weights, cfg: dict[str, Any], pad_id: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    heads = cfg["num_heads"]
-
-    def encode(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
-        x = table[rows]  # (N, M, D)
+    def encode(g: Graph, rows: np.ndarray, x0: np.ndarray) -> tuple[int, tuple[int, ...]]:
+        N, M = rows.shape
+        x = g.input(x0)  # (H, M, N)
         if "pos_embed.weight" in w:
-            x = x + w["pos_embed.weight"][: rows.shape[1]]
+            x = g.add(x, g.rows(w["pos_embed.weight"], H, M))
         valid = rows != pad_id
-        mask = (valid[:, :, None] & valid[:, None, :])[:, None]  # (N, 1, M, M)
-        for i in range(cfg["num_hidden_layers"]):
+        pair = valid[:, :, None] & valid[:, None, :]  # (N, M_q, M_k)
+        pair |= ~valid[:, :, None]  # a pad query (no key): any finite row; its output is zeroed
+        mask = g.input(np.where(pair, 0.0, -np.inf)[:, None])  # (M_k, M_q, 1, N)
+        keep = g.input(valid[:, None, :, None].astype(np.float32))  # (1, M_q, 1, N)
+        for i in range(layers):
             p = f"layers.{i}"
-            a = attend(*(_heads(t, heads) for t in _qkv(x, w, f"{p}.attention.qkv", f"{p}.attention.{{}}_proj")), mask)
-            x = layer_norm(x + linear(_merge(a), w, f"{p}.attention.o_proj"), w, f"{p}.post_attention_layernorm")
-            m = linear(gelu(linear(x, w, f"{p}.mlp.fc1")), w, f"{p}.mlp.fc2")
-            x = layer_norm(x + m, w, f"{p}.post_mlp_layernorm")
-        return x.mean(axis=1)  # (N, D), pads included, as the reference
+            names = [f"{p}.attention.{n}_proj.weight" for n in ("q", "k", "v", "o")]
+            a = _attention(g, w, x, names, heads, M, N, H, mask, keep)
+            x = g.layer_norm(g.add(x, a), w[f"{p}.post_attention_layernorm.weight"],
+                             w[f"{p}.post_attention_layernorm.bias"])
+            m = g.mm(w[f"{p}.mlp.fc2.weight"], g.gelu(g.mm(w[f"{p}.mlp.fc1.weight"], x)))
+            x = g.layer_norm(g.add(x, m), w[f"{p}.post_mlp_layernorm.weight"], w[f"{p}.post_mlp_layernorm.bias"])
+        return _pool(g, x, np.full((N, M), 1.0 / M, dtype=np.float32), H, N), (N, H)  # pads included, as the reference
 
     return encode
 
 
-def res_latent_attn(w: Weights, cfg: dict[str, Any], pad_id: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    heads, causal, residual = cfg["num_heads"], cfg["causal"], cfg["residual"]
+def res_latent_attn(w: Tensors, cfg: dict[str, Any], pad_id: int, H: int) -> Callable[..., np.ndarray]:
+    heads, causal, residual, layers = cfg["num_heads"], cfg["causal"], cfg["residual"], cfg["num_hidden_layers"]
 
-    def encode(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
+    def encode(g: Graph, rows: np.ndarray, x0: np.ndarray) -> tuple[int, tuple[int, ...]]:
         N, M = rows.shape
-        x = table[rows]  # (N, M, D)
-        first = x[:, 0]
-        if _has(w, "proj_in"):
-            x = linear(x, w, "proj_in")
-        x = x + w["pos_embed.weight"][:M]  # (N, M, H)
+        x = g.input(x0)  # (D, M, N)
+        if "proj_in.weight" in w:
+            x = g.mm(w["proj_in.weight"], x)  # (H, M, N)
+        x = g.add(x, g.rows(w["pos_embed.weight"], H, M))
         valid = rows != pad_id
-        mask = valid[:, None, None, :]  # (N, 1, 1, M): key-only
+        allowed = np.broadcast_to(valid[:, None, :], (N, M, M))  # (N, M_q, M_k): key-only
         if causal:
-            mask = mask & np.tril(np.ones((M, M), dtype=bool))
-        for i in range(cfg["num_hidden_layers"]):
+            allowed = allowed & np.tril(np.ones((M, M), dtype=bool))
+        mask = g.input(np.where(allowed, 0.0, -np.inf)[:, None])  # (M_k, M_q, 1, N); key 0 is never a pad
+        for i in range(layers):
             p = f"layers.{i}"
-            h = layer_norm(x, w, f"{p}.norm1")
-            a = attend(*(_heads(t, heads) for t in _qkv(h, w, f"{p}.wqkv", f"{p}.w{{}}")), mask)
-            x = x + linear(_merge(a), w, f"{p}.wo")
-            x = x + linear(gelu(linear(layer_norm(x, w, f"{p}.norm2"), w, f"{p}.w1")), w, f"{p}.w2")
-        x = layer_norm(x, w, "norm")
-        if causal:
-            out = x[np.arange(N), np.maximum(valid.sum(-1), 1) - 1]
-        else:
-            out = (x * valid[..., None]).sum(1) / np.maximum(valid.sum(-1, keepdims=True), 1)
-        if _has(w, "proj_out"):
-            out = linear(out, w, "proj_out")
-        return out + first if residual else out
+            h = g.layer_norm(x, w[f"{p}.norm1.weight"], w[f"{p}.norm1.bias"])
+            x = g.add(x, _attention(g, w, h, [f"{p}.w{n}.weight" for n in "qkvo"], heads, M, N, H, mask))
+            f = g.layer_norm(x, w[f"{p}.norm2.weight"], w[f"{p}.norm2.bias"])
+            x = g.add(x, g.mm(w[f"{p}.w2.weight"], g.gelu(g.mm(w[f"{p}.w1.weight"], f))))
+        x = g.layer_norm(x, w["norm.weight"], w["norm.bias"])
+        n_valid = np.maximum(valid.sum(-1), 1)  # (N,)
+        if causal:  # the last valid row
+            pick = np.zeros((N, M), dtype=np.float32)
+            pick[np.arange(N), n_valid - 1] = 1.0
+        else:  # the mean of the valid rows
+            pick = (valid / n_valid[:, None]).astype(np.float32)
+        out = _pool(g, x, pick, H, N)  # (H, N)
+        D = x0.shape[-1]
+        if "proj_out.weight" in w:
+            out = g.mm(w["proj_out.weight"], out)  # (D, N)
+        if residual:
+            out = g.add(out, g.input(x0[:, 0]))
+        return out, (N, D if "proj_out.weight" in w or residual else H)
 
     return encode
 
@@ -193,44 +142,58 @@ ENCODERS = {"transformer": transformer, "res_latent_attn": res_latent_attn}
 
 def prepare(weights: Weights, cfg: dict[str, Any], kind: str = "q8_0") -> Weights:
     """The checkpoint's weights ((out, in) matrices, possibly read-only views of its file) as the
-    encoders use them, each matrix kept once: one of ``QUANT`` elements or more as ``kind`` blocks
-    (``name.weight.q8_0`` or ``.f16``, see ``ggml_matmul``) unless ``kind`` is f32, else as the (in, out) float32 copy
-    ``linear`` multiplies by (numpy multiplies by it 1.3-1.6x faster than by a transposed view: 6-8
-    rows, one BLAS thread, 0.27 vs 0.32 ms at 768x256, 19 vs 31 ms at 3072x12288); q, k and v fused
-    where they are small."""
-    w = dict(weights)
-    for i in range(cfg["num_hidden_layers"]):  # one matmul for q, k and v where they are small (latency-bound)
-        for fused, parts in ((f"layers.{i}.attention.qkv", [f"layers.{i}.attention.{n}_proj" for n in "qkv"]),
-                             (f"layers.{i}.wqkv", [f"layers.{i}.w{n}" for n in "qkv"])):
-            if all(f"{p}.weight" in w for p in parts) and w[f"{parts[0]}.weight"].size <= SMALL:
-                w[f"{fused}.weight"] = np.concatenate([w.pop(f"{p}.weight") for p in parts])
-    for k in [k for k, v in w.items() if v.ndim == 2 and k.endswith(".weight") and not k.startswith("pos_embed")]:
-        m = w.pop(k)
-        if kind in ggml_matmul.TYPES and m.size >= QUANT and ggml_matmul.fits(m, kind):
-            w[f"{k}.{kind}"] = ggml_matmul.quantize(m, kind)
+    encoders keep them: a matrix of ``QUANT`` elements or more as ``kind`` blocks
+    (``name.weight.q8_0`` or ``.f16``, ``ggml_graph.quantize``) unless ``kind`` is f32, the rest
+    float32 as they are (ggml multiplies by (out, in) rows directly)."""
+    w = {}
+    for k, v in weights.items():
+        if (kind in ggml_graph.TYPES and v.ndim == 2 and k.endswith(".weight") and not k.startswith("pos_embed")
+                and v.size >= QUANT and ggml_graph.fits(v, kind)):
+            w[f"{k}.{kind}"] = ggml_graph.quantize(v, kind)
         else:
-            w[f"{k}.T"] = np.ascontiguousarray(m.T, dtype=np.float32)
-    return {k: v if ggml_kind(k) else np.asarray(v, dtype=np.float32) for k, v in w.items()}
+            w[k] = np.asarray(v, dtype=np.float32)
+    return w
+
+
+QUANT = 1 << 22  # elements: a matrix this large is kept as q8_0 (Phi-3.5-mini's encoders: 1.8 GB -> 0.48 GB)
+LAYOUT = 3  # of prepare's output; part of the key of cached prepared weights: change it with the layout
 
 
 def ggml_kind(key: str) -> str | None:
     """The ggml type of ``prepare``'s ``key`` (``name.weight.q8_0``: q8_0), None for float32."""
     kind = key.rsplit(".", 1)[-1]
-    return kind if kind in ggml_matmul.TYPES else None
-
-
-SMALL = 1 << 20  # elements: above this q, k and v stay apart (fusing would need a second copy at load)
-QUANT = 1 << 22  # elements: a matrix this large is kept as q8_0 (Phi-3.5-mini's encoders: 1.8 GB -> 0.48 GB)
-LAYOUT = 2  # of prepare's output; part of the key of cached prepared weights: change it with the layout
+    return kind if kind in ggml_graph.TYPES else None
 
 
 def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_id: int, prepared: bool = False,
                   kind: str = "q8_0") -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """The encoder of the checkpoint's ``weights`` (or of ``prepare``'s output, with ``prepared``)."""
-    w = {}
+    arrays = {}
     for k, v in (weights if prepared else prepare(weights, cfg, kind)).items():
-        if (t := ggml_kind(k)) is not None:  # name.weight.q8_0 -> name.weight.ggml, a QuantMatrix
-            w[f"{k.rsplit('.', 1)[0]}.ggml"] = ggml_matmul.QuantMatrix(v, t)
-        else:
-            w[k] = v
-    return ENCODERS[encoder_type](w, cfg, pad_id)
+        t = ggml_kind(k)
+        arrays[k.rsplit(".", 1)[0] if t else k] = (v, t or "f32")  # name.weight.q8_0 -> name.weight
+    w = Tensors(arrays)
+    H = cfg["hidden_size"]
+    D = cfg.get("model_hidden_size", H)
+    graph = ENCODERS[encoder_type](w, cfg, pad_id, H)
+    with Graph(1, check=True, known=w.ne) as g:  # ggml aborts on shapes that do not fit: ValueError first
+        rows = np.array([[1, 2], [1, pad_id]])
+        out, shape = graph(g, rows, np.zeros((2, 2, D), dtype=np.float32))
+        g._need(g.ne[out][:2] == shape[::-1], f"the encoder gives {g.ne[out]}, expected {shape[::-1]}")
+    M_max = w.ne[w["pos_embed.weight"]][1] if "pos_embed.weight" in w else None
+
+    def encode(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        if table.shape[-1] != D or (M_max is not None and rows.shape[1] > M_max):
+            raise ValueError(f"encoder rows {rows.shape} of a table of width {table.shape[-1]}: "
+                             f"expected width {D} and at most {M_max} ids a row")
+        parts = []
+        for at in range(0, max(len(rows), 1), CHUNK):
+            r = rows[at:at + CHUNK]
+            with Graph(getattr(_local, "threads", 1)) as g:
+                out, shape = graph(g, r, table[r])  # table rows (N, M, D)
+                parts.append(g.run(out, shape))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    encode.weights = w  # keeps the tensors (and the arrays they lie in) with the encoder
+    return encode
