@@ -57,13 +57,22 @@ def test_answers_flags_replies_that_loop_to_the_limit():
     assert not loops("Rome is the capital of Italy, a city on the Tiber with a long history " * 1, "length")
 
 
+def test_decode_rounds_report_each_sides_median_run():
+    from backends.bench.model import _median
+
+    runs = [{"seconds": s, "steps": n} for s, n in ((3.0, 1), (2.0, 2), (4.0, 2), (0.5, 1))]  # 3, 1, 2, 0.5 s a step
+    assert _median(runs) == {"seconds": 2.0, "steps": 2}  # the lower middle of an even count
+    assert _median(runs[:3]) == {"seconds": 4.0, "steps": 2}
+
+
 def test_scale_makes_converts_and_measures_a_released_geometry(tmp_path):
     """``z2z-bench scale`` on the tiny geometry: the same code path as Phi-3.5-mini's (a Phi-3 base in
     shards, longrope, released-shape encoders, the adapter merged while converting)."""
     pytest.importorskip("llama_cpp")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "Z2Z_CACHE_DIR": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-m", "backends.bench.cli", "scale", "--geometry", "tiny", "--out",
-                        str(tmp_path / "scale"), "--lengths", "64", "--prompt-tokens", "32", "--steps", "4", "--json"],
+                        str(tmp_path / "scale"), "--lengths", "64", "--prompt-tokens", "32", "--steps", "4", "--rounds", "2",
+                        "--json"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)

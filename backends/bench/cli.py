@@ -58,7 +58,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     rt = _runtime(args)
     _emit(args, f"decode, {rt.describe()} (step_overhead: zip2zip step time / plain step time - 1)",
-          bench_model.decode(rt, args.prompt_tokens, args.steps, _progress, args.hyper_batch))
+          bench_model.decode(rt, args.prompt_tokens, args.steps, _progress, args.hyper_batch, args.rounds))
     return 0
 
 
@@ -229,7 +229,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
             lengths = [int(x) for x in args.lengths.split(",")]
             sections["prefill"] = bench_model.prefill(rt, lengths, 1, _progress)
         if "decode" in wanted:
-            sections["decode"] = bench_model.decode(rt, args.prompt_tokens, args.steps, _progress, args.hyper_batch)
+            sections["decode"] = bench_model.decode(rt, args.prompt_tokens, args.steps, _progress, args.hyper_batch,
+                                                    args.rounds)
     if args.json:
         print(json.dumps(sections, indent=2))
     else:
@@ -271,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--prompt-tokens", type=int, default=256)
     dc.add_argument("--steps", type=int, default=256)
     dc.add_argument("--hyper-batch", type=int, default=1, help="the decoding policy (z2z-chat --hyper-batch)")
+    dc.add_argument("--rounds", type=int, default=1, help="alternate plain and zip2zip runs this many times; "
+                    "each row gives the median runs")
     dc.set_defaults(func=cmd_decode)
     ch = sub.add_parser("chat", help="time to first token over a scripted multi-turn chat")
     _model_args(ch)
@@ -308,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--context", type=int, default=4096, help="window of both engines (default 4096)")
     sc.add_argument("--sections", default="load,prefill,decode", help="what to measure (default: all three)")
     sc.add_argument("--hyper-batch", type=int, default=1, help="the decoding policy (z2z-chat --hyper-batch)")
+    sc.add_argument("--rounds", type=int, default=1, help="alternate plain and zip2zip runs this many times; "
+                    "each row gives the median runs")
     sc.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sc.set_defaults(func=cmd_scale)
     lg = sub.add_parser("long", help="long documents: prefill, time to first token, KV size, follow-up (llama.cpp)")

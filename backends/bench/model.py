@@ -126,31 +126,44 @@ def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forc
 
 
 def decode(rt: Runtime, prompt_tokens: int, steps: int, progress: Callable[[str], None],
-           hyper_batch: int = 1) -> list[dict]:
+           hyper_batch: int = 1, rounds: int = 1) -> list[dict]:
     """Own and forced decoding, plain vs zip2zip; on llama.cpp also forced decoding with the
     output encoder placed the other way (beside llama.cpp's step where it runs before it by
-    default, or before where it runs beside: ``LlamaContext.spare_cpu``), and llama-cpp-python's loop."""
+    default, or before where it runs beside: ``LlamaContext.spare_cpu``), and llama-cpp-python's
+    loop. With ``rounds`` the plain and zip2zip runs of a row alternate that many times and the row
+    gives each side's median run: timings here drift within a run by more than the differences
+    measured (a first run also pays for reading the model's pages)."""
     ids = _code_ids(rt, prompt_tokens + steps)
     prompt, cont = ids[:prompt_tokens], ids[prompt_tokens:prompt_tokens + steps]
     rows = []
     pb = _plain_state(rt)
-    for mode, forced in (("own", None), ("forced", cont)):
-        progress(f"decode ({mode}): plain")
-        p = _decode_loop(rt, prompt, steps, False, forced, pb)
-        progress(f"decode ({mode}): zip2zip")
-        rows.append(_row(mode, p, _decode_loop(rt, prompt, steps, True, forced, hyper_batch=hyper_batch)))
+
+    def alternate(mode: str, forced: list[int] | None) -> dict:
+        ps, zs = [], []
+        for r in range(rounds):
+            tag = f"decode ({mode}{f', round {r + 1}/{rounds}' if rounds > 1 else ''})"
+            progress(f"{tag}: plain")
+            ps.append(_decode_loop(rt, prompt, steps, False, forced, pb))
+            progress(f"{tag}: zip2zip")
+            zs.append(_decode_loop(rt, prompt, steps, True, forced, hyper_batch=hyper_batch))
+        return _row(mode, _median(ps), _median(zs))
+
+    rows = [alternate("own", None), alternate("forced", cont)]
     if rt.backend_name == "llamacpp":
         ctx = rt.model.ctx
         ctx.spare_cpu = not ctx.spare_cpu
-        mode = "forced, encoder " + ("beside" if ctx.spare_cpu else "before")
-        progress(f"decode ({mode}): zip2zip")
         try:
-            rows.append(_row(mode, p, _decode_loop(rt, prompt, steps, True, cont, hyper_batch=hyper_batch)))
+            rows.append(alternate("forced, encoder " + ("beside" if ctx.spare_cpu else "before"), cont))
         finally:
             ctx.spare_cpu = not ctx.spare_cpu
         progress("decode: llama-cpp-python Llama.create_completion on the base GGUF")
         rows.append(_create_completion(rt, prompt, steps))
     return rows
+
+
+def _median(runs: list[dict]) -> dict:
+    """The run with the median time per step (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["seconds"] / max(r["steps"], 1))[(len(runs) - 1) // 2]
 
 
 def _row(mode: str, p: dict, z: dict) -> dict:

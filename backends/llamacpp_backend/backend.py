@@ -11,7 +11,9 @@ Every input row is an embedding: base ids look up the model's token-embedding ma
 from the GGUF and dequantized to float32), hyper ids the conversation's ``hyper_in``. llama.cpp
 returns its own logits for the base vocabulary and the final hidden state ``h`` (after the final
 norm); the hyper logits are ``hyper_out[:live] @ h`` in numpy, masked as on every backend
-(``backends/hyper.py``). The hyper-encoders run in numpy (``encoders.py``).
+(``backends/hyper.py``). The hyper-encoders run as ggml graphs (``encoders.py``) on the
+calling thread: before a step on llama.cpp's own thread count (the same OpenMP team), beside one
+on the CPUs its threads leave free.
 
 Input vectors are computed lazily: an entry's ``hyper_in`` is needed only once the entry is fed
 as an input code, which most entries never are, while its output vector is needed at once (the
@@ -161,9 +163,9 @@ class LlamaCppState(_Sequence):
             self.pending_in[slot] = row
 
     def _encode(self, encoder: Encoder, rows: np.ndarray, table, threads: int = 0) -> np.ndarray:
-        """``encoder(rows, table)`` (N, D) on ``threads`` CPUs (``encoders.use_threads``); 0: all of
-        them, as when llama.cpp is not running."""
-        with use_threads(threads or self.m.ctx.cpus):
+        """``encoder(rows, table)`` (N, D) on ``threads`` ggml threads (``encoders.use_threads``); 0:
+        llama.cpp's own count, as when llama.cpp is not running (its OpenMP team, not a second one)."""
+        with use_threads(threads or self.m.ctx.n_threads):
             return encoder(rows, table)
 
     def _flush_out(self, threads: int = 0) -> None:

@@ -9,9 +9,9 @@ Accepted layouts (a directory with ``zip2zip_config.json`` and the hyper-encoder
   run time costs every step (README, "llama.cpp"), and q8_0 keeps the merged weights within a
   rounding of what was trained.
 
-The hyper-encoders' weights are checked and laid out once (``encoders.prepare``: float32 for
-numpy, large matrices as q8_0 for ggml unless ``Z2Z_ENCODER_WEIGHTS=f32``) and kept in the user
-cache, read back from that file.
+The hyper-encoders' weights are checked and laid out once (``encoders.prepare``: float32, large
+matrices as q8_0 unless ``Z2Z_ENCODER_WEIGHTS`` says f16 or f32) and kept in the user cache,
+where ggml reads them (memory-mapped).
 
 Everything is checked before llama.cpp sees it (it aborts the process on some bad files): the
 position mode (``base_token_end`` needs non-contiguous positions, which stock llama.cpp refuses),

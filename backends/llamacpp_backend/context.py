@@ -45,7 +45,7 @@ def _quiet_and_init():
 
     Also caps numpy's BLAS at one thread: OpenBLAS threads spin while they wait, and on a small
     CPU they steal the cores llama.cpp's own threads need (README, "llama.cpp"). The numpy work
-    per step (encoders, hyper logits) is small matrices anyway."""
+    per step (the hyper logits) is one small product anyway; the encoders run on ggml."""
     global _LOG_CALLBACK
     import llama_cpp as L
     from threadpoolctl import threadpool_limits

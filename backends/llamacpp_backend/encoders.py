@@ -51,7 +51,7 @@ def use_threads(n: int) -> Iterator[None]:
 def _attention(g: Graph, w: Tensors, x: int, names: list[str], heads: int, M: int, N: int, H: int, mask: int,
                keep: int | None = None) -> int:
     """Multi-head self-attention of x (H, M, N) with ``mask`` (M, M, 1, N) added to the scores;
-    ``keep`` (1, M, 1, N) zeroes query rows. Returns the output projection's input's product, (H, M, N)."""
+    ``keep`` (1, M, 1, N) zeroes query rows. ``names``: the q, k, v and output matrices. (H, M, N)."""
     d = H // heads
 
     def split(t: int) -> int:
