@@ -77,7 +77,8 @@ def test_ggml_encoders_equal_torch(enc, kind, ref_checkpoints, monkeypatch):
     case = LLAMA if enc == "transformer" else ("llama", "res_latent_attn", "base_token_end")
     loaded = checkpoint.load(ref_checkpoints[case][1])
     m = loaded.model
-    rows = np.array([[5, 6, 7], [8, 9, m.pad_id], [10, m.pad_id, m.pad_id], [11, 12, 11]])
+    # the last row: all pads, as a stand-in row of zeros is where the pad id is 0 (no key anywhere)
+    rows = np.array([[5, 6, 7], [8, 9, m.pad_id], [10, m.pad_id, m.pad_id], [11, 12, 11], [m.pad_id] * 3])
     table = m.lm.get_input_embeddings().weight.detach().numpy()
     for side, module in (("input_encoder", m.input_encoder), ("output_encoder", m.output_encoder)):
         weights = {k: v.detach().numpy() for k, v in module.state_dict().items()}
@@ -88,6 +89,7 @@ def test_ggml_encoders_equal_torch(enc, kind, ref_checkpoints, monkeypatch):
             ours = encoder(rows, table)
         with torch.no_grad():
             want = module(torch.tensor(rows), torch.tensor(table)).numpy()
+        assert encoder(rows[:0], table).shape == (0, want.shape[1])
         if kind == "f32":
             np.testing.assert_allclose(ours, want, atol=1e-5, err_msg=side)
             np.testing.assert_allclose(encoder(rows[1:2], table)[0], want[1], atol=1e-5, err_msg=side)  # 1 thread, 1 row

@@ -58,7 +58,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     rt = _runtime(args)
     _emit(args, f"decode, {rt.describe()} (step_overhead: zip2zip step time / plain step time - 1)",
-          bench_model.decode(rt, args.prompt_tokens, args.steps, _progress, args.hyper_batch, args.rounds))
+          bench_model.decode(rt, args.prompt_tokens, args.steps, _progress, args.hyper_batch, max(1, args.rounds)))
     return 0
 
 
@@ -230,7 +230,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
             sections["prefill"] = bench_model.prefill(rt, lengths, 1, _progress)
         if "decode" in wanted:
             sections["decode"] = bench_model.decode(rt, args.prompt_tokens, args.steps, _progress, args.hyper_batch,
-                                                    args.rounds)
+                                                    max(1, args.rounds))
     if args.json:
         print(json.dumps(sections, indent=2))
     else:

@@ -112,11 +112,13 @@ def res_latent_attn(w: Tensors, cfg: dict[str, Any], pad_id: int, H: int) -> Cal
         allowed = np.broadcast_to(valid[:, None, :], (N, M, M))  # (N, M_q, M_k): key-only
         if causal:
             allowed = allowed & np.tril(np.ones((M, M), dtype=bool))
-        mask = g.input(np.where(allowed, 0.0, -np.inf)[:, None])  # (M_k, M_q, 1, N); key 0 is never a pad
+        some = allowed.any(-1)  # (N, M_q): a query with no key (a row of pads) gets zeros, as torch's
+        mask = g.input(np.where(allowed | ~some[..., None], 0.0, -np.inf)[:, None])  # (M_k, M_q, 1, N)
+        keep = g.input(some[:, None, :, None].astype(np.float32))  # (1, M_q, 1, N)
         for i in range(layers):
             p = f"layers.{i}"
             h = g.layer_norm(x, w[f"{p}.norm1.weight"], w[f"{p}.norm1.bias"])
-            x = g.add(x, _attention(g, w, h, [f"{p}.w{n}.weight" for n in "qkvo"], heads, M, N, H, mask))
+            x = g.add(x, _attention(g, w, h, [f"{p}.w{n}.weight" for n in "qkvo"], heads, M, N, H, mask, keep))
             f = g.layer_norm(x, w[f"{p}.norm2.weight"], w[f"{p}.norm2.bias"])
             x = g.add(x, g.mm(w[f"{p}.w2.weight"], g.gelu(g.mm(w[f"{p}.w1.weight"], f))))
         x = g.layer_norm(x, w["norm.weight"], w["norm.bias"])
@@ -174,23 +176,30 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
         arrays[k.rsplit(".", 1)[0] if t else k] = (v, t or "f32")  # name.weight.q8_0 -> name.weight
     w = Tensors(arrays)
     H = cfg["hidden_size"]
-    D = cfg.get("model_hidden_size", H)
+    D = cfg.get("model_hidden_size") or H
     graph = ENCODERS[encoder_type](w, cfg, pad_id, H)
-    with Graph(1, check=True, known=w.ne) as g:  # ggml aborts on shapes that do not fit: ValueError first
-        rows = np.array([[1, 2], [1, pad_id]])
-        out, shape = graph(g, rows, np.zeros((2, 2, D), dtype=np.float32))
-        g._need(g.ne[out][:2] == shape[::-1], f"the encoder gives {g.ne[out]}, expected {shape[::-1]}")
     M_max = w.ne[w["pos_embed.weight"]][1] if "pos_embed.weight" in w else None
+    # ggml aborts on shapes that do not fit: checked first (ValueError), on a stand-in call
+    with Graph(1, check=True, known=w.ne, nodes=64 * (cfg["num_hidden_layers"] + 2)) as g:
+        M = min(2, M_max or 2)
+        rows = np.ones((2, M), dtype=np.int64)
+        rows[1, 1:] = pad_id
+        out, shape = graph(g, rows, np.zeros((2, M, D), dtype=np.float32))
+        g._need(g.ne[out][:2] == shape[::-1], f"the encoder gives {g.ne[out]}, expected {shape[::-1]}")
+        nodes = 2 * len(g.ne) + 16  # room for the graph's nodes and leaves (ggml aborts past it)
+    out_width = shape[1]
 
     def encode(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows)
         if table.shape[-1] != D or (M_max is not None and rows.shape[1] > M_max):
             raise ValueError(f"encoder rows {rows.shape} of a table of width {table.shape[-1]}: "
                              f"expected width {D} and at most {M_max} ids a row")
+        if len(rows) == 0:
+            return np.zeros((0, out_width), dtype=np.float32)
         parts = []
-        for at in range(0, max(len(rows), 1), CHUNK):
+        for at in range(0, len(rows), CHUNK):
             r = rows[at:at + CHUNK]
-            with Graph(getattr(_local, "threads", 1)) as g:
+            with Graph(getattr(_local, "threads", 1), nodes=nodes) as g:
                 out, shape = graph(g, r, table[r])  # table rows (N, M, D)
                 parts.append(g.run(out, shape))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)

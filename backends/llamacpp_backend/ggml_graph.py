@@ -27,7 +27,7 @@ import numpy as np
 
 F32 = 0  # enum ggml_type
 TYPES = {"f16": (1, 1, 2), "q8_0": (8, 32, 34)}  # name: (enum ggml_type, weights per block, bytes per block)
-NODES = 1024  # per graph: a 2-layer encoder makes ~80
+NODES = 256  # graph size unless told: a 2-layer encoder makes ~60 nodes (``build_encoder`` sizes its own)
 
 
 class _InitParams(ctypes.Structure):
@@ -56,7 +56,8 @@ def _lib() -> Any:
         "ggml_quantize_chunk": (sz, [i, p, p, i64, i64, i64, p]),
         "ggml_backend_cpu_buffer_from_ptr": (p, [p, sz]), "ggml_backend_tensor_alloc": (i, [p, p, p]),
         "ggml_backend_buffer_free": (None, [p]), "ggml_backend_cpu_buffer_type": (p, []),
-        "ggml_gallocr_new": (p, [p]), "ggml_gallocr_alloc_graph": (b, [p, p]),
+        "ggml_gallocr_new": (p, [p]), "ggml_gallocr_alloc_graph": (b, [p, p]), "ggml_gallocr_free": (None, [p]),
+        "ggml_backend_free": (None, [p]),
         "ggml_backend_tensor_set": (None, [p, p, sz, sz]), "ggml_backend_tensor_get": (None, [p, p, sz, sz]),
         "ggml_backend_graph_compute": (i, [p, p]),
     }
@@ -111,9 +112,10 @@ class Tensors:
             at = a.ctypes.data
             page = at & ~4095
             buf = L.ggml_backend_cpu_buffer_from_ptr(page, at + a.nbytes - page)
+            if buf:
+                self._bufs.append(buf)
             if not buf or L.ggml_backend_tensor_alloc(buf, t, at) != 0:
                 raise MemoryError(f"ggml could not take the memory of encoder weight {name}")
-            self._bufs.append(buf)
             self._t[name] = t
 
     def __getitem__(self, name: str) -> int:
@@ -135,7 +137,30 @@ def _new(L: Any, ctx: int, dtype: Any, shape: tuple[int, ...]) -> int:
     return getattr(L, f"ggml_new_tensor_{len(ne)}d")(ctx, F32, *ne)
 
 
-_local = threading.local()  # per calling thread: .meta (tensor records), .alloc (graph allocator), .cpu (backend)
+class _ThreadState:
+    """A calling thread's graph memory: tensor records, ggml's graph allocator (its buffer grows to
+    the largest call) and a CPU backend; freed with the thread (the side thread of each context)."""
+
+    def __init__(self, L: Any):
+        self.L, self.meta = L, np.empty(0, dtype=np.uint8)
+        self.alloc = L.ggml_gallocr_new(L.ggml_backend_cpu_buffer_type())
+        self.cpu = L.ggml_backend_cpu_init()
+        self.busy = False
+
+    def records(self, nodes: int) -> tuple[int, int]:
+        """(address, size) of memory for a graph of ``nodes`` nodes' records, aligned as ggml wants."""
+        need = nodes * 2 * self.L.ggml_tensor_overhead() + self.L.ggml_graph_overhead_custom(nodes, False) + 64
+        if self.meta.nbytes < need:
+            self.meta = np.empty(need, dtype=np.uint8)
+        at = -self.meta.ctypes.data % 64
+        return self.meta.ctypes.data + at, self.meta.nbytes - at
+
+    def __del__(self) -> None:
+        self.L.ggml_gallocr_free(self.alloc)
+        self.L.ggml_backend_free(self.cpu)
+
+
+_local = threading.local()  # .state: the calling thread's _ThreadState
 
 
 class Graph:
@@ -146,16 +171,17 @@ class Graph:
     ValueError: an encoder is built once that way on a stand-in call, after which its shapes are
     known to fit for any number of entries (the only size that varies) and calls skip the checks."""
 
-    def __init__(self, threads: int, check: bool = False, known: dict[int, tuple[int, ...]] | None = None):
+    def __init__(self, threads: int, check: bool = False, known: dict[int, tuple[int, ...]] | None = None,
+                 nodes: int = NODES):
         L = self.L = _lib()
-        if not hasattr(_local, "cpu"):
-            _local.meta = np.empty(NODES * 2 * L.ggml_tensor_overhead() + L.ggml_graph_overhead_custom(NODES, False)
-                                   + 64, dtype=np.uint8)
-            _local.alloc = L.ggml_gallocr_new(L.ggml_backend_cpu_buffer_type())
-            _local.cpu = L.ggml_backend_cpu_init()
-        at = -_local.meta.ctypes.data % 64  # ggml wants its memory aligned
-        self.ctx = L.ggml_init(_InitParams(_local.meta.nbytes - at, _local.meta.ctypes.data + at, True))
-        self.threads, self._inputs = max(1, threads), []
+        st = self._st = getattr(_local, "state", None) or _ThreadState(L)
+        _local.state = st
+        if st.busy:  # the records' memory is the thread's: one graph at a time
+            raise RuntimeError("a ggml graph is already being built on this thread")
+        at, size = st.records(nodes)
+        self.ctx = L.ggml_init(_InitParams(size, at, True))
+        st.busy = True
+        self.threads, self.nodes, self._inputs = max(1, threads), nodes, []
         self.ne = dict(known or {}) if check else None
 
     def __enter__(self) -> Graph:
@@ -163,6 +189,7 @@ class Graph:
 
     def __exit__(self, *exc: object) -> None:
         self.L.ggml_free(self.ctx)
+        self._st.busy = False
 
     def _op(self, t: int, ne: tuple[int, ...] | None) -> int:
         if self.ne is not None:
@@ -191,14 +218,14 @@ class Graph:
         if self.ne is not None:
             self._need(int(np.prod(self._shape(out))) == int(np.prod(shape)), f"output {self.ne[out]} is not {shape}")
         L.ggml_set_output(out)
-        graph = L.ggml_new_graph_custom(self.ctx, NODES, False)
+        graph = L.ggml_new_graph_custom(self.ctx, self.nodes, False)
         L.ggml_build_forward_expand(graph, out)
-        if not L.ggml_gallocr_alloc_graph(_local.alloc, graph):
+        if not L.ggml_gallocr_alloc_graph(self._st.alloc, graph):
             raise MemoryError("ggml could not allocate an encoder call's memory")
         for t, a in self._inputs:
             L.ggml_backend_tensor_set(t, a.ctypes.data, 0, a.nbytes)
-        L.ggml_backend_cpu_set_n_threads(_local.cpu, self.threads)
-        status = L.ggml_backend_graph_compute(_local.cpu, graph)
+        L.ggml_backend_cpu_set_n_threads(self._st.cpu, self.threads)
+        status = L.ggml_backend_graph_compute(self._st.cpu, graph)
         if status != 0:
             raise RuntimeError(f"ggml could not compute an encoder call (status {status})")
         res = np.empty(shape, dtype=np.float32)
