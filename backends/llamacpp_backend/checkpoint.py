@@ -36,8 +36,8 @@ from ..errors import CheckpointError
 from ..protocol import Loaded
 from ..sources import checkpoint_tokenizer, is_gguf
 from .backend import LlamaCppModel, PlainLlamaCppModel
-from .context import LlamaContext
 from . import encoders
+from .context import LlamaContext
 from .encoders import build_encoder, prepare
 from .tensors import (
     SafetensorsFile,
@@ -96,10 +96,10 @@ def _merged_or_adapter(ck: Checkpoint, base: Path, progress) -> tuple[Path, Path
 def _encoders(file: Path, config: Zip2ZipConfig, pad: int, kind: str):
     """(input encoder, output encoder), their weights laid out by ``encoders.prepare`` and kept in
     the user cache (keyed by the file's path, size and mtime, the encoder config and ``kind``),
-    read back from the cached file (float32 matrices as views of it): a released 4B checkpoint's
-    float32 encoders are 1.8 GB, whose transposing took 6.7 s and checking 2.8 s of a 14.8 s load. The checks (finite weights, shapes that fit the
-    config: one call on a stand-in row) run when the cache entry is made; the call alone read all
-    1.8 GB, 0.5 s of every open."""
+    read back as views of the cached file, which ggml reads where it lies. The checks (finite
+    weights, shapes that fit the config: one call on a stand-in row) run when the cache entry is
+    made: a released 4B checkpoint's float32 encoders are 1.8 GB, whose preparing takes seconds,
+    and the check call alone read all of it (0.5 s of every open when it ran at each)."""
     prefixes = ("input_encoder",) + (() if config.encoder["tie_encoders"] else ("output_encoder",))
     cfg = config.encoder
     key = file_key(file, prefixes, encoders.LAYOUT, kind, encoders.QUANT, config.encoder_type, config.model_dim,

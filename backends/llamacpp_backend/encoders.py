@@ -185,7 +185,7 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
         rows = np.ones((2, M), dtype=np.int64)
         rows[1, 1:] = pad_id
         out, shape = graph(g, rows, np.zeros((2, M, D), dtype=np.float32))
-        g._need(g.ne[out][:2] == shape[::-1], f"the encoder gives {g.ne[out]}, expected {shape[::-1]}")
+        g.need(g.ne[out][:2] == shape[::-1], f"the encoder gives {g.ne[out]}, expected {shape[::-1]}")
         nodes = 2 * len(g.ne) + 16  # room for the graph's nodes and leaves (ggml aborts past it)
     out_width = shape[1]
 

@@ -200,7 +200,8 @@ class Graph:
         ne = self.ne[t]
         return ne + (1,) * (4 - len(ne))
 
-    def _need(self, ok: bool, what: str) -> None:
+    def need(self, ok: bool, what: str) -> None:
+        """ValueError(``what``) unless ``ok``: the checks of ``check``."""
         if not ok:
             raise ValueError(what)
 
@@ -216,7 +217,7 @@ class Graph:
         """Compute ``out`` and return it as a float32 array of ``shape`` (numpy's axis order)."""
         L = self.L
         if self.ne is not None:
-            self._need(int(np.prod(self._shape(out))) == int(np.prod(shape)), f"output {self.ne[out]} is not {shape}")
+            self.need(int(np.prod(self._shape(out))) == int(np.prod(shape)), f"output {self.ne[out]} is not {shape}")
         L.ggml_set_output(out)
         graph = L.ggml_new_graph_custom(self.ctx, self.nodes, False)
         L.ggml_build_forward_expand(graph, out)
@@ -238,7 +239,7 @@ class Graph:
         ne = None
         if self.ne is not None:
             x, y = self._shape(a), self._shape(b)
-            self._need(x[0] == y[0] and y[2] % x[2] == 0 and y[3] % x[3] == 0, f"cannot multiply {x} by {y}")
+            self.need(x[0] == y[0] and y[2] % x[2] == 0 and y[3] % x[3] == 0, f"cannot multiply {x} by {y}")
             ne = (x[1], y[1], y[2], y[3])
         return self._op(self.L.ggml_mul_mat(self.ctx, a, b), ne)
 
@@ -246,7 +247,7 @@ class Graph:
         if self.ne is None:
             return None
         x, y = self._shape(a), self._shape(b)
-        self._need(all(i % j == 0 for i, j in zip(x, y)), f"cannot {what} {y} to {x}")
+        self.need(all(i % j == 0 for i, j in zip(x, y)), f"cannot {what} {y} to {x}")
         return x
 
     def add(self, a: int, b: int) -> int:
@@ -264,13 +265,13 @@ class Graph:
     def softmax(self, x: int, mask: int, scale: float) -> int:
         if self.ne is not None:
             a, m = self._shape(x), self._shape(mask)
-            self._need(m[0] == a[0] and m[1] >= a[1] and a[2] % m[2] == 0 and a[3] % m[3] == 0,
+            self.need(m[0] == a[0] and m[1] >= a[1] and a[2] % m[2] == 0 and a[3] % m[3] == 0,
                        f"mask {m} does not fit scores {a}")
         return self._op(self.L.ggml_soft_max_ext(self.ctx, x, mask, scale, 0.0), self.ne and self.ne[x])
 
     def reshape(self, x: int, *ne: int) -> int:
         if self.ne is not None:
-            self._need(int(np.prod(self.ne[x])) == int(np.prod(ne)), f"cannot reshape {self.ne[x]} to {ne}")
+            self.need(int(np.prod(self.ne[x])) == int(np.prod(ne)), f"cannot reshape {self.ne[x]} to {ne}")
         return self._op(getattr(self.L, f"ggml_reshape_{len(ne)}d")(self.ctx, x, *ne), ne)
 
     def permute(self, x: int, *axes: int) -> int:
@@ -289,5 +290,5 @@ class Graph:
         """The first ``n`` rows of the 2-D ``x`` (``ne0`` wide, float32)."""
         if self.ne is not None:
             src = self._shape(x)
-            self._need(src[0] == ne0 and n <= src[1], f"no {n} rows of width {ne0} in {self.ne[x]}")
+            self.need(src[0] == ne0 and n <= src[1], f"no {n} rows of width {ne0} in {self.ne[x]}")
         return self._op(self.L.ggml_view_2d(self.ctx, x, ne0, n, ne0 * 4, 0), (ne0, n))
