@@ -486,3 +486,11 @@ def test_phi3_longrope_logits_equal_transformers(tmp_path, tokenizer_dir, n_ctx,
     finally:
         ctx.close()
     np.testing.assert_allclose(got[:, :len(tok)], want[:, :len(tok)], atol=1e-5, rtol=1e-4)
+
+
+def test_missing_ggml_libraries_are_a_clear_error(tmp_path):
+    from backends.errors import BackendError
+    from backends.llamacpp_backend.ggml_graph import _load
+
+    with pytest.raises(BackendError, match="no ggml-cpu library in .*reinstall llama-cpp-python"):
+        _load(tmp_path, "ggml-cpu")

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BackendError
+
 F32 = 0  # enum ggml_type
 TYPES = {"f16": (1, 1, 2), "q8_0": (8, 32, 34)}  # name: (enum ggml_type, weights per block, bytes per block)
 NODES = 256  # graph size unless told: a 2-layer encoder makes ~60 nodes (``build_encoder`` sizes its own)
@@ -40,7 +42,7 @@ def _lib() -> Any:
     import llama_cpp  # loads libllama and, with it, the ggml libraries (the same handles below)
 
     libdir = Path(llama_cpp.__file__).parent / "lib"
-    base, cpu = ctypes.CDLL(str(libdir / "libggml-base.so")), ctypes.CDLL(str(libdir / "libggml-cpu.so"))
+    base, cpu = _load(libdir, "ggml-base"), _load(libdir, "ggml-cpu")
     p, sz, i64, i, f, b = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_bool
     sigs = {
         "ggml_init": (p, [_InitParams]), "ggml_free": (None, [p]), "ggml_tensor_overhead": (sz, []),
@@ -71,6 +73,15 @@ def _lib() -> Any:
         setattr(base, name, fn)
     base.ggml_cpu_init()  # its lookup tables (llama.cpp's CPU backend has made them already; idempotent)
     return base
+
+
+def _load(libdir: Path, name: str) -> ctypes.CDLL:
+    """``name``'s shared library in llama-cpp-python's ``lib`` folder (Linux, macOS or Windows names)."""
+    for file in (f"lib{name}.so", f"lib{name}.dylib", f"{name}.dll"):
+        if (libdir / file).is_file():
+            return ctypes.CDLL(str(libdir / file))
+    raise BackendError(f"llama-cpp-python has no {name} library in {libdir} (the hyper-encoders run on it): "
+                       "reinstall llama-cpp-python, or run with --backend torch")
 
 
 def fits(w: np.ndarray, kind: str) -> bool:
