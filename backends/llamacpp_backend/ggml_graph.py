@@ -113,7 +113,7 @@ class Tensors:
             a = a if a.flags.c_contiguous else np.ascontiguousarray(a)
             self._arrays.append(a)  # keeps the memory (or the map) alive for ggml
             if kind == "f32":
-                t, ne = _new(L, self._ctx, np.float32, a.shape), tuple(reversed(a.shape))
+                t, ne = _new(L, self._ctx, a.shape), tuple(reversed(a.shape))
             else:
                 typ, per, size = TYPES[kind]
                 ne = (a.shape[1] // size * per, a.shape[0])  # (in, out): ggml's rows are the blocks' rows
@@ -143,7 +143,8 @@ class Tensors:
             L.ggml_free(self._ctx)
 
 
-def _new(L: Any, ctx: int, dtype: Any, shape: tuple[int, ...]) -> int:
+def _new(L: Any, ctx: int, shape: tuple[int, ...]) -> int:
+    """A float32 tensor of numpy shape ``shape``."""
     ne = tuple(reversed(shape))  # numpy's last axis is ggml's first
     return getattr(L, f"ggml_new_tensor_{len(ne)}d")(ctx, F32, *ne)
 
@@ -219,7 +220,7 @@ class Graph:
     def input(self, a: np.ndarray) -> int:
         """A float32 input (copied in at ``run``)."""
         a = np.ascontiguousarray(a, dtype=np.float32)
-        t = _new(self.L, self.ctx, np.float32, a.shape)
+        t = _new(self.L, self.ctx, a.shape)
         self.L.ggml_set_input(t)
         self._inputs.append((t, a))
         return self._op(t, tuple(reversed(a.shape)))
