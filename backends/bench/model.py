@@ -135,7 +135,6 @@ def decode(rt: Runtime, prompt_tokens: int, steps: int, progress: Callable[[str]
     measured (a first run also pays for reading the model's pages)."""
     ids = _code_ids(rt, prompt_tokens + steps)
     prompt, cont = ids[:prompt_tokens], ids[prompt_tokens:prompt_tokens + steps]
-    rows = []
     pb = _plain_state(rt)
 
     def alternate(mode: str, forced: list[int] | None) -> dict:
