@@ -29,7 +29,7 @@ from ..errors import BackendError
 
 F32 = 0  # enum ggml_type
 TYPES = {"f16": (1, 1, 2), "q8_0": (8, 32, 34)}  # name: (enum ggml_type, weights per block, bytes per block)
-NODES = 256  # graph size unless told: a 2-layer encoder makes ~60 nodes (``build_encoder`` sizes its own)
+NODES = 256  # graph size unless told: a 2-layer encoder makes ~70 nodes (``build_encoder`` sizes its own)
 
 
 class _InitParams(ctypes.Structure):
