@@ -14,8 +14,8 @@ them. Outputs equal torch's within float32 rounding, or within that type's round
 matrices (all of the default model's) stay float32.
 
 Inside ``use_threads(n)`` a call runs on ``n`` ggml threads: the caller knows how many CPUs are
-idle meanwhile (the llama.cpp backend: all of them before a step, the ones llama.cpp's threads
-leave free beside one).
+idle meanwhile (the llama.cpp backend: llama.cpp's own thread count before a step, the CPUs its
+threads leave free beside one).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ CHUNK = 256  # entries per graph: bounds a call's memory (a released model's FFN
 @contextmanager
 def use_threads(n: int) -> Iterator[None]:
     """Encoder calls on this thread run on ``n`` ggml threads; the caller says how many CPUs are
-    idle meanwhile: all of them before a llama.cpp step, the ones its threads leave free beside one."""
+    idle meanwhile: llama.cpp's thread count before its step, the CPUs it leaves free beside one."""
     before = getattr(_local, "threads", 1)
     _local.threads = max(1, n)
     try:
