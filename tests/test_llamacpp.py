@@ -77,7 +77,8 @@ def test_ggml_encoders_equal_torch(enc, kind, ref_checkpoints, monkeypatch):
     case = LLAMA if enc == "transformer" else ("llama", "res_latent_attn", "base_token_end")
     loaded = checkpoint.load(ref_checkpoints[case][1])
     m = loaded.model
-    # the last row: all pads, as a stand-in row of zeros is where the pad id is 0 (no key anywhere)
+    # a call's products skip pad slots (entries of 1-3 ids); the last row: all pads, as a stand-in
+    # row of zeros is where the pad id is 0 (no key anywhere)
     rows = np.array([[5, 6, 7], [8, 9, m.pad_id], [10, m.pad_id, m.pad_id], [11, 12, 11], [m.pad_id] * 3])
     table = m.lm.get_input_embeddings().weight.detach().numpy()
     for side, module in (("input_encoder", m.input_encoder), ("output_encoder", m.output_encoder)):
@@ -93,6 +94,7 @@ def test_ggml_encoders_equal_torch(enc, kind, ref_checkpoints, monkeypatch):
         if kind == "f32":
             np.testing.assert_allclose(ours, want, atol=1e-5, err_msg=side)
             np.testing.assert_allclose(encoder(rows[1:2], table)[0], want[1], atol=1e-5, err_msg=side)  # 1 thread, 1 row
+            np.testing.assert_allclose(encoder(rows[4:], table), want[4:], atol=1e-5, err_msg=side)  # pads only
         else:  # measured: q8_0 1.6-2.5%, f16 0.07-0.09% (norm of the difference)
             err = np.linalg.norm(ours - want) / np.linalg.norm(want)
             assert err < {"q8_0": 0.04, "f16": 0.003}[kind], (side, err)

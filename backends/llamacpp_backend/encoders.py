@@ -48,87 +48,138 @@ def use_threads(n: int) -> Iterator[None]:
         _local.threads = before
 
 
-def _attention(g: Graph, w: Tensors, x: int, names: list[str], heads: int, M: int, N: int, H: int, mask: int,
-               keep: int | None = None) -> int:
-    """Multi-head self-attention of x (H, M, N) with ``mask`` (M, M, 1, N) added to the scores;
-    ``keep`` (1, M, 1, N) zeroes query rows. ``names``: the q, k, v and output matrices. (H, M, N)."""
-    d = H // heads
+class _Packed:
+    """A call's entries without their pads: the T valid slots of (N, M) ``rows`` packed into (H, T)
+    tensors, so the products (the cost of a call) skip the pads; attention unpacks q, k and v to
+    (H, M, N) for its per-entry softmax and packs its output back. Pad slots are never keys; a pad
+    query (unpacked from packed row 0, a stand-in) gets any finite scores and is dropped on packing."""
 
-    def split(t: int) -> int:
-        return g.permute(g.reshape(t, d, heads, M, N), 0, 2, 1, 3)  # (d, M, h, N)
+    def __init__(self, g: Graph, rows: np.ndarray, pad_id: int, causal: bool = False):
+        N, M = rows.shape
+        valid = rows != pad_id  # (N, M)
+        self.valid, self.N, self.M = valid, N, M
+        # (T,) padded slot (n * M + m) of each packed row; a call of pads only keeps one as a stand-in
+        self.at = np.flatnonzero(valid) if valid.any() else np.zeros(1, dtype=np.int64)
+        packed = np.zeros(N * M, dtype=np.int64)
+        packed[self.at] = np.arange(len(self.at))
+        self.T = len(self.at)
+        allowed = np.broadcast_to(valid[:, None, :], (N, M, M))  # (N, M_q, M_k): valid keys
+        if causal:
+            allowed = allowed & np.tril(np.ones((M, M), dtype=bool))
+        allowed = allowed | ~allowed.any(-1, keepdims=True)  # a query with no key: any finite row
+        self.mask = g.input(np.where(allowed, 0.0, -np.inf)[:, None])  # (M_k, M_q, 1, N)
+        self.pack, self.unpack = g.index(self.at), g.index(packed)
+        self.position = g.index(self.at % M)  # (T,) each packed row's place in its entry
 
-    q, k = split(g.mm(w[names[0]], x)), split(g.mm(w[names[1]], x))
-    v = g.cont(g.permute(g.reshape(g.mm(w[names[2]], x), d, heads, M, N), 1, 2, 0, 3))  # (M, d, h, N)
-    p = g.softmax(g.mm(k, q), mask, 1.0 / math.sqrt(d))  # (M_k, M_q, h, N)
-    o = g.mm(v, p)  # (d, M_q, h, N)
-    if keep is not None:
-        o = g.mul(o, keep)
-    o = g.reshape(g.cont(g.permute(o, 0, 2, 1, 3)), H, M, N)  # heads side by side, as torch's
-    return g.mm(w[names[3]], o)
+    def pool(self, weights: np.ndarray) -> np.ndarray:
+        """(N, M) weights of each entry's slots -> (N, T) weights of the packed rows."""
+        out = np.zeros((self.N, self.T), dtype=np.float32)
+        out[self.at // self.M, np.arange(self.T)] = (weights * self.valid).reshape(-1)[self.at]
+        return out
+
+
+def _attention(g: Graph, w: Tensors, x: int, names: list[str], heads: int, H: int, p: _Packed) -> int:
+    """Multi-head self-attention of packed x (H, T) within each entry (``p``); ``names``: the q, k, v
+    and output matrices. (H, T)."""
+    d, M, N = H // heads, p.M, p.N
+
+    def unpack(t: int) -> int:  # (H, T) -> (d, h, M, N)
+        return g.reshape(g.take(t, p.unpack), d, heads, M, N)
+
+    q, k = (g.permute(unpack(g.mm(w[n], x)), 0, 2, 1, 3) for n in names[:2])  # (d, M, h, N)
+    v = g.cont(g.permute(unpack(g.mm(w[names[2]], x)), 1, 2, 0, 3))  # (M, d, h, N)
+    a = g.softmax(g.mm(k, q), p.mask, 1.0 / math.sqrt(d))  # (M_k, M_q, h, N)
+    o = g.mm(v, a)  # (d, M_q, h, N)
+    o = g.reshape(g.cont(g.permute(o, 0, 2, 1, 3)), H, M * N)  # heads side by side, as torch's
+    return g.mm(w[names[3]], g.take(o, p.pack))
 
 
 def _pool(g: Graph, x: int, weights: np.ndarray, H: int, N: int) -> int:
-    """x (H, M, N) -> (H, N): each entry's rows weighted by ``weights`` (N, M) (a mean, or one row)."""
-    xt = g.cont(g.permute(x, 1, 0, 2, 3))  # (M, H, N)
-    return g.reshape(g.mm(xt, g.input(weights[:, None, :])), H, N)  # (M, H, N) x (M, 1, N) -> (H, 1, N)
+    """Packed x (H, T) -> (H, N): each entry's rows weighted by ``weights`` (N, T)."""
+    xt = g.cont(g.permute(x, 1, 0, 2, 3))  # (T, H)
+    return g.mm(xt, g.input(weights))  # (T, H) x (T, N) -> (H, N)
 
 
-def transformer(w: Tensors, cfg: dict[str, Any], pad_id: int, H: int) -> Callable[..., np.ndarray]:
+def transformer(w: Tensors, cfg: dict[str, Any], pad_id: int, H: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(encode, pad_rows). Pads count in the mean (as the reference), but a pad slot attends to
+    nothing, so its output depends only on its place in the entry: ``pad_rows`` computes the M of
+    them once (a call adds the right ones in), and a call's products run on valid slots only."""
     heads, layers = cfg["num_heads"], cfg["num_hidden_layers"]
 
-    def encode(g: Graph, rows: np.ndarray, x0: np.ndarray) -> tuple[int, tuple[int, ...]]:
-        N, M = rows.shape
-        x = g.input(x0)  # (H, M, N)
-        if "pos_embed.weight" in w:
-            x = g.add(x, g.rows(w["pos_embed.weight"], H, M))
-        valid = rows != pad_id
-        pair = valid[:, :, None] & valid[:, None, :]  # (N, M_q, M_k)
-        pair |= ~valid[:, :, None]  # a pad query (no key): any finite row; its output is zeroed
-        mask = g.input(np.where(pair, 0.0, -np.inf)[:, None])  # (M_k, M_q, 1, N)
-        keep = g.input(valid[:, None, :, None].astype(np.float32))  # (1, M_q, 1, N)
+    def layer_rest(g: Graph, x: int, p: str, a: int | None) -> int:
+        """Post-LN residual blocks after attention output ``a`` (None: a pad slot's, zero)."""
+        x = g.layer_norm(x if a is None else g.add(x, a), w[f"{p}.post_attention_layernorm.weight"],
+                         w[f"{p}.post_attention_layernorm.bias"])
+        m = g.mm(w[f"{p}.mlp.fc2.weight"], g.gelu(g.mm(w[f"{p}.mlp.fc1.weight"], x)))
+        return g.layer_norm(g.add(x, m), w[f"{p}.post_mlp_layernorm.weight"], w[f"{p}.post_mlp_layernorm.bias"])
+
+    def positioned(g: Graph, x0: np.ndarray, position: int) -> int:
+        x = g.input(x0)  # (H, T)
+        return g.add(x, g.take(w["pos_embed.weight"], position)) if "pos_embed.weight" in w else x
+
+    def pad_rows(g: Graph, pad: np.ndarray, M: int) -> tuple[int, tuple[int, ...]]:
+        """The final rows (M, H) of a pad slot at each place 0..M-1; ``pad`` (H,) its table row."""
+        x = positioned(g, np.broadcast_to(pad, (M, len(pad))), g.index(np.arange(M)))
         for i in range(layers):
-            p = f"layers.{i}"
-            names = [f"{p}.attention.{n}_proj.weight" for n in ("q", "k", "v", "o")]
-            a = _attention(g, w, x, names, heads, M, N, H, mask, keep)
-            x = g.layer_norm(g.add(x, a), w[f"{p}.post_attention_layernorm.weight"],
-                             w[f"{p}.post_attention_layernorm.bias"])
-            m = g.mm(w[f"{p}.mlp.fc2.weight"], g.gelu(g.mm(w[f"{p}.mlp.fc1.weight"], x)))
-            x = g.layer_norm(g.add(x, m), w[f"{p}.post_mlp_layernorm.weight"], w[f"{p}.post_mlp_layernorm.bias"])
-        return _pool(g, x, np.full((N, M), 1.0 / M, dtype=np.float32), H, N), (N, H)  # pads included, as the reference
+            x = layer_rest(g, x, f"layers.{i}", None)
+        return x, (M, H)
 
-    return encode
+    def encode(g: Graph, rows: np.ndarray, x0: np.ndarray, pads: np.ndarray | None) -> tuple[int, tuple[int, ...]]:
+        """``pads`` (M, H): ``pad_rows``'s (None: ``rows`` has no pad)."""
+        N, M = rows.shape
+        p = _Packed(g, rows, pad_id)
+        x = positioned(g, x0.reshape(N * M, -1)[p.at], p.position)  # (H, T)
+        for i in range(layers):
+            names = [f"layers.{i}.attention.{n}_proj.weight" for n in ("q", "k", "v", "o")]
+            x = layer_rest(g, x, f"layers.{i}", _attention(g, w, x, names, heads, H, p))
+        out = _pool(g, x, p.pool(np.full((N, M), 1.0 / M, dtype=np.float32)), H, N)
+        if pads is not None:  # the pads' share of each mean: (N, M) x (M, H)
+            out = g.add(out, g.input((~p.valid).astype(np.float32) @ pads / M))
+        return out, (N, H)
+
+    return encode, pad_rows
 
 
-def res_latent_attn(w: Tensors, cfg: dict[str, Any], pad_id: int, H: int) -> Callable[..., np.ndarray]:
+def res_latent_attn(w: Tensors, cfg: dict[str, Any], pad_id: int, H: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(encode, pad_rows). Pad slots are no key and no part of the pooled output, so a call's
+    products run on valid slots only; but a causal encoder pools an entry of pads only by its first
+    slot, which attends to nothing: ``pad_rows`` gives it (as the transformer's)."""
     heads, causal, residual, layers = cfg["num_heads"], cfg["causal"], cfg["residual"], cfg["num_hidden_layers"]
 
-    def encode(g: Graph, rows: np.ndarray, x0: np.ndarray) -> tuple[int, tuple[int, ...]]:
-        N, M = rows.shape
-        x = g.input(x0)  # (D, M, N)
+    def start(g: Graph, x0: np.ndarray, position: int) -> int:
+        x = g.input(x0)  # (D, T)
         if "proj_in.weight" in w:
-            x = g.mm(w["proj_in.weight"], x)  # (H, M, N)
-        x = g.add(x, g.rows(w["pos_embed.weight"], H, M))
-        valid = rows != pad_id
-        allowed = np.broadcast_to(valid[:, None, :], (N, M, M))  # (N, M_q, M_k): key-only
-        if causal:
-            allowed = allowed & np.tril(np.ones((M, M), dtype=bool))
-        some = allowed.any(-1)  # (N, M_q): a query with no key (a row of pads) gets zeros, as torch's
-        mask = g.input(np.where(allowed | ~some[..., None], 0.0, -np.inf)[:, None])  # (M_k, M_q, 1, N)
-        keep = g.input(some[:, None, :, None].astype(np.float32))  # (1, M_q, 1, N)
+            x = g.mm(w["proj_in.weight"], x)  # (H, T)
+        return g.add(x, g.take(w["pos_embed.weight"], position))
+
+    def layers_of(g: Graph, x: int, p: _Packed | None) -> int:
+        """The layers and the final norm; ``p`` None: pad slots, whose attention output is zero."""
         for i in range(layers):
-            p = f"layers.{i}"
-            h = g.layer_norm(x, w[f"{p}.norm1.weight"], w[f"{p}.norm1.bias"])
-            x = g.add(x, _attention(g, w, h, [f"{p}.w{n}.weight" for n in "qkvo"], heads, M, N, H, mask, keep))
-            f = g.layer_norm(x, w[f"{p}.norm2.weight"], w[f"{p}.norm2.bias"])
-            x = g.add(x, g.mm(w[f"{p}.w2.weight"], g.gelu(g.mm(w[f"{p}.w1.weight"], f))))
-        x = g.layer_norm(x, w["norm.weight"], w["norm.bias"])
-        n_valid = np.maximum(valid.sum(-1), 1)  # (N,)
+            q = f"layers.{i}"
+            if p is not None:
+                h = g.layer_norm(x, w[f"{q}.norm1.weight"], w[f"{q}.norm1.bias"])
+                x = g.add(x, _attention(g, w, h, [f"{q}.w{n}.weight" for n in "qkvo"], heads, H, p))
+            f = g.layer_norm(x, w[f"{q}.norm2.weight"], w[f"{q}.norm2.bias"])
+            x = g.add(x, g.mm(w[f"{q}.w2.weight"], g.gelu(g.mm(w[f"{q}.w1.weight"], f))))
+        return g.layer_norm(x, w["norm.weight"], w["norm.bias"])
+
+    def pad_rows(g: Graph, pad: np.ndarray, M: int) -> tuple[int, tuple[int, ...]]:
+        """The final rows (M, H) of a pad slot at each place 0..M-1; ``pad`` (D,) its table row."""
+        return layers_of(g, start(g, np.broadcast_to(pad, (M, len(pad))), g.index(np.arange(M))), None), (M, H)
+
+    def encode(g: Graph, rows: np.ndarray, x0: np.ndarray, pads: np.ndarray | None) -> tuple[int, tuple[int, ...]]:
+        N, M = rows.shape
+        p = _Packed(g, rows, pad_id, causal)
+        x = layers_of(g, start(g, x0.reshape(N * M, -1)[p.at], p.position), p)  # (H, T)
+        n_valid = p.valid.sum(-1)  # (N,)
         if causal:  # the last valid row
             pick = np.zeros((N, M), dtype=np.float32)
-            pick[np.arange(N), n_valid - 1] = 1.0
+            pick[np.arange(N), np.maximum(n_valid, 1) - 1] = 1.0
         else:  # the mean of the valid rows
-            pick = (valid / n_valid[:, None]).astype(np.float32)
-        out = _pool(g, x, pick, H, N)  # (H, N)
+            pick = (p.valid / np.maximum(n_valid, 1)[:, None]).astype(np.float32)
+        out = _pool(g, x, p.pool(pick), H, N)  # (H, N)
+        if causal and pads is not None and (n_valid == 0).any():  # entries of pads only: their first slot
+            out = g.add(out, g.input((n_valid == 0)[:, None] * pads[0]))
         D = x0.shape[-1]
         if "proj_out.weight" in w:
             out = g.mm(w["proj_out.weight"], out)  # (D, N)
@@ -136,7 +187,7 @@ def res_latent_attn(w: Tensors, cfg: dict[str, Any], pad_id: int, H: int) -> Cal
             out = g.add(out, g.input(x0[:, 0]))
         return out, (N, D if "proj_out.weight" in w or residual else H)
 
-    return encode
+    return encode, pad_rows if causal else None
 
 
 ENCODERS = {"transformer": transformer, "res_latent_attn": res_latent_attn}
@@ -177,16 +228,32 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
     w = Tensors(arrays)
     H = cfg["hidden_size"]
     D = cfg.get("model_hidden_size") or H
-    graph = ENCODERS[encoder_type](w, cfg, pad_id, H)
+    graph, pad_graph = ENCODERS[encoder_type](w, cfg, pad_id, H)
     M_max = w.ne[w["pos_embed.weight"]][1] if "pos_embed.weight" in w else None
+    nodes = 64 * (cfg["num_hidden_layers"] + 2)
+    pad_rows: dict[bytes, np.ndarray] = {}  # the pad's table row and M -> pad_graph's (M, H)
+
+    def pads(table: np.ndarray, M: int, threads: int, check: bool = False) -> np.ndarray | None:
+        if pad_graph is None:
+            return None
+        row = np.asarray(table[[pad_id]], dtype=np.float32)[0]  # (D,)
+        key = row.tobytes() + M.to_bytes(2, "little")
+        if key not in pad_rows:
+            with Graph(threads, check=check, known=w.ne, nodes=nodes) as g:
+                pad_rows[key] = g.run(*pad_graph(g, row, M))
+        return pad_rows[key]
+
     # ggml aborts on shapes that do not fit: checked first (ValueError), on a stand-in call
-    with Graph(1, check=True, known=w.ne, nodes=64 * (cfg["num_hidden_layers"] + 2)) as g:
-        M = min(2, M_max or 2)
-        rows = np.ones((2, M), dtype=np.int64)
-        rows[1, 1:] = pad_id
-        out, shape = graph(g, rows, np.zeros((2, M, D), dtype=np.float32))
+    M = min(2, M_max or 2)
+    table = np.zeros((max(pad_id, 1) + 1, D), dtype=np.float32)
+    rows = np.full((2, M), 1 if pad_id != 1 else 0, dtype=np.int64)
+    rows[1, 1:] = pad_id
+    stand_in_pads = pads(table, M, 1, check=True)
+    with Graph(1, check=True, known=w.ne, nodes=nodes) as g:
+        out, shape = graph(g, rows, table[rows], stand_in_pads)
         g.need(g.ne[out][:2] == shape[::-1], f"the encoder gives {g.ne[out]}, expected {shape[::-1]}")
         nodes = 2 * len(g.ne) + 16  # room for the graph's nodes and leaves (ggml aborts past it)
+    pad_rows.clear()
     out_width = shape[1]
 
     def encode(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -196,11 +263,13 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
                              f"expected width {D} and at most {M_max} ids a row")
         if len(rows) == 0:
             return np.zeros((0, out_width), dtype=np.float32)
+        threads = getattr(_local, "threads", 1)
+        pad_out = pads(table, rows.shape[1], threads) if (rows == pad_id).any() else None
         parts = []
         for at in range(0, len(rows), CHUNK):
             r = rows[at:at + CHUNK]
-            with Graph(getattr(_local, "threads", 1), nodes=nodes) as g:
-                out, shape = graph(g, r, table[r])  # table rows (N, M, D)
+            with Graph(threads, nodes=nodes) as g:
+                out, shape = graph(g, r, table[r], pad_out)  # table rows (N, M, D)
                 parts.append(g.run(out, shape))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 

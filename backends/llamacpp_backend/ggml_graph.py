@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import BackendError
 
-F32 = 0  # enum ggml_type
+F32, I32 = 0, 26  # enum ggml_type
 TYPES = {"f16": (1, 1, 2), "q8_0": (8, 32, 34)}  # name: (enum ggml_type, weights per block, bytes per block)
 NODES = 256  # graph size unless told: a 2-layer encoder makes ~70 nodes (``build_encoder`` sizes its own)
 
@@ -54,7 +54,7 @@ def _lib() -> Any:
         "ggml_norm": (p, [p, p, f]), "ggml_gelu_erf": (p, [p, p]), "ggml_soft_max_ext": (p, [p, p, p, f, f]),
         "ggml_reshape_2d": (p, [p, p, i64, i64]), "ggml_reshape_3d": (p, [p, p, i64, i64, i64]),
         "ggml_reshape_4d": (p, [p, p, i64, i64, i64, i64]), "ggml_permute": (p, [p, p, i, i, i, i]),
-        "ggml_cont": (p, [p, p]), "ggml_view_2d": (p, [p, p, i64, i64, sz, sz]),
+        "ggml_cont": (p, [p, p]), "ggml_get_rows": (p, [p, p, p]), "ggml_view_2d": (p, [p, p, i64, i64, sz, sz]),
         "ggml_quantize_chunk": (sz, [i, p, p, i64, i64, i64, p]),
         "ggml_backend_cpu_buffer_from_ptr": (p, [p, sz]), "ggml_backend_tensor_alloc": (i, [p, p, p]),
         "ggml_backend_buffer_free": (None, [p]), "ggml_backend_cpu_buffer_type": (p, []),
@@ -225,6 +225,14 @@ class Graph:
         self._inputs.append((t, a))
         return self._op(t, tuple(reversed(a.shape)))
 
+    def index(self, a: np.ndarray) -> int:
+        """A 1-D int32 input: row numbers for ``take``."""
+        a = np.ascontiguousarray(a, dtype=np.int32)
+        t = self.L.ggml_new_tensor_1d(self.ctx, I32, len(a))
+        self.L.ggml_set_input(t)
+        self._inputs.append((t, a))
+        return self._op(t, (len(a), int(a.max(initial=-1)) + 1))  # (n, rows it needs): checked by ``take``
+
     def run(self, out: int, shape: tuple[int, ...]) -> np.ndarray:
         """Compute ``out`` and return it as a float32 array of ``shape`` (numpy's axis order)."""
         L = self.L
@@ -304,3 +312,12 @@ class Graph:
             src = self._shape(x)
             self.need(src[0] == ne0 and n <= src[1], f"no {n} rows of width {ne0} in {self.ne[x]}")
         return self._op(self.L.ggml_view_2d(self.ctx, x, ne0, n, ne0 * 4, 0), (ne0, n))
+
+    def take(self, x: int, index: int) -> int:
+        """Rows of the 2-D float32 ``x`` (ne0, rows) at ``index`` (``self.index``): (ne0, len(index))."""
+        ne = None
+        if self.ne is not None:
+            src, (n, need) = self._shape(x), self.ne[index]
+            self.need(src[2] == src[3] == 1 and need <= src[1], f"no row {need - 1} in {self.ne[x]}")
+            ne = (src[0], n)
+        return self._op(self.L.ggml_get_rows(self.ctx, x, index), ne)
