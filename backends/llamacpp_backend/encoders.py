@@ -7,7 +7,8 @@
 Attention rows with no key (a ``transformer`` pad slot) come out as zeros, as torch's
 ``scaled_dot_product_attention`` returns them. GELU is the exact (erf) one.
 
-An encoder call is one ggml graph (a few hundred rows at most: longer calls are cut). Matrices of
+An encoder call is one ggml graph (a few hundred rows at most: longer calls are cut) whose
+products run on the entries' ids packed together, not on their pads (``_Packed``). Matrices of
 ``QUANT`` elements or more are kept as q8_0 (``prepare``'s ``kind``; f16, or float32 with
 ``f32``): a released 4B model's encoders are 1.8 GB as float32 and a call was bound by reading
 them. Outputs equal torch's within float32 rounding, or within that type's rounding; smaller
@@ -140,10 +141,11 @@ def transformer(w: Tensors, cfg: dict[str, Any], pad_id: int, H: int) -> tuple[C
     return encode, pad_rows
 
 
-def res_latent_attn(w: Tensors, cfg: dict[str, Any], pad_id: int, H: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """(encode, pad_rows). Pad slots are no key and no part of the pooled output, so a call's
-    products run on valid slots only; but a causal encoder pools an entry of pads only by its first
-    slot, which attends to nothing: ``pad_rows`` gives it (as the transformer's)."""
+def res_latent_attn(w: Tensors, cfg: dict[str, Any], pad_id: int,
+                    H: int) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+    """(encode, pad_rows or None). Pad slots are no key and no part of the pooled output, so a
+    call's products run on valid slots only; but a causal encoder pools an entry of pads only by its
+    first slot, which attends to nothing: ``pad_rows`` gives it (as the transformer's)."""
     heads, causal, residual, layers = cfg["num_heads"], cfg["causal"], cfg["residual"], cfg["num_hidden_layers"]
 
     def start(g: Graph, x0: np.ndarray, position: int) -> int:
@@ -233,10 +235,10 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
     nodes = 64 * (cfg["num_hidden_layers"] + 2)
     pad_rows: dict[bytes, np.ndarray] = {}  # the pad's table row and M -> pad_graph's (M, H)
 
-    def pads(table: np.ndarray, M: int, threads: int, check: bool = False) -> np.ndarray | None:
+    def pads(row: np.ndarray, M: int, threads: int, check: bool = False) -> np.ndarray | None:
+        """pad_graph's rows for the pad's table row ``row`` (D,), once per table."""
         if pad_graph is None:
             return None
-        row = np.asarray(table[[pad_id]], dtype=np.float32)[0]  # (D,)
         key = row.tobytes() + M.to_bytes(2, "little")
         if key not in pad_rows:
             with Graph(threads, check=check, known=w.ne, nodes=nodes) as g:
@@ -245,12 +247,11 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
 
     # ggml aborts on shapes that do not fit: checked first (ValueError), on a stand-in call
     M = min(2, M_max or 2)
-    table = np.zeros((max(pad_id, 1) + 1, D), dtype=np.float32)
     rows = np.full((2, M), 1 if pad_id != 1 else 0, dtype=np.int64)
     rows[1, 1:] = pad_id
-    stand_in_pads = pads(table, M, 1, check=True)
+    stand_in_pads = pads(np.zeros(D, dtype=np.float32), M, 1, check=True)
     with Graph(1, check=True, known=w.ne, nodes=nodes) as g:
-        out, shape = graph(g, rows, table[rows], stand_in_pads)
+        out, shape = graph(g, rows, np.zeros((2, M, D), dtype=np.float32), stand_in_pads)
         g.need(g.ne[out][:2] == shape[::-1], f"the encoder gives {g.ne[out]}, expected {shape[::-1]}")
         nodes = 2 * len(g.ne) + 16  # room for the graph's nodes and leaves (ggml aborts past it)
     pad_rows.clear()
@@ -264,7 +265,8 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
         if len(rows) == 0:
             return np.zeros((0, out_width), dtype=np.float32)
         threads = getattr(_local, "threads", 1)
-        pad_out = pads(table, rows.shape[1], threads) if (rows == pad_id).any() else None
+        has_pad = (rows == pad_id).any()
+        pad_out = pads(np.asarray(table[[pad_id]], dtype=np.float32)[0], rows.shape[1], threads) if has_pad else None
         parts = []
         for at in range(0, len(rows), CHUNK):
             r = rows[at:at + CHUNK]

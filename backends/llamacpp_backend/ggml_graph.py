@@ -29,7 +29,7 @@ from ..errors import BackendError
 
 F32, I32 = 0, 26  # enum ggml_type
 TYPES = {"f16": (1, 1, 2), "q8_0": (8, 32, 34)}  # name: (enum ggml_type, weights per block, bytes per block)
-NODES = 256  # graph size unless told: a 2-layer encoder makes ~70 nodes (``build_encoder`` sizes its own)
+NODES = 256  # graph size unless told: a 2-layer encoder makes ~80 nodes (``build_encoder`` sizes its own)
 
 
 class _InitParams(ctypes.Structure):
@@ -54,7 +54,7 @@ def _lib() -> Any:
         "ggml_norm": (p, [p, p, f]), "ggml_gelu_erf": (p, [p, p]), "ggml_soft_max_ext": (p, [p, p, p, f, f]),
         "ggml_reshape_2d": (p, [p, p, i64, i64]), "ggml_reshape_3d": (p, [p, p, i64, i64, i64]),
         "ggml_reshape_4d": (p, [p, p, i64, i64, i64, i64]), "ggml_permute": (p, [p, p, i, i, i, i]),
-        "ggml_cont": (p, [p, p]), "ggml_get_rows": (p, [p, p, p]), "ggml_view_2d": (p, [p, p, i64, i64, sz, sz]),
+        "ggml_cont": (p, [p, p]), "ggml_get_rows": (p, [p, p, p]),
         "ggml_quantize_chunk": (sz, [i, p, p, i64, i64, i64, p]),
         "ggml_backend_cpu_buffer_from_ptr": (p, [p, sz]), "ggml_backend_tensor_alloc": (i, [p, p, p]),
         "ggml_backend_buffer_free": (None, [p]), "ggml_backend_cpu_buffer_type": (p, []),
@@ -305,13 +305,6 @@ class Graph:
 
     def cont(self, x: int) -> int:
         return self._op(self.L.ggml_cont(self.ctx, x), self.ne and self.ne[x])
-
-    def rows(self, x: int, ne0: int, n: int) -> int:
-        """The first ``n`` rows of the 2-D ``x`` (``ne0`` wide, float32)."""
-        if self.ne is not None:
-            src = self._shape(x)
-            self.need(src[0] == ne0 and n <= src[1], f"no {n} rows of width {ne0} in {self.ne[x]}")
-        return self._op(self.L.ggml_view_2d(self.ctx, x, ne0, n, ne0 * 4, 0), (ne0, n))
 
     def take(self, x: int, index: int) -> int:
         """Rows of the 2-D float32 ``x`` (ne0, rows) at ``index`` (``self.index``): (ne0, len(index))."""
