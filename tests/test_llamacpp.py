@@ -496,3 +496,23 @@ def test_missing_ggml_libraries_are_a_clear_error(tmp_path):
 
     with pytest.raises(BackendError, match="no ggml-cpu library in .*reinstall llama-cpp-python"):
         _load(tmp_path, "ggml-cpu")
+
+
+def test_flash_attention_is_a_setting(gguf_dirs, monkeypatch):
+    """``Z2Z_FLASH_ATTN`` (auto, on, off): a bad value is refused before the model is read; on and
+    off give the same logits within the f16 cache's rounding (the two attention kernels)."""
+    monkeypatch.setenv("Z2Z_FLASH_ATTN", "sometimes")
+    with pytest.raises(Z2ZError, match="Z2Z_FLASH_ATTN='sometimes': use auto"):
+        open_checkpoint(gguf_dirs["merge"], n_threads=1)
+    logits = {}
+    for setting in ("on", "off"):
+        monkeypatch.setenv("Z2Z_FLASH_ATTN", setting)
+        loaded = open_checkpoint(gguf_dirs["merge"], n_threads=1)
+        try:
+            logits[setting] = loaded.model.new_state().forward(list(range(5, 45)), list(range(40)))
+        finally:
+            loaded.model.close()
+    finite = np.isfinite(logits["off"])
+    assert (finite == np.isfinite(logits["on"])).all()
+    np.testing.assert_allclose(logits["on"][finite], logits["off"][finite], atol=2e-3)  # measured: 3e-4
+    assert not np.array_equal(logits["on"], logits["off"])  # the kernels round differently: the setting took
