@@ -73,8 +73,8 @@ def default_window(n_ctx_train: int) -> int:
 
 def flash_attention(L) -> int:
     """``Z2Z_FLASH_ATTN``: llama.cpp's flash attention ``auto`` (the default: on where the CPU
-    backend supports it), ``on`` or ``off``. Measured on this project's build machine (README,
-    "llama.cpp"): it prefills faster everywhere, decodes faster on SmolLM2-135M and 1.5x slower at
+    backend supports it), ``on`` or ``off``. Measured on this project's 2-core build machine (README,
+    "llama.cpp"): it prefills faster everywhere, decodes faster on SmolLM2-135M and 1.3-1.5x slower at
     Phi-3.5-mini's geometry, where ``off`` is llama-cpp-python's default."""
     value = os.environ.get("Z2Z_FLASH_ATTN", "auto")
     kinds = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,

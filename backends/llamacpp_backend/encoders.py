@@ -233,23 +233,26 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
     graph, pad_graph = ENCODERS[encoder_type](w, cfg, pad_id, H)
     M_max = w.ne[w["pos_embed.weight"]][1] if "pos_embed.weight" in w else None
     nodes = 64 * (cfg["num_hidden_layers"] + 2)
-    pad_rows: dict[bytes, np.ndarray] = {}  # the pad's table row and M -> pad_graph's (M, H)
+    # id(table), M -> (table, pad_graph's (M, H)): a call with pads looks its table's up (the table
+    # is kept with them, so its id is not reused while they are); no read of the table per call
+    pad_rows: dict[tuple[int, int], tuple[Any, np.ndarray]] = {}
 
-    def pads(row: np.ndarray, M: int, threads: int, check: bool = False) -> np.ndarray | None:
-        """pad_graph's rows for the pad's table row ``row`` (D,), once per table."""
+    def pads(table: Any, M: int, threads: int, check: bool = False) -> np.ndarray | None:
+        """pad_graph's rows (M, H) for ``table``'s pad row, computed once per table and M."""
         if pad_graph is None:
             return None
-        key = row.tobytes() + M.to_bytes(2, "little")
+        key = (id(table), M)
         if key not in pad_rows:
+            row = np.asarray(table[[pad_id]], dtype=np.float32)[0]  # (D,)
             with Graph(threads, check=check, known=w.ne, nodes=nodes) as g:
-                pad_rows[key] = g.run(*pad_graph(g, row, M))
-        return pad_rows[key]
+                pad_rows[key] = (table, g.run(*pad_graph(g, row, M)))
+        return pad_rows[key][1]
 
     # ggml aborts on shapes that do not fit: checked first (ValueError), on a stand-in call
     M = min(2, M_max or 2)
     rows = np.full((2, M), 1 if pad_id != 1 else 0, dtype=np.int64)
     rows[1, 1:] = pad_id
-    stand_in_pads = pads(np.zeros(D, dtype=np.float32), M, 1, check=True)
+    stand_in_pads = pads(np.broadcast_to(np.zeros(D, dtype=np.float32), (pad_id + 1, D)), M, 1, check=True)  # no copy
     with Graph(1, check=True, known=w.ne, nodes=nodes) as g:
         out, shape = graph(g, rows, np.zeros((2, M, D), dtype=np.float32), stand_in_pads)
         g.need(g.ne[out][:2] == shape[::-1], f"the encoder gives {g.ne[out]}, expected {shape[::-1]}")
@@ -265,8 +268,7 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
         if len(rows) == 0:
             return np.zeros((0, out_width), dtype=np.float32)
         threads = getattr(_local, "threads", 1)
-        has_pad = (rows == pad_id).any()
-        pad_out = pads(np.asarray(table[[pad_id]], dtype=np.float32)[0], rows.shape[1], threads) if has_pad else None
+        pad_out = pads(table, rows.shape[1], threads) if (rows == pad_id).any() else None
         parts = []
         for at in range(0, len(rows), CHUNK):
             r = rows[at:at + CHUNK]
