@@ -95,6 +95,10 @@ def test_ggml_encoders_equal_torch(enc, kind, ref_checkpoints, monkeypatch):
             np.testing.assert_allclose(ours, want, atol=1e-5, err_msg=side)
             np.testing.assert_allclose(encoder(rows[1:2], table)[0], want[1], atol=1e-5, err_msg=side)  # 1 thread, 1 row
             np.testing.assert_allclose(encoder(rows[4:], table), want[4:], atol=1e-5, err_msg=side)  # pads only
+            other = table * 2  # another table, another pad row: its pads' rows are its own, not the first's
+            with torch.no_grad():
+                want_other = module(torch.tensor(rows), torch.tensor(other)).numpy()
+            np.testing.assert_allclose(encoder(rows, other), want_other, atol=1e-5, err_msg=side)
         else:  # measured: q8_0 1.6-2.5%, f16 0.07-0.09% (norm of the difference)
             err = np.linalg.norm(ours - want) / np.linalg.norm(want)
             assert err < {"q8_0": 0.04, "f16": 0.003}[kind], (side, err)
