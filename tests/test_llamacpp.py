@@ -73,7 +73,8 @@ def test_ggml_encoders_equal_torch(enc, kind, ref_checkpoints, monkeypatch):
     from backends.llamacpp_backend import encoders
 
     monkeypatch.setattr(encoders, "QUANT", 0)
-    monkeypatch.setattr(encoders, "CHUNK", 3)  # the 4 entries below in two graphs
+    monkeypatch.setattr(encoders, "CHUNK", 3)  # the 5 entries below in two graphs:
+    monkeypatch.setattr(encoders, "KEEP", 2)  # the first used once, the second kept (as a step's)
     case = LLAMA if enc == "transformer" else ("llama", "res_latent_attn", "base_token_end")
     loaded = checkpoint.load(ref_checkpoints[case][1])
     m = loaded.model
@@ -99,6 +100,12 @@ def test_ggml_encoders_equal_torch(enc, kind, ref_checkpoints, monkeypatch):
             with torch.no_grad():
                 want_other = module(torch.tensor(rows), torch.tensor(other)).numpy()
             np.testing.assert_allclose(encoder(rows, other), want_other, atol=1e-5, err_msg=side)
+            # kept graphs run again: fed other ids (the same pad slots), or other pad slots (same shape)
+            shifted = np.where(rows == m.pad_id, m.pad_id, rows + 20)
+            with torch.no_grad():
+                want_shifted = module(torch.tensor(shifted), torch.tensor(table)).numpy()
+            np.testing.assert_allclose(encoder(shifted[3:], table), want_shifted[3:], atol=1e-5, err_msg=side)
+            np.testing.assert_allclose(encoder(rows[[4, 3]], table), want[[4, 3]], atol=1e-5, err_msg=side)
         else:  # measured: q8_0 1.6-2.5%, f16 0.07-0.09% (norm of the difference)
             err = np.linalg.norm(ours - want) / np.linalg.norm(want)
             assert err < {"q8_0": 0.04, "f16": 0.003}[kind], (side, err)
@@ -113,8 +120,8 @@ def test_q8_0_products_equal_numpy_within_rounding():
     t = Tensors({"w": (quantize(w, "q8_0"), "q8_0")})
 
     def product(x: np.ndarray, threads: int) -> np.ndarray:
-        with Graph(threads) as g:
-            return g.run(g.mm(t["w"], g.input(x)), (len(x), 96))
+        with Graph() as g:
+            return g.run(g.mm(t["w"], g.input(x)), (len(x), 96), threads=threads)
 
     want, ours = x @ w.T, product(x, 1)
     assert 0 < np.linalg.norm(ours - want) < 0.01 * np.linalg.norm(want)

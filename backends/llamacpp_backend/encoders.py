@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +36,7 @@ from .ggml_graph import Graph, Tensors
 Weights = dict[str, np.ndarray]
 _local = threading.local()  # .threads: how many CPUs the calling thread's encoder calls may use
 CHUNK = 256  # entries per graph: bounds a call's memory (a released model's FFN rows: 200 KB an entry)
+KEEP, KEPT = 4, 32  # calls of at most KEEP entries (decode steps) run kept graphs, the KEPT last used a thread
 
 
 @contextmanager
@@ -55,7 +57,7 @@ class _Packed:
     (H, M, N) for its per-entry softmax and packs its output back. Pad slots are never keys; a pad
     query (unpacked from packed row 0, a stand-in) gets any finite scores and is dropped on packing."""
 
-    def __init__(self, g: Graph, rows: np.ndarray, pad_id: int, causal: bool = False):
+    def __init__(self, g: Graph, rows: np.ndarray, pad_id: int, D: int, causal: bool = False):
         N, M = rows.shape
         valid = rows != pad_id  # (N, M)
         self.valid, self.N, self.M = valid, N, M
@@ -71,6 +73,8 @@ class _Packed:
         self.mask = g.input(np.where(allowed, 0.0, -np.inf)[:, None])  # (M_k, M_q, 1, N)
         self.pack, self.unpack = g.index(self.at), g.index(packed)
         self.position = g.index(self.at % M)  # (T,) each packed row's place in its entry
+        at = self.at
+        self.x = g.feed(lambda x0: x0.reshape(N * M, D)[at], (self.T, D))  # (D, T): the run's table rows, packed
 
     def pool(self, weights: np.ndarray) -> np.ndarray:
         """(N, M) weights of each entry's slots -> (N, T) weights of the packed rows."""
@@ -114,22 +118,21 @@ def transformer(w: Tensors, cfg: dict[str, Any], pad_id: int, H: int) -> tuple[C
         m = g.mm(w[f"{p}.mlp.fc2.weight"], g.gelu(g.mm(w[f"{p}.mlp.fc1.weight"], x)))
         return g.layer_norm(g.add(x, m), w[f"{p}.post_mlp_layernorm.weight"], w[f"{p}.post_mlp_layernorm.bias"])
 
-    def positioned(g: Graph, x0: np.ndarray, position: int) -> int:
-        x = g.input(x0)  # (H, T)
+    def positioned(g: Graph, x: int, position: int) -> int:
         return g.add(x, g.take(w["pos_embed.weight"], position)) if "pos_embed.weight" in w else x
 
     def pad_rows(g: Graph, pad: np.ndarray, M: int) -> tuple[int, tuple[int, ...]]:
         """The final rows (M, H) of a pad slot at each place 0..M-1; ``pad`` (H,) its table row."""
-        x = positioned(g, np.broadcast_to(pad, (M, len(pad))), g.index(np.arange(M)))
+        x = positioned(g, g.input(np.broadcast_to(pad, (M, len(pad)))), g.index(np.arange(M)))
         for i in range(layers):
             x = layer_rest(g, x, f"layers.{i}", None)
         return x, (M, H)
 
-    def encode(g: Graph, rows: np.ndarray, x0: np.ndarray, pads: np.ndarray | None) -> tuple[int, tuple[int, ...]]:
+    def encode(g: Graph, rows: np.ndarray, pads: np.ndarray | None) -> tuple[int, tuple[int, ...]]:
         """``pads`` (M, H): ``pad_rows``'s (None: ``rows`` has no pad)."""
         N, M = rows.shape
-        p = _Packed(g, rows, pad_id)
-        x = positioned(g, x0.reshape(N * M, -1)[p.at], p.position)  # (H, T)
+        p = _Packed(g, rows, pad_id, H)
+        x = positioned(g, p.x, p.position)  # (H, T)
         for i in range(layers):
             names = [f"layers.{i}.attention.{n}_proj.weight" for n in ("q", "k", "v", "o")]
             x = layer_rest(g, x, f"layers.{i}", _attention(g, w, x, names, heads, H, p))
@@ -147,9 +150,10 @@ def res_latent_attn(w: Tensors, cfg: dict[str, Any], pad_id: int,
     call's products run on valid slots only; but a causal encoder pools an entry of pads only by its
     first slot, which attends to nothing: ``pad_rows`` gives it (as the transformer's)."""
     heads, causal, residual, layers = cfg["num_heads"], cfg["causal"], cfg["residual"], cfg["num_hidden_layers"]
+    D = cfg.get("model_hidden_size") or H  # the table's width
 
-    def start(g: Graph, x0: np.ndarray, position: int) -> int:
-        x = g.input(x0)  # (D, T)
+    def start(g: Graph, x: int, position: int) -> int:
+        """x (D, T) -> (H, T), placed."""
         if "proj_in.weight" in w:
             x = g.mm(w["proj_in.weight"], x)  # (H, T)
         return g.add(x, g.take(w["pos_embed.weight"], position))
@@ -167,12 +171,13 @@ def res_latent_attn(w: Tensors, cfg: dict[str, Any], pad_id: int,
 
     def pad_rows(g: Graph, pad: np.ndarray, M: int) -> tuple[int, tuple[int, ...]]:
         """The final rows (M, H) of a pad slot at each place 0..M-1; ``pad`` (D,) its table row."""
-        return layers_of(g, start(g, np.broadcast_to(pad, (M, len(pad))), g.index(np.arange(M))), None), (M, H)
+        x = g.input(np.broadcast_to(pad, (M, len(pad))))
+        return layers_of(g, start(g, x, g.index(np.arange(M))), None), (M, H)
 
-    def encode(g: Graph, rows: np.ndarray, x0: np.ndarray, pads: np.ndarray | None) -> tuple[int, tuple[int, ...]]:
+    def encode(g: Graph, rows: np.ndarray, pads: np.ndarray | None) -> tuple[int, tuple[int, ...]]:
         N, M = rows.shape
-        p = _Packed(g, rows, pad_id, causal)
-        x = layers_of(g, start(g, x0.reshape(N * M, -1)[p.at], p.position), p)  # (H, T)
+        p = _Packed(g, rows, pad_id, D, causal)
+        x = layers_of(g, start(g, p.x, p.position), p)  # (H, T)
         n_valid = p.valid.sum(-1)  # (N,)
         if causal:  # the last valid row
             pick = np.zeros((N, M), dtype=np.float32)
@@ -182,11 +187,10 @@ def res_latent_attn(w: Tensors, cfg: dict[str, Any], pad_id: int,
         out = _pool(g, x, p.pool(pick), H, N)  # (H, N)
         if causal and pads is not None and (n_valid == 0).any():  # entries of pads only: their first slot
             out = g.add(out, g.input((n_valid == 0)[:, None] * pads[0]))
-        D = x0.shape[-1]
         if "proj_out.weight" in w:
             out = g.mm(w["proj_out.weight"], out)  # (D, N)
         if residual:
-            out = g.add(out, g.input(x0[:, 0]))
+            out = g.add(out, g.feed(lambda x0: x0[:, 0], (N, D)))  # each entry's first table row
         return out, (N, D if "proj_out.weight" in w or residual else H)
 
     return encode, pad_rows if causal else None
@@ -244,8 +248,8 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
         key = (id(table), M)
         if key not in pad_rows:
             row = np.asarray(table[[pad_id]], dtype=np.float32)[0]  # (D,)
-            with Graph(threads, check=check, known=w.ne, nodes=nodes) as g:
-                pad_rows[key] = (table, g.run(*pad_graph(g, row, M)))
+            with Graph(check=check, known=w.ne, nodes=nodes) as g:
+                pad_rows[key] = (table, g.run(*pad_graph(g, row, M), threads=threads))
         return pad_rows[key][1]
 
     # ggml aborts on shapes that do not fit: checked first (ValueError), on a stand-in call
@@ -253,12 +257,27 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
     rows = np.full((2, M), 1 if pad_id != 1 else 0, dtype=np.int64)
     rows[1, 1:] = pad_id
     stand_in_pads = pads(np.broadcast_to(np.zeros(D, dtype=np.float32), (pad_id + 1, D)), M, 1, check=True)  # no copy
-    with Graph(1, check=True, known=w.ne, nodes=nodes) as g:
-        out, shape = graph(g, rows, np.zeros((2, M, D), dtype=np.float32), stand_in_pads)
+    with Graph(check=True, known=w.ne, nodes=nodes) as g:
+        out, shape = graph(g, rows, stand_in_pads)
         g.need(g.ne[out][:2] == shape[::-1], f"the encoder gives {g.ne[out]}, expected {shape[::-1]}")
         nodes = 2 * len(g.ne) + 16  # room for the graph's nodes and leaves (ggml aborts past it)
     pad_rows.clear()
     out_width = shape[1]
+    kept = threading.local()  # .graphs: {(shape, valid slots, pads' table): (Graph, out, shape)}, newest last
+
+    def graph_of(rows: np.ndarray, table: Any, pad_out: np.ndarray | None) -> tuple[Graph, int, tuple[int, ...]]:
+        """A kept graph for calls of ``rows``' shape and pad slots (a decode step's: their building
+        in Python cost more than their computing), on this thread."""
+        graphs = kept.__dict__.setdefault("graphs", OrderedDict())
+        key = (rows.shape, (rows != pad_id).tobytes(), 0 if pad_out is None else id(table))
+        if key in graphs:
+            graphs.move_to_end(key)
+        else:
+            if len(graphs) >= KEPT:
+                graphs.popitem(last=False)
+            g = Graph(nodes=nodes, keep=True)
+            graphs[key] = (g, *graph(g, rows, pad_out))
+        return graphs[key]
 
     def encode(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows)
@@ -272,9 +291,14 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
         parts = []
         for at in range(0, len(rows), CHUNK):
             r = rows[at:at + CHUNK]
-            with Graph(threads, nodes=nodes) as g:
-                out, shape = graph(g, r, table[r], pad_out)  # table rows (N, M, D)
-                parts.append(g.run(out, shape))
+            x0 = table[r]  # (N, M, D) the rows' table rows
+            if len(r) <= KEEP:
+                g, out, shape = graph_of(r, table, pad_out)
+                parts.append(g.run(out, shape, x0, threads))
+            else:
+                with Graph(nodes=nodes) as g:
+                    out, shape = graph(g, r, pad_out)
+                    parts.append(g.run(out, shape, x0, threads))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     encode.weights = w  # keeps the tensors (and the arrays they lie in) with the encoder

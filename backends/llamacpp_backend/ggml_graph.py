@@ -9,16 +9,19 @@ int8 and a float16 scale per 34 bytes; f16), what the encoder cache stores.
 ``Tensors({name: (array, kind)})``: float32 arrays (numpy's last axis is ggml's first) and such
 blocks as ggml tensors over their own memory: nothing is copied (an array of ours, or a view of
 the memory-mapped cache whose pages are read when a product first needs them).
-``Graph(threads)``: one call: ``input(a)``, ops (``mm``, ``add``, ...), ``run(t, shape)`` ->
-numpy. It runs on ``threads`` ggml threads of the calling thread: llama.cpp's OpenMP team when
-that thread is the one that decodes. Its memory (ggml's graph allocator, which reuses buffers
-between ops) is kept per calling thread.
+``Graph()``: one call: inputs (``input(a)``, a constant; ``feed(f, shape)``, ``f(arg)`` at each
+run), ops (``mm``, ``add``, ...), ``run(t, shape, arg, threads)`` -> numpy. It runs on ``threads``
+ggml threads of the calling thread: llama.cpp's OpenMP team when that thread is the one that
+decodes. A graph used once (a context manager) builds in memory kept per calling thread; a kept
+one (``keep=True``) has its own, so it can run again with other feeds: building a graph in
+Python costs more than computing a decode step's small one.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -149,23 +152,26 @@ def _new(L: Any, ctx: int, shape: tuple[int, ...]) -> int:
     return getattr(L, f"ggml_new_tensor_{len(ne)}d")(ctx, F32, *ne)
 
 
+def _records(L: Any, nodes: int, meta: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """(memory, address, size) for a graph of ``nodes`` nodes' records, aligned as ggml wants;
+    ``meta`` when it is large enough."""
+    need = nodes * 2 * L.ggml_tensor_overhead() + L.ggml_graph_overhead_custom(nodes, False) + 64
+    if meta.nbytes < need:
+        meta = np.empty(need, dtype=np.uint8)
+    at = -meta.ctypes.data % 64
+    return meta, meta.ctypes.data + at, meta.nbytes - at
+
+
 class _ThreadState:
-    """A calling thread's graph memory: tensor records, ggml's graph allocator (its buffer grows to
-    the largest call) and a CPU backend; freed with the thread (the side thread of each context)."""
+    """A calling thread's CPU backend, and the memory of its graphs used once: tensor records and
+    ggml's graph allocator (its buffer grows to the largest call); freed with the thread (the side
+    thread of each context)."""
 
     def __init__(self, L: Any):
         self.L, self.meta = L, np.empty(0, dtype=np.uint8)
         self.alloc = L.ggml_gallocr_new(L.ggml_backend_cpu_buffer_type())
         self.cpu = L.ggml_backend_cpu_init()
         self.busy = False
-
-    def records(self, nodes: int) -> tuple[int, int]:
-        """(address, size) of memory for a graph of ``nodes`` nodes' records, aligned as ggml wants."""
-        need = nodes * 2 * self.L.ggml_tensor_overhead() + self.L.ggml_graph_overhead_custom(nodes, False) + 64
-        if self.meta.nbytes < need:
-            self.meta = np.empty(need, dtype=np.uint8)
-        at = -self.meta.ctypes.data % 64
-        return self.meta.ctypes.data + at, self.meta.nbytes - at
 
     def __del__(self) -> None:
         self.L.ggml_gallocr_free(self.alloc)
@@ -176,32 +182,43 @@ _local = threading.local()  # .state: the calling thread's _ThreadState
 
 
 class Graph:
-    """One encoder call's graph (see the module docstring); use as a context manager.
+    """One encoder call's graph (see the module docstring): a context manager, or with ``keep`` a
+    graph that runs again (on the thread that built it) until it is dropped.
 
     ggml aborts the process on operands whose shapes do not fit. With ``check`` every op checks
     them first (``known``: the shapes of tensors made elsewhere, ``Tensors.ne``) and raises
     ValueError: an encoder is built once that way on a stand-in call, after which its shapes are
     known to fit for any number of entries (the only size that varies) and calls skip the checks."""
 
-    def __init__(self, threads: int, check: bool = False, known: dict[int, tuple[int, ...]] | None = None,
-                 nodes: int = NODES):
+    def __init__(self, check: bool = False, known: dict[int, tuple[int, ...]] | None = None,
+                 nodes: int = NODES, keep: bool = False):
         L = self.L = _lib()
         st = self._st = getattr(_local, "state", None) or _ThreadState(L)
         _local.state = st
-        if st.busy:  # the records' memory is the thread's: one graph at a time
-            raise RuntimeError("a ggml graph is already being built on this thread")
-        at, size = st.records(nodes)
+        self.keep, self.nodes, self._inputs, self._graph = keep, nodes, [], None
+        if keep:  # its own records and allocator: they outlive this call
+            self._meta, at, size = _records(L, nodes, np.empty(0, dtype=np.uint8))
+            self._alloc = L.ggml_gallocr_new(L.ggml_backend_cpu_buffer_type())
+        else:  # the thread's: one such graph at a time
+            if st.busy:
+                raise RuntimeError("a ggml graph is already being built on this thread")
+            st.meta, at, size = _records(L, nodes, st.meta)
+            self._alloc, st.busy = st.alloc, True
         self.ctx = L.ggml_init(_InitParams(size, at, True))
-        st.busy = True
-        self.threads, self.nodes, self._inputs = max(1, threads), nodes, []
         self.ne = dict(known or {}) if check else None
 
     def __enter__(self) -> Graph:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.L.ggml_free(self.ctx)
-        self._st.busy = False
+        if not self.keep:
+            self.L.ggml_free(self.ctx)
+            self.ctx, self._st.busy = None, False
+
+    def __del__(self) -> None:
+        if self.keep and getattr(self, "ctx", None):
+            self.L.ggml_gallocr_free(self._alloc)
+            self.L.ggml_free(self.ctx)
 
     def _op(self, t: int, ne: tuple[int, ...] | None) -> int:
         if self.ne is not None:
@@ -218,35 +235,44 @@ class Graph:
             raise ValueError(what)
 
     def input(self, a: np.ndarray) -> int:
-        """A float32 input (copied in at ``run``)."""
+        """A float32 constant (copied in at each ``run``)."""
         a = np.ascontiguousarray(a, dtype=np.float32)
-        t = _new(self.L, self.ctx, a.shape)
+        return self.feed(lambda arg: a, a.shape)
+
+    def feed(self, f: Callable[[Any], np.ndarray], shape: tuple[int, ...]) -> int:
+        """A float32 input of numpy shape ``shape``: ``f(arg)`` at each ``run``."""
+        t = _new(self.L, self.ctx, shape)
         self.L.ggml_set_input(t)
-        self._inputs.append((t, a))
-        return self._op(t, tuple(reversed(a.shape)))
+        self._inputs.append((t, f, np.float32))
+        return self._op(t, tuple(reversed(shape)))
 
     def index(self, a: np.ndarray) -> int:
-        """A 1-D int32 input: row numbers for ``take``."""
+        """A 1-D int32 constant: row numbers for ``take``."""
         a = np.ascontiguousarray(a, dtype=np.int32)
         t = self.L.ggml_new_tensor_1d(self.ctx, I32, len(a))
         self.L.ggml_set_input(t)
-        self._inputs.append((t, a))
+        self._inputs.append((t, lambda arg: a, np.int32))
         return self._op(t, (len(a), int(a.max(initial=-1)) + 1))  # (n, rows it needs): checked by ``take``
 
-    def run(self, out: int, shape: tuple[int, ...]) -> np.ndarray:
-        """Compute ``out`` and return it as a float32 array of ``shape`` (numpy's axis order)."""
+    def run(self, out: int, shape: tuple[int, ...], arg: Any = None, threads: int = 1) -> np.ndarray:
+        """Compute ``out`` on ``threads`` threads, the feeds given ``arg``, and return it as a float32
+        array of ``shape`` (numpy's axis order). A kept graph's first run ends its building."""
         L = self.L
-        if self.ne is not None:
-            self.need(int(np.prod(self._shape(out))) == int(np.prod(shape)), f"output {self.ne[out]} is not {shape}")
-        L.ggml_set_output(out)
-        graph = L.ggml_new_graph_custom(self.ctx, self.nodes, False)
-        L.ggml_build_forward_expand(graph, out)
-        if not L.ggml_gallocr_alloc_graph(self._st.alloc, graph):
-            raise MemoryError("ggml could not allocate an encoder call's memory")
-        for t, a in self._inputs:
+        if self._graph is None:
+            if self.ne is not None:
+                self.need(int(np.prod(self._shape(out))) == int(np.prod(shape)), f"output {self.ne[out]} is not {shape}")
+            L.ggml_set_output(out)
+            self._graph = L.ggml_new_graph_custom(self.ctx, self.nodes, False)
+            L.ggml_build_forward_expand(self._graph, out)
+            # a kept graph's buffers are its own allocator's: placed once
+            if not L.ggml_gallocr_alloc_graph(self._alloc, self._graph):
+                raise MemoryError("ggml could not allocate an encoder call's memory")
+        # every input set at each run: the allocator may reuse an input's memory once it is read
+        for t, f, dtype in self._inputs:
+            a = np.ascontiguousarray(f(arg), dtype=dtype)
             L.ggml_backend_tensor_set(t, a.ctypes.data, 0, a.nbytes)
-        L.ggml_backend_cpu_set_n_threads(self._st.cpu, self.threads)
-        status = L.ggml_backend_graph_compute(self._st.cpu, graph)
+        L.ggml_backend_cpu_set_n_threads(self._st.cpu, max(1, threads))
+        status = L.ggml_backend_graph_compute(self._st.cpu, self._graph)
         if status != 0:
             raise RuntimeError(f"ggml could not compute an encoder call (status {status})")
         res = np.empty(shape, dtype=np.float32)
