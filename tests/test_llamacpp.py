@@ -198,6 +198,23 @@ def test_hidden_state_is_the_final_norm_output(gguf_dirs):
     np.testing.assert_allclose(head @ h, logits[: head.shape[0]], atol=1e-4)
 
 
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_base_token_steps_fed_as_ids_equal_their_embedding_rows(ref_checkpoints, gguf_dirs, tmp_path, qtype):
+    """Codes that are all base tokens go to llama.cpp as token ids (it looks their rows up itself):
+    the logits are bit-equal to feeding the table's rows (q8_0: dequantized the same way)."""
+    d = gguf_dirs["merge"]
+    if qtype != "f32":
+        d = tmp_path / qtype
+        convert(str(ref_checkpoints[LLAMA][1]), d, qtype, lora="adapter")
+    model = open_checkpoint(d, n_threads=1, exact=True).model
+    state, codes = model.new_state(), [5, 6, 7, 8, 9]
+    by_ids = [state.forward(codes[:3], [0, 1, 2])] + [state.forward([c], [t]) for t, c in enumerate(codes[3:], 3)]
+    model.ctx.clear()
+    by_rows = [model.ctx.decode(model.embed_table[codes[:3]], 0)[0]]
+    by_rows += [model.ctx.decode(model.embed_table[[c]], t)[0] for t, c in enumerate(codes[3:], 3)]
+    for a, b in zip(by_ids, by_rows):
+        assert np.array_equal(a[: model.V], b[: model.V])
+
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
 def test_quantized_bases_agree_with_f32(trained_ckpt, tmp_path, qtype):
     loaded = checkpoint.load(trained_ckpt)

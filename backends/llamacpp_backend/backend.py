@@ -184,10 +184,15 @@ class LlamaCppState(_Sequence):
     def _decode(self, codes: Sequence[int], positions: Sequence[int], every_row: bool = False):
         """llama.cpp's (logits, hidden) of the codes; the pending output vectors are computed
         meanwhile where llama.cpp leaves a CPU free, else first."""
-        ctx, rows = self.ctx, self._rows(codes)
+        ctx = self.ctx
+        self.slots.check_codes(codes)
+        base_only = len(codes) > 0 and max(codes) < self.V  # most decode steps: llama.cpp looks up the same table rows
+        rows = None if base_only else self._rows(codes)
         if not ctx.spare_cpu:
             self._flush_out()
         during = partial(self._flush_out, max(1, ctx.cpus - ctx.n_threads)) if self.pending_out is not None else None
+        if base_only:
+            return ctx.decode_ids(np.asarray(codes), _start(positions), every_row=every_row, during=during)
         return ctx.decode(rows, _start(positions), every_row=every_row, during=during)
 
     def export_kv(self) -> tuple[bytes, int]:
@@ -236,8 +241,7 @@ class LlamaCppState(_Sequence):
         self.pending_in = {s: r for s, r in self.pending_in.items() if s < keep}
 
     def _rows(self, codes: Sequence[int]) -> np.ndarray:
-        """(T, D) input embeddings of codes."""
-        self.slots.check_codes(codes)
+        """(T, D) input embeddings of (checked) codes."""
         c = np.asarray(codes, dtype=np.int64)
         is_hyper = c >= self.V
         rows = self.m.embed_table[np.minimum(c, self.V - 1)]  # (T, D)

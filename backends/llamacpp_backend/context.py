@@ -2,7 +2,8 @@
 
 ``LlamaContext(model_path, adapter_path, n_ctx, n_threads)`` loads the model (and a LoRA adapter
 GGUF; ``n_ctx`` 0 is ``default_window``, ``n_threads`` None ``default_threads``), creates a context with ``embeddings=True`` and pooling NONE, and decodes batches of
-*input embeddings* (``llama_batch.embd``; tokens NULL). ``decode(rows, pos0)`` returns the
+*input embeddings* (``llama_batch.embd``; tokens NULL), or of token ids (``decode_ids``).
+``decode(rows, pos0)`` returns the
 base-vocabulary logits and the final hidden state of the last row. With embeddings on and
 pooling NONE, llama.cpp's per-token "embedding" is ``result_norm``: the RMS-normed state that
 feeds the LM head (checked in ``tests/test_llamacpp.py``: hidden @ head.T == logits).
@@ -170,12 +171,14 @@ class LlamaContext:
             raise BackendError(f"input rows must be (T >= 1, {self.n_embd}), got {rows.shape}")
         return self._decode(self.batch, rows, pos0, every_row, during)
 
-    def decode_ids(self, ids: np.ndarray, pos0: int, every_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Token-id input (what plain llama.cpp does): the baseline for comparisons."""
+    def decode_ids(self, ids: np.ndarray, pos0: int, every_row: bool = False,
+                   during: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Token-id input (what plain llama.cpp does; llama.cpp looks the embedding rows up), as
+        ``decode``."""
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         if ids.ndim != 1 or ids.shape[0] == 0 or ids.min() < 0 or ids.max() >= self.n_vocab:
             raise BackendError(f"token ids must be at least one id in [0, {self.n_vocab})")
-        return self._decode(self.id_batch, ids, pos0, every_row)
+        return self._decode(self.id_batch, ids, pos0, every_row, during)
 
     def _decode(self, b, data: np.ndarray, pos0: int, every_row: bool = False,
                 during: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
