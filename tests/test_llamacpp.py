@@ -158,6 +158,20 @@ def test_greedy_codes_equal_torch(ref_checkpoints, gguf_dirs):
     assert any(c >= loaded.codec.base_vocab_size for c in a)
 
 
+def test_output_vectors_of_rows_seen_before_are_not_encoded_again(gguf_dirs):
+    model = open_checkpoint(gguf_dirs["merge"], n_threads=1, exact=True).model
+    encoder, calls = model.output_encoder, []
+    model.output_encoder = lambda rows, table: calls.append(rows.tolist()) or encoder(rows, table)
+    state, V, pad = model.new_state(), model.V, model.pad_id
+    state.add_entries([(V, (5, 6))], (V + 1, (6, 6)))
+    state.add_entries([(V + 1, (6, 7))], (V + 2, (5, 6)))  # the candidate's entry is slot 0's
+    state.add_entries([(V + 2, (6, 6))], None)  # the first step's candidate, now an entry
+    vectors = state.hyper_out[:3]
+    assert calls == [[[5, 6, pad], [6, 6, pad]], [[6, 7, pad]]]
+    want = encoder(np.array([[5, 6, pad], [6, 7, pad], [6, 6, pad]]), model.head_table)
+    np.testing.assert_allclose(vectors, want, atol=1e-6)
+
+
 def test_output_vectors_computed_beside_the_decode_give_the_same_logits(gguf_dirs, ref_checkpoints):
     """The output encoder runs beside llama.cpp's decode where a CPU is free, else before it: the
     same logits either way, hypertokens mid-stream."""

@@ -7,8 +7,9 @@ cache, not the window). Switching costs a copy of the two caches, and only when 
 changes; a context per conversation would allocate the whole window's KV for each, and one
 context with several sequences would split the window between them.
 
-Every input row is an embedding: base ids look up the model's token-embedding matrix (read once
-from the GGUF and dequantized to float32), hyper ids the conversation's ``hyper_in``. llama.cpp
+Steps of base ids go to llama.cpp as token ids; a step with a hyper id goes as embeddings: base
+ids look up the model's token-embedding matrix (read once from the GGUF and dequantized to
+float32 as llama.cpp does), hyper ids the conversation's ``hyper_in``. llama.cpp
 returns its own logits for the base vocabulary and the final hidden state ``h`` (after the final
 norm); the hyper logits are ``hyper_out[:live] @ h`` in numpy, masked as on every backend
 (``backends/hyper.py``). The hyper-encoders run as ggml graphs (``encoders.py``) on the
@@ -21,7 +22,9 @@ model may emit it next). That halves the encoder work of a decode step, the part
 is not llama.cpp's. Output vectors are needed only after llama.cpp returns the step's hidden
 state, so ``add_entries`` leaves them pending and ``forward`` computes them while llama.cpp
 decodes where llama.cpp's threads leave a CPU free (``LlamaContext.decode(during=...)``), else
-before; reading ``hyper_out`` computes them first.
+before; reading ``hyper_out`` computes them first. The last ``KNOWN`` rows' output vectors are
+kept by row: a code's candidate is the same entry each time the code is written (``x x`` after
+base token ``x``), and a new entry is often an earlier step's candidate.
 
 Positions must be contiguous (llama.cpp's rule), so only ``compressed`` checkpoints run here.
 
@@ -32,6 +35,7 @@ llama.cpp on the same GGUF gets, for side-by-side benchmarks.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -41,6 +45,8 @@ from ..errors import BackendError
 from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows, saved_vectors
 from .context import LlamaContext
 from .encoders import use_threads
+
+KNOWN = 1024  # output vectors kept by row, per conversation (2.4 MB at the default model's width)
 
 Encoder = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -151,6 +157,7 @@ class LlamaCppState(_Sequence):
         self._out = np.zeros((model.C, D), dtype=np.float32)  # (C, D) output vectors; read ``hyper_out``
         self.pending_in: dict[int, list[int]] = {}  # slot -> padded row whose input vector is not computed yet
         self.pending_out: tuple[list[int], np.ndarray] | None = None  # slots, (N, M) rows: output vectors to compute
+        self._known: OrderedDict[bytes, np.ndarray] = OrderedDict()  # row -> output vector (D,), newest last
 
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
         plan = self.slots.plan(entries, candidate)
@@ -170,10 +177,24 @@ class LlamaCppState(_Sequence):
 
     def _flush_out(self, threads: int = 0) -> None:
         """Compute the pending output vectors (``_encode``'s ``threads``)."""
-        if self.pending_out is not None:
-            slots, rows = self.pending_out
-            self._out[slots] = self._encode(self.m.output_encoder, rows, self.m.head_table, threads)
-            self.pending_out = None
+        if self.pending_out is None:
+            return
+        slots, rows = self.pending_out
+        known, keys = self._known, [r.tobytes() for r in rows]
+        todo = [i for i, k in enumerate(keys) if k not in known]
+        out = np.empty((len(rows), self._out.shape[1]), dtype=np.float32)  # (N, D)
+        if todo:
+            out[todo] = self._encode(self.m.output_encoder, rows[todo], self.m.head_table, threads)
+        for i, k in enumerate(keys):
+            if k in known:
+                out[i] = known[k]
+                known.move_to_end(k)
+            else:
+                known[k] = out[i].copy()  # not a view: it would keep the whole call's array
+        while len(known) > KNOWN:
+            known.popitem(last=False)
+        self._out[slots] = out
+        self.pending_out = None
 
     @property
     def hyper_out(self) -> np.ndarray:
