@@ -73,8 +73,8 @@ def test_ggml_encoders_equal_torch(enc, kind, ref_checkpoints, monkeypatch):
     from backends.llamacpp_backend import encoders
 
     monkeypatch.setattr(encoders, "QUANT", 0)
-    monkeypatch.setattr(encoders, "CHUNK", 3)  # the 5 entries below in two graphs:
-    monkeypatch.setattr(encoders, "KEEP", 2)  # the first used once, the second kept (as a step's)
+    monkeypatch.setattr(encoders, "CHUNK", 3)  # the 5 entries below in two graphs used once;
+    monkeypatch.setattr(encoders, "KEEP", 2)  # calls of 2 entries (as a step's) run kept graphs
     case = LLAMA if enc == "transformer" else ("llama", "res_latent_attn", "base_token_end")
     loaded = checkpoint.load(ref_checkpoints[case][1])
     m = loaded.model
@@ -101,6 +101,7 @@ def test_ggml_encoders_equal_torch(enc, kind, ref_checkpoints, monkeypatch):
                 want_other = module(torch.tensor(rows), torch.tensor(other)).numpy()
             np.testing.assert_allclose(encoder(rows, other), want_other, atol=1e-5, err_msg=side)
             # kept graphs run again: fed other ids (the same pad slots), or other pad slots (same shape)
+            np.testing.assert_allclose(encoder(rows[3:], table), want[3:], atol=1e-5, err_msg=side)
             shifted = np.where(rows == m.pad_id, m.pad_id, rows + 20)
             with torch.no_grad():
                 want_shifted = module(torch.tensor(shifted), torch.tensor(table)).numpy()
@@ -212,10 +213,10 @@ def test_hidden_state_is_the_final_norm_output(gguf_dirs):
     np.testing.assert_allclose(head @ h, logits[: head.shape[0]], atol=1e-4)
 
 
-@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0"])
 def test_base_token_steps_fed_as_ids_equal_their_embedding_rows(ref_checkpoints, gguf_dirs, tmp_path, qtype):
     """Codes that are all base tokens go to llama.cpp as token ids (it looks their rows up itself):
-    the logits are bit-equal to feeding the table's rows (q8_0: dequantized the same way)."""
+    the logits are bit-equal to feeding the table's rows (f16, q8_0: dequantized the same way)."""
     d = gguf_dirs["merge"]
     if qtype != "f32":
         d = tmp_path / qtype
@@ -228,6 +229,7 @@ def test_base_token_steps_fed_as_ids_equal_their_embedding_rows(ref_checkpoints,
     by_rows += [model.ctx.decode(model.embed_table[[c]], t)[0] for t, c in enumerate(codes[3:], 3)]
     for a, b in zip(by_ids, by_rows):
         assert np.array_equal(a[: model.V], b[: model.V])
+
 
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
 def test_quantized_bases_agree_with_f32(trained_ckpt, tmp_path, qtype):

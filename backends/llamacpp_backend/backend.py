@@ -22,9 +22,11 @@ model may emit it next). That halves the encoder work of a decode step, the part
 is not llama.cpp's. Output vectors are needed only after llama.cpp returns the step's hidden
 state, so ``add_entries`` leaves them pending and ``forward`` computes them while llama.cpp
 decodes where llama.cpp's threads leave a CPU free (``LlamaContext.decode(during=...)``), else
-before; reading ``hyper_out`` computes them first. The last ``KNOWN`` rows' output vectors are
-kept by row: a code's candidate is the same entry each time the code is written (``x x`` after
-base token ``x``), and a new entry is often an earlier step's candidate.
+before; reading ``hyper_out`` computes them first. The model keeps the last ``KNOWN`` rows'
+output vectors by row (``KnownOutputs``; a vector depends on the row alone): a code's candidate
+is the same entry each time the code is written (``x x`` after base token ``x``), and a new entry
+is often an earlier step's candidate, so ``add_entries`` writes those at once and leaves only
+the others pending.
 
 Positions must be contiguous (llama.cpp's rule), so only ``compressed`` checkpoints run here.
 
@@ -46,7 +48,7 @@ from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows, saved_vec
 from .context import LlamaContext
 from .encoders import use_threads
 
-KNOWN = 1024  # output vectors kept by row, per conversation (2.4 MB at the default model's width)
+KNOWN = 1024  # output vectors kept by row (2.4 MB at the default model's width, 12.6 MB at 3072)
 
 Encoder = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -131,6 +133,32 @@ class _Sequence:
             self.shared.active = None
 
 
+class KnownOutputs:
+    """The output vectors of the last ``KNOWN`` rows encoded, by row (an LRU)."""
+
+    def __init__(self) -> None:
+        self._v: OrderedDict[bytes, np.ndarray] = OrderedDict()  # row -> (D,), newest last
+
+    def fill(self, out: np.ndarray, slots: Sequence[int], rows: np.ndarray) -> list[int]:
+        """Write the known rows' vectors to ``out[slots]``; the indices of the other rows."""
+        todo = []
+        for i, r in enumerate(rows):
+            key = r.tobytes()
+            v = self._v.get(key)
+            if v is None:
+                todo.append(i)
+            else:
+                out[slots[i]] = v
+                self._v.move_to_end(key)
+        return todo
+
+    def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        for r, v in zip(rows, vectors):
+            self._v[r.tobytes()] = v.copy()  # not a view: it would keep the whole call's array
+        while len(self._v) > KNOWN:
+            self._v.popitem(last=False)
+
+
 class LlamaCppModel(_Shared):
     """The loaded checkpoint: context, embedding and head tables, encoders; shared by every state."""
 
@@ -141,6 +169,7 @@ class LlamaCppModel(_Shared):
         self.head_table = embed if head is None else head  # (rows, D); tied embeddings share
         self.input_encoder, self.output_encoder = input_encoder, output_encoder
         self.V, self.C, self.M, self.pad_id = V, C, M, pad_id
+        self.known_out = KnownOutputs()  # shared by the conversations: steps run one at a time
 
     def new_state(self) -> LlamaCppState:
         return LlamaCppState(self)
@@ -157,15 +186,18 @@ class LlamaCppState(_Sequence):
         self._out = np.zeros((model.C, D), dtype=np.float32)  # (C, D) output vectors; read ``hyper_out``
         self.pending_in: dict[int, list[int]] = {}  # slot -> padded row whose input vector is not computed yet
         self.pending_out: tuple[list[int], np.ndarray] | None = None  # slots, (N, M) rows: output vectors to compute
-        self._known: OrderedDict[bytes, np.ndarray] = OrderedDict()  # row -> output vector (D,), newest last
 
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
         plan = self.slots.plan(entries, candidate)
         if plan is None:
             return
         self._flush_out()  # a later plan may reuse the candidate's slot
-        # one output-encoder call for the new entries and the candidate (a decode step has both)
-        self.pending_out = (plan.slots, np.asarray(plan.rows, dtype=np.int64))
+        # one output-encoder call for the new entries and the candidate (a decode step has both),
+        # less the rows whose vectors are known
+        rows = np.asarray(plan.rows, dtype=np.int64)  # (N, M)
+        todo = self.m.known_out.fill(self._out, plan.slots, rows)
+        if todo:
+            self.pending_out = ([plan.slots[i] for i in todo], rows[todo])
         for slot, row in zip(plan.slots[:plan.n_new], plan.rows):
             self.pending_in[slot] = row
 
@@ -177,24 +209,11 @@ class LlamaCppState(_Sequence):
 
     def _flush_out(self, threads: int = 0) -> None:
         """Compute the pending output vectors (``_encode``'s ``threads``)."""
-        if self.pending_out is None:
-            return
-        slots, rows = self.pending_out
-        known, keys = self._known, [r.tobytes() for r in rows]
-        todo = [i for i, k in enumerate(keys) if k not in known]
-        out = np.empty((len(rows), self._out.shape[1]), dtype=np.float32)  # (N, D)
-        if todo:
-            out[todo] = self._encode(self.m.output_encoder, rows[todo], self.m.head_table, threads)
-        for i, k in enumerate(keys):
-            if k in known:
-                out[i] = known[k]
-                known.move_to_end(k)
-            else:
-                known[k] = out[i].copy()  # not a view: it would keep the whole call's array
-        while len(known) > KNOWN:
-            known.popitem(last=False)
-        self._out[slots] = out
-        self.pending_out = None
+        if self.pending_out is not None:
+            slots, rows = self.pending_out
+            self._out[slots] = vectors = self._encode(self.m.output_encoder, rows, self.m.head_table, threads)
+            self.m.known_out.add(rows, vectors)
+            self.pending_out = None
 
     @property
     def hyper_out(self) -> np.ndarray:

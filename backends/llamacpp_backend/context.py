@@ -133,9 +133,8 @@ class LlamaContext:
             cp.embeddings = True
             cp.pooling_type = L.LLAMA_POOLING_TYPE_NONE
             cp.no_perf = True
-            cp.flash_attn_type = flash
+            cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED if exact else flash
             if exact:
-                cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
                 cp.type_k = cp.type_v = L.GGML_TYPE_F32
             self.ctx = L.llama_init_from_model(self.model, cp)
             if not self.ctx:
@@ -154,7 +153,7 @@ class LlamaContext:
             self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
             self.mem = L.llama_get_memory(self.ctx)
             self.batch = L.llama_batch_init(N_BATCH, self.n_embd, 1)  # embd set, token NULL
-            self.id_batch = L.llama_batch_init(N_BATCH, 0, 1)  # token set: plain llama.cpp, for comparisons
+            self.id_batch = L.llama_batch_init(N_BATCH, 0, 1)  # token set: steps of base ids, plain llama.cpp
         except BaseException:
             self.close()
             raise

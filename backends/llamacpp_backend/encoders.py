@@ -238,7 +238,8 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
     M_max = w.ne[w["pos_embed.weight"]][1] if "pos_embed.weight" in w else None
     nodes = 64 * (cfg["num_hidden_layers"] + 2)
     # id(table), M -> (table, pad_graph's (M, H)): a call with pads looks its table's up (the table
-    # is kept with them, so its id is not reused while they are); no read of the table per call
+    # is kept with them, so its id is not reused: kept graphs' keys rely on that too); the pad row
+    # is read once per table, not at each call
     pad_rows: dict[tuple[int, int], tuple[Any, np.ndarray]] = {}
 
     def pads(table: Any, M: int, threads: int, check: bool = False) -> np.ndarray | None:
@@ -292,7 +293,7 @@ def build_encoder(encoder_type: str, weights: Weights, cfg: dict[str, Any], pad_
         for at in range(0, len(rows), CHUNK):
             r = rows[at:at + CHUNK]
             x0 = table[r]  # (N, M, D) the rows' table rows
-            if len(r) <= KEEP:
+            if len(rows) <= KEEP:  # a decode step's call (a long call's last chunk would evict them)
                 g, out, shape = graph_of(r, table, pad_out)
                 parts.append(g.run(out, shape, x0, threads))
             else:

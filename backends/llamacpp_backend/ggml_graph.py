@@ -155,7 +155,7 @@ def _new(L: Any, ctx: int, shape: tuple[int, ...]) -> int:
 def _records(L: Any, nodes: int, meta: np.ndarray) -> tuple[np.ndarray, int, int]:
     """(memory, address, size) for a graph of ``nodes`` nodes' records, aligned as ggml wants;
     ``meta`` when it is large enough."""
-    need = nodes * 2 * L.ggml_tensor_overhead() + L.ggml_graph_overhead_custom(nodes, False) + 64
+    need = nodes * L.ggml_tensor_overhead() + L.ggml_graph_overhead_custom(nodes, False) + 64  # tensors <= nodes
     if meta.nbytes < need:
         meta = np.empty(need, dtype=np.uint8)
     at = -meta.ctypes.data % 64
@@ -188,7 +188,8 @@ class Graph:
     ggml aborts the process on operands whose shapes do not fit. With ``check`` every op checks
     them first (``known``: the shapes of tensors made elsewhere, ``Tensors.ne``) and raises
     ValueError: an encoder is built once that way on a stand-in call, after which its shapes are
-    known to fit for any number of entries (the only size that varies) and calls skip the checks."""
+    known to fit for any number of entries and of ids in them (the sizes that vary) and calls skip
+    the checks."""
 
     def __init__(self, check: bool = False, known: dict[int, tuple[int, ...]] | None = None,
                  nodes: int = NODES, keep: bool = False):
