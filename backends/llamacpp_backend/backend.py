@@ -22,11 +22,12 @@ model may emit it next). That halves the encoder work of a decode step, the part
 is not llama.cpp's. Output vectors are needed only after llama.cpp returns the step's hidden
 state, so ``add_entries`` leaves them pending and ``forward`` computes them while llama.cpp
 decodes where llama.cpp's threads leave a CPU free (``LlamaContext.decode(during=...)``), else
-before; reading ``hyper_out`` computes them first. The model keeps the last ``KNOWN`` rows'
-output vectors by row (``KnownOutputs``; a vector depends on the row alone): a code's candidate
-is the same entry each time the code is written (``x x`` after base token ``x``), and a new entry
-is often an earlier step's candidate, so ``add_entries`` writes those at once and leaves only
-the others pending.
+before; reading ``hyper_out`` computes them first. Each conversation keeps the last ``KNOWN``
+rows' output vectors by row (``KnownOutputs``): a code's candidate is the same entry each time
+the code is written (``x x`` after base token ``x``), and a new entry is often an earlier step's
+candidate, so ``add_entries`` writes those at once and leaves only the others pending. (Per
+conversation, not per model: a reply's cost should not depend on what other conversations wrote,
+and benchmarks time one reply from cold.)
 
 Positions must be contiguous (llama.cpp's rule), so only ``compressed`` checkpoints run here.
 
@@ -169,7 +170,6 @@ class LlamaCppModel(_Shared):
         self.head_table = embed if head is None else head  # (rows, D); tied embeddings share
         self.input_encoder, self.output_encoder = input_encoder, output_encoder
         self.V, self.C, self.M, self.pad_id = V, C, M, pad_id
-        self.known_out = KnownOutputs()  # shared by the conversations: steps run one at a time
 
     def new_state(self) -> LlamaCppState:
         return LlamaCppState(self)
@@ -186,6 +186,7 @@ class LlamaCppState(_Sequence):
         self._out = np.zeros((model.C, D), dtype=np.float32)  # (C, D) output vectors; read ``hyper_out``
         self.pending_in: dict[int, list[int]] = {}  # slot -> padded row whose input vector is not computed yet
         self.pending_out: tuple[list[int], np.ndarray] | None = None  # slots, (N, M) rows: output vectors to compute
+        self.known_out = KnownOutputs()
 
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None) -> None:
         plan = self.slots.plan(entries, candidate)
@@ -195,7 +196,7 @@ class LlamaCppState(_Sequence):
         # one output-encoder call for the new entries and the candidate (a decode step has both),
         # less the rows whose vectors are known
         rows = np.asarray(plan.rows, dtype=np.int64)  # (N, M)
-        todo = self.m.known_out.fill(self._out, plan.slots, rows)
+        todo = self.known_out.fill(self._out, plan.slots, rows)
         if todo:
             self.pending_out = ([plan.slots[i] for i in todo], rows[todo])
         for slot, row in zip(plan.slots[:plan.n_new], plan.rows):
@@ -212,7 +213,7 @@ class LlamaCppState(_Sequence):
         if self.pending_out is not None:
             slots, rows = self.pending_out
             self._out[slots] = vectors = self._encode(self.m.output_encoder, rows, self.m.head_table, threads)
-            self.m.known_out.add(rows, vectors)
+            self.known_out.add(rows, vectors)
             self.pending_out = None
 
     @property
