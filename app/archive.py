@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.errors import Z2ZError
+from z2z_chat.backends.errors import Z2ZError
 
-from .store import Message, Store
+from z2z_chat.app.store import Message, Store
 
 ROLES = ("system", "user", "assistant")
 

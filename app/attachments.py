@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.errors import Z2ZError
+from z2z_chat.backends.errors import Z2ZError
 
 MAX_BYTES = 8 << 20  # 8 MiB of text is ~2M tokens: no context window holds it, compressed or not
 

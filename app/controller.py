@@ -13,7 +13,7 @@ Contract:
 - Opening a conversation opens what can be opened: messages with bad bytes are shown repaired,
   an unusable saved engine state is rebuilt from the messages; ``notes`` says what happened.
 - Leaving a conversation (another one, a new chat, a model switch, quitting) keeps its KV cache
-  on disk where the backend can export it (``backends/kv_store.py``); opening it again takes that cache
+  on disk where the backend can export it (``backends/engine/kv_store.py``); opening it again takes that cache
   instead of reading the conversation again, when it still matches.
 - Settings start from the command line's ``AppOptions`` and are validated the same way
   (``SettingsError``) whether typed on the command line or in the app.
@@ -29,18 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.assets import cache_dir
-from backends.engine import Done, Event, GenerationSettings, Token, TurnStats
-from backends.errors import SettingsError
-from backends.kv_store import KVStore
+from z2z_chat.backends.loading.assets import cache_dir
+from z2z_chat.backends.engine.events import Done, Event, GenerationSettings, Token, TurnStats
+from z2z_chat.backends.errors import SettingsError
+from z2z_chat.backends.engine.kv_store import KVStore
 
-from .options import SETTING_KEYS, AppOptions
-from .store import Message, NotSaved, PendingWrites, Store
+from z2z_chat.app.options import AppOptions
+from z2z_chat.backends.engine.settings import CHAT_KEYS, TABLE
+from z2z_chat.app.store import Message, NotSaved, PendingWrites, Store
 
 
 def export_dir() -> Path:
     """Where F4 writes Markdown exports: ``<data dir>/exports`` (``Z2Z_DATA_DIR`` overrides)."""
-    from .store import default_path
+    from z2z_chat.app.store import default_path
 
     return default_path().parent / "exports"
 
@@ -104,11 +105,8 @@ class ChatController:
         for part in text.split():
             k, eq, v = part.partition("=")
             if not eq or k not in new:
-                raise SettingsError(f"unknown setting {part!r}; the settings are {', '.join(SETTING_KEYS)}")
-            try:
-                new[k] = int(v) if k in ("max_tokens", "top_k", "lookahead") else float(v)
-            except ValueError:
-                raise SettingsError(f"{k} must be a number, got {v!r}") from None
+                raise SettingsError(f"unknown setting {part!r}; the settings are {', '.join(CHAT_KEYS)}")
+            new[k] = TABLE[k].parse(v)
         self.apply_settings(new)
 
     def check_settings(self, new: dict[str, Any]) -> str | None:
@@ -125,7 +123,7 @@ class ChatController:
         self.options.generation(new)  # validates
         self.settings = dict(new)
         if as_defaults:
-            from .options import save_defaults
+            from z2z_chat.app.options import save_defaults
 
             self.options.settings = dict(new)
             save_defaults(new)
@@ -175,7 +173,7 @@ class ChatController:
         """Save the open conversation's KV cache (before leaving it); a note when it could not be."""
         if self.kv is None or self.session is None or self.conv_id is None:
             return []
-        snap = self.session.kv_snapshot()
+        snap = self.session.saved_kv()
         if snap is None:
             return []
         try:
@@ -198,7 +196,7 @@ class ChatController:
                          "and are shown as far as they could be read")
         self.ref = ConvRef(cid)
         self.turns = [TurnStats.from_dict(m.stats) for m in msgs if m.role == "assistant" and m.stats]
-        self.settings.update({k: v for k, v in conv.settings.items() if k in SETTING_KEYS})
+        self.settings.update({k: v for k, v in conv.settings.items() if k in CHAT_KEYS})
         state = conv.state or {}
         self.before_last = state.get("before_last") if isinstance(state.get("before_last"), dict) else None
         if self.session is not None:
@@ -384,7 +382,7 @@ class ChatController:
 
     def export(self) -> Path:
         """The conversation, every branch, as Markdown (UTF-8) in ``export_dir()``; returns the file written."""
-        from .archive import markdown
+        from z2z_chat.app.archive import markdown
 
         conv = self.store.get(self.conv_id)
         safe = re.sub(r"[^\w-]+", "-", conv.title).strip("-")[:40] or "chat"

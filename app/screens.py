@@ -22,7 +22,9 @@ from textual.widgets import (
 )
 from textual.widgets.option_list import Option
 
-from backends.engine import TurnStats
+from z2z_chat.backends.engine.events import TurnStats
+from z2z_chat.backends.engine.settings import TABLE
+from z2z_chat.backends.errors import SettingsError
 
 
 class PathSuggester(Suggester):
@@ -32,7 +34,7 @@ class PathSuggester(Suggester):
         super().__init__(use_cache=False, case_sensitive=True)
 
     async def get_suggestion(self, value: str) -> str | None:
-        from .attachments import complete_path
+        from z2z_chat.app.attachments import complete_path
 
         head, _, last = value.rpartition(" ")
         done, _ = complete_path(last)
@@ -178,11 +180,6 @@ class SearchScreen(ModalScreen["tuple[int, int] | None"]):
         self.dismiss(None)
 
 
-SETTING_HINTS = {"max_tokens": "base tokens per reply (>= 1)", "temperature": "0 = greedy",
-                 "top_p": "in (0, 1]", "top_k": "0 = off", "repetition_penalty": "1 = off (> 0)",
-                 "lookahead": "0..8, greedy replies only"}
-
-
 class SettingsScreen(ModalScreen["tuple[dict, bool] | None"]):
     """One field per setting, each checked when saved; on an error the dialog stays open with what
     was typed, the field named and focused. Dismisses with (settings, save as defaults) or None."""
@@ -199,8 +196,8 @@ class SettingsScreen(ModalScreen["tuple[dict, bool] | None"]):
             for key, value in self.settings.items():
                 with Horizontal(classes="setting"):
                     yield Label(f"{key:<19}", classes="setting-name")
-                    yield Input(str(value), id=f"set-{key}", classes="setting-value")
-                    yield Label(SETTING_HINTS.get(key, ""), classes="hint")
+                    yield Input("off" if value is None else str(value), id=f"set-{key}", classes="setting-value")
+                    yield Label(f"{TABLE[key].hint} {TABLE[key].range_text()}", classes="hint")
             yield Checkbox("Save as the defaults for new chats and next launches", id="as-default")
             yield Label("", id="settings-error", classes="error")
             yield Label("Enter or Ctrl+S saves, Esc cancels", classes="hint")
@@ -213,12 +210,11 @@ class SettingsScreen(ModalScreen["tuple[dict, bool] | None"]):
 
     def action_save(self) -> None:
         new, error, field = {}, None, None
-        for key, old in self.settings.items():
-            text = self.query_one(f"#set-{key}", Input).value.strip()
+        for key in self.settings:
             try:
-                new[key] = int(text) if isinstance(old, int) and not isinstance(old, bool) else float(text)
-            except ValueError:
-                error, field = f"{key} must be {'an integer' if isinstance(old, int) else 'a number'}, got {text!r}", key
+                new[key] = TABLE[key].parse(self.query_one(f"#set-{key}", Input).value)
+            except SettingsError as e:
+                error, field = str(e), key
                 break
         if error is None:
             error = self.check(new)

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from backends.errors import Z2ZError
+from z2z_chat.backends.errors import Z2ZError
 
 BUSY_WAIT_S = 5.0
 T = TypeVar("T")

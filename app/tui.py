@@ -31,14 +31,14 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Collapsible, Footer, ListView, LoadingIndicator, Static
 
-from backends.errors import Z2ZError
+from z2z_chat.backends.errors import Z2ZError
 
-from .controller import ChatController, TurnEnd
-from .keys import ACTIONS
-from .options import AppOptions
-from .screens import ConfirmDialog, ModelScreen, PromptDialog, SearchScreen, SettingsScreen, StatsScreen
-from .store import NotSaved, default_path, open_store
-from .widgets import ChatInput, ConversationItem, EntryAction, ReplyView, UserView
+from z2z_chat.app.controller import ChatController, TurnEnd
+from z2z_chat.app.keys import ACTIONS
+from z2z_chat.app.options import AppOptions
+from z2z_chat.app.screens import ConfirmDialog, ModelScreen, PromptDialog, SearchScreen, SettingsScreen, StatsScreen
+from z2z_chat.app.store import NotSaved, default_path, open_store
+from z2z_chat.app.widgets import ChatInput, ConversationItem, EntryAction, ReplyView, UserView
 
 
 def log_path() -> Path:
@@ -137,7 +137,7 @@ class Z2ZChat(App):
 
     @work(thread=True, exclusive=True, group="load")
     def load_model(self, model: str | None) -> None:
-        from backends.runtime import open_runtime
+        from z2z_chat.backends.runtime import open_runtime
 
         self.call_from_thread(self._loading, True, f"loading {model or 'the default model'} ...")
 
@@ -175,7 +175,7 @@ class Z2ZChat(App):
 
     @guarded
     def _loaded(self, rt) -> None:
-        from .options import remember_model
+        from z2z_chat.app.options import remember_model
 
         remember_model(self.options.model)
         self._loading(False)
@@ -300,7 +300,7 @@ class Z2ZChat(App):
     def attach_files(self, paths: list[str]) -> bool:
         """Read and hold files for the next message; a file that cannot be attached is named in a
         notification and nothing is attached (the typed command stays in the input)."""
-        from .attachments import AttachmentError, read_attachment
+        from z2z_chat.app.attachments import AttachmentError, read_attachment
 
         try:
             new = [read_attachment(p) for p in paths]
@@ -326,7 +326,7 @@ class Z2ZChat(App):
         return f"{a.name} ({_size(a.size)}, {tokens:,} tokens, {positions:,} positions)"
 
     def action_search(self) -> None:
-        from .archive import search
+        from z2z_chat.app.archive import search
 
         def done(found: tuple[int, int] | None) -> None:
             if found is None:
@@ -383,9 +383,9 @@ class Z2ZChat(App):
             self.notify("A reply is still running (Esc stops it); your message is kept in the input",
                         severity="warning")
             return
-        from backends.engine import ContextFullError
+        from z2z_chat.backends.engine.prompt import ContextFullError
 
-        from .attachments import compose
+        from z2z_chat.app.attachments import compose
 
         message, files = compose(event.text, self.attachments), self.attachments
         try:
@@ -446,7 +446,7 @@ class Z2ZChat(App):
 
     @work(thread=True, exclusive=True, group="gen")
     def _generate(self, text: str, reply: ReplyView, settings) -> None:
-        from backends.engine import Notice, Progress, Token
+        from z2z_chat.backends.engine.events import Notice, Progress, Token
 
         def show(ev) -> None:
             if isinstance(ev, Token):
@@ -581,8 +581,8 @@ class Z2ZChat(App):
     def action_export_all(self) -> None:
         import time
 
-        from .archive import export_jsonl
-        from .controller import export_dir
+        from z2z_chat.app.archive import export_jsonl
+        from z2z_chat.app.controller import export_dir
 
         path = export_dir() / f"z2z-chat-all-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -590,7 +590,7 @@ class Z2ZChat(App):
         self.notify(f"Exported {n} conversation(s), every branch, to {path}", timeout=15)
 
     def action_import_file(self) -> None:
-        from .archive import import_file
+        from z2z_chat.app.archive import import_file
 
         def done(value: str | None) -> None:
             if not value or not value.strip():
@@ -659,7 +659,7 @@ class Z2ZChat(App):
         self.push_screen(ConfirmDialog(f"Delete “{self.ctl.store.get(cid).title}”? This cannot be undone."), done)
 
     def action_open_model(self) -> None:
-        from .options import recent_models
+        from z2z_chat.app.options import recent_models
 
         def done(value: str | None) -> None:
             if value is not None:

@@ -23,7 +23,7 @@ from textual.message import Message as TMessage
 from textual.widgets import Label, ListItem, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownFence
 
-from .render import as_markdown, looks_like_code
+from z2z_chat.app.render import as_markdown, looks_like_code
 
 # Unit colours: mid-luminance so they read on dark and light themes alike.
 UNIT_STYLES = {1: "", 2: "bold #2f80ed", 3: "bold #e67e22"}
@@ -71,7 +71,7 @@ class ChatInput(TextArea):
     def _complete_path(self) -> None:
         """Tab after ``/file``: complete the last path as far as the matches agree; list them when
         there are several."""
-        from .attachments import complete_path
+        from z2z_chat.app.attachments import complete_path
 
         head, _, last = self.text.rpartition(" ")
         done, matches = complete_path(last)

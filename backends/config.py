@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .codec import CodecConfig
-from .errors import CheckpointError
+from z2z_chat.backends.codec import CodecConfig
+from z2z_chat.backends.errors import CheckpointError
 
 CONFIG_NAME = "zip2zip_config.json"
-MLX_MARKER = "z2z_mlx.json"  # written into every MLX conversion (backends/mlx_convert.py)
+MLX_MARKER = "z2z_mlx.json"  # written into every MLX conversion (backends/mlx_backend/convert.py)
 MLX_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")  # decoders the MLX backend runs
 POSITION_MODES = ("compressed", "base_token_end")
 MAX_CODEBOOK = 1 << 16

@@ -23,21 +23,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BackendError
+from z2z_chat.backends.errors import BackendError
 
 Entry = tuple[int, tuple[int, ...]]
 
 
 @dataclass
-class Plan:
+class EncodePlan:
     slots: list[int]  # (N,)
     rows: list[list[int]]  # (N, M) base ids, pad-filled
     n_new: int  # rows[:n_new] are created entries; a further row is the candidate
 
-    def only(self, keep: np.ndarray) -> Plan:
+    def only(self, keep: np.ndarray) -> EncodePlan:
         """The rows where ``keep`` (N,) is true, in order (created entries stay first)."""
         idx = np.flatnonzero(keep)
-        return Plan([self.slots[i] for i in idx], [self.rows[i] for i in idx], int((idx < self.n_new).sum()))
+        return EncodePlan([self.slots[i] for i in idx], [self.rows[i] for i in idx], int((idx < self.n_new).sum()))
 
 
 class HyperSlots:
@@ -47,7 +47,7 @@ class HyperSlots:
         self.candidate: int | None = None
         self.rows = np.full((C, M), -1, dtype=np.int64)  # (C, M)
 
-    def plan(self, entries: Sequence[Entry], candidate: Entry | None = None) -> Plan | None:
+    def plan(self, entries: Sequence[Entry], candidate: Entry | None = None) -> EncodePlan | None:
         """Validate and record new entries (and the candidate); None when there is nothing to do."""
         self.candidate = None
         items = [*entries, candidate] if candidate is not None else list(entries)
@@ -67,7 +67,7 @@ class HyperSlots:
             self.n_created = max(self.n_created, max(slots[:n]) + 1)
         if candidate is not None:
             self.candidate = slots[-1]
-        return Plan(slots, rows, n)
+        return EncodePlan(slots, rows, n)
 
     @property
     def live(self) -> int:
@@ -94,7 +94,7 @@ class HyperSlots:
         self.n_created, self.candidate = 0, None
 
 
-def saved_vectors(plan: Plan, saved_rows: np.ndarray, saved_created: int) -> np.ndarray:
+def saved_vectors(plan: EncodePlan, saved_rows: np.ndarray, saved_created: int) -> np.ndarray:
     """(N,) bool: the plan's rows whose vectors a saved state holds, i.e. the same entry in the same
     slot (``saved_rows`` (L, M) is the saved ``HyperSlots.rows[:live]``); a created entry needs
     both vectors, so its slot must have been created there too, not only a candidate."""

@@ -15,7 +15,7 @@ slots and vectors, its position count. Two states of one model never see each ot
     reset(); close(); context_length: int
 
 A state that can hand its KV cache out as bytes and take it back (every zip2zip state: llama.cpp's
-sequence bytes, torch's and MLX's tensors in ``saved_state.py``) also implements ``SavesKV``: the
+sequence bytes, torch's and MLX's tensors in ``kv_tensors.py``) also implements ``SavesKV``: the
 app keeps a conversation's cache on disk, so reopening it skips the prefill. ``import_kv`` stands
 for ``add_entries`` on a fresh state: it registers the codebook's entries with the vectors the
 export saved of them instead of encoding them again. ``export_kv`` raises ``BackendError`` for a
@@ -33,9 +33,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .codec import CodecConfig
-from .config import Zip2ZipConfig
-from .hyper import Entry, Mask
+from z2z_chat.backends.codec import CodecConfig
+from z2z_chat.backends.config import Zip2ZipConfig
+from z2z_chat.backends.hyper import Entry, Mask
 
 
 class DecodeState(Protocol):

@@ -24,12 +24,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .codec import CodecConfig
-from .config import MLX_MARKER, Zip2ZipConfig
-from .engine import Session
-from .errors import Z2ZError
-from .protocol import Loaded, Model
-from .utf8_guard import Utf8Guard
+from z2z_chat.backends.codec import CodecConfig
+from z2z_chat.backends.config import MLX_MARKER, Zip2ZipConfig
+from z2z_chat.backends.engine.session import Session
+from z2z_chat.backends.errors import Z2ZError
+from z2z_chat.backends.protocol import Loaded, Model
+from z2z_chat.backends.engine.utf8_guard import Utf8Guard
 
 
 class RuntimeOpenError(Z2ZError, RuntimeError):
@@ -148,7 +148,7 @@ def mlx_conversion(model: str, base: str | None, dtype: str = "auto") -> str:
     an error, not silently ignored."""
     import json
 
-    from .assets import cache_dir
+    from z2z_chat.backends.loading.assets import cache_dir
 
     if is_mlx_dir(model):
         made = json.loads((Path(model) / MLX_MARKER).read_text(encoding="utf-8")).get("dtype")
@@ -159,7 +159,7 @@ def mlx_conversion(model: str, base: str | None, dtype: str = "auto") -> str:
     dtype = "float16" if dtype == "auto" else dtype
     dst = cache_dir() / "mlx" / f"{conversion_key(model, base)}-{dtype}"
     if not is_mlx_dir(str(dst)):
-        from .mlx_convert import ConvertError, convert
+        from z2z_chat.backends.mlx_backend.convert import ConvertError, convert
 
         try:
             convert(model, dst, force=True, base=base, dtype=dtype)
@@ -204,10 +204,10 @@ def _load(name: str, path: str, base: str | None, device: str = "auto", dtype: s
 def open_runtime(model: str | None = None, backend: str = "auto", device: str = "auto", dtype: str = "auto",
                  base: str | None = None, progress: Callable[[str], None] | None = None) -> Runtime:
     """Open ``model`` (a checkpoint directory, repo id or MLX conversion; None: the embedded default)."""
-    from .sources import check_chat_template
+    from z2z_chat.backends.loading.sources import check_chat_template
 
     if model is None:
-        from .defaults import default_model
+        from z2z_chat.backends.loading.defaults import default_model
 
         model, default_base = default_model(progress=progress)
         base = base or default_base
@@ -241,8 +241,8 @@ def _open(model: str, backend: str, device: str, dtype: str, base: str | None,
 def gguf_conversion(model: str, base: str | None) -> str:
     """A directory llama.cpp can run: the checkpoint itself when its base is a GGUF (or it was
     converted already), else a conversion made once into the user's cache."""
-    from .assets import cache_dir
-    from .sources import is_gguf
+    from z2z_chat.backends.loading.assets import cache_dir
+    from z2z_chat.backends.loading.sources import is_gguf
 
     p = Path(model)
     try:
@@ -253,7 +253,7 @@ def gguf_conversion(model: str, base: str | None) -> str:
         return model
     dst = cache_dir() / "llamacpp" / f"ckpt-{conversion_key(model, base)}"
     if not (dst / "zip2zip_config.json").is_file():
-        from .gguf_convert import ConvertError, convert
+        from z2z_chat.backends.llamacpp_backend.convert import ConvertError, convert
 
         try:
             convert(model, dst, "f16", base=base, force=True)

@@ -1,9 +1,9 @@
 """``python convert/to_gguf.py CHECKPOINT OUT_DIR [--quantize f32|f16|q8_0] [--base B] [--force]``
-(also ``python -m convert.to_gguf``): a torch zip2zip checkpoint (ours or the ``zip2zip`` 0.2.0
+(also ``python -m z2z_chat.convert.to_gguf``): a torch zip2zip checkpoint (ours or the ``zip2zip`` 0.2.0
 format; a directory or a cached hub id) to a directory that ``z2z-chat --backend llamacpp
 --model OUT_DIR`` opens: ``model.gguf`` (the base; a GGUF base is reused, HF weights are
 converted; the LoRA adapter merged in, or with ``--lora adapter`` kept as ``lora.gguf``), the
-hyper-encoders and the zip2zip config. See ``backends/gguf_convert.py``.
+hyper-encoders and the zip2zip config. See ``backends/llamacpp_backend/convert.py``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: python convert/to_gguf.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backends.errors import Z2ZError, needs_extra  # noqa: E402
-from backends.llamacpp_backend.tensors import QTYPES  # noqa: E402 (numpy only)
+from z2z_chat.backends.errors import Z2ZError, needs_extra
+from z2z_chat.backends.llamacpp_backend.tensors import QTYPES  # numpy only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         try:
-            from backends.gguf_convert import convert
+            from z2z_chat.backends.llamacpp_backend.convert import convert
 
             files = convert(a.src, a.dst, a.quantize, base=a.base, force=a.force, lora=a.lora,
                             progress=lambda m: print(f"to_gguf: {m}", file=sys.stderr))

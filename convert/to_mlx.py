@@ -1,5 +1,5 @@
 """``python convert/to_mlx.py SRC DST [--quantize 4|8] [--q-group-size N] [--dtype D] [--force]``
-(also ``python -m convert.to_mlx``): a torch zip2zip checkpoint to a directory the MLX backend
+(also ``python -m z2z_chat.convert.to_mlx``): a torch zip2zip checkpoint to a directory the MLX backend
 runs.
 
 SRC is a zip2zip checkpoint (directory or hub id; its base from an HF directory, hub id or
@@ -15,10 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: python convert/to_mlx.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backends.errors import Z2ZError, needs_extra  # noqa: E402
+from z2z_chat.backends.errors import Z2ZError, needs_extra
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         try:
-            from backends.mlx_convert import convert
+            from z2z_chat.backends.mlx_backend.convert import convert
 
             files = convert(a.src, a.dst, quantize=a.quantize, q_group_size=a.q_group_size, dtype=a.dtype,
                             force=a.force, base=a.base)

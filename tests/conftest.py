@@ -20,7 +20,7 @@ def _private_user_dirs() -> None:
     """The suite (and every process it starts) writes its cache and history into a directory of
     its own, not the user's: only the default model's base (a 98 MB download, which CI keeps) is
     shared with the real cache, through a link."""
-    from backends.assets import cache_dir
+    from z2z_chat.backends.loading.assets import cache_dir
 
     real = cache_dir() / "smollm2"
     real.mkdir(parents=True, exist_ok=True)
@@ -130,9 +130,9 @@ def tiny_ckpt(tmp_path_factory, base_dirs, tokenizer_dir) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backends.config import CompressionSettings, Zip2ZipConfig
-    from backends.torch_backend import checkpoint
-    from backends.torch_backend.model import Zip2ZipLM
+    from z2z_chat.backends.config import CompressionSettings, Zip2ZipConfig
+    from z2z_chat.backends.torch_backend import checkpoint
+    from z2z_chat.backends.torch_backend.model import Zip2ZipLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = Zip2ZipConfig(str(base_dirs["llama"]), "transformer",
@@ -155,9 +155,9 @@ def trained_ckpt(tmp_path_factory, tokenizer_dir):
     import torch
     from transformers import AutoTokenizer
 
-    from backends.config import CompressionSettings, Zip2ZipConfig
-    from backends.torch_backend import checkpoint
-    from backends.torch_backend.model import Zip2ZipLM
+    from z2z_chat.backends.config import CompressionSettings, Zip2ZipConfig
+    from z2z_chat.backends.torch_backend import checkpoint
+    from z2z_chat.backends.torch_backend.model import Zip2ZipLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     lm = tiny_lm("llama", len(tok), seed=1).train()
@@ -187,8 +187,8 @@ def teacher_forced_agreement(backend, loaded, want: list[int], prompt: str) -> f
     for ``prompt``) when fed that reference's codes: agreement of a quantized model, step by step."""
     import numpy as np
 
-    from backends.codec import CodecSession
-    from backends.prompt import render, tokenize
+    from z2z_chat.backends.codec import CodecSession
+    from z2z_chat.backends.engine.prompt import render, tokenize
 
     tok = loaded.tokenizer
     ids = tokenize(tok, render(tok, None, [{"role": "user", "content": prompt}]), 0)[1]

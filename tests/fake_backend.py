@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.errors import BackendError
-from backends.hyper import HyperSlots
+from z2z_chat.backends.errors import BackendError
+from z2z_chat.backends.hyper import HyperSlots
 
 
 class FakeModel:

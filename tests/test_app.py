@@ -19,10 +19,10 @@ import pytest
 pytest.importorskip("textual")
 pytest.importorskip("torch")
 
-from app.cli import build_parser  # noqa: E402
-from app.options import AppOptions  # noqa: E402
-from app.store import open_store  # noqa: E402
-from app.tui import ReplyView, Z2ZChat  # noqa: E402
+from z2z_chat.app.cli import build_parser  # noqa: E402
+from z2z_chat.app.options import AppOptions  # noqa: E402
+from z2z_chat.app.store import open_store  # noqa: E402
+from z2z_chat.app.tui import ReplyView, Z2ZChat  # noqa: E402
 
 
 def make_app(ckpt, db: Path, *extra: str) -> Z2ZChat:
@@ -137,7 +137,7 @@ def test_new_chat_regenerate_toggle_and_export(tiny_ckpt, tmp_path, monkeypatch)
 def test_failing_model_shows_error_and_keeps_history(tiny_ckpt, tmp_path):
     db = tmp_path / "h.db"
     store = open_store(db)
-    from app.store import Message
+    from z2z_chat.app.store import Message
 
     cid = store.create("old chat", "m", None, {})
     store.add_message(cid, Message("user", "hello"))
@@ -211,7 +211,7 @@ def in_tmux(tmp_path: Path, cmd: str) -> tuple[list[str], Callable[[], str]]:
 
 
 def test_real_terminal_with_tmux(tiny_ckpt, tmp_path):
-    tmux, screen = in_tmux(tmp_path, f"{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 8 --device cpu")
+    tmux, screen = in_tmux(tmp_path, f"{sys.executable} -m z2z_chat.app.cli --model {tiny_ckpt} --max-tokens 8 --device cpu")
     try:
         time.sleep(1.0)  # let the first frames after loading settle before typing
         subprocess.run([*tmux, "send-keys", "-l", "hello tmux"], check=True)
@@ -236,7 +236,7 @@ def test_real_terminal_with_tmux(tiny_ckpt, tmp_path):
 def test_edit_and_branch_in_a_real_terminal(tiny_ckpt, tmp_path):
     """Shift+Tab reaches the messages, e edits one, Enter sends the edit, < goes back to the first
     branch: what a user does, through tmux."""
-    tmux, screen = in_tmux(tmp_path, f"{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 8 --device cpu")
+    tmux, screen = in_tmux(tmp_path, f"{sys.executable} -m z2z_chat.app.cli --model {tiny_ckpt} --max-tokens 8 --device cpu")
 
     def keys(*k: str, literal: bool = False) -> None:
         subprocess.run([*tmux, "send-keys", *(["-l"] if literal else []), *k], check=True)
@@ -334,7 +334,7 @@ def test_message_sent_while_a_reply_runs_stays_in_the_input(tiny_ckpt, tmp_path)
 def test_bad_stored_data_opens_what_it_can(tiny_ckpt, tmp_path):
     db = tmp_path / "h.db"
     store = open_store(db)
-    from app.store import Message
+    from z2z_chat.app.store import Message
 
     good_state = None
 
@@ -381,13 +381,13 @@ def test_bad_stored_data_opens_what_it_can(tiny_ckpt, tmp_path):
             text = " ".join(n.message for n in app._notifications)
             assert "rebuilt from the messages" in text and "damaged" in text
 
-    from app.widgets import UserView
+    from z2z_chat.app.widgets import UserView
 
     run(go())
 
 
 def test_locked_database_during_a_session_keeps_the_message(tiny_ckpt, tmp_path, monkeypatch):
-    import app.store as store_mod
+    import z2z_chat.app.store as store_mod
 
     monkeypatch.setattr(store_mod, "BUSY_WAIT_S", 0.3)
     db = tmp_path / "h.db"
@@ -411,13 +411,13 @@ def test_locked_database_during_a_session_keeps_the_message(tiny_ckpt, tmp_path,
             contents = [m.content for m in app.ctl.store.messages(app.ctl.conv_id)]
             assert contents[2] == "while locked" and contents[4] == "after the lock"
 
-    from app.widgets import UserView
+    from z2z_chat.app.widgets import UserView
 
     run(go())
 
 
 def test_ui_refuses_a_non_terminal():
-    r = subprocess.run([sys.executable, "-m", "app.cli"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
                        timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 2 and "terminal" in r.stderr
 
@@ -490,7 +490,7 @@ def test_sigterm_saves_the_reply_being_written(tiny_ckpt, tmp_path, sig, code):
     """kill (SIGTERM) or a closed terminal (SIGHUP) during a reply: the partial reply is stored as
     stopped, and the app exits 143 / 129."""
     status = tmp_path / "status"
-    cmd = f"{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 100000 --device cpu; echo $? > {status}"
+    cmd = f"{sys.executable} -m z2z_chat.app.cli --model {tiny_ckpt} --max-tokens 100000 --device cpu; echo $? > {status}"
     tmux, screen = in_tmux(tmp_path, cmd)
     try:
         time.sleep(1.0)
@@ -501,7 +501,7 @@ def test_sigterm_saves_the_reply_being_written(tiny_ckpt, tmp_path, sig, code):
         while "writing a reply" not in screen() and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(2.0)  # some of the reply is written
-        pid = subprocess.run(["pgrep", "-f", f"^{sys.executable} -m app.cli --model {tiny_ckpt} --max-tokens 100000"],
+        pid = subprocess.run(["pgrep", "-f", f"^{sys.executable} -m z2z_chat.app.cli --model {tiny_ckpt} --max-tokens 100000"],
                              capture_output=True, text=True).stdout.split()  # python, not the shell around it
         assert pid, "the app is not running"
         os.kill(int(pid[0]), sig)
@@ -547,7 +547,7 @@ def test_up_and_down_recall_sent_messages_across_launches(tiny_ckpt, tmp_path):
 
 
 def test_version():
-    r = subprocess.run([sys.executable, "-m", "app.cli", "--version"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("z2z-chat ")
 
 
@@ -925,7 +925,7 @@ def test_labels_code_without_a_fence_its_copy_button_and_a_small_window(tiny_ckp
     from textual.widgets._markdown import MarkdownHeader
     from textual.widgets.markdown import MarkdownFence
 
-    from app.widgets import ConversationItem, CopyButton, UserView
+    from z2z_chat.app.widgets import ConversationItem, CopyButton, UserView
 
     code = "def f(x):\n    # add one\n    return x + 1\n"
 
@@ -976,7 +976,7 @@ def test_labels_code_without_a_fence_its_copy_button_and_a_small_window(tiny_ckp
 def test_a_chat_list_date_reads_as_a_time_today_and_a_day_before():
     import time as t
 
-    from app.widgets import when
+    from z2z_chat.app.widgets import when
 
     now = t.mktime((2026, 12, 2, 15, 0, 0, 0, 0, -1))
     assert when(now - 3600, now) == "14:00"

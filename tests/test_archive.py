@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from app.archive import ArchiveError, export_jsonl, import_file, markdown
-from app.store import Message, open_store
+from z2z_chat.app.archive import ArchiveError, export_jsonl, import_file, markdown
+from z2z_chat.app.store import Message, open_store
 
 
 def test_every_branch_survives_an_export_and_an_import(tmp_path):

@@ -1,4 +1,4 @@
-"""``backends/checkpoint.py``: where a checkpoint's base, tokenizer, encoders and adapter come from,
+"""``backends/loading/checkpoint.py``: where a checkpoint's base, tokenizer, encoders and adapter come from,
 one rule for every backend and converter (no framework needed), and the errors a damaged
 checkpoint gives when a backend opens it (torch, marked)."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from backends.checkpoint import Checkpoint
-from backends.defaults import DEFAULT_MODEL_DIR
-from backends.errors import CheckpointError
+from z2z_chat.backends.loading.checkpoint import Checkpoint
+from z2z_chat.backends.loading.defaults import DEFAULT_MODEL_DIR
+from z2z_chat.backends.errors import CheckpointError
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason='torch backend: pip install "z2z-chat[torch]"')
@@ -54,7 +54,7 @@ def test_a_checkpoint_that_holds_its_decoder_has_no_adapter_to_apply(tmp_path):
 
 
 def test_the_default_model_runs_on_its_cached_gguf_wherever_it_is_opened_from():
-    from backends.assets import smollm2_gguf
+    from z2z_chat.backends.loading.assets import smollm2_gguf
 
     assert Checkpoint.open(DEFAULT_MODEL_DIR).base == str(smollm2_gguf())
 
@@ -84,7 +84,7 @@ def test_no_encoders_is_named(tmp_path):
 
 
 def test_uncached_hub_id_fails_fast_offline(monkeypatch):
-    from backends.checkpoint import resolve
+    from z2z_chat.backends.loading.checkpoint import resolve
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # unreachable, as offline
@@ -99,7 +99,7 @@ def test_nan_encoder_weights_are_refused(tiny_ckpt, tmp_path):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from backends.torch_backend import checkpoint
+    from z2z_chat.backends.torch_backend import checkpoint
 
     d = tmp_path / "nan"
     shutil.copytree(tiny_ckpt, d)
@@ -113,7 +113,7 @@ def test_nan_encoder_weights_are_refused(tiny_ckpt, tmp_path):
 
 @needs_torch
 def test_broken_chat_template_and_missing_tokenizer_are_clear_errors(tiny_ckpt, tmp_path):
-    from backends.runtime import open_runtime
+    from z2z_chat.backends.runtime import open_runtime
 
     d = tmp_path / "tpl"
     shutil.copytree(tiny_ckpt, d)
@@ -136,7 +136,7 @@ def test_cached_conversions_follow_the_checkpoint(tmp_path):
     stale MLX / llama.cpp conversion cached for the old one."""
     import os
 
-    from backends.runtime import conversion_key
+    from z2z_chat.backends.runtime import conversion_key
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 def z2z(*args: str, timeout: int = 120, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     """Standard input is /dev/null unless given: piped input is attached to the prompt."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, timeout=timeout, env=env,
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", *args], capture_output=True, timeout=timeout, env=env,
                        input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"),
                                        r.stderr.decode(errors="replace"))
@@ -47,8 +47,8 @@ def test_usage_errors_exit_2(args):
 
 def test_help_does_not_import_frameworks():
     code = ("import sys; sys.argv=['z2z-chat','--help']\n"
-            "import app.cli\n"
-            "try:\n    app.cli.main()\nexcept SystemExit: pass\n"
+            "import z2z_chat.app.cli\n"
+            "try:\n    z2z_chat.app.cli.main()\nexcept SystemExit: pass\n"
             "import backends.engine, backends.runtime, backends.codec, convert, train\n"
             "assert not {'torch','mlx','llama_cpp','transformers'} & set(sys.modules), sorted(sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -61,7 +61,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def test_invalid_utf8_and_empty_prompts_are_usage_errors():
-    r = subprocess.run([sys.executable, "-m", "app.cli", "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")],
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")],
                        capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and "UTF-8" in r.stderr and "Traceback" not in r.stderr
     r = z2z("--prompt", "  ")
@@ -77,7 +77,7 @@ def test_bad_settings_fail_before_loading_a_model(flag):
 
 def test_output_closed_early_exits_quietly(ref_checkpoints):
     d = ref_checkpoints[("llama", "transformer", "compressed")][1]
-    cmd = (f"{sys.executable} -m app.cli --model {d} --device cpu --prompt 'write a lot' --max-tokens 400 "
+    cmd = (f"{sys.executable} -m z2z_chat.app.cli --model {d} --device cpu --prompt 'write a lot' --max-tokens 400 "
            "| head -c 10")
     r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -89,7 +89,7 @@ def test_sigterm_exits_143_with_a_message(ref_checkpoints):
     import time
 
     d = ref_checkpoints[("llama", "transformer", "compressed")][1]
-    p = subprocess.Popen([sys.executable, "-m", "app.cli", "--model", str(d), "--device", "cpu", "--prompt",
+    p = subprocess.Popen([sys.executable, "-m", "z2z_chat.app.cli", "--model", str(d), "--device", "cpu", "--prompt",
                           "write a lot", "--max-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          stdin=subprocess.DEVNULL,
                          text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -103,7 +103,7 @@ def test_sigterm_exits_143_with_a_message(ref_checkpoints):
 
 
 def test_fetch_output_goes_to_the_progress_callback_not_the_terminal():
-    from backends.assets import _run_pip
+    from z2z_chat.backends.loading.assets import _run_pip
 
     lines = []
     rc = _run_pip([sys.executable, "-c", "print('Downloading x'); print('done')"], lines.append)
@@ -111,7 +111,7 @@ def test_fetch_output_goes_to_the_progress_callback_not_the_terminal():
 
 
 def test_a_one_code_reply_shows_no_throughput():
-    from backends.engine import TurnStats
+    from z2z_chat.backends.engine.events import TurnStats
 
     assert "decode -" in TurnStats(reply_codes=1, reply_tokens=1, decode_s=0.0002).summary()
     assert "tok/s" in TurnStats(reply_codes=40, reply_tokens=50, decode_s=1.0).summary().split("| decode")[-1]
@@ -169,10 +169,10 @@ def test_cache_list_and_clean(tmp_path):
     (cache / "smollm2").mkdir()
     (cache / "smollm2" / "base.gguf").write_bytes(b"z" * 7000)
     env = {**os.environ, "Z2Z_CACHE_DIR": str(cache)}
-    r = subprocess.run([sys.executable, "-m", "app.cli", "--cache", "list"], capture_output=True, text=True, env=env,
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--cache", "list"], capture_output=True, text=True, env=env,
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and "merged" in r.stdout and "download" in r.stdout and "tables" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "app.cli", "--cache", "clean"], capture_output=True, text=True, env=env,
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--cache", "clean"], capture_output=True, text=True, env=env,
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and "removed" in r.stdout
     assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == ["base.gguf"]  # the download stays
@@ -182,7 +182,7 @@ def test_export_import_and_search_from_the_command_line(tmp_path):
     """A round trip through JSON Lines keeps every message; an OpenAI message list imports as a
     conversation; a malformed file names its line and imports nothing."""
     def run(*args, data: Path):
-        return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", *args], capture_output=True, text=True,
                               env={**os.environ, "Z2Z_DATA_DIR": str(data)}, stdin=subprocess.DEVNULL, cwd=ROOT)
 
     src = tmp_path / "openai.json"

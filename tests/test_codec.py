@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from backends.codec import CodecConfig, CodecSession, decode, encode
+from z2z_chat.backends.codec import CodecConfig, CodecSession, decode, encode
 
 try:
     import zip2zip_compression as zc
@@ -350,7 +350,7 @@ def test_encode_after_a_pending_code_keeps_compressing():
 def test_mark_and_rollback_restore_the_exact_state():
     import random
 
-    from backends.codec import CodecConfig, CodecSession
+    from z2z_chat.backends.codec import CodecConfig, CodecSession
 
     cfg = CodecConfig(40, 64, 3, frozenset({0}), 0)
     rng = random.Random(3)

@@ -26,7 +26,7 @@ def test_compare_reports_every_engine(tiny_ckpt, tmp_path):
         {"group": "followup", "turns": ["hello", "and again"], "expect": []},
     ]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "Z2Z_CACHE_DIR": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, "-m", "backends.bench.cli", "compare", "--model", str(tiny_ckpt),
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.bench.cli", "compare", "--model", str(tiny_ckpt),
                         "--prompts", str(prompts), "--max-tokens", "8", "--json"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -49,7 +49,7 @@ def test_compare_reports_every_engine(tiny_ckpt, tmp_path):
 
 
 def test_answers_flags_replies_that_loop_to_the_limit():
-    from backends.bench.quality import loops
+    from z2z_chat.app.bench.quality import loops
 
     stuck = "The capital of Japan Italy? Italy? Italy is Tokyo known for " + "named Sm named " * 20
     assert loops(stuck, "length")
@@ -58,7 +58,7 @@ def test_answers_flags_replies_that_loop_to_the_limit():
 
 
 def test_decode_rounds_report_each_sides_median_run():
-    from backends.bench.model import _median
+    from z2z_chat.app.bench.model import _median
 
     runs = [{"seconds": s, "steps": n} for s, n in ((3.0, 1), (2.0, 2), (4.0, 2), (0.5, 1))]  # 3, 1, 2, 0.5 s a step
     assert _median(runs) == {"seconds": 2.0, "steps": 2}  # the lower middle of an even count
@@ -70,7 +70,7 @@ def test_scale_makes_converts_and_measures_a_released_geometry(tmp_path):
     shards, longrope, released-shape encoders, the adapter merged while converting)."""
     pytest.importorskip("llama_cpp")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "Z2Z_CACHE_DIR": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, "-m", "backends.bench.cli", "scale", "--geometry", "tiny", "--out",
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.bench.cli", "scale", "--geometry", "tiny", "--out",
                         str(tmp_path / "scale"), "--lengths", "64", "--prompt-tokens", "32", "--steps", "4", "--rounds", "2",
                         "--json"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=Path(__file__).resolve().parents[1])

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from backends.config import ConfigError, lora_scale_of
+from z2z_chat.backends.config import ConfigError, lora_scale_of
 
 DAMAGED = {
     "truncated": '{"r": 8, "lora_alpha": ',
@@ -42,9 +42,9 @@ def damaged_ckpt(ref_checkpoints, tmp_path):
 
 def test_every_backend_names_the_damaged_adapter_config(damaged_ckpt, tmp_path):
     pytest.importorskip("torch")
-    from backends.errors import CheckpointError
-    from backends.gguf_convert import convert
-    from backends.torch_backend import checkpoint
+    from z2z_chat.backends.errors import CheckpointError
+    from z2z_chat.backends.llamacpp_backend.convert import convert
+    from z2z_chat.backends.torch_backend import checkpoint
 
     with pytest.raises(CheckpointError, match="adapter_config.json: r must be a positive integer"):
         checkpoint.load(damaged_ckpt)
@@ -66,7 +66,7 @@ def test_every_backend_names_the_damaged_adapter_config(damaged_ckpt, tmp_path):
 def test_config_with_wrong_types_is_a_clear_error(tiny_ckpt, mutate, key):
     import json
 
-    from backends.config import ConfigError, Zip2ZipConfig
+    from z2z_chat.backends.config import ConfigError, Zip2ZipConfig
 
     d = json.loads((tiny_ckpt / "zip2zip_config.json").read_text())
     mutate(d)
@@ -75,7 +75,7 @@ def test_config_with_wrong_types_is_a_clear_error(tiny_ckpt, mutate, key):
 
 
 def test_non_utf8_config_names_the_file(tmp_path):
-    from backends.config import ConfigError, Zip2ZipConfig
+    from z2z_chat.backends.config import ConfigError, Zip2ZipConfig
 
     (tmp_path / "zip2zip_config.json").write_bytes(b'{"a": "\xff\xfe"}')
     with pytest.raises(ConfigError, match="zip2zip_config.json is not UTF-8"):

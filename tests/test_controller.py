@@ -8,15 +8,15 @@ import pytest
 
 pytest.importorskip("torch")
 
-from app.cli import build_parser  # noqa: E402
-from app.controller import ChatController, TurnEnd  # noqa: E402
-from app.options import AppOptions  # noqa: E402
-from app.store import open_store  # noqa: E402
+from z2z_chat.app.cli import build_parser  # noqa: E402
+from z2z_chat.app.controller import ChatController, TurnEnd  # noqa: E402
+from z2z_chat.app.options import AppOptions  # noqa: E402
+from z2z_chat.app.store import open_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def runtime(tiny_ckpt):
-    from backends.runtime import open_runtime
+    from z2z_chat.backends.runtime import open_runtime
 
     return open_runtime(str(tiny_ckpt), "torch", "cpu")
 
@@ -30,7 +30,7 @@ def controller(runtime, db, tiny_ckpt) -> ChatController:
 
 def turn(ctl: ChatController, text: str, locked: bool = False) -> None:
     """One turn as the UI runs it: a StoreBusy (a locked database) is shown, the turn goes on."""
-    from app.store import StoreBusy
+    from z2z_chat.app.store import StoreBusy
 
     busy = pytest.raises(StoreBusy) if locked else contextlib.nullcontext()
     with busy:
@@ -73,7 +73,7 @@ def test_a_locked_database_on_the_first_message_loses_nothing(runtime, tiny_ckpt
     then written in order; the queue is not blocked by a message without a conversation."""
     import sqlite3
 
-    import app.store as store_mod
+    import z2z_chat.app.store as store_mod
 
     monkeypatch.setattr(store_mod, "BUSY_WAIT_S", 0.2)
     db = tmp_path / "h.db"
@@ -96,7 +96,7 @@ def test_leaving_a_chat_keeps_its_kv_cache_and_reopening_takes_it(tiny_ckpt, tmp
     """On llama.cpp: a new chat (or quitting) saves the conversation's KV cache; after a relaunch,
     opening the chat takes it, so the next message reads only itself."""
     pytest.importorskip("llama_cpp")
-    from backends.runtime import open_runtime
+    from z2z_chat.backends.runtime import open_runtime
 
     db = tmp_path / "h.db"
     args = build_parser().parse_args(["--model", str(tiny_ckpt), "--max-tokens", "8"])
@@ -150,7 +150,7 @@ def test_edit_switch_and_regenerate_keep_every_branch_and_reread_only_from_the_b
 
 def test_export_is_utf8_marks_stopped_replies(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("Z2Z_DATA_DIR", str(tmp_path / "data"))
-    from app.store import Message
+    from z2z_chat.app.store import Message
 
     store = open_store(tmp_path / "h.db")
     args = build_parser().parse_args(["--model", str(tiny_ckpt)])
@@ -165,7 +165,7 @@ def test_export_is_utf8_marks_stopped_replies(tiny_ckpt, tmp_path, monkeypatch):
 
 
 def test_settings_dialog_validates_like_the_cli(tiny_ckpt, tmp_path):
-    from backends.errors import SettingsError
+    from z2z_chat.backends.errors import SettingsError
 
     args = build_parser().parse_args(["--model", str(tiny_ckpt), "--top-k", "5", "--repetition-penalty", "1.2"])
     ctl = ChatController(AppOptions.from_args(args), open_store(tmp_path / "h.db"))

@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from backends.assets import SMOLLM2_GGUF, AssetError, smollm2_gguf  # noqa: E402
-from backends.defaults import DEFAULT_MODEL_DIR  # noqa: E402
-from backends.engine import Done, GenerationSettings, Token  # noqa: E402
+from z2z_chat.backends.loading.assets import SMOLLM2_GGUF, AssetError, smollm2_gguf  # noqa: E402
+from z2z_chat.backends.loading.defaults import DEFAULT_MODEL_DIR  # noqa: E402
+from z2z_chat.backends.engine.events import Done, GenerationSettings, Token  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ FIXED_PROMPT = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def runtime():
-    from backends.runtime import open_runtime
+    from z2z_chat.backends.runtime import open_runtime
 
     smollm2_gguf()  # fetch once (or find it cached)
     return open_runtime(None, "torch", "cpu", "float32")
@@ -73,7 +73,7 @@ def test_missing_or_corrupt_base_is_a_clear_error(tmp_path, monkeypatch):
     bad.write_bytes(b"GGUF" + b"\0" * 100)
     with pytest.raises(AssetError, match="corrupt"):
         smollm2_gguf(fetch=False)
-    from backends.runtime import open_runtime
+    from z2z_chat.backends.runtime import open_runtime
 
     with pytest.raises(AssetError, match="corrupt"):  # ours: it reaches the user unchanged
         open_runtime(None, "torch", "cpu")
@@ -86,7 +86,7 @@ def test_llamacpp_gives_the_recorded_codes():
     pytest.importorskip("llama_cpp")
     import json
 
-    from backends.runtime import open_runtime
+    from z2z_chat.backends.runtime import open_runtime
 
     rt = open_runtime(None, "llamacpp")
     recorded = json.loads((DEFAULT_MODEL_DIR / "recorded_codes.json").read_text())
@@ -99,7 +99,7 @@ def test_a_damaged_cached_merge_is_made_again(tmp_path, monkeypatch):
     """The q8_0 merge of the default model lives in the cache; a truncated one (a full disk, a
     crash while writing) is noticed when read and rebuilt, not loaded or left to fail every run."""
     pytest.importorskip("llama_cpp")
-    import backends.llamacpp_backend.checkpoint as ckpt_mod
+    import z2z_chat.backends.llamacpp_backend.checkpoint as ckpt_mod
 
     base = smollm2_gguf()
     monkeypatch.setattr(ckpt_mod, "cache_dir", lambda: tmp_path)
@@ -123,7 +123,7 @@ def test_an_error_after_loading_the_gguf_base_is_one_line_in_a_pipe(tmp_path):
     shutil.copytree(DEFAULT_MODEL_DIR, ckpt)
     enc = ckpt / "zip2zip_encoders.safetensors"
     enc.write_bytes(enc.read_bytes()[:1000])
-    r = subprocess.run([sys.executable, "-m", "app.cli", "--backend", "torch", "--model", str(ckpt), "--base",
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--backend", "torch", "--model", str(ckpt), "--base",
                         str(smollm2_gguf()), "--prompt", "hi"], capture_output=True, text=True,
                        stdin=subprocess.DEVNULL, timeout=300)
     assert r.returncode == 1 and "zip2zip_encoders.safetensors is not a readable safetensors file" in r.stderr

@@ -16,13 +16,15 @@ torch = pytest.importorskip("torch")
 from reference import ref_logits  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from backends.codec import CodecSession  # noqa: E402
-from backends.detok import Detokenizer  # noqa: E402
-from backends.engine import Done, GenerationSettings, KVSnapshot, Notice, Session, Token, codes_digest  # noqa: E402
-from backends.sampling import Sampler, SamplingSettings  # noqa: E402
-from backends.torch_backend import checkpoint  # noqa: E402
-from backends.torch_backend.backend import TorchState  # noqa: E402
-from backends.utf8_guard import Utf8Guard  # noqa: E402
+from z2z_chat.backends.codec import CodecSession  # noqa: E402
+from z2z_chat.backends.engine.detok import Detokenizer  # noqa: E402
+from z2z_chat.backends.engine.events import Done, GenerationSettings, Notice, Token  # noqa: E402
+from z2z_chat.backends.engine.kv_store import SavedKV, codes_digest  # noqa: E402
+from z2z_chat.backends.engine.session import Session  # noqa: E402
+from z2z_chat.backends.engine.sampling import Sampler, SamplingSettings  # noqa: E402
+from z2z_chat.backends.torch_backend import checkpoint  # noqa: E402
+from z2z_chat.backends.torch_backend.backend import TorchState  # noqa: E402
+from z2z_chat.backends.engine.utf8_guard import Utf8Guard  # noqa: E402
 
 GREEDY = GenerationSettings(max_tokens=40)
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "backends" / "default_model"
@@ -84,8 +86,8 @@ def rt(request, loaded, ref_checkpoints, tmp_path_factory):
                        loaded.config.position_mode)
     if request.param == "llamacpp":
         pytest.importorskip("llama_cpp", reason='llama.cpp backend: pip install "z2z-chat[llamacpp]"')
-        from backends.gguf_convert import convert
-        from backends.llamacpp_backend.checkpoint import open_checkpoint
+        from z2z_chat.backends.llamacpp_backend.convert import convert
+        from z2z_chat.backends.llamacpp_backend.checkpoint import open_checkpoint
 
         dst = tmp_path_factory.mktemp("gguf") / "llama"
         convert(str(ref_checkpoints[("llama", "transformer", "compressed")][1]), dst)
@@ -93,8 +95,8 @@ def rt(request, loaded, ref_checkpoints, tmp_path_factory):
         return Runtime("llamacpp", model.new_state, loaded.tokenizer,
                        loaded.codec, loaded.config.position_mode)
     pytest.importorskip("mlx_lm", reason='MLX backend: pip install "mlx[cpu]" mlx-lm')
-    from backends.mlx_backend.backend import MLXModel
-    from backends.mlx_convert import convert
+    from z2z_chat.backends.mlx_backend.backend import MLXModel
+    from z2z_chat.backends.mlx_backend.convert import convert
 
     dst = tmp_path_factory.mktemp("mlx") / "llama"
     convert(str(ref_checkpoints[("llama", "transformer", "compressed")][1]), dst, dtype="float32")
@@ -194,8 +196,8 @@ def test_interleaved_sessions_write_what_separate_runs_write(rt):
 
 
 def test_runtime_sessions_get_their_own_state(loaded):
-    from backends.runtime import Runtime as RealRuntime
-    from backends.torch_backend.backend import TorchModel
+    from z2z_chat.backends.runtime import Runtime as RealRuntime
+    from z2z_chat.backends.torch_backend.backend import TorchModel
 
     rt = RealRuntime(TorchModel(loaded.model), loaded.tokenizer, loaded.codec, loaded.config, "torch", "tiny", "cpu")
     a = rt.session()
@@ -257,7 +259,7 @@ def test_a_saved_kv_cache_resumes_without_reading_the_conversation_again(rt):
     a = fresh()
     for text in TURNS_A[:2]:
         run(a, text, settings)
-    saved, snap = json.loads(json.dumps(a.to_dict())), a.kv_snapshot()
+    saved, snap = json.loads(json.dumps(a.to_dict())), a.saved_kv()
     assert snap is not None and snap.fed == a.fed > 0
     warm, cold = fresh(), fresh()
     assert warm.restore(saved, snap) is None and warm.fed == snap.fed
@@ -267,8 +269,8 @@ def test_a_saved_kv_cache_resumes_without_reading_the_conversation_again(rt):
     assert (cw, tw) == (cc, tc) and cw
     assert dw.stats.cached_codes == snap.fed and dc.stats.cached_codes == 0
     changed = dict(saved, codes=list(saved["codes"][:-1]) + [saved["codes"][0]])
-    for d, kv in ((saved, KVSnapshot(snap.data[: len(snap.data) // 2], snap.fed, snap.digest)),
-                  (saved, KVSnapshot(snap.data, snap.fed - 1, codes_digest(a.codes[: snap.fed - 1]))),
+    for d, kv in ((saved, SavedKV(snap.data[: len(snap.data) // 2], snap.fed, snap.digest)),
+                  (saved, SavedKV(snap.data, snap.fed - 1, codes_digest(a.codes[: snap.fed - 1]))),
                   (changed, snap)):
         other = fresh()
         try:
@@ -302,7 +304,7 @@ def test_context_overflow_drops_oldest_turns(rt):
 
 
 def test_message_too_long_for_context_is_a_clear_error(rt):
-    from backends.engine import ContextFullError
+    from z2z_chat.backends.engine.prompt import ContextFullError
 
     session, _ = new_session(rt, context_length=64)
     with pytest.raises(ContextFullError, match="context window holds 64"):
@@ -399,7 +401,7 @@ def test_lookahead_gives_the_same_greedy_codes(rt, n):
 
 def test_forward_all_rows_equal_step_by_step_logits(rt):
     """Row t of a verification forward == the logits a single-step forward gives after code t."""
-    from backends.codec import encode as lzw
+    from z2z_chat.backends.codec import encode as lzw
 
     codes, _ = lzw(rt.tokenizer(PROMPT * 3, add_special_tokens=False)["input_ids"], rt.codec)
     k = 30

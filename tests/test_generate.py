@@ -13,18 +13,13 @@ import numpy as np
 import pytest
 from fake_backend import FakeModel
 
-from backends.codec import CodecConfig, CodecSession
-from backends.errors import SettingsError
-from backends.prompt import render, tokenize
-from backends.sampling import SamplingSettings
-from backends.engine import (
-    ContextFullError,
-    Done,
-    GenerationSettings,
-    Notice,
-    Session,
-    Token,
-)
+from z2z_chat.backends.codec import CodecConfig, CodecSession
+from z2z_chat.backends.errors import SettingsError
+from z2z_chat.backends.engine.prompt import render, tokenize
+from z2z_chat.backends.engine.sampling import SamplingSettings
+from z2z_chat.backends.engine.events import Done, GenerationSettings, Notice, Token
+from z2z_chat.backends.engine.prompt import ContextFullError
+from z2z_chat.backends.engine.session import Session
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +144,7 @@ def test_without_dropping_turns_a_full_context_is_an_error_that_changes_nothing(
 def test_long_prefill_reports_progress_and_a_cancel_during_it_changes_nothing(tok):
     import threading
 
-    from backends.engine import Progress
+    from z2z_chat.backends.engine.events import Progress
 
     def withdraw(s):
         cancel, seen = threading.Event(), []
@@ -201,9 +196,9 @@ def test_the_hyper_margin_policy_masks_hypertokens_that_do_not_beat_their_first_
 
 
 def test_the_hyper_margin_compares_each_entry_with_its_own_first_subtoken(tok):
-    from backends.codec import CodecSession, encode
-    from backends.sampling import Sampler, SamplingSettings
-    from backends.steps import StepRules, Stream
+    from z2z_chat.backends.codec import CodecSession, encode
+    from z2z_chat.backends.engine.sampling import Sampler, SamplingSettings
+    from z2z_chat.backends.engine.steps import StepRules, Stream
 
     c = codec_of(tok)
     codec = CodecSession(c)
@@ -291,7 +286,7 @@ def test_typed_template_markers_are_text_not_turns(tok):
 def test_cancel_during_a_long_prefill_takes_effect_between_chunks(tok):
     import threading
 
-    from backends.generate import PREFILL_CHUNK
+    from z2z_chat.backends.engine.generate import PREFILL_CHUNK
 
     s, calls = counting(tok, context_length=4096)
     cancel = threading.Event()

@@ -1,15 +1,15 @@
-"""``backends/kv_store.py``: conversations' KV caches on disk are checked before use and kept to a budget."""
+"""``backends/engine/kv_store.py``: conversations' KV caches on disk are checked before use and kept to a budget."""
 
 from __future__ import annotations
 
 import os
 
-from backends.engine import KVSnapshot, codes_digest
-from backends.kv_store import KVStore
+from z2z_chat.backends.engine.kv_store import SavedKV, codes_digest
+from z2z_chat.backends.engine.kv_store import KVStore
 
 
-def snap(n: int, size: int = 1000) -> KVSnapshot:
-    return KVSnapshot(bytes(range(256)) * (size // 256) + b"x" * (size % 256), n, codes_digest(range(n)))
+def snap(n: int, size: int = 1000) -> SavedKV:
+    return SavedKV(bytes(range(256)) * (size // 256) + b"x" * (size % 256), n, codes_digest(range(n)))
 
 
 def test_a_saved_cache_comes_back_for_the_same_model_only(tmp_path):

@@ -1,4 +1,6 @@
-"""The README's layout table names every module of the core, and nothing that is gone."""
+"""The layout's rules: the README's table names every module (or its folder) and nothing that is
+gone; no import cycle; the library imports no program; the framework packages import no runtime;
+no two classes share a name."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_layout_lists_every_core_module():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = readme[readme.index("## Layout"):readme.index("## Training")]
+    table = readme[readme.index("## Layout"):]
     named = set(re.findall(r"`([\w/.]+)`", table))
     listed_dirs = {n.rstrip("/") for n in named if n.endswith("/")}
     missing = []
@@ -36,16 +38,16 @@ def imports() -> dict[str, set[str]]:
         parts = list(p.relative_to(ROOT).with_suffix("").parts)
         return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
-    mods = {name(p): p for pkg in ("app", "backends") for p in (ROOT / pkg).rglob("*.py")}
+    mods = {name(p): p for pkg in ("app", "backends", "convert", "train") for p in (ROOT / pkg).rglob("*.py")}
     graph = {}
     for m, p in mods.items():
         pkg = m if p.name == "__init__.py" else m.rpartition(".")[0]
         deps = set()
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names}
+                deps |= {a.name.removeprefix("z2z_chat.") for a in node.names}
             elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
+                base = (node.module or "").removeprefix("z2z_chat.")
                 if node.level:
                     base = ".".join(pkg.split(".")[:len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
                 deps |= {base} | {f"{base}.{a.name}" for a in node.names}
@@ -53,7 +55,7 @@ def imports() -> dict[str, set[str]]:
     return graph
 
 
-def test_no_import_cycles_and_backends_import_no_runtime_or_converter():
+def test_no_import_cycles_and_the_library_imports_no_program():
     graph = imports()
 
     def reaches(start: str, goal: str) -> bool:
@@ -71,6 +73,22 @@ def test_no_import_cycles_and_backends_import_no_runtime_or_converter():
     assert not cycles, f"modules on an import cycle: {cycles}"
     for backend in ("backends.torch_backend", "backends.llamacpp_backend", "backends.mlx_backend"):
         for m in (m for m in graph if m.startswith(backend)):
-            bad = graph[m] & {"backends.runtime", "backends.gguf_convert", "backends.mlx_convert"}
+            bad = graph[m] & {"backends.runtime"}
             assert not bad, f"{m} imports {bad}"
-    assert not any(d.startswith("app") for m in graph if m.startswith("backends") for d in graph[m])
+    programs = ("app", "convert", "train")
+    bad = sorted(f"{m} -> {d}" for m in graph if m.startswith("backends") for d in graph[m] if d.startswith(programs))
+    assert not bad, f"the library imports a program: {bad}"
+    assert graph["backends.engine.session"], "the import graph is empty: the parser no longer sees the imports"
+
+
+def test_no_two_classes_share_a_name():
+    import ast
+
+    where: dict[str, list[str]] = {}
+    for pkg in ("app", "backends", "convert", "train"):
+        for p in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef):
+                    where.setdefault(node.name, []).append(p.relative_to(ROOT).as_posix())
+    shared = {k: v for k, v in where.items() if len(v) > 1}
+    assert not shared, f"classes that share a name: {shared}"

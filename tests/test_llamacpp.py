@@ -18,16 +18,17 @@ torch = pytest.importorskip("torch")
 
 from conftest import teacher_forced_agreement  # noqa: E402
 
-from backends.codec import CodecSession, encode  # noqa: E402
-from backends.engine import GenerationSettings, Session, Token  # noqa: E402
-from backends.errors import CheckpointError, ConvertError, Z2ZError  # noqa: E402
-from backends.gguf_convert import convert  # noqa: E402
-from backends.llamacpp_backend.checkpoint import open_checkpoint  # noqa: E402
-from backends.llamacpp_backend.encoders import build_encoder  # noqa: E402
-from backends.llamacpp_backend.tensors import SafetensorsFile  # noqa: E402
-from backends.runtime import RuntimeOpenError, open_runtime  # noqa: E402
-from backends.torch_backend import checkpoint  # noqa: E402
-from backends.torch_backend.backend import TorchState  # noqa: E402
+from z2z_chat.backends.codec import CodecSession, encode  # noqa: E402
+from z2z_chat.backends.engine.events import GenerationSettings, Token  # noqa: E402
+from z2z_chat.backends.engine.session import Session  # noqa: E402
+from z2z_chat.backends.errors import CheckpointError, ConvertError, Z2ZError  # noqa: E402
+from z2z_chat.backends.llamacpp_backend.convert import convert  # noqa: E402
+from z2z_chat.backends.llamacpp_backend.checkpoint import open_checkpoint  # noqa: E402
+from z2z_chat.backends.llamacpp_backend.encoders import build_encoder  # noqa: E402
+from z2z_chat.backends.llamacpp_backend.tensors import SafetensorsFile  # noqa: E402
+from z2z_chat.backends.runtime import RuntimeOpenError, open_runtime  # noqa: E402
+from z2z_chat.backends.torch_backend import checkpoint  # noqa: E402
+from z2z_chat.backends.torch_backend.backend import TorchState  # noqa: E402
 
 LLAMA = ("llama", "transformer", "compressed")
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def run_stream(backend, codes, codec, k=20):
 @pytest.mark.parametrize("kind", ["f32", "q8_0", "f16"])
 @pytest.mark.parametrize("enc", ["transformer", "res_latent_attn"])
 def test_ggml_encoders_equal_torch(enc, kind, ref_checkpoints, monkeypatch):
-    from backends.llamacpp_backend import encoders
+    from z2z_chat.backends.llamacpp_backend import encoders
 
     monkeypatch.setattr(encoders, "QUANT", 0)
     monkeypatch.setattr(encoders, "CHUNK", 3)  # the 5 entries below in two graphs used once;
@@ -113,7 +114,7 @@ def test_ggml_encoders_equal_torch(enc, kind, ref_checkpoints, monkeypatch):
 
 
 def test_q8_0_products_equal_numpy_within_rounding():
-    from backends.llamacpp_backend.ggml_graph import Graph, Tensors, quantize
+    from z2z_chat.backends.llamacpp_backend.ggml_graph import Graph, Tensors, quantize
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((96, 128)).astype(np.float32)  # (out, in)
@@ -312,7 +313,7 @@ def test_bad_files_are_clear_errors(gguf_dirs, tmp_path, how):
     d = broken(gguf_dirs, tmp_path, how)
     with pytest.raises((CheckpointError, RuntimeOpenError)):
         open_checkpoint(d, n_threads=1, exact=True)
-    r = subprocess.run([sys.executable, "-m", "app.cli", "--backend", "llamacpp", "--model", str(d), "--prompt", "hi"],
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--backend", "llamacpp", "--model", str(d), "--prompt", "hi"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith("z2z-chat: error:") and "Traceback" not in r.stderr, r.stderr
@@ -333,14 +334,14 @@ def test_vocabulary_mismatch_is_refused(gguf_dirs, tmp_path):
 def test_a_saved_kv_cache_reopens_a_conversation_without_reading_it_again(gguf_dirs, tmp_path):
     """What the app keeps on disk when a chat is left: a fresh runtime (a relaunch) takes it back,
     the next turn reads only the new message and writes what a full re-read writes."""
-    from backends.kv_store import KVStore
+    from z2z_chat.backends.engine.kv_store import KVStore
 
     settings = GenerationSettings(max_tokens=12)
     rt = open_runtime(str(gguf_dirs["merge"]), "llamacpp")
     a = rt.session()
     for text in ("def f(x):\n    return x + 1\n", "Again, for g."):
         list(a.send(text, settings))
-    saved, snap = a.to_dict(), a.kv_snapshot()
+    saved, snap = a.to_dict(), a.saved_kv()
     assert snap is not None and snap.fed == a.fed > 0
     KVStore(tmp_path / "kv", rt.identity).save("chat-1", snap)
     rt.close()
@@ -419,7 +420,7 @@ def test_phi3_long_context_rope_factors_are_written_as_llama_cpp_reads_them(tmp_
     import gguf
     from transformers import AutoTokenizer
 
-    from backends.llamacpp_backend.tensors import check_gguf, write_model_gguf
+    from z2z_chat.backends.llamacpp_backend.tensors import check_gguf, write_model_gguf
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     long, short = np.linspace(1, 4, 8).tolist(), np.linspace(1, 1.5, 8).tolist()
@@ -449,7 +450,7 @@ def test_phi3_long_context_rope_factors_are_written_as_llama_cpp_reads_them(tmp_
 def test_encoder_weights_are_prepared_once_and_a_damaged_cache_is_made_again(gguf_dirs, tmp_path, monkeypatch, kind):
     """The encoders' layout is kept in the cache and read back: the same vectors from a fresh
     preparation, the cached file and a rebuilt one (q8_0: every matrix that fits, as ggml blocks)."""
-    from backends.llamacpp_backend import encoders
+    from z2z_chat.backends.llamacpp_backend import encoders
 
     monkeypatch.setenv("Z2Z_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("Z2Z_ENCODER_WEIGHTS", kind)
@@ -505,8 +506,8 @@ def test_phi3_longrope_logits_equal_transformers(tmp_path, tokenizer_dir, n_ctx,
     window up to a multiple of 256, so the original context here is 512."""
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
-    from backends.llamacpp_backend.context import LlamaContext
-    from backends.llamacpp_backend.tensors import write_model_gguf
+    from z2z_chat.backends.llamacpp_backend.context import LlamaContext
+    from z2z_chat.backends.llamacpp_backend.tensors import write_model_gguf
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
@@ -535,8 +536,8 @@ def test_phi3_longrope_logits_equal_transformers(tmp_path, tokenizer_dir, n_ctx,
 
 
 def test_missing_ggml_libraries_are_a_clear_error(tmp_path):
-    from backends.errors import BackendError
-    from backends.llamacpp_backend.ggml_graph import _load
+    from z2z_chat.backends.errors import BackendError
+    from z2z_chat.backends.llamacpp_backend.ggml_graph import _load
 
     with pytest.raises(BackendError, match="no ggml-cpu library in .*reinstall llama-cpp-python"):
         _load(tmp_path, "ggml-cpu")

@@ -15,14 +15,15 @@ torch = pytest.importorskip("torch")
 
 from conftest import teacher_forced_agreement  # noqa: E402
 
-from backends.codec import CodecSession  # noqa: E402
-from backends.config import positions  # noqa: E402
-from backends.engine import GenerationSettings, Session, Token  # noqa: E402
-from backends.mlx_backend.backend import MLXModel  # noqa: E402
-from backends.errors import CheckpointError, ConvertError  # noqa: E402
-from backends.mlx_convert import convert  # noqa: E402
-from backends.torch_backend import checkpoint  # noqa: E402
-from backends.torch_backend.backend import TorchState  # noqa: E402
+from z2z_chat.backends.codec import CodecSession  # noqa: E402
+from z2z_chat.backends.config import positions  # noqa: E402
+from z2z_chat.backends.engine.events import GenerationSettings, Token  # noqa: E402
+from z2z_chat.backends.engine.session import Session  # noqa: E402
+from z2z_chat.backends.mlx_backend.backend import MLXModel  # noqa: E402
+from z2z_chat.backends.errors import CheckpointError, ConvertError  # noqa: E402
+from z2z_chat.backends.mlx_backend.convert import convert  # noqa: E402
+from z2z_chat.backends.torch_backend import checkpoint  # noqa: E402
+from z2z_chat.backends.torch_backend.backend import TorchState  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("llama", "transformer", "compressed"), ("llama", "res_latent_attn", "base_token_end"),
@@ -115,8 +116,8 @@ def test_converter_errors(ref_checkpoints, tmp_path, tokenizer_dir):
     # an architecture the MLX backend does not have
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from backends.config import CompressionSettings, Zip2ZipConfig
-    from backends.torch_backend.model import Zip2ZipLM
+    from z2z_chat.backends.config import CompressionSettings, Zip2ZipConfig
+    from z2z_chat.backends.torch_backend.model import Zip2ZipLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     base = tmp_path / "gpt2"
@@ -133,7 +134,7 @@ def test_converter_errors(ref_checkpoints, tmp_path, tokenizer_dir):
 
 
 def test_runtime_opens_a_converted_directory_with_auto(converted):
-    from backends.runtime import open_runtime
+    from z2z_chat.backends.runtime import open_runtime
 
     rt = open_runtime(str(converted[CASES[0]]))
     assert rt.backend_name == "mlx"
@@ -146,9 +147,9 @@ def test_default_model_on_mlx_matches_torch(tmp_path):
     """The default model itself (rope base 100,000 in the newer config layout) converted to MLX in
     float32: logits within 1e-3 of torch's over a prefill and a 60-step decode with hypertokens,
     and the same greedy reply."""
-    from backends.assets import smollm2_gguf
-    from backends.defaults import DEFAULT_MODEL_DIR
-    from backends.runtime import open_runtime
+    from z2z_chat.backends.loading.assets import smollm2_gguf
+    from z2z_chat.backends.loading.defaults import DEFAULT_MODEL_DIR
+    from z2z_chat.backends.runtime import open_runtime
 
     base = smollm2_gguf()
     dst = tmp_path / "default-mlx"
@@ -190,7 +191,7 @@ def test_default_model_on_mlx_matches_torch(tmp_path):
 
 
 def test_a_dtype_the_directory_was_not_converted_in_is_an_error(converted):
-    from backends.runtime import RuntimeOpenError, open_runtime
+    from z2z_chat.backends.runtime import RuntimeOpenError, open_runtime
 
     d = str(converted[CASES[0]])  # converted in float32
     with pytest.raises(RuntimeOpenError, match="converted in float32; for --dtype float16 convert it again"):

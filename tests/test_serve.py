@@ -35,7 +35,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--model", str(model), "--model-id", "tiny", "--backend",
+            [sys.executable, "-m", "z2z_chat.app.cli", "serve", "--model", str(model), "--model-id", "tiny", "--backend",
              "torch", "--device", "cpu", "--port", str(self.port), *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=os.environ | {"HF_HUB_OFFLINE": "1"})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app.store import (
+from z2z_chat.app.store import (
     Message,
     NotSaved,
     PendingWrites,

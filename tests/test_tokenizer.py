@@ -1,4 +1,4 @@
-"""``backends/tokenizer.py`` against transformers on the same files: every result z2z-chat reads."""
+"""``backends/loading/tokenizer.py`` against transformers on the same files: every result z2z-chat reads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import tokenizer as chat_tokenizer
+from z2z_chat.backends.loading import tokenizer as chat_tokenizer
 
 pytest.importorskip("transformers")
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "backends" / "default_model"

@@ -16,14 +16,14 @@ from reference import CASES, LORA, C, randomize, ref_logits, ref_model  # noqa: 
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 from zip2zip.model import Zip2ZipModel  # noqa: E402
 
-from backends.codec import CodecSession, encode  # noqa: E402
-from backends.config import (
+from z2z_chat.backends.codec import CodecSession, encode  # noqa: E402
+from z2z_chat.backends.config import (
     Zip2ZipConfig,  # noqa: E402
     positions,  # noqa: E402
 )
-from backends.torch_backend import checkpoint  # noqa: E402
-from backends.torch_backend.checkpoint import CheckpointError  # noqa: E402
-from backends.torch_backend.model import Zip2ZipLM  # noqa: E402
+from z2z_chat.backends.torch_backend import checkpoint  # noqa: E402
+from z2z_chat.backends.torch_backend.checkpoint import CheckpointError  # noqa: E402
+from z2z_chat.backends.torch_backend.model import Zip2ZipLM  # noqa: E402
 
 
 def sequences(tok, codec, seed=0):

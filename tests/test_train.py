@@ -16,10 +16,10 @@ torch = pytest.importorskip("torch")
 
 from transformers import AutoTokenizer  # noqa: E402
 
-from backends.codec import CodecConfig, CodecSession, decode  # noqa: E402
-from backends.torch_backend import checkpoint  # noqa: E402
-from train.config import TrainConfigError, load_config  # noqa: E402
-from train.data import chunk_codes, tokenize_document  # noqa: E402
+from z2z_chat.backends.codec import CodecConfig, CodecSession, decode  # noqa: E402
+from z2z_chat.backends.torch_backend import checkpoint  # noqa: E402
+from z2z_chat.train.config import TrainConfigError, load_config  # noqa: E402
+from z2z_chat.train.data import chunk_codes, tokenize_document  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,10 +70,10 @@ micro_batch_size = 1
 def run_train(recipe: Path, *over: str, procs: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     if procs == 1:
-        cmd = [sys.executable, "-m", "train", str(recipe), *over]
+        cmd = [sys.executable, "-m", "z2z_chat.train", str(recipe), *over]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-               "--master_port=29517", "-m", "train", str(recipe), *over]
+               "--master_port=29517", "-m", "z2z_chat.train", str(recipe), *over]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
@@ -220,7 +220,7 @@ def test_accelerate_launch_with_the_shipped_config(trained, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "train/recipes/accelerate/one-node.yaml"), "--num_processes", "2",
-           "--main_process_port", "29519", "-m", "train", str(recipe), "--output", str(tmp_path / "acc"),
+           "--main_process_port", "29519", "-m", "z2z_chat.train", str(recipe), "--output", str(tmp_path / "acc"),
            "--fsdp", "true", "--optim.steps", "2", "--optim.tokens_per_batch", "128"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -307,9 +307,9 @@ def test_objective_masks_like_inference(tokenizer_dir, base_dirs):
     """With causal_codebook the training logits equal the inference logits at every position."""
     from transformers import AutoModelForCausalLM
 
-    from backends.config import CompressionSettings, Zip2ZipConfig
-    from backends.torch_backend.model import Zip2ZipLM
-    from train.objective import ZipObjective, collate
+    from z2z_chat.backends.config import CompressionSettings, Zip2ZipConfig
+    from z2z_chat.backends.torch_backend.model import Zip2ZipLM
+    from z2z_chat.train.objective import ZipObjective, collate
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = Zip2ZipConfig("x", "transformer", {"hidden_size": 64, "num_hidden_layers": 1, "num_heads": 4,
@@ -330,7 +330,7 @@ def test_objective_masks_like_inference(tokenizer_dir, base_dirs):
 
 
 def test_first_subtoken_marginal_folds_entries_onto_their_first_token():
-    from train.objective import first_subtoken_marginal
+    from z2z_chat.train.objective import first_subtoken_marginal
 
     g = torch.Generator().manual_seed(0)
     B, L, V, n = 2, 3, 5, 2
@@ -360,9 +360,9 @@ def test_kl_to_base_is_zero_for_the_base_itself_and_trains_the_adapter(tokenizer
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from backends.config import CompressionSettings, Zip2ZipConfig
-    from backends.torch_backend.model import Zip2ZipLM
-    from train.objective import ZipObjective, collate
+    from z2z_chat.backends.config import CompressionSettings, Zip2ZipConfig
+    from z2z_chat.backends.torch_backend.model import Zip2ZipLM
+    from z2z_chat.train.objective import ZipObjective, collate
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = Zip2ZipConfig("x", "transformer", {"hidden_size": 64, "num_hidden_layers": 1, "num_heads": 4,
@@ -411,8 +411,8 @@ def data_sources(tmp: Path) -> dict[str, Path]:
 def test_local_sources_stream_through_datasets(tmp_path, tokenizer_dir):
     """Text files (a document each), chat JSONL rendered with the chat template and a Parquet
     column, mixed by weight; the same seed gives the same sequences, another seed another order."""
-    from train.config import DataConfig, Source
-    from train.data import iter_documents, prepare
+    from z2z_chat.train.config import DataConfig, Source
+    from z2z_chat.train.data import iter_documents, prepare
 
     src = data_sources(tmp_path)
     assert len(list(iter_documents(Source(path=str(src["text"]))))) == 3
@@ -437,8 +437,8 @@ def test_local_sources_stream_through_datasets(tmp_path, tokenizer_dir):
 def test_bad_sources_are_clear_errors(tmp_path, monkeypatch):
     import time
 
-    from train.config import Source
-    from train.data import DataError, iter_documents
+    from z2z_chat.train.config import Source
+    from z2z_chat.train.data import DataError, iter_documents
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{not json\n')
@@ -456,7 +456,7 @@ def test_bad_sources_are_clear_errors(tmp_path, monkeypatch):
 def test_gpu_check_reports_throughput_memory_and_loss(trained, tmp_path):
     _, recipe, _ = trained
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "Z2Z_GPU_CHECK_DIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "train.gpu_check", str(recipe), "--steps", "3", "--recipe-data"],
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.train.gpu_check", str(recipe), "--steps", "3", "--recipe-data"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for line in ("on 1 x CPU", "throughput:", "base tokens/s", "peak memory:", "loss:", "held-out lm loss"):
@@ -474,7 +474,7 @@ def test_ctrl_c_saves_the_state_it_asks_to_resume_from(trained, tmp_path):
     out = tmp_path / "run"
     args = [str(recipe), "--output", str(out), "--optim.steps", "400", "--save_every", "1000", "--log_every", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    p = subprocess.Popen([sys.executable, "-m", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "z2z_chat.train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=env, cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "metrics.jsonl").is_file() or len(metrics(out)) < 3:

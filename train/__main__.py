@@ -1,4 +1,4 @@
-"""``python -m train CONFIG [--key value ...]`` (also the ``z2z-train`` console script)."""
+"""``python -m z2z_chat.train CONFIG [--key value ...]`` (also the ``z2z-train`` console script)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ def _run(argv: list[str] | None) -> int:
                                        "Many GPUs: accelerate launch -m train CONFIG")
     p.add_argument("config", help="TOML or YAML config (see train/recipes/)")
     args, overrides = p.parse_known_args(argv)
-    from backends.errors import Z2ZError, needs_extra
+    from z2z_chat.backends.errors import Z2ZError, needs_extra
 
-    from .config import TrainConfigError, load_config
+    from z2z_chat.train.config import TrainConfigError, load_config
 
     try:
         cfg = load_config(args.config, overrides)
         try:
-            from .trainer import train
+            from z2z_chat.train.trainer import train
 
             final = train(cfg)
         except ModuleNotFoundError as e:

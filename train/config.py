@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from backends.errors import Z2ZError
+from z2z_chat.backends.errors import Z2ZError
 
 # LoRA target presets by transformers model_type. Phi-3 fuses q/k/v and gate/up.
 LORA_PRESETS = {

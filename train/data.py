@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from backends.codec import CodecConfig, encode
-from backends.errors import Z2ZError
+from z2z_chat.backends.codec import CodecConfig, encode
+from z2z_chat.backends.errors import Z2ZError
 
-from .config import DataConfig, Source
+from z2z_chat.train.config import DataConfig, Source
 
 CHAT_ROLES = {"system", "user", "assistant"}
 
@@ -121,7 +121,7 @@ def _stream(src: Source) -> Iterator[Any]:
 
 
 def _stream_hub(src: Source, datasets: Any) -> Iterator[Any]:
-    from backends.checkpoint import hub_reachable
+    from z2z_chat.backends.loading.checkpoint import hub_reachable
 
     name, _, conf = src.path.removeprefix("hf:").partition(":")
     if not hub_reachable():  # fail in seconds, not after a minute of retries

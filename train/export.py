@@ -1,4 +1,4 @@
-"""``python -m train.export SRC DST [--base ID] [--dtype bfloat16]``: a trained checkpoint, made small
+"""``python -m z2z_chat.train.export SRC DST [--base ID] [--dtype bfloat16]``: a trained checkpoint, made small
 for shipping: adapter and encoders cast to ``--dtype``, tokenizer files kept, the base model
 recorded as ``--base`` (a hub id or path; the place it was trained from is machine-specific)."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from backends.errors import Z2ZError
+from z2z_chat.backends.errors import Z2ZError
 
 
 class ExportError(Z2ZError):
@@ -51,7 +51,7 @@ def export(src: Path, dst: Path, base: str | None, dtype: torch.dtype) -> list[P
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m z2z_chat.train.export", description=__doc__)
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("--base", help="base model to record (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")

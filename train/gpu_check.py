@@ -1,6 +1,6 @@
 """A short, self-contained training run that says what a machine does with a recipe.
 
-    python -m train.gpu_check train/recipes/phi3.5-mini.toml --steps 20             # one GPU
+    python -m z2z_chat.train.gpu_check train/recipes/phi3.5-mini.toml --steps 20             # one GPU
     accelerate launch --num_processes 8 -m train.gpu_check RECIPE --steps 20 --fsdp  # 8 GPUs, sharded
 
 It runs ``steps`` optimizer steps of the recipe's model, encoder, LoRA, batch and precision
@@ -24,17 +24,17 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m z2z_chat.train.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="a recipe (train/recipes/*.toml)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--fsdp", action="store_true", help="shard over the processes (FSDP2)")
     p.add_argument("--recipe-data", action="store_true", help="train on the recipe's data sources")
     p.add_argument("--keep", action="store_true", help="keep the output directory")
     args, overrides = p.parse_known_args(argv)
-    from backends.errors import Z2ZError
+    from z2z_chat.backends.errors import Z2ZError
 
-    from .config import load_config
-    from .trainer import train
+    from z2z_chat.train.config import load_config
+    from z2z_chat.train.trainer import train
 
     rank0 = os.environ.get("RANK", "0") == "0"
     out = Path(os.environ.get("Z2Z_GPU_CHECK_DIR") or tempfile.gettempdir()) / "z2z-gpu-check"

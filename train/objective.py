@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.codec import CodecConfig, CodecSession
-from backends.config import positions
-from backends.torch_backend.model import Zip2ZipLM, entry_tensor
+from z2z_chat.backends.codec import CodecConfig, CodecSession
+from z2z_chat.backends.config import positions
+from z2z_chat.backends.torch_backend.model import Zip2ZipLM, entry_tensor
 
 
 @dataclass

@@ -29,16 +29,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from backends.checkpoint import encoder_file, locate_base
-from backends.config import CompressionSettings, Zip2ZipConfig
-from backends.sources import load_tokenizer, pad_id_of
-from backends.torch_backend import checkpoint
-from backends.torch_backend.model import Zip2ZipLM
+from z2z_chat.backends.loading.checkpoint import encoder_file, locate_base
+from z2z_chat.backends.config import CompressionSettings, Zip2ZipConfig
+from z2z_chat.backends.loading.sources import load_tokenizer, pad_id_of
+from z2z_chat.backends.torch_backend import checkpoint
+from z2z_chat.backends.torch_backend.model import Zip2ZipLM
 
-from .config import LORA_PRESETS, TrainConfig, TrainConfigError
-from .data import Prepared, prepare
-from .objective import ZipObjective, collate
-from .sharding import gather_trainable, load_optimizer_state, load_trainable, optimizer_state, reshard, shard
+from z2z_chat.train.config import LORA_PRESETS, TrainConfig, TrainConfigError
+from z2z_chat.train.data import Prepared, prepare
+from z2z_chat.train.objective import ZipObjective, collate
+from z2z_chat.train.sharding import gather_trainable, load_optimizer_state, load_trainable, optimizer_state, reshard, shard
 
 
 @dataclass

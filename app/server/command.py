@@ -14,9 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-BACKEND_CHOICES = ["auto", "torch", "mlx", "llamacpp"]
-
-
 def _positive(value: str) -> int:
     try:
         n = int(value)
@@ -35,23 +32,21 @@ def _port(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="z2z-chat serve",
+    from z2z_chat.app.options import Parser, add_model_args, add_setting_args
+
+    p = Parser(prog="z2z-chat serve",
                                 description="Serve a zip2zip model with the OpenAI chat API on this machine.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--model", help="zip2zip checkpoint (default: the embedded default model)")
+    add_model_args(p)
     p.add_argument("--model-id", help="the model name clients send and /v1/models lists (default: from --model)")
-    p.add_argument("--base", help="override the checkpoint's base model")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--api-key", default=os.environ.get("Z2Z_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (also from $Z2Z_API_KEY)")
     p.add_argument("--slots", type=_positive, default=4,
                    help="conversations whose KV cache and codebook are held at once (default 4)")
     p.add_argument("--cache-mb", type=_positive, default=1024, help="KV cache budget over those conversations")
     p.add_argument("--max-queue", type=_positive, default=16, help="requests waiting before 429 (default 16)")
-    p.add_argument("--max-tokens", type=_positive, default=512, help="reply limit when a request gives none")
+    add_setting_args(p, ("max_tokens", "hyper_margin", "hyper_batch"))  # a request's own values win
     return p
 
 
@@ -69,12 +64,12 @@ def main(argv: list[str]) -> int:
     try:
         import uvicorn
 
-        from .http import build_app
+        from z2z_chat.app.server.http import build_app
     except ImportError as e:
         print(f'z2z-chat serve: needs starlette and uvicorn ({e}): pip install "z2z-chat[serve]"', file=sys.stderr)
         return 1
-    from backends.errors import Z2ZError
-    from backends.runtime import open_runtime
+    from z2z_chat.backends.errors import Z2ZError
+    from z2z_chat.backends.runtime import open_runtime
 
     if not _loopback(args.host) and not args.api_key:
         print(f"z2z-chat serve: warning: listening on {args.host} without --api-key: anyone who can reach "
@@ -89,7 +84,8 @@ def main(argv: list[str]) -> int:
     print(f"[z2z-chat] serving {model_id} ({rt.describe()}) on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     app = build_app(rt, model_id, api_key=args.api_key, slots=args.slots, cache_mb=args.cache_mb,
-                    max_queue=args.max_queue, max_tokens=args.max_tokens)
+                    max_queue=args.max_queue,
+                    defaults={k: getattr(args, k) for k in ("max_tokens", "hyper_margin", "hyper_batch")})
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
             app.state.worker.stop()  # replies in flight end now (their streams close properly)

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from backends.engine import Session
+from z2z_chat.backends.engine.session import Session
 
 Key = tuple[str | None, tuple[tuple[str, str], ...]]
 log = logging.getLogger("z2z-chat.serve")

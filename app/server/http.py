@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .conversations import Conversations
-from .openai_shapes import APIError, chunk, completion, new_id, parse_request, usage
-from .worker import Job, Worker
+from z2z_chat.app.server.conversations import Conversations
+from z2z_chat.app.server.openai_shapes import APIError, chunk, completion, new_id, parse_request, usage
+from z2z_chat.app.server.worker import Job, Worker
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -32,9 +32,9 @@ def _error(e: APIError) -> JSONResponse:
 
 
 def build_app(runtime: Any, model_id: str, *, api_key: str | None = None, slots: int = 4,
-              cache_mb: int = 1024, max_queue: int = 16, max_tokens: int = 512) -> Starlette:
+              cache_mb: int = 1024, max_queue: int = 16, defaults: dict[str, Any] | None = None) -> Starlette:
     conversations = Conversations(runtime, slots, cache_mb << 20)
-    worker = Worker(conversations, max_queue)
+    worker = Worker(conversations, max_queue, defaults)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -82,7 +82,7 @@ def build_app(runtime: Any, model_id: str, *, api_key: str | None = None, slots:
                 body = json.loads(await request.body())
             except (ValueError, UnicodeDecodeError) as e:
                 raise APIError(400, f"the request body is not valid JSON ({e})") from None
-            req = parse_request(body, model_id, max_tokens)
+            req = parse_request(body, model_id)
         except APIError as e:
             return _error(e)
         loop = asyncio.get_running_loop()

@@ -8,14 +8,13 @@ status, type, param and code OpenAI uses, so every user error is a 4xx with Open
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.errors import SettingsError
-from backends.sampling import SamplingSettings
+from z2z_chat.backends.errors import SettingsError
+from z2z_chat.backends.engine.settings import SETTINGS, TABLE
 
 UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls",
                "audio": "audio output", "logprobs": "log probabilities"}
@@ -37,12 +36,10 @@ class ChatRequest:
     system: str | None
     history: list[dict[str, str]]  # user/assistant turns before the new message, alternating
     message: str  # the new user message
-    max_tokens: int = 512
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    settings: dict[str, Any] = field(default_factory=dict)  # the settings table's names the request gave
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
-    lookahead: int = 0
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -68,18 +65,21 @@ def _text(content: Any, where: str) -> str:
     raise _bad(f"{where}: content must be a string or a list of text parts", where)
 
 
-def _number(body: dict, key: str, lo: float, hi: float, default: float, integer: bool = False) -> Any:
-    v = body.get(key)
-    if v is None:
-        return default
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or not math.isfinite(v) or not lo <= v <= hi:
-        kind = "an integer" if integer else "a finite number"
-        raise _bad(f"{key} must be {kind} in [{lo:g}, {hi:g}], got {v!r}", key, "invalid_value")
-    return v
+def _settings(body: dict) -> dict[str, Any]:
+    """The generation settings the request gives, by the settings table (OpenAI's names, plus ours:
+    ``top_k``, ``repetition_penalty``, ``lookahead``, ...); each checked against its bounds."""
+    given = {s.name: body[s.name] for s in SETTINGS if body.get(s.name) is not None}
+    if body.get("max_completion_tokens") is not None:
+        given["max_tokens"] = body["max_completion_tokens"]
+    for name, v in given.items():
+        try:
+            TABLE[name].check(v)
+        except SettingsError as e:
+            raise _bad(str(e), name, "invalid_value") from None
+    return given
 
 
-def parse_request(body: Any, model_id: str, default_max_tokens: int = 512) -> ChatRequest:
+def parse_request(body: Any, model_id: str) -> ChatRequest:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
     model = body.get("model")
@@ -93,8 +93,8 @@ def parse_request(body: Any, model_id: str, default_max_tokens: int = 512) -> Ch
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise _bad("response_format other than {'type': 'text'} is not supported", "response_format",
                    "unsupported_parameter")
-    n = _number(body, "n", 1, 1 << 30, 1, integer=True)
-    if n != 1:
+    n = body.get("n", 1)
+    if n not in (None, 1) or isinstance(n, bool):
         raise _bad("n must be 1: this server writes one reply per request", "n", "invalid_value")
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -122,9 +122,6 @@ def parse_request(body: Any, model_id: str, default_max_tokens: int = 512) -> Ch
             raise _bad(f"{where}: unknown role {role!r} (system, user or assistant)", where)
     if not turns or turns[-1]["role"] != "user":
         raise _bad("the last message must be a user message", "messages")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = default_max_tokens if max_tokens is None else _number(
-        {"max_tokens": max_tokens}, "max_tokens", 1, 1 << 20, 0, integer=True)
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -138,18 +135,8 @@ def parse_request(body: Any, model_id: str, default_max_tokens: int = 512) -> Ch
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise _bad("stream_options must be an object", "stream_options")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise _bad(f"seed must be a non-negative integer, got {seed!r}", "seed", "invalid_value")
-    try:
-        sampling = SamplingSettings(temperature=float(_number(body, "temperature", 0, 2, 0.0)),
-                                    top_p=float(_number(body, "top_p", 0, 1, 1.0)),
-                                    top_k=_number(body, "top_k", 0, 1 << 20, 0, integer=True), seed=seed)
-    except SettingsError as e:
-        raise _bad(str(e), None, "invalid_value") from e
-    lookahead = _number(body, "lookahead", 0, 8, 0, integer=True)
     return ChatRequest("\n\n".join(system_parts) if system_parts else None, turns[:-1], turns[-1]["content"],
-                       max_tokens, sampling, stop, stream, bool(opts.get("include_usage")), lookahead)
+                       _settings(body), stop, stream, bool(opts.get("include_usage")))
 
 
 def new_id() -> str:

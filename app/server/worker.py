@@ -14,14 +14,17 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from typing import Any
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backends.engine import ContextFullError, Done, GenerationSettings, Token
-from backends.errors import Z2ZError
+from z2z_chat.backends.engine.events import Done, GenerationSettings, Token
 
-from .conversations import Conversations
-from .openai_shapes import APIError, ChatRequest
+from z2z_chat.backends.engine.prompt import ContextFullError
+from z2z_chat.backends.errors import Z2ZError
+
+from z2z_chat.app.server.conversations import Conversations
+from z2z_chat.app.server.openai_shapes import APIError, ChatRequest
 
 log = logging.getLogger("z2z-chat.serve")
 
@@ -70,9 +73,10 @@ class Totals:
 
 
 class Worker(threading.Thread):
-    def __init__(self, conversations: Conversations, max_queue: int = 16):
+    def __init__(self, conversations: Conversations, max_queue: int = 16, defaults: dict[str, Any] | None = None):
         super().__init__(name="z2z-model-worker", daemon=True)
         self.conversations = conversations
+        self.defaults = defaults or {}  # settings of requests that give none (the settings table's names)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.totals = Totals()
         self.current: Job | None = None
@@ -129,7 +133,7 @@ class Worker(threading.Thread):
         stops = StopText(req.stop)
         text: list[str] = []
         done: Done | None = None
-        settings = GenerationSettings(req.max_tokens, req.sampling, req.lookahead, drop_old_turns=False)
+        settings = GenerationSettings.from_values(self.defaults | req.settings, drop_old_turns=False)
         try:
             for ev in session.send(req.message, settings, job.cancel):
                 if isinstance(ev, Token) and ev.text:

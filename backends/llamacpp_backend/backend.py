@@ -44,10 +44,10 @@ from functools import partial
 
 import numpy as np
 
-from ..errors import BackendError
-from ..hyper import Entry, HyperSlots, Mask, assemble, candidate_rows, saved_vectors
-from .context import LlamaContext
-from .encoders import use_threads
+from z2z_chat.backends.errors import BackendError
+from z2z_chat.backends.hyper import Entry, HyperSlots, Mask, assemble, candidate_rows, saved_vectors
+from z2z_chat.backends.llamacpp_backend.context import LlamaContext
+from z2z_chat.backends.llamacpp_backend.encoders import use_threads
 
 KNOWN = 1024  # output vectors kept by row (2.4 MB at the default model's width, 12.6 MB at 3072)
 

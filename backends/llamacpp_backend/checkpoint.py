@@ -28,18 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..assets import cache_dir, file_key
-from ..checkpoint import Checkpoint
-from ..codec import CodecConfig
-from ..config import CONFIG_NAME, Zip2ZipConfig, lora_scale_of
-from ..errors import CheckpointError
-from ..protocol import Loaded
-from ..sources import checkpoint_tokenizer, is_gguf
-from .backend import LlamaCppModel, PlainLlamaCppModel
-from . import encoders
-from .context import LlamaContext
-from .encoders import build_encoder, prepare
-from .tensors import (
+from z2z_chat.backends.loading.assets import cache_dir, file_key
+from z2z_chat.backends.loading.checkpoint import Checkpoint
+from z2z_chat.backends.codec import CodecConfig
+from z2z_chat.backends.config import CONFIG_NAME, Zip2ZipConfig, lora_scale_of
+from z2z_chat.backends.errors import CheckpointError
+from z2z_chat.backends.protocol import Loaded
+from z2z_chat.backends.loading.sources import checkpoint_tokenizer, is_gguf
+from z2z_chat.backends.llamacpp_backend.backend import LlamaCppModel, PlainLlamaCppModel
+from z2z_chat.backends.llamacpp_backend import encoders
+from z2z_chat.backends.llamacpp_backend.context import LlamaContext
+from z2z_chat.backends.llamacpp_backend.encoders import build_encoder, prepare
+from z2z_chat.backends.llamacpp_backend.tensors import (
     SafetensorsFile,
     TensorFileError,
     check_gguf,

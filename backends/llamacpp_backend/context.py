@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendError
+from z2z_chat.backends.errors import BackendError
 
 N_BATCH = 512
 _LOG_CALLBACK = None  # kept alive for the whole process: llama.cpp calls it from C

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from . import ggml_graph
-from .ggml_graph import Graph, Tensors
+from z2z_chat.backends.llamacpp_backend import ggml_graph
+from z2z_chat.backends.llamacpp_backend.ggml_graph import Graph, Tensors
 
 Weights = dict[str, np.ndarray]
 _local = threading.local()  # .threads: how many CPUs the calling thread's encoder calls may use

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError
+from z2z_chat.backends.errors import BackendError
 
 F32, I32 = 0, 26  # enum ggml_type
 TYPES = {"f16": (1, 1, 2), "q8_0": (8, 32, 34)}  # name: (enum ggml_type, weights per block, bytes per block)

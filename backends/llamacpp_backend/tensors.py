@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Z2ZError
-from ..sources import rope_settings
+from z2z_chat.backends.errors import Z2ZError
+from z2z_chat.backends.loading.sources import rope_settings
 
 
 class TensorFileError(Z2ZError, ValueError):
@@ -139,7 +139,7 @@ _META_KEYS = ("general.architecture", "general.type")
 
 def model_tables(path: str | Path) -> tuple[dict[str, Any], RowFile, RowFile | None]:
     """(metadata, embedding, LM head or None) of a model GGUF, through the cache (see the docstring)."""
-    from ..assets import cache_dir, file_key
+    from z2z_chat.backends.loading.assets import cache_dir, file_key
 
     path = Path(path)
     if not path.is_file():

@@ -13,12 +13,12 @@ import safetensors
 import safetensors.numpy
 from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
 
-from .. import saved_state
-from ..errors import BackendError, CheckpointError
-from ..protocol import Loaded
-from ..hyper import Entry, Mask, saved_vectors
-from ..sources import context_length_of
-from .model import Zip2ZipMLX, load_converted, position_logits
+from z2z_chat.backends import kv_tensors
+from z2z_chat.backends.errors import BackendError, CheckpointError
+from z2z_chat.backends.protocol import Loaded
+from z2z_chat.backends.hyper import Entry, Mask, saved_vectors
+from z2z_chat.backends.loading.sources import context_length_of
+from z2z_chat.backends.mlx_backend.model import Zip2ZipMLX, load_converted, position_logits
 
 
 def open_model(path: str, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Loaded:
@@ -87,12 +87,12 @@ class MLXState:
         self.hyper.slots.reset()
 
     def export_kv(self) -> tuple[bytes, int]:
-        """The KV cache and the live hyper vectors as safetensors bytes (``backends/saved_state.py``);
+        """The KV cache and the live hyper vectors as safetensors bytes (``backends/kv_tensors.py``);
         bfloat16 is written as float32 (numpy has no bfloat16), which casts back exactly."""
         if any(type(c) is not KVCache for c in self.cache):
             raise BackendError("a rotating or quantized KV cache is not saved")
         h, slots = self.hyper, self.hyper.slots
-        t = {name: x[..., :c.offset, :] for (k, v), c in zip(saved_state.kv_names(len(self.cache)), self.cache)
+        t = {name: x[..., :c.offset, :] for (k, v), c in zip(kv_tensors.kv_names(len(self.cache)), self.cache)
              for name, x in ((k, c.keys), (v, c.values)) if c.keys is not None}
         t |= {"hyper_in": h.hyper_in[:slots.n_created], "hyper_out": h.hyper_out[:slots.live]}
         arrays = {k: np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x) for k, x in t.items()}
@@ -105,9 +105,9 @@ class MLXState:
         except safetensors.SafetensorError as e:
             raise BackendError(f"a saved KV cache is not readable: {e}") from e
         m = self.model
-        rows, created = saved_state.check(t, len(self.cache), n_past, m.config.model_dim, m.M)
+        rows, created = kv_tensors.check(t, len(self.cache), n_past, m.config.model_dim, m.M)
         self.reset()
-        for c, (k, v) in zip(self.cache, saved_state.kv_names(len(self.cache))):
+        for c, (k, v) in zip(self.cache, kv_tensors.kv_names(len(self.cache))):
             c.update_and_fetch(mx.array(t[k]).astype(m.dtype), mx.array(t[v]).astype(m.dtype))
         plan = self.hyper.slots.plan(entries, candidate)
         if plan is None:

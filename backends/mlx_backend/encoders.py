@@ -34,7 +34,7 @@ def merge_heads(t: mx.array) -> mx.array:
     return t.transpose(0, 2, 1, 3).reshape(N, M, h * d)
 
 
-class SelfAttention(nn.Module):
+class MLXSelfAttention(nn.Module):
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -48,7 +48,7 @@ class SelfAttention(nn.Module):
         return self.o_proj(merge_heads(attend(q, k, v, mask[:, None])))
 
 
-class MLP(nn.Module):
+class MLXMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden, intermediate, bias=False)
@@ -58,11 +58,11 @@ class MLP(nn.Module):
         return self.fc2(nn.gelu(self.fc1(x)))  # exact (erf) GELU, as torch's default
 
 
-class PostLNLayer(nn.Module):
+class MLXPostLNLayer(nn.Module):
     def __init__(self, hidden: int, intermediate: int, heads: int):
         super().__init__()
-        self.attention = SelfAttention(hidden, heads)
-        self.mlp = MLP(hidden, intermediate)
+        self.attention = MLXSelfAttention(hidden, heads)
+        self.mlp = MLXMLP(hidden, intermediate)
         self.post_attention_layernorm = nn.LayerNorm(hidden)
         self.post_mlp_layernorm = nn.LayerNorm(hidden)
 
@@ -71,7 +71,7 @@ class PostLNLayer(nn.Module):
         return self.post_mlp_layernorm(x + self.mlp(x))
 
 
-class TransformerEncoder(nn.Module):
+class MLXTransformerEncoder(nn.Module):
     def __init__(self, cfg: dict[str, Any], max_subtokens: int):
         super().__init__()
         H = cfg["hidden_size"]
@@ -79,7 +79,7 @@ class TransformerEncoder(nn.Module):
         if self.learnable:
             self.pos_embed = nn.Embedding(max_subtokens, H)
         inter = cfg["intermediate_size"] or 4 * H
-        self.layers = [PostLNLayer(H, inter, cfg["num_heads"]) for _ in range(cfg["num_hidden_layers"])]
+        self.layers = [MLXPostLNLayer(H, inter, cfg["num_heads"]) for _ in range(cfg["num_hidden_layers"])]
 
     def __call__(self, x: mx.array, valid: mx.array) -> mx.array:
         if self.learnable:
@@ -90,7 +90,7 @@ class TransformerEncoder(nn.Module):
         return x.mean(axis=1)  # pads included, as the reference
 
 
-class ResLatentAttnLayer(nn.Module):
+class MLXResLatentAttnLayer(nn.Module):
     def __init__(self, dim: int, intermediate: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -110,7 +110,7 @@ class ResLatentAttnLayer(nn.Module):
         return x + self.w2(nn.gelu(self.w1(self.norm2(x))))
 
 
-class ResLatentAttnEncoder(nn.Module):
+class MLXResLatentAttnEncoder(nn.Module):
     def __init__(self, cfg: dict[str, Any], max_subtokens: int):
         super().__init__()
         H = cfg["hidden_size"]
@@ -122,7 +122,7 @@ class ResLatentAttnEncoder(nn.Module):
             self.proj_out = nn.Linear(H, D, bias=False)
         self.pos_embed = nn.Embedding(max_subtokens, H)
         inter = cfg["intermediate_size"] or 4 * H
-        self.layers = [ResLatentAttnLayer(H, inter, cfg["num_heads"]) for _ in range(cfg["num_hidden_layers"])]
+        self.layers = [MLXResLatentAttnLayer(H, inter, cfg["num_heads"]) for _ in range(cfg["num_hidden_layers"])]
         self.norm = nn.LayerNorm(H)
 
     def __call__(self, x: mx.array, valid: mx.array) -> mx.array:
@@ -149,4 +149,4 @@ class ResLatentAttnEncoder(nn.Module):
 
 
 def build_encoder(encoder_type: str, cfg: dict[str, Any], max_subtokens: int) -> nn.Module:
-    return {"transformer": TransformerEncoder, "res_latent_attn": ResLatentAttnEncoder}[encoder_type](cfg, max_subtokens)
+    return {"transformer": MLXTransformerEncoder, "res_latent_attn": MLXResLatentAttnEncoder}[encoder_type](cfg, max_subtokens)

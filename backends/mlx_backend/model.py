@@ -24,14 +24,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
-from ..config import MLX_ARCHITECTURES, Zip2ZipConfig
-from ..hyper import Entry, HyperSlots, Mask, Plan, assemble, candidate_rows
-from ..sources import pad_id_of, rope_settings
-from .encoders import build_encoder
+from z2z_chat.backends.config import MLX_ARCHITECTURES, Zip2ZipConfig
+from z2z_chat.backends.hyper import Entry, HyperSlots, Mask, EncodePlan, assemble, candidate_rows
+from z2z_chat.backends.loading.sources import pad_id_of, rope_settings
+from z2z_chat.backends.mlx_backend.encoders import build_encoder
 
 
 @dataclass
-class HyperCache:
+class MLXHyperVectors:
     """One session's hypertoken vectors; ``slots`` says which are live (``backends/hyper.py``)."""
 
     hyper_in: mx.array  # (C, D)
@@ -84,9 +84,9 @@ class Zip2ZipMLX:
                 module.load_weights(sub, strict=True)
         self.dtype = self.lm.model.embed_tokens(mx.array([0])).dtype
 
-    def new_cache(self) -> HyperCache:
+    def new_cache(self) -> MLXHyperVectors:
         D = self.config.model_dim
-        return HyperCache(mx.zeros((self.C, D), dtype=self.dtype), mx.zeros((self.C, D), dtype=self.dtype),
+        return MLXHyperVectors(mx.zeros((self.C, D), dtype=self.dtype), mx.zeros((self.C, D), dtype=self.dtype),
                           HyperSlots(self.V, self.C, self.M, self.pad_id))
 
     # --- vectors ----------------------------------------------------------------------------
@@ -103,12 +103,12 @@ class Zip2ZipMLX:
                                  group_size=head.group_size, bits=head.bits)
         return head.weight[ids]
 
-    def add_entries(self, entries: Sequence[Entry], candidate: Entry | None, hyper: HyperCache) -> None:
+    def add_entries(self, entries: Sequence[Entry], candidate: Entry | None, hyper: MLXHyperVectors) -> None:
         plan = hyper.slots.plan(entries, candidate)
         if plan is not None:
             self.write_vectors(plan, hyper)
 
-    def write_vectors(self, plan: Plan, hyper: HyperCache) -> None:
+    def write_vectors(self, plan: EncodePlan, hyper: MLXHyperVectors) -> None:
         """Encode the plan's rows into ``hyper``: both vectors for its entries, the output one for its candidate."""
         if not plan.slots:
             return
@@ -124,7 +124,7 @@ class Zip2ZipMLX:
 
     # --- forward ----------------------------------------------------------------------------
 
-    def embed(self, codes: Sequence[int], hyper: HyperCache) -> mx.array:
+    def embed(self, codes: Sequence[int], hyper: MLXHyperVectors) -> mx.array:
         hyper.slots.check_codes(codes)
         ids = mx.array(list(codes))
         is_hyper = ids >= self.V
@@ -133,7 +133,7 @@ class Zip2ZipMLX:
         return mx.where(is_hyper[:, None], vec, base)[None]  # (1, T, D)
 
     def hidden(self, codes: Sequence[int], positions: Sequence[int], cache: list[Any],
-               hyper: HyperCache) -> mx.array:
+               hyper: MLXHyperVectors) -> mx.array:
         h = self.embed(codes, hyper)
         mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.lm.model.layers, cache):
@@ -141,7 +141,7 @@ class Zip2ZipMLX:
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm.model.norm(h)  # (1, T, D)
 
-    def logits(self, h: mx.array, hyper: HyperCache) -> mx.array:
+    def logits(self, h: mx.array, hyper: MLXHyperVectors) -> mx.array:
         """(D,) -> (V + C,) with slots that cannot be emitted at -inf."""
         head = getattr(self.lm, "lm_head", None)
         base = (self.lm.model.embed_tokens.as_linear(h) if head is None else head(h))[..., : self.V]
@@ -150,7 +150,7 @@ class Zip2ZipMLX:
         return mx.concatenate([base.astype(mx.float32), scores.astype(mx.float32)], axis=-1)
 
 
-def position_logits(model: Zip2ZipMLX, h: mx.array, masks: Sequence[Mask], hyper: HyperCache) -> np.ndarray:
+def position_logits(model: Zip2ZipMLX, h: mx.array, masks: Sequence[Mask], hyper: MLXHyperVectors) -> np.ndarray:
     """(T, D) -> (T, V + C) numpy logits, row t masked as inference masks it after code t."""
     head = getattr(model.lm, "lm_head", None)
     base = (model.lm.model.embed_tokens.as_linear(h) if head is None else head(h))[..., : model.V]
@@ -173,7 +173,7 @@ def load_converted(path: str | Path) -> tuple[Zip2ZipMLX, Any, dict[str, Any]]:
     from mlx_lm.utils import load_model
     from transformers import AutoTokenizer
 
-    from ..config import ConfigError
+    from z2z_chat.backends.config import ConfigError
 
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "zip2zip_encoders.safetensors").is_file():

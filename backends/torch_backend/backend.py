@@ -19,15 +19,15 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .. import saved_state
-from ..codec import CodecConfig
-from ..config import Zip2ZipConfig
-from ..errors import BackendError
-from ..protocol import Loaded
-from ..hyper import Entry, Mask, saved_vectors
-from ..sources import context_length_of
-from . import checkpoint
-from .model import Zip2ZipLM
+from z2z_chat.backends import kv_tensors
+from z2z_chat.backends.codec import CodecConfig
+from z2z_chat.backends.config import Zip2ZipConfig
+from z2z_chat.backends.errors import BackendError
+from z2z_chat.backends.protocol import Loaded
+from z2z_chat.backends.hyper import Entry, Mask, saved_vectors
+from z2z_chat.backends.loading.sources import context_length_of
+from z2z_chat.backends.torch_backend import checkpoint
+from z2z_chat.backends.torch_backend.model import Zip2ZipLM
 
 
 def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -140,12 +140,12 @@ class TorchState(_CachedDecoder):
         self.model.reset_entries(self.hyper)
 
     def export_kv(self) -> tuple[bytes, int]:
-        """The KV cache and the live hyper vectors as safetensors bytes (``backends/saved_state.py``)."""
+        """The KV cache and the live hyper vectors as safetensors bytes (``backends/kv_tensors.py``)."""
         layers = self.cache.layers
         if any(type(layer) is not DynamicLayer for layer in layers):
             raise BackendError("a sliding-window KV cache is not saved")  # it holds only the window
         h, slots = self.hyper, self.hyper.slots
-        t = {name: x.contiguous() for (k, v), layer in zip(saved_state.kv_names(len(layers)), layers)
+        t = {name: x.contiguous() for (k, v), layer in zip(kv_tensors.kv_names(len(layers)), layers)
              for name, x in ((k, layer.keys), (v, layer.values))}
         t |= {"hyper_in": h.hyper_in[:slots.n_created], "hyper_out": h.hyper_out[:slots.live],
               "rows": torch.from_numpy(slots.rows[:slots.live].copy()),
@@ -159,10 +159,10 @@ class TorchState(_CachedDecoder):
         except safetensors.SafetensorError as e:
             raise BackendError(f"a saved KV cache is not readable: {e}") from e
         n_layers = self.lm.config.num_hidden_layers
-        rows, created = saved_state.check(t, n_layers, n_past, self.hyper.hyper_out.shape[1], self.model.M)
+        rows, created = kv_tensors.check(t, n_layers, n_past, self.hyper.hyper_out.shape[1], self.model.M)
         self.reset()
         dev, dt = self.hyper.hyper_out.device, self.hyper.hyper_out.dtype
-        for i, (k, v) in enumerate(saved_state.kv_names(n_layers)):
+        for i, (k, v) in enumerate(kv_tensors.kv_names(n_layers)):
             self.cache.update(t[k].to(dev, dt), t[v].to(dev, dt), i)
         plan = self.hyper.slots.plan(entries, candidate)
         if plan is None:

@@ -17,12 +17,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import ENCODER_FILES, Checkpoint
-from ..codec import CodecConfig
-from ..config import ADAPTER_CONFIG, CONFIG_NAME, Zip2ZipConfig, lora_scale_of
-from ..errors import CheckpointError
-from ..sources import checkpoint_tokenizer, is_gguf
-from .model import Zip2ZipLM
+from z2z_chat.backends.loading.checkpoint import ENCODER_FILES, Checkpoint
+from z2z_chat.backends.codec import CodecConfig
+from z2z_chat.backends.config import ADAPTER_CONFIG, CONFIG_NAME, Zip2ZipConfig, lora_scale_of
+from z2z_chat.backends.errors import CheckpointError
+from z2z_chat.backends.loading.sources import checkpoint_tokenizer, is_gguf
+from z2z_chat.backends.torch_backend.model import Zip2ZipLM
 
 
 @dataclass

@@ -6,7 +6,7 @@ dropped: they are not tokens and must never be sampled (the reference shifts the
 hyper slots where a model can pick them).
 
 - ``add_entries([(id, base ids), ...], candidate, hyper)`` runs both encoders once on the new
-  entries and stores the results in a ``HyperCache`` (``hyper_in`` / ``hyper_out``, (C, D)); each
+  entries and stores the results in a ``TorchHyperVectors`` (``hyper_in`` / ``hyper_out``, (C, D)); each
   backend session owns one (the model keeps a default for whole-sequence scoring). ``candidate``
   is the one id the decoder could still accept as new (LZW's cScSc case): only its output
   vector is computed, so the model can predict it.
@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..codec import CodecSession
-from ..config import Zip2ZipConfig, positions
-from ..hyper import Entry, HyperSlots, Mask, Plan, assemble, candidate_rows
-from .encoders import build_encoder
+from z2z_chat.backends.codec import CodecSession
+from z2z_chat.backends.config import Zip2ZipConfig, positions
+from z2z_chat.backends.hyper import Entry, HyperSlots, Mask, EncodePlan, assemble, candidate_rows
+from z2z_chat.backends.torch_backend.encoders import build_encoder
 
 
 @dataclass
-class HyperCache:
+class TorchHyperVectors:
     """One session's hypertoken vectors; ``slots`` says which are live (``backends/hyper.py``)."""
 
     hyper_in: torch.Tensor  # (C, D)
@@ -79,10 +79,10 @@ class Zip2ZipLM(nn.Module):
 
     # --- hypertoken vectors -------------------------------------------------------------------
 
-    def new_cache(self) -> HyperCache:
+    def new_cache(self) -> TorchHyperVectors:
         w = self.lm.get_input_embeddings().weight
         D = w.shape[1]
-        return HyperCache(torch.zeros(self.C, D, dtype=w.dtype, device=w.device),
+        return TorchHyperVectors(torch.zeros(self.C, D, dtype=w.dtype, device=w.device),
                           torch.zeros(self.C, D, dtype=w.dtype, device=w.device),
                           HyperSlots(self.V, self.C, self.M, self.pad_id))
 
@@ -102,14 +102,14 @@ class Zip2ZipLM(nn.Module):
 
     @torch.no_grad()
     def add_entries(self, entries: Sequence[Entry], candidate: Entry | None = None,
-                    hyper: HyperCache | None = None) -> None:
+                    hyper: TorchHyperVectors | None = None) -> None:
         c = hyper or self.hyper
         plan = c.slots.plan(entries, candidate)
         if plan is not None:
             self.write_vectors(plan, c)
 
     @torch.no_grad()
-    def write_vectors(self, plan: Plan, c: HyperCache) -> None:
+    def write_vectors(self, plan: EncodePlan, c: TorchHyperVectors) -> None:
         """Encode the plan's rows into ``c``: both vectors for its entries, the output one for its candidate."""
         if not plan.slots:
             return
@@ -122,12 +122,12 @@ class Zip2ZipLM(nn.Module):
             emb = self.lm.get_input_embeddings().weight
             c.hyper_in[idx[:n]] = self.input_encoder(rows[:n], emb).to(c.hyper_in.dtype)
 
-    def reset_entries(self, hyper: HyperCache | None = None) -> None:
+    def reset_entries(self, hyper: TorchHyperVectors | None = None) -> None:
         (hyper or self.hyper).slots.reset()  # stale vectors are never read: slots mask them
 
     # --- forward ------------------------------------------------------------------------------
 
-    def embed(self, codes: torch.Tensor, hyper: HyperCache | None = None) -> torch.Tensor:
+    def embed(self, codes: torch.Tensor, hyper: TorchHyperVectors | None = None) -> torch.Tensor:
         """(B, T) codes -> (B, T, D) input embeddings."""
         c = hyper or self.hyper
         c.slots.check_codes(codes.flatten().tolist())
@@ -139,7 +139,7 @@ class Zip2ZipLM(nn.Module):
         return torch.where(is_hyper.unsqueeze(-1), hyper, base)
 
     def hidden(self, codes: torch.Tensor, positions: torch.Tensor, cache=None,
-               hyper: HyperCache | None = None) -> torch.Tensor:
+               hyper: TorchHyperVectors | None = None) -> torch.Tensor:
         """(B, T) codes at (B, T) positions -> (B, T, D) final hidden states; appends to ``cache``."""
         if cache is None:
             # Without a cache transformers reads gaps in position_ids as packed-sequence boundaries
@@ -151,7 +151,7 @@ class Zip2ZipLM(nn.Module):
                                     cache=cache, use_cache=True)
         return out.last_hidden_state
 
-    def logits(self, hidden: torch.Tensor, hyper: HyperCache | None = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, hyper: TorchHyperVectors | None = None) -> torch.Tensor:
         """(..., D) -> (..., V + C) with slots that cannot be emitted at -inf."""
         c = hyper or self.hyper
         head = self.lm.get_output_embeddings()
@@ -166,7 +166,7 @@ class Zip2ZipLM(nn.Module):
                 hyper[..., s.n_created:s.candidate] = float("-inf")
         return torch.cat([base, hyper], dim=-1)
 
-    def position_logits(self, h: torch.Tensor, masks: Sequence[Mask], hyper: HyperCache) -> np.ndarray:
+    def position_logits(self, h: torch.Tensor, masks: Sequence[Mask], hyper: TorchHyperVectors) -> np.ndarray:
         """(T, D) hidden states -> (T, V + C) logits, row t masked as inference masks it after code t
         (``backends/hyper.py``); the candidates' output vectors in one encoder call."""
         head = self.lm.get_output_embeddings()

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from backends.defaults import DEFAULT_MODEL_DIR  # noqa: E402
-from backends.engine import GenerationSettings, Token  # noqa: E402
-from backends.runtime import open_runtime  # noqa: E402
+from z2z_chat.backends.loading.defaults import DEFAULT_MODEL_DIR
+from z2z_chat.backends.engine.events import GenerationSettings, Token
+from z2z_chat.backends.runtime import open_runtime
 
 PROMPT = "What is the capital of France?"
 

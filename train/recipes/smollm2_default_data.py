@@ -148,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-prompts", type=int, default=160)
     ap.add_argument("--gguf", help="SmolLM2 GGUF (default: the cached one)")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from backends.assets import smollm2_gguf
+    from z2z_chat.backends.loading.assets import smollm2_gguf
 
     out = Path(args.out)
     (out / "heldout").mkdir(parents=True, exist_ok=True)

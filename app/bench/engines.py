@@ -37,7 +37,7 @@ class Z2Z:
     """Our engine: zip2zip (or the plain base, ``plain``) on one backend."""
 
     def __init__(self, spec: Spec, model: str | None, base: str | None):
-        from ..runtime import open_plain, open_runtime
+        from z2z_chat.backends.runtime import open_plain, open_runtime
 
         self.rt = open_runtime(model, spec.backend, base=base)
         if spec.kind == "plain":
@@ -45,8 +45,8 @@ class Z2Z:
         self.lookahead = spec.lookahead
 
     def run(self, turns: list[str], max_tokens: int) -> dict[str, Any]:
-        from ..engine import GenerationSettings
-        from .quality import final_reply
+        from z2z_chat.backends.engine.events import GenerationSettings
+        from z2z_chat.app.bench.quality import final_reply
 
         text, st, _ = final_reply(self.rt.session(), turns,
                                GenerationSettings(max_tokens=max_tokens, lookahead=self.lookahead))
@@ -89,7 +89,7 @@ class LlamaCppPython(Stateless):
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-        from ..llamacpp_backend.context import default_threads
+        from z2z_chat.backends.llamacpp_backend.context import default_threads
 
         super().__init__(tok)
         draft = LlamaPromptLookupDecoding(num_pred_tokens=PLD_TOKENS) if spec.pld else None
@@ -115,7 +115,7 @@ class Transformers(Stateless):
     def __init__(self, spec: Spec, base: str, tok: Any):
         import torch
 
-        from ..torch_backend.checkpoint import load_base
+        from z2z_chat.backends.torch_backend.checkpoint import load_base
 
         super().__init__(tok)
         self.lm = load_base(base, torch.float32, torch.device("cpu"))
@@ -146,7 +146,7 @@ class Reference(Stateless):
         import zip2zip_compression as zc
         from zip2zip.model import Zip2ZipModel
 
-        from ..torch_backend.checkpoint import load_base
+        from z2z_chat.backends.torch_backend.checkpoint import load_base
 
         super().__init__(tok)
         lm = load_base(base, torch.float32, torch.device("cpu"))
@@ -187,7 +187,7 @@ def build(spec: Spec, model: str | None, base: str | None, info: dict[str, Any])
     if spec.kind in ("z2z", "plain"):
         os.environ["Z2Z_CONTEXT"] = str(info["n_ctx"])  # llama.cpp's window as llama-cpp-python's (own process)
         return Z2Z(spec, model, base)
-    from ..sources import load_tokenizer
+    from z2z_chat.backends.loading.sources import load_tokenizer
 
     # llama-cpp-python's process reads the tokenizer as ours does (no transformers: 80+ MB of its
     # peak memory would be the harness's, not llama.cpp's)

@@ -16,9 +16,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from .codec import CodecSession
-from .protocol import DecodeState
-from .steps import Step, StepRules, feed, sync_entries
+from z2z_chat.backends.codec import CodecSession
+from z2z_chat.backends.protocol import DecodeState
+from z2z_chat.backends.engine.steps import Step, StepRules, feed, sync_entries
 
 MAX_DRAFT = 8
 

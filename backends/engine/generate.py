@@ -28,12 +28,13 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .codec import CodecSession
-from .lookahead import generate_lookahead
-from .protocol import DecodeState
-from .sampling import Sampler
-from .steps import Step, StepRules, Stream, feed
-from .utf8_guard import Utf8Guard
+from z2z_chat.backends.codec import CodecSession
+from z2z_chat.backends.engine.events import GenerationSettings
+from z2z_chat.backends.engine.lookahead import generate_lookahead
+from z2z_chat.backends.protocol import DecodeState
+from z2z_chat.backends.engine.sampling import Sampler
+from z2z_chat.backends.engine.steps import Step, StepRules, Stream, feed
+from z2z_chat.backends.engine.utf8_guard import Utf8Guard
 
 PREFILL_CHUNK = 256  # codes per prefill forward: cancel latency vs per-call overhead
 
@@ -63,17 +64,19 @@ def prefill(state: DecodeState, stream: Stream, cancel: threading.Event | None =
     return logits if done == total else None
 
 
-def generate_codes(state: DecodeState, codec: CodecSession, stream: Stream, logits: np.ndarray, sampler: Sampler, *,
-                   max_tokens: int, stop_ids: set[int] | frozenset[int], context_length: int,
-                   cancel: threading.Event | None = None, window: int = 64, lookahead: int = 0,
-                   guard: Utf8Guard | None = None, hyper_margin: float | None = None,
-                   hyper_batch: int = 1) -> Iterator[Step]:
-    """Decode from ``logits`` (the last fed position's) until a stop reason; see the docstring."""
-    drafting = lookahead > 0 and sampler.greedy  # lookahead verifies argmax picks, over every entry at once
-    rules = StepRules(codec, stream, sampler, max_tokens, stop_ids, context_length, cancel, window, guard,
-                      hyper_margin, 1 if drafting else hyper_batch)
+def generate_codes(state: DecodeState, codec: CodecSession, stream: Stream, logits: np.ndarray,
+                   settings: GenerationSettings, *, stop_ids: set[int] | frozenset[int], context_length: int,
+                   cancel: threading.Event | None = None, guard: Utf8Guard | None = None,
+                   sampler: Sampler | None = None) -> Iterator[Step]:
+    """Decode from ``logits`` (the last fed position's) until a stop reason; see the docstring.
+    ``sampler`` replaces the one ``settings.sampling`` makes (the benchmarks force codes with it)."""
+    sampler = sampler or Sampler(settings.sampling, codec.config.base_vocab_size)
+    drafting = settings.lookahead > 0 and sampler.greedy  # lookahead verifies argmax picks, over every entry at once
+    rules = StepRules(codec, stream, sampler, settings.max_tokens, stop_ids, context_length, cancel,
+                      settings.sampling.repetition_window, guard, settings.hyper_margin,
+                      1 if drafting else settings.hyper_batch)
     if drafting:
-        yield from generate_lookahead(state, rules, logits, lookahead)
+        yield from generate_lookahead(state, rules, logits, settings.lookahead)
         return
     while True:
         code = rules.pick_next(logits)

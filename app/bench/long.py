@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..runtime import Runtime
+from z2z_chat.backends.runtime import Runtime
 
 QUESTION = "What is the text above about? Answer in one sentence."
 FOLLOW_UP = "Name one detail from it."
@@ -26,7 +26,7 @@ REOPEN = "Anything else?"
 
 
 def _document(tokenizer: Any, domain: str, tokens: int) -> str:
-    from .codec import documents
+    from z2z_chat.app.bench.codec import documents
 
     docs, _ = documents(tokenizer, domain, 1, tokens)
     if not docs:
@@ -35,7 +35,7 @@ def _document(tokenizer: Any, domain: str, tokens: int) -> str:
 
 
 def _ours(rt: Runtime, doc: str, reply_tokens: int) -> dict[str, Any]:
-    from ..engine import Done, GenerationSettings
+    from z2z_chat.backends.engine.events import Done, GenerationSettings
 
     s = rt.session()
     row: dict[str, Any] = {}
@@ -44,7 +44,7 @@ def _ours(rt: Runtime, doc: str, reply_tokens: int) -> dict[str, Any]:
         st = done.stats
         row[key] = {"prefill_s": st.prefill_s, "ttft_s": st.ttft_s, "positions": st.context_codes,
                     "tokens": st.context_tokens, "decode_tok_s": st.decode_tok_s, "kv_bytes": s.state.kv_bytes()}
-    row["reopen"] = _reopen(rt, s.to_dict(), s.kv_snapshot())
+    row["reopen"] = _reopen(rt, s.to_dict(), s.saved_kv())
     s.state.close()
     return row
 
@@ -55,8 +55,8 @@ def _reopen(rt: Runtime, saved: dict[str, Any], snap: Any) -> dict[str, float]:
     import tempfile
     from pathlib import Path
 
-    from ..engine import GenerationSettings, Token
-    from ..kv_store import KVStore
+    from z2z_chat.backends.engine.events import GenerationSettings, Token
+    from z2z_chat.backends.engine.kv_store import KVStore
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

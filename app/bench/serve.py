@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .memory import proc_kb
+from z2z_chat.app.bench.memory import proc_kb
 
 TURNS = [
     "Write a Python function is_prime(n) that returns True when n is prime.",
@@ -225,7 +225,7 @@ def run(*, model: str | None, gguf: str, tokenizer: Any, threads: int, turns: in
     finally:
         llama.stop()
     port = _free_port()
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--backend", "llamacpp", "--port", str(port),
+    cmd = [sys.executable, "-m", "z2z_chat.app.cli", "serve", "--backend", "llamacpp", "--port", str(port),
            "--slots", str(max(conversations, 4))] + (["--model", model] if model else [])
     z2z = _Server("z2z-chat serve", cmd, port, progress)
     try:

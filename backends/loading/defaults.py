@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .assets import AssetError, smollm2_gguf
+from z2z_chat.backends.loading.assets import AssetError, smollm2_gguf
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
 
 
 def default_model(fetch: bool = True, progress: Callable[[str], None] | None = None) -> tuple[str, str]:

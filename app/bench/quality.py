@@ -22,7 +22,7 @@ def byte_perplexity(rt: Any, base_lm: Any, texts: dict[str, str], window: int, m
                     progress: Callable[[str], None]) -> list[dict]:
     import torch
 
-    from ..codec import CodecSession
+    from z2z_chat.backends.codec import CodecSession
 
     tok, model = rt.tokenizer, rt.model.z2z
     rows = []
@@ -57,7 +57,7 @@ def byte_perplexity(rt: Any, base_lm: Any, texts: dict[str, str], window: int, m
 
 def final_reply(session: Any, turns: Sequence[str], settings: Any) -> tuple[str, Any, str]:
     """Send the turns of one conversation; the last reply's text, its ``TurnStats`` and why it stopped."""
-    from ..engine import Done, Token
+    from z2z_chat.backends.engine.events import Done, Token
 
     for t in turns[:-1]:
         list(session.send(t, settings))
@@ -85,7 +85,7 @@ def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: 
     the same backend; per prompt: the final replies, their compression, speed, correctness against
     ``expect`` and replacement characters (U+FFFD: bytes cut across a character). ``base_rows``:
     the base's answers of an earlier call, reused (the base does not depend on the policies)."""
-    from ..engine import GenerationSettings
+    from z2z_chat.backends.engine.events import GenerationSettings
 
     out = []
     for i, p in enumerate(prompts):

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BackendError
+from z2z_chat.backends.errors import BackendError
 
 
 def kv_names(n_layers: int) -> list[tuple[str, str]]:

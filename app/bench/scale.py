@@ -27,7 +27,6 @@ default geometry; the conversion reads one tensor at a time.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -151,8 +150,8 @@ def _zip2zip(out: Path, base: Path, g: Geometry, pad_id: int, disabled: list[int
     encoders' parameter names and shapes come from our torch modules)."""
     from safetensors.numpy import save_file
 
-    from ..config import CompressionSettings, Zip2ZipConfig
-    from ..torch_backend.encoders import build_encoder
+    from z2z_chat.backends.config import CompressionSettings, Zip2ZipConfig
+    from z2z_chat.backends.torch_backend.encoders import build_encoder
 
     config = Zip2ZipConfig(str(base), "transformer", dict(g.encoder),
                            CompressionSettings(g.vocab, g.codebook, g.max_subtokens, disabled))
@@ -186,8 +185,8 @@ def make_checkpoint(out: Path, geometry: str, progress: Callable[[str], None], q
     Each part is kept when it is already there, so a second run only measures."""
     from transformers import AutoTokenizer
 
-    from ..gguf_convert import convert
-    from ..sources import pad_id_of
+    from z2z_chat.backends.llamacpp_backend.convert import convert
+    from z2z_chat.backends.loading.sources import pad_id_of
 
     g, rng = GEOMETRIES[geometry], np.random.default_rng(0)
     base, ckpt, gguf_dir = out / "base", out / "checkpoint", out / "gguf"
@@ -218,7 +217,7 @@ rt = open_runtime(sys.argv[1], "llamacpp")
 loaded = time.perf_counter() - t
 for _ in rt.session().send("Write a Python function that adds two numbers.", GenerationSettings(max_tokens=8)):
     pass
-from backends.bench.memory import peak_rss_mb
+from z2z_chat.app.bench.memory import peak_rss_mb
 print(json.dumps({"load_s": loaded, "peak_rss_mb": peak_rss_mb(), "n_ctx": rt.model.ctx.n_ctx,
                   "threads": rt.model.ctx.n_threads}))
 """
@@ -230,15 +229,14 @@ import llama_cpp
 llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]), verbose=False)
 loaded = time.perf_counter() - t
 llm.create_chat_completion([{"role": "user", "content": "Write a Python function that adds two numbers."}], max_tokens=8)
-from backends.bench.memory import peak_rss_mb
+from z2z_chat.app.bench.memory import peak_rss_mb
 print(json.dumps({"load_s": loaded, "peak_rss_mb": peak_rss_mb()}))
 """
 
 
 def _child(code: str, *args: str) -> dict:
     """Run ``code`` in a fresh Python; the JSON object it prints last."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"the measuring process failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])

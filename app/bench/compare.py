@@ -31,11 +31,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .engines import Spec, build
-from .memory import peak_rss_mb
-from .report import agreement, correct, summary
+from z2z_chat.app.bench.engines import Spec, build
+from z2z_chat.backends.loading.defaults import DEFAULT_MODEL_DIR
+from z2z_chat.app.bench.memory import peak_rss_mb
+from z2z_chat.app.bench.report import agreement, correct, summary
 
-PROMPTS_FILE = Path(__file__).resolve().parents[1] / "default_model" / "eval" / "prompts.jsonl"
+PROMPTS_FILE = DEFAULT_MODEL_DIR / "eval" / "prompts.jsonl"
 
 
 def load_prompts(path: str | Path | None, groups: list[str] | None = None) -> list[dict[str, Any]]:
@@ -134,15 +135,15 @@ def plan(info: dict[str, Any], mlx: bool) -> tuple[list[Spec], list[dict[str, st
 
 def model_info(model: str | None, base: str | None) -> dict[str, Any]:
     """What every worker needs to know of the model, resolved once here."""
-    from ..runtime import gguf_conversion
-    from ..sources import is_gguf
+    from z2z_chat.backends.runtime import gguf_conversion
+    from z2z_chat.backends.loading.sources import is_gguf
 
     if model is None:
-        from ..defaults import default_model
+        from z2z_chat.backends.loading.defaults import default_model
 
         model, default_base = default_model()
         base = base or default_base
-    from ..config import Zip2ZipConfig
+    from z2z_chat.backends.config import Zip2ZipConfig
 
     cfg = Zip2ZipConfig.load(model)
     ckpt = Path(model)
@@ -160,7 +161,7 @@ def model_info(model: str | None, base: str | None) -> dict[str, Any]:
 
 
 def _pad(ckpt: Path, spec: str) -> int:
-    from ..sources import load_tokenizer, pad_id_of
+    from z2z_chat.backends.loading.sources import load_tokenizer, pad_id_of
 
     return pad_id_of(load_tokenizer(str(ckpt) if (ckpt / "tokenizer_config.json").is_file() else spec))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import CodecConfig, CodecSession
+from z2z_chat.backends.codec import CodecConfig, CodecSession
 
 VERSION = 1
 Mark = tuple[int, int] | None  # (codes, fed_text characters) before a message; None: not known

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .codec import CodecSession
-from .config import positions
-from .protocol import DecodeState
-from .sampling import Sampler
-from .utf8_guard import Utf8Guard
+from z2z_chat.backends.codec import CodecSession
+from z2z_chat.backends.config import positions
+from z2z_chat.backends.protocol import DecodeState
+from z2z_chat.backends.engine.sampling import Sampler
+from z2z_chat.backends.engine.utf8_guard import Utf8Guard
 
 
 @dataclass

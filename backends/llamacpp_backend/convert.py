@@ -25,16 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint, snapshot
-from .config import CONFIG_NAME, lora_scale_of
-from .errors import ConvertError
-from .sources import is_gguf, load_tokenizer, pad_id_of
+from z2z_chat.backends.loading.checkpoint import Checkpoint, snapshot
+from z2z_chat.backends.config import CONFIG_NAME, lora_scale_of
+from z2z_chat.backends.errors import ConvertError
+from z2z_chat.backends.loading.sources import is_gguf, load_tokenizer, pad_id_of
 
 def _hf_state(base: Path) -> tuple[Mapping[str, np.ndarray], dict]:
     """The base's weights, read one tensor at a time (a 4B model is 15 GB of float32), and config."""
     from collections import ChainMap
 
-    from .llamacpp_backend.tensors import ARCHS, SafetensorsFile
+    from z2z_chat.backends.llamacpp_backend.tensors import ARCHS, SafetensorsFile
 
     cfg_file = base / "config.json"
     if not cfg_file.is_file():
@@ -91,7 +91,7 @@ class _Merged(Mapping[str, np.ndarray]):
 
 def convert(src: str, dst: str | Path, quantize: str = "f32", base: str | None = None, force: bool = False,
             progress: Callable[[str], None] = lambda m: None, lora: str = "merge") -> list[Path]:
-    from .llamacpp_backend.tensors import (
+    from z2z_chat.backends.llamacpp_backend.tensors import (
         check_gguf,
         ARCHS,
         merge_lora_gguf,

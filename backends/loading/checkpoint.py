@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ADAPTER_CONFIG, CONFIG_NAME, Zip2ZipConfig
-from .errors import CheckpointError
+from z2z_chat.backends.config import ADAPTER_CONFIG, CONFIG_NAME, Zip2ZipConfig
+from z2z_chat.backends.errors import CheckpointError
 
 ENCODER_FILES = ("zip2zip_encoders.safetensors", "encoders.safetensors")
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -71,10 +71,10 @@ def base_of(ckpt: Path, config: Zip2ZipConfig, override: str | os.PathLike | Non
         return str(ckpt)
     if not Path(spec).is_absolute() and (ckpt / spec).exists():
         return str((ckpt / spec).resolve())
-    from .defaults import DEFAULT_MODEL_DIR
+    from z2z_chat.backends.loading.defaults import DEFAULT_MODEL_DIR
 
     if ckpt.resolve() == DEFAULT_MODEL_DIR:
-        from .assets import AssetError, smollm2_gguf
+        from z2z_chat.backends.loading.assets import AssetError, smollm2_gguf
 
         try:
             return str(smollm2_gguf(progress=progress))

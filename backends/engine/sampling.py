@@ -8,13 +8,13 @@ generator. Temperature 0 is greedy (argmax, lowest id on ties).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .errors import BackendError, SettingsError
+from z2z_chat.backends.engine.settings import TABLE
+from z2z_chat.backends.errors import BackendError
 
 
 @dataclass
@@ -27,24 +27,8 @@ class SamplingSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        for k in ("temperature", "top_p", "repetition_penalty"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise SettingsError(f"{k} must be a finite number, got {v!r}")
-        for k in ("top_k", "repetition_window"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise SettingsError(f"{k} must be an integer, got {v!r}")
-        if self.temperature < 0:
-            raise SettingsError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise SettingsError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise SettingsError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise SettingsError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.repetition_window < 1:
-            raise SettingsError(f"repetition_window must be >= 1, got {self.repetition_window}")
+        for f in fields(self):
+            TABLE[f.name].check(getattr(self, f.name))
 
 
 class Sampler:

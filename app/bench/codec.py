@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..codec import CodecConfig, CodecSession, decode, encode
-from ..sources import pad_id_of
+from z2z_chat.backends.codec import CodecConfig, CodecSession, decode, encode
+from z2z_chat.backends.loading.sources import pad_id_of
 
 
 def _python_sources() -> Iterator[str]:

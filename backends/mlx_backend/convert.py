@@ -15,9 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import MLX_ARCHITECTURES, MLX_MARKER
-from .errors import ConvertError
-from .sources import rope_settings
+from z2z_chat.backends.config import MLX_ARCHITECTURES, MLX_MARKER
+from z2z_chat.backends.errors import ConvertError
+from z2z_chat.backends.loading.sources import rope_settings
 
 
 def log(msg: str) -> None:
@@ -52,7 +52,7 @@ def convert(src: str, dst: Path, *, quantize: int | None = None, q_group_size: i
     from mlx_lm import convert as mlx_convert
     from safetensors.torch import save_file
 
-    from .torch_backend import checkpoint
+    from z2z_chat.backends.torch_backend import checkpoint
 
     log(f"loading {src} (torch, float32)")
     loaded = checkpoint.load(src, base=base, dtype=torch.float32, merge_lora=True)

@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .assets import cache_dir, file_key
-from .errors import CheckpointError
+from z2z_chat.backends.loading.assets import cache_dir, file_key
+from z2z_chat.backends.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from z2z_chat.backends.loading.checkpoint import Checkpoint
 
 
 class SourceError(CheckpointError):
@@ -57,7 +57,7 @@ def load_tokenizer(spec: str | os.PathLike, lean: bool = False) -> Any:
 
 
 def _from_files(spec: str | os.PathLike, lean: bool) -> Any:
-    from . import tokenizer
+    from z2z_chat.backends.loading import tokenizer
 
     tok = tokenizer.load(spec) if lean and Path(spec).is_dir() else None
     if tok is None:

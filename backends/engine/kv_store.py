@@ -16,9 +16,25 @@ import hashlib
 import json
 import os
 import zlib
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import KVSnapshot
+
+@dataclass(frozen=True)
+class SavedKV:
+    """A conversation's KV cache as a backend exported it: ``fed`` positions holding the codes
+    whose ``codes_digest`` is ``digest``."""
+
+    data: bytes
+    fed: int
+    digest: str
+
+
+def codes_digest(codes: Sequence[int]) -> str:
+    return hashlib.sha256(array("q", codes).tobytes()).hexdigest()
+
 
 FORMAT = 2
 DEFAULT_BUDGET_MB = 2048
@@ -40,7 +56,7 @@ class KVStore:
     def path(self, conversation: str) -> Path:
         return self.root / f"{hashlib.sha256(conversation.encode()).hexdigest()[:24]}.kv"
 
-    def save(self, conversation: str, snap: KVSnapshot) -> None:
+    def save(self, conversation: str, snap: SavedKV) -> None:
         """Write atomically, then trim the directory to the budget. OSError (a full disk) is the
         caller's to report or ignore: nothing depends on the file."""
         if len(snap.data) > self.budget:
@@ -56,7 +72,7 @@ class KVStore:
         tmp.replace(out)
         self._trim(keep=out)
 
-    def load(self, conversation: str) -> KVSnapshot | None:
+    def load(self, conversation: str) -> SavedKV | None:
         path = self.path(conversation)
         try:
             with open(path, "rb") as f:
@@ -74,7 +90,7 @@ class KVStore:
             self.drop(conversation)
             return None
         os.utime(path)  # used: the budget removes the least recently used first
-        return KVSnapshot(data, header["fed"], header["digest"])
+        return SavedKV(data, header["fed"], header["digest"])
 
     def drop(self, conversation: str) -> None:
         self.path(conversation).unlink(missing_ok=True)

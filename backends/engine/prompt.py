@@ -7,7 +7,7 @@
 - ``plan(...)``: how a new message joins the conversation within the window: continue the stream
   (only the new text is read), or restart it after dropping the fewest oldest turns (down to half
   the window, so that the next turns continue the cache), or ``ContextFullError`` when it cannot
-  fit even alone. Pure: nothing changes until the caller applies the ``Plan``;
+  fit even alone. Pure: nothing changes until the caller applies the ``TurnPlan``;
 - ``reply_room``: positions kept free for a reply; ``ContextUsage``: how full the window is.
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import CodecSession
-from .errors import Z2ZError
-from .steps import Stream
+from z2z_chat.backends.codec import CodecSession
+from z2z_chat.backends.errors import Z2ZError
+from z2z_chat.backends.engine.steps import Stream
 
 Piece = tuple[str, bool]  # (text, is_message_text)
 
@@ -68,7 +68,7 @@ def reply_room(max_tokens: int, context_length: int) -> int:
 
 
 @dataclass
-class Plan:
+class TurnPlan:
     drop: int  # oldest turns (user + reply) to drop
     restart: bool  # the stream starts again (a drop, or the rendering changed)
     text: str  # what is fed: the new text, or the whole kept conversation on a restart
@@ -109,7 +109,7 @@ def tokenize(tok: Any, pieces: list[Piece], skip: int) -> tuple[str, list[int]]:
 
 
 def plan(tok: Any, system: str | None, messages: list[dict[str, str]], user_text: str, fed_text: str,
-         codec: CodecSession, stream: Stream, window: int, room: int) -> Plan:
+         codec: CodecSession, stream: Stream, window: int, room: int) -> TurnPlan:
     """How to add ``user_text`` to ``messages``, whose stream (``codec``, ``stream``) holds
     ``fed_text``, keeping ``room`` positions of the ``window`` for the reply."""
     ctx, config, mode = window, codec.config, stream.mode
@@ -121,12 +121,12 @@ def plan(tok: Any, system: str | None, messages: list[dict[str, str]], user_text
         text, ids = tokenize(tok, pieces, len(fed_text))
         # a message takes at most one position per base token: when that bound fits, no trial
         if stream.next_positions([1] * len(ids) + [M])[-1] + room <= ctx:
-            return Plan(0, False, text, ids)
+            return TurnPlan(0, False, text, ids)
         trial = CodecSession.from_dict(codec.to_dict())
         longer = Stream(mode, list(stream.codes), list(stream.positions), stream.n_base)
         longer.extend(trial.encode(ids), trial)
         if longer.next_position(M) + room <= ctx:
-            return Plan(0, False, text, ids)
+            return TurnPlan(0, False, text, ids)
     # the cache restarts. When the window is full, drop enough turns that the conversation then
     # fills at most half of it, so the next turns continue the cache instead of each restarting
     # it one turn short; when nothing reaches that, the fewest turns that make the message fit
@@ -138,9 +138,9 @@ def plan(tok: Any, system: str | None, messages: list[dict[str, str]], user_text
         fresh.extend(trial.encode(ids), trial)
         need = fresh.next_position(M) + room
         if need <= ctx:
-            fit = fit or Plan(drop, True, text, ids)
+            fit = fit or TurnPlan(drop, True, text, ids)
             if need <= target:
-                return Plan(drop, True, text, ids)
+                return TurnPlan(drop, True, text, ids)
     if fit is not None:
         return fit
     raise ContextFullError(

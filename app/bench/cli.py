@@ -7,7 +7,8 @@ import argparse
 import json
 import sys
 
-from ..errors import Z2ZError
+from z2z_chat.app.options import add_model_args
+from z2z_chat.backends.errors import Z2ZError
 
 
 def _progress(msg: str) -> None:
@@ -15,14 +16,14 @@ def _progress(msg: str) -> None:
 
 
 def _tokenizer(spec: str | None):
-    from ..assets import smollm2_gguf
-    from ..sources import load_tokenizer
+    from z2z_chat.backends.loading.assets import smollm2_gguf
+    from z2z_chat.backends.loading.sources import load_tokenizer
 
     return load_tokenizer(spec or smollm2_gguf())
 
 
 def cmd_codec(args: argparse.Namespace) -> int:
-    from . import codec as bench_codec
+    from z2z_chat.app.bench import codec as bench_codec
 
     rows = bench_codec.run(_tokenizer(args.tokenizer), M=args.M, C=args.C, n_docs=args.docs,
                            doc_tokens=args.doc_tokens, repeat=args.repeat, progress=_progress)
@@ -31,20 +32,20 @@ def cmd_codec(args: argparse.Namespace) -> int:
 
 
 def _runtime(args: argparse.Namespace):
-    from ..runtime import open_runtime
+    from z2z_chat.backends.runtime import open_runtime
 
     _progress(f"loading {args.model} on {args.backend}")
     return open_runtime(args.model, args.backend, args.device, args.dtype, base=args.base)
 
 
 def _emit(args: argparse.Namespace, title: str, rows: list[dict]) -> None:
-    from .model import format_rows
+    from z2z_chat.app.bench.model import format_rows
 
     print(json.dumps(rows, indent=2) if args.json else f"{title}\n{format_rows(rows)}")
 
 
 def cmd_prefill(args: argparse.Namespace) -> int:
-    from . import model as bench_model
+    from z2z_chat.app.bench import model as bench_model
 
     rt = _runtime(args)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -54,7 +55,7 @@ def cmd_prefill(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from . import model as bench_model
+    from z2z_chat.app.bench import model as bench_model
 
     rt = _runtime(args)
     _emit(args, f"decode, {rt.describe()} (step_overhead: zip2zip step time / plain step time - 1)",
@@ -63,7 +64,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from . import model as bench_model
+    from z2z_chat.app.bench import model as bench_model
 
     rt = _runtime(args)
     ref = None
@@ -78,8 +79,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_ppl(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..runtime import RuntimeOpenError, open_plain
-    from . import quality as bench_quality
+    from z2z_chat.backends.runtime import RuntimeOpenError, open_plain
+    from z2z_chat.app.bench import quality as bench_quality
 
     texts = {}
     for item in args.text:
@@ -100,12 +101,12 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 def cmd_answers(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..runtime import open_plain
-    from . import quality as bench_quality
+    from z2z_chat.backends.runtime import open_plain
+    from z2z_chat.app.bench import quality as bench_quality
 
     rt = _runtime(args)
     plain = open_plain(rt, args.base, args.device, args.dtype)
-    from .compare import load_prompts
+    from z2z_chat.app.bench.compare import load_prompts
 
     prompts = load_prompts(args.prompts)[: args.limit or None]
     policies = [{"hyper_margin": None if m.strip() == "off" else float(m)} for m in (args.margins or "").split(",") if m]
@@ -126,7 +127,7 @@ def cmd_answers(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from . import compare, report
+    from z2z_chat.app.bench import compare, report
 
     prompts = compare.load_prompts(args.prompts, args.groups.split(",") if args.groups else None)[: args.limit or None]
     if not prompts:
@@ -141,9 +142,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..assets import smollm2_gguf
-    from ..llamacpp_backend.context import default_threads
-    from . import serve as bench_serve
+    from z2z_chat.backends.loading.assets import smollm2_gguf
+    from z2z_chat.backends.llamacpp_backend.context import default_threads
+    from z2z_chat.app.bench import serve as bench_serve
 
     gguf = args.gguf or smollm2_gguf()
     try:
@@ -158,9 +159,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_long(args: argparse.Namespace) -> int:
-    from ..llamacpp_backend.context import default_threads
-    from ..runtime import open_plain
-    from . import long as bench_long
+    from z2z_chat.backends.llamacpp_backend.context import default_threads
+    from z2z_chat.backends.runtime import open_plain
+    from z2z_chat.app.bench import long as bench_long
 
     if args.backend != "llamacpp":
         raise Z2ZError("z2z-bench long compares with llama-cpp-python: run it with --backend llamacpp")
@@ -180,10 +181,10 @@ def cmd_overflow(args: argparse.Namespace) -> int:
     """A long chat in a small window on llama.cpp: how often a turn re-reads the conversation."""
     import statistics
 
-    from ..defaults import default_model
-    from ..engine import GenerationSettings, Notice
-    from ..llamacpp_backend.checkpoint import open_checkpoint
-    from ..runtime import Runtime
+    from z2z_chat.backends.loading.defaults import default_model
+    from z2z_chat.backends.engine.events import GenerationSettings, Notice
+    from z2z_chat.backends.llamacpp_backend.checkpoint import open_checkpoint
+    from z2z_chat.backends.runtime import Runtime
 
     model, base = (args.model, args.base) if args.model else default_model(progress=_progress)
     op = open_checkpoint(model, base=base or args.base, n_ctx=args.context)
@@ -207,9 +208,9 @@ def cmd_overflow(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..runtime import open_runtime
-    from . import model as bench_model
-    from . import scale
+    from z2z_chat.backends.runtime import open_runtime
+    from z2z_chat.app.bench import model as bench_model
+    from z2z_chat.app.bench import scale
 
     import os
 
@@ -234,7 +235,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(sections, indent=2))
     else:
-        from .model import format_rows
+        from z2z_chat.app.bench.model import format_rows
 
         for name, rows in sections.items():
             print(f"{name}, {title}\n{format_rows(rows)}\n")
@@ -242,11 +243,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="zip2zip checkpoint directory or repo id (default: the embedded model)")
-    p.add_argument("--base", help="override the checkpoint's base model")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx", "llamacpp"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_model_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

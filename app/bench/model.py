@@ -20,13 +20,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..codec import CodecConfig, CodecSession
-from ..generate import generate_codes
-from ..generate import prefill as prefill_stream
-from ..runtime import Runtime
-from ..sampling import Sampler, SamplingSettings
-from ..steps import Stream, sync_entries
-from .codec import documents
+from z2z_chat.backends.codec import CodecConfig, CodecSession
+from z2z_chat.backends.engine.events import GenerationSettings
+from z2z_chat.backends.engine.generate import generate_codes
+from z2z_chat.backends.engine.generate import prefill as prefill_stream
+from z2z_chat.backends.runtime import Runtime
+from z2z_chat.backends.engine.sampling import Sampler, SamplingSettings
+from z2z_chat.backends.engine.steps import Stream, sync_entries
+from z2z_chat.app.bench.codec import documents
 
 
 def _code_ids(rt: Runtime, n: int) -> list[int]:
@@ -50,7 +51,7 @@ def _plain_state(rt: Runtime):
     """Plain = what a user runs without zip2zip: on llama.cpp the base GGUF fed token ids (no adapter,
     no embeddings); elsewhere a state of the same model fed base ids."""
     if rt.backend_name == "llamacpp":
-        from ..runtime import open_plain
+        from z2z_chat.backends.runtime import open_plain
 
         return open_plain(rt).model.new_state()
     return rt.model.new_state()
@@ -116,8 +117,9 @@ def _decode_loop(rt: Runtime, prompt: list[int], steps: int, zip2zip: bool, forc
     n = base_tokens = 0
     t = time.perf_counter()
     # each yielded step was preceded by one forward; the (steps + 1)-th yield closes the last one
-    for step in generate_codes(be, codec, stream, logits, sampler, max_tokens=1 << 62, stop_ids=frozenset(),
-                               context_length=be.context_length, hyper_batch=hyper_batch if zip2zip else 1):
+    settings = GenerationSettings(max_tokens=1 << 20, hyper_batch=hyper_batch if zip2zip else 1)
+    for step in generate_codes(be, codec, stream, logits, settings, stop_ids=frozenset(),
+                               context_length=be.context_length, sampler=sampler):
         if n == steps or step.reason is not None:
             break
         n += 1
@@ -212,7 +214,7 @@ CHAT_SCRIPT = [
 
 
 def chat(rt: Runtime, turns: int, reply_tokens: int, reference: Any, progress: Callable[[str], None]) -> list[dict]:
-    from ..engine import Done, GenerationSettings
+    from z2z_chat.backends.engine.events import Done
 
     session = rt.session()
     settings = GenerationSettings(max_tokens=reply_tokens)
