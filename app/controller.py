@@ -176,10 +176,9 @@ class ChatController:
         snap = self.session.saved_kv()
         if snap is None:
             return []
-        try:
-            self.kv.save(self._kv_key(self.conv_id), snap)
-        except OSError as e:
-            return [f"the conversation's KV cache could not be kept in {self.kv.root} ({e.strerror or e}); "
+        why = self.kv.save(self._kv_key(self.conv_id), snap)
+        if why:
+            return [f"the conversation's KV cache could not be kept in {self.kv.root} ({why}); "
                     "it will be read again when reopened"]
         return []
 

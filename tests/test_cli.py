@@ -49,7 +49,7 @@ def test_help_does_not_import_frameworks():
     code = ("import sys; sys.argv=['z2z-chat','--help']\n"
             "import z2z_chat.app.cli\n"
             "try:\n    z2z_chat.app.cli.main()\nexcept SystemExit: pass\n"
-            "import backends.engine, backends.runtime, backends.codec, convert, train\n"
+            "import z2z_chat.backends.engine.session, z2z_chat.backends.runtime, z2z_chat.backends.codec, z2z_chat.convert, z2z_chat.train\n"
             "assert not {'torch','mlx','llama_cpp','transformers'} & set(sys.modules), sorted(sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -93,12 +93,12 @@ def test_what_it_cannot_do_is_left_to_transformers(tokenizer_dir, tmp_path):
 def test_the_llama_cpp_path_does_not_import_transformers(tmp_path):
     """What the lean tokenizer is for: opening and chatting on llama.cpp without transformers (or torch)."""
     pytest.importorskip("llama_cpp")
-    code = ("import sys\nfrom backends.bench.scale import make_checkpoint\nfrom pathlib import Path\n"
+    code = ("import sys\nfrom z2z_chat.app.bench.scale import make_checkpoint\nfrom pathlib import Path\n"
             f"d = make_checkpoint(Path({str(tmp_path)!r}), 'tiny', lambda m: None)\n"
             "for m in [m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch')]:\n"
             "    del sys.modules[m]\n"
             "sys.modules['transformers'] = sys.modules['torch'] = None  # an import now fails\n"
-            "from backends.runtime import open_runtime\n"
+            "from z2z_chat.backends.runtime import open_runtime\n"
             "rt = open_runtime(str(d), 'llamacpp')\n"
             "print(type(rt.tokenizer).__name__, ''.join(e.text for e in rt.session().send('hi') if getattr(e, 'text', None)) is not None)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,

@@ -211,8 +211,8 @@ def make_checkpoint(out: Path, geometry: str, progress: Callable[[str], None], q
 _LOAD_Z2Z = """
 import json, sys, time
 t = time.perf_counter()
-from backends.runtime import open_runtime
-from backends.engine import GenerationSettings
+from z2z_chat.backends.runtime import open_runtime
+from z2z_chat.backends.engine.events import GenerationSettings
 rt = open_runtime(sys.argv[1], "llamacpp")
 loaded = time.perf_counter() - t
 for _ in rt.session().send("Write a Python function that adds two numbers.", GenerationSettings(max_tokens=8)):

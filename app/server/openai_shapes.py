@@ -16,8 +16,16 @@ from typing import Any
 from z2z_chat.backends.errors import SettingsError
 from z2z_chat.backends.engine.settings import SETTINGS, TABLE
 
-UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls",
-               "audio": "audio output", "logprobs": "log probabilities"}
+# Every field a request may carry: implemented, accepted without effect (documented), or refused
+# with a 400 naming it when it asks for something this server does not do. Anything else: a 400.
+NO_EFFECT = {"user", "metadata", "store", "service_tier", "cache_prompt", "parallel_tool_calls"}
+REFUSED = {"tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls",
+           "function_call": "function calls", "audio": "audio output", "logprobs": "log probabilities",
+           "top_logprobs": "log probabilities", "logit_bias": "logit bias", "prediction": "predicted outputs",
+           "web_search_options": "web search", "presence_penalty": "presence penalty (use repetition_penalty)",
+           "frequency_penalty": "frequency penalty (use repetition_penalty)"}
+HANDLED = {"model", "messages", "stream", "stream_options", "stop", "n", "response_format", "modalities",
+           "max_completion_tokens"} | {s.name for s in SETTINGS}
 
 
 class APIError(Exception):
@@ -36,6 +44,7 @@ class ChatRequest:
     system: str | None
     history: list[dict[str, str]]  # user/assistant turns before the new message, alternating
     message: str  # the new user message
+    prefix: str = ""  # an assistant message sent last: the reply continues it
     settings: dict[str, Any] = field(default_factory=dict)  # the settings table's names the request gave
     stop: list[str] = field(default_factory=list)
     stream: bool = False
@@ -47,22 +56,30 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
 
 
 def _text(content: Any, where: str) -> str:
-    """A message's content: a string, or a list of text parts (joined)."""
-    if isinstance(content, str):
-        return content
+    """A message's content: a string, or a list of text parts (joined); valid Unicode only."""
     if isinstance(content, list):
-        out = []
-        for part in content:
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise _bad(f"{where}: each content part must be an object with a 'type'", where)
-            if part["type"] != "text":
-                raise _bad(f"{where}: content parts of type {part['type']!r} are not supported (text only)", where,
-                           "unsupported_content")
-            if not isinstance(part.get("text"), str):
-                raise _bad(f"{where}: a text part needs a string 'text'", where)
-            out.append(part["text"])
-        return "".join(out)
-    raise _bad(f"{where}: content must be a string or a list of text parts", where)
+        content = "".join(_parts(content, where))
+    if not isinstance(content, str):
+        raise _bad(f"{where}: content must be a string or a list of text parts", where)
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:  # JSON lets "\ud800" through: a lone surrogate is no text
+        raise _bad(f"{where}: content holds a lone surrogate (invalid Unicode)", where) from None
+    return content
+
+
+def _parts(content: list, where: str) -> list[str]:
+    out = []
+    for part in content:
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise _bad(f"{where}: each content part must be an object with a 'type'", where)
+        if part["type"] != "text":
+            raise _bad(f"{where}: content parts of type {part['type']!r} are not supported (text only)", where,
+                       "unsupported_content")
+        if not isinstance(part.get("text"), str):
+            raise _bad(f"{where}: a text part needs a string 'text'", where)
+        out.append(part["text"])
+    return out
 
 
 def _settings(body: dict) -> dict[str, Any]:
@@ -79,24 +96,29 @@ def _settings(body: dict) -> dict[str, Any]:
     return given
 
 
-def parse_request(body: Any, model_id: str) -> ChatRequest:
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != model_id:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {model_id!r} "
-                            "(GET /v1/models)", param="model", code="model_not_found")
-    for key, what in UNSUPPORTED.items():
-        if body.get(key) not in (None, False, []):
-            raise _bad(f"{what} ({key!r}) are not supported by this server", key, "unsupported_parameter")
+def _fields(body: dict) -> None:
+    """Every field is one this server implements or accepts without effect; a refused one set to
+    anything but its "off" value is a 400 naming it."""
+    for key, value in body.items():
+        if key in REFUSED:
+            if value not in (None, False, [], {}, 0, 0.0):
+                raise _bad(f"{REFUSED[key]} ({key!r}) are not supported by this server", key, "unsupported_parameter")
+        elif key not in HANDLED and key not in NO_EFFECT:
+            raise _bad(f"unrecognized request argument supplied: {key!r}", key, "unknown_parameter")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise _bad("response_format other than {'type': 'text'} is not supported", "response_format",
                    "unsupported_parameter")
+    if body.get("modalities") not in (None, ["text"]):
+        raise _bad("this server writes text only (modalities: ['text'])", "modalities", "unsupported_parameter")
     n = body.get("n", 1)
     if n not in (None, 1) or isinstance(n, bool):
         raise _bad("n must be 1: this server writes one reply per request", "n", "invalid_value")
-    msgs = body.get("messages")
+
+
+def _turns(msgs: Any) -> tuple[str | None, list[dict[str, str]]]:
+    """The system prompt and the user/assistant turns: consecutive messages of one role are joined
+    with a blank line (the chat templates expect turns that alternate)."""
     if not isinstance(msgs, list) or not msgs:
         raise _bad("messages must be a non-empty list", "messages")
     system_parts: list[str] = []
@@ -112,16 +134,31 @@ def parse_request(body: Any, model_id: str) -> ChatRequest:
                 raise _bad(f"{where}: a {role} message is only supported before the conversation's first turn", where)
             system_parts.append(text)
         elif role in ("user", "assistant"):
-            want = "user" if len(turns) % 2 == 0 else "assistant"
-            if role != want:
-                raise _bad(f"{where}: expected a {want} message (turns alternate, starting with user)", where)
-            turns.append({"role": role, "content": text})
+            if not turns and role == "assistant":
+                raise _bad(f"{where}: the conversation must start with a user message", where)
+            if turns and turns[-1]["role"] == role:
+                turns[-1]["content"] += "\n\n" + text
+            else:
+                turns.append({"role": role, "content": text})
         elif role == "tool":
             raise _bad(f"{where}: tool messages are not supported", where, "unsupported_parameter")
         else:
             raise _bad(f"{where}: unknown role {role!r} (system, user or assistant)", where)
-    if not turns or turns[-1]["role"] != "user":
-        raise _bad("the last message must be a user message", "messages")
+    if not turns:
+        raise _bad("messages need at least one user message", "messages")
+    return ("\n\n".join(system_parts) if system_parts else None), turns
+
+
+def parse_request(body: Any, model_id: str) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != model_id:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {model_id!r} "
+                            "(GET /v1/models)", param="model", code="model_not_found")
+    _fields(body)
+    system, turns = _turns(body.get("messages"))
+    prefix = turns.pop()["content"] if turns[-1]["role"] == "assistant" else ""
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -135,8 +172,8 @@ def parse_request(body: Any, model_id: str) -> ChatRequest:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise _bad("stream_options must be an object", "stream_options")
-    return ChatRequest("\n\n".join(system_parts) if system_parts else None, turns[:-1], turns[-1]["content"],
-                       _settings(body), stop, stream, bool(opts.get("include_usage")))
+    return ChatRequest(system, turns[:-1], turns[-1]["content"], prefix, _settings(body), stop, stream,
+                       bool(opts.get("include_usage")))
 
 
 def new_id() -> str:

@@ -2,11 +2,11 @@
 event loop that waits for them.
 
 ``Worker.submit(job)`` raises ``queue.Full`` when ``max_queue`` jobs wait (the HTTP layer answers
-429). A job runs one turn: check out the conversation, send the new message, stream text deltas
-(held back while they could be the start of a stop string), cut the text at a stop string, check
-the conversation back in. ``job.cancel`` (a client that went away, shutdown) stops it within a
-decode step. Events, in order: ``("delta", text)`` ..., then ``("done", finish_reason, stats)``
-or ``("error", APIError)``.
+429). A job runs one turn: check out the conversation (``conversations.py``), send the new message
+(or answer the last one again), stream text deltas (held back while they could be the start of a
+stop string), cut the reply and the conversation at a stop string, check the conversation back
+in. ``job.cancel`` (a client that went away, shutdown) stops it within a decode step. Events, in
+order: ``Delta`` ..., then ``Finished`` or ``Failed``.
 """
 
 from __future__ import annotations
@@ -14,49 +14,72 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from z2z_chat.backends.engine.events import Done, GenerationSettings, Token
-
+from z2z_chat.app.server.conversations import Conversations, Found
+from z2z_chat.app.server.openai_shapes import APIError, ChatRequest
+from z2z_chat.backends.engine.events import Done, Event, GenerationSettings, Token, TurnStats
 from z2z_chat.backends.engine.prompt import ContextFullError
 from z2z_chat.backends.errors import Z2ZError
-
-from z2z_chat.app.server.conversations import Conversations
-from z2z_chat.app.server.openai_shapes import APIError, ChatRequest
 
 log = logging.getLogger("z2z-chat.serve")
 
 
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Finished:
+    finish: str  # OpenAI's finish_reason: stop | length
+    stats: TurnStats
+    found: Found  # how the conversation was found (hit, rewound, disk, new)
+
+
+@dataclass
+class Failed:
+    error: APIError
+
+
+WorkerEvent = Delta | Finished | Failed
+
+
 class StopText:
-    """Streams text while watching for stop strings: holds back a tail that could start one."""
+    """Streams text while watching for stop strings: holds back a tail that could start one;
+    after a stop string, nothing more passes. ``sent`` is every text let through."""
 
     def __init__(self, stops: list[str]):
-        self.stops, self.buf, self.hit = stops, "", False
+        self.stops, self.buf, self.hit, self.sent = stops, "", False, ""
         self.hold = max((len(s) for s in stops), default=1) - 1
 
     def feed(self, text: str) -> str:
         """The text that is safe to send now."""
+        if self.hit:
+            return ""
         self.buf += text
         cut = min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.hit = True
             out, self.buf = self.buf[:cut], ""
-            return out
-        keep = min(self.hold, len(self.buf))
-        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        else:
+            keep = min(self.hold, len(self.buf))
+            out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        self.sent += out
         return out
 
     def flush(self) -> str:
-        out, self.buf = self.buf, ""
+        out, self.buf = ("" if self.hit else self.buf), ""
+        self.sent += out
         return out
 
 
 @dataclass
 class Job:
     request: ChatRequest
-    emit: Callable[[tuple], None]  # thread-safe: hands an event to the waiting request
+    emit: Callable[[WorkerEvent], None]  # thread-safe: hands an event to the waiting request
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -68,7 +91,8 @@ class Totals:
     prompt_codes: int = 0
     completion_codes: int = 0
     cached_tokens: int = 0
-    errors: int = 0
+    errors: int = 0  # answered 5xx (a bug)
+    client_errors: int = 0  # answered 4xx (the HTTP layer counts those it answers itself)
     cancelled: int = 0
 
 
@@ -99,11 +123,12 @@ class Worker(threading.Thread):
             try:
                 self._run(job)
             except APIError as e:
-                job.emit(("error", e))
+                self.totals.client_errors += e.status < 500
+                job.emit(Failed(e))
             except Exception as e:  # a bug: the request gets a 500 and the server keeps serving
                 log.exception("internal error while answering a request")
                 self.totals.errors += 1
-                job.emit(("error", APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")))
+                job.emit(Failed(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")))
             finally:
                 self.current = None
 
@@ -121,7 +146,7 @@ class Worker(threading.Thread):
                 break
             if job is not None:
                 job.cancel.set()
-                job.emit(("error", APIError(503, "the server is shutting down", "server_error")))
+                job.emit(Failed(APIError(503, "the server is shutting down", "server_error")))
         self.jobs.put(None)
 
     def _run(self, job: Job) -> None:
@@ -129,18 +154,16 @@ class Worker(threading.Thread):
         if job.cancel.is_set():
             return
         self.totals.requests += 1
-        session, how = self.conversations.checkout(req.system, req.history)
-        stops = StopText(req.stop)
-        text: list[str] = []
-        done: Done | None = None
         settings = GenerationSettings.from_values(self.defaults | req.settings, drop_old_turns=False)
+        session, found = self.conversations.checkout(req.system, req.history, req.message, req.prefix)
+        stops = StopText(req.stop)
+        done: Done | None = None
         try:
-            for ev in session.send(req.message, settings, job.cancel):
+            for ev in self._turn(session, found, req, settings, job.cancel):
                 if isinstance(ev, Token) and ev.text:
                     out = stops.feed(ev.text)
                     if out:
-                        text.append(out)
-                        job.emit(("delta", out))
+                        job.emit(Delta(out))
                     if stops.hit:
                         job.cancel.set()  # stops within a step; the rest of the reply is not wanted
                 elif isinstance(ev, Done):
@@ -150,26 +173,30 @@ class Worker(threading.Thread):
         except Z2ZError as e:
             raise APIError(400, str(e)) from e
         finally:
-            if stops.hit:
-                # the conversation continues from the text the client got, not from the codes
-                # written past the stop string: rebuild it from the messages (encoded at the next turn)
-                session.messages[-1]["content"] = "".join(text)
-                session.restore_or_rebuild(None, session.messages)
+            if stops.hit and session.messages and session.messages[-1]["role"] == "assistant":
+                session.cut_reply(req.prefix + stops.sent)  # the conversation goes on from what the client got
             self.conversations.checkin(session)
-        if not stops.hit:
-            tail = stops.flush()
-            if tail:
-                text.append(tail)
-                job.emit(("delta", tail))
+        tail = stops.flush()
+        if tail:
+            job.emit(Delta(tail))
         assert done is not None
-        st = done.stats
-        t = self.totals
+        self._count(done, stops.hit)
+        finish = "stop" if done.reason == "stop" or stops.hit else "length"
+        job.emit(Finished(finish, done.stats, found))
+
+    @staticmethod
+    def _turn(session: Any, found: Found, req: ChatRequest, settings: GenerationSettings,
+              cancel: threading.Event) -> Iterator[Event]:
+        if found.regenerate:  # the same messages again: from where the first reply began
+            return session.regenerate(settings, cancel)
+        return session.send(req.message, settings, cancel, prefix=req.prefix)
+
+    def _count(self, done: Done, stopped: bool) -> None:
+        st, t = done.stats, self.totals
         t.prompt_tokens += st.context_tokens
         t.completion_tokens += st.reply_tokens
         t.prompt_codes += st.context_codes
         t.completion_codes += st.reply_codes
         t.cached_tokens += st.cached_tokens
-        if done.reason == "cancelled" and not stops.hit:
+        if done.reason in ("cancelled", "withdrawn") and not stopped:
             t.cancelled += 1
-        finish = "stop" if done.reason == "stop" or stops.hit else "length"
-        job.emit(("done", finish, st, how))

@@ -109,12 +109,18 @@ def tokenize(tok: Any, pieces: list[Piece], skip: int) -> tuple[str, list[int]]:
 
 
 def plan(tok: Any, system: str | None, messages: list[dict[str, str]], user_text: str, fed_text: str,
-         codec: CodecSession, stream: Stream, window: int, room: int) -> TurnPlan:
+         codec: CodecSession, stream: Stream, window: int, room: int, prefix: str = "") -> TurnPlan:
     """How to add ``user_text`` to ``messages``, whose stream (``codec``, ``stream``) holds
-    ``fed_text``, keeping ``room`` positions of the ``window`` for the reply."""
+    ``fed_text``, keeping ``room`` positions of the ``window`` for the reply; ``prefix`` is the
+    start of the reply, given (read after the generation prompt, as message text)."""
     ctx, config, mode = window, codec.config, stream.mode
     M = config.max_merge_size  # the next code may take M positions (base_token_end)
-    pieces = render(tok, system, messages + [{"role": "user", "content": user_text}])
+
+    def turn(msgs: list[dict[str, str]]) -> list[Piece]:
+        pieces = render(tok, system, msgs + [{"role": "user", "content": user_text}])
+        return pieces + [(prefix, True)] if prefix else pieces
+
+    pieces = turn(messages)
     target = ctx  # a restart only because the rendering changed (a new system prompt) drops nothing
     if "".join(p for p, _ in pieces).startswith(fed_text):
         target = ctx // 2
@@ -133,7 +139,7 @@ def plan(tok: Any, system: str | None, messages: list[dict[str, str]], user_text
     fit = None
     for drop in range(0, len(messages) // 2 + 1):
         kept = messages[2 * drop:]
-        text, ids = tokenize(tok, render(tok, system, kept + [{"role": "user", "content": user_text}]), 0)
+        text, ids = tokenize(tok, turn(kept), 0)
         trial, fresh = CodecSession(config), Stream(mode)
         fresh.extend(trial.encode(ids), trial)
         need = fresh.next_position(M) + room

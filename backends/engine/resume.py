@@ -110,6 +110,16 @@ class Resumable:
                                   self.marks[:n]))
         return True
 
+    def cut_reply(self, text: str) -> None:
+        """The last reply ends at ``text`` (a stop string cut it): the KV cache goes back to where
+        the reply began and the kept text is read with the next send, so the conversation goes on
+        from what the client got, not from the codes written past the cut."""
+        n = len(self.messages) - 1
+        if n < 0 or self.messages[n]["role"] != "assistant":
+            raise ValueError("the conversation does not end with a reply")
+        self.rewind_to(n)
+        self.follow([{"role": "assistant", "content": text}])
+
     def follow(self, messages: list[dict[str, str]]) -> None:
         """Messages of another branch after the current end (a branch switched to): they are read
         with the next send, which continues the stream from here."""

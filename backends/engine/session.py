@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import threading
 import time
+
+import numpy as np
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +43,7 @@ from z2z_chat.backends.protocol import DecodeState
 from z2z_chat.backends.engine.steps import Stream, sync_entries
 from z2z_chat.backends.engine.utf8_guard import Utf8Guard
 from z2z_chat.backends.engine.events import Done, Event, GenerationSettings, Notice, Progress, Token, TurnStats
+from z2z_chat.backends.engine.kv_store import codes_digest
 from z2z_chat.backends.engine.resume import Resumable
 
 
@@ -71,6 +74,7 @@ class Session(Resumable):
         self.codec = CodecSession(self.codec_config)
         self.stream = Stream(self.position_mode)
         self.fed_text = ""  # the text equivalent of the stream (template markers included)
+        self._prompt_logits: tuple[str, np.ndarray] | None = None  # (codes' digest, logits after them)
         self.state.reset()
 
     @property
@@ -102,18 +106,19 @@ class Session(Resumable):
         return ContextUsage(len(self.codes) if self.position_mode == "compressed" else self.stream.n_base,
                             window, self.stream.n_base, reply_room(settings.max_tokens, window))
 
-    def _plan(self, user_text: str, settings: GenerationSettings) -> TurnPlan:
+    def _plan(self, user_text: str, settings: GenerationSettings, prefix: str = "") -> TurnPlan:
         window = self.state.context_length
         return plan(self.tok, self.system, self.messages, user_text, self.fed_text, self.codec, self.stream,
-                    window, reply_room(settings.max_tokens, window))
+                    window, reply_room(settings.max_tokens, window), prefix)
 
     # --- one turn ---------------------------------------------------------------------------
 
     def send(self, user_text: str, settings: GenerationSettings | None = None,
-             cancel: threading.Event | None = None) -> Iterator[Event]:
-        """Add a user message and stream the reply (see the module docstring)."""
+             cancel: threading.Event | None = None, prefix: str = "") -> Iterator[Event]:
+        """Add a user message and stream the reply (see the module docstring). With ``prefix``
+        the reply starts with that text (given, not written: only what follows it is streamed)."""
         settings = settings or GenerationSettings()
-        p = self._plan(user_text, settings)
+        p = self._plan(user_text, settings, prefix)
         drop, restart, text, ids = p.drop, p.restart, p.text, p.ids
         if drop and not settings.drop_old_turns:
             window = self.state.context_length
@@ -134,13 +139,14 @@ class Session(Resumable):
         self.marks.append(None if restart else (start, len(self.fed_text)))
         self.stream.extend(self.codec.encode(ids), self.codec)
         self.fed_text += text
-        reply_mark = (len(self.codes), len(self.fed_text))
+        # where the reply begins; a given prefix is merged with the generation prompt's codes: no boundary
+        reply_mark = None if prefix else (len(self.codes), len(self.fed_text))
         pending = sum(len(self.codec.expand(c)) for c in self.codes[self.fed:])
         stats = TurnStats(prompt_tokens=len(ids), prompt_codes=len(self.codes) - start,
                           codebook_capacity=self.codec_config.max_codebook_size,
                           context_tokens=self.stream.n_base, context_codes=len(self.codes),
                           cached_tokens=self.stream.n_base - pending, cached_codes=self.fed)
-        reply: list[str] = []
+        reply: list[str] = [prefix]
         withdrawn: list[bool] = []
         try:
             yield from self._reply(settings, cancel, stats, reply, withdrawn)
@@ -151,20 +157,49 @@ class Session(Resumable):
                 self.messages.append({"role": "assistant", "content": "".join(reply)})
                 self.marks.append(reply_mark)
 
+    def regenerate(self, settings: GenerationSettings | None = None,
+                   cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Answer the last message again, when the conversation ends with it (after ``rewind_to``
+        the reply): from the logits kept when it was first answered, so nothing is read again and,
+        greedy, the reply is the first one; where they are gone (a restored conversation), the
+        message is taken back and sent again. ``ValueError`` when the last message is not a user's."""
+        settings = settings or GenerationSettings()
+        if not self.messages or self.messages[-1]["role"] != "user":
+            raise ValueError("there is no unanswered user message to answer again")
+        kept = self._prompt_logits
+        if self.fed != len(self.codes) or kept is None or kept[0] != codes_digest(self.codes):
+            text = self.messages[-1]["content"]
+            self.rewind_to(len(self.messages) - 1)
+            yield from self.send(text, settings, cancel)
+            return
+        reply_mark = (len(self.codes), len(self.fed_text))
+        stats = TurnStats(codebook_capacity=self.codec_config.max_codebook_size, context_tokens=self.stream.n_base,
+                          context_codes=len(self.codes), cached_tokens=self.stream.n_base, cached_codes=self.fed)
+        reply: list[str] = []
+        try:
+            yield from self._reply(settings, cancel, stats, reply, [], logits=kept[1])
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
+            self.marks.append(reply_mark)
+
     def _reply(self, settings: GenerationSettings, cancel: threading.Event | None, stats: TurnStats,
-               reply: list[str], withdrawn: list[bool]) -> Iterator[Event]:
+               reply: list[str], withdrawn: list[bool], logits: np.ndarray | None = None) -> Iterator[Event]:
+        """Prefill what is pending (unless ``logits``, the last fed position's, are given), then decode."""
         detok = Detokenizer(self.tok)
         t0 = time.perf_counter()
         sync_entries(self.state, self.codec)
-        done = total = 0
-        for done, total, logits in prefill_chunks(self.state, self.stream, cancel):
-            if total > PREFILL_CHUNK:
-                yield Progress(done, total, time.perf_counter() - t0)
-        stats.prefill_s = time.perf_counter() - t0
-        if done < total:
-            withdrawn.append(True)
-            yield Done("withdrawn", stats)
-            return
+        if logits is None:
+            done = total = 0
+            for done, total, logits in prefill_chunks(self.state, self.stream, cancel):
+                if total > PREFILL_CHUNK:
+                    yield Progress(done, total, time.perf_counter() - t0)
+            stats.prefill_s = time.perf_counter() - t0
+            if done < total:
+                withdrawn.append(True)
+                yield Done("withdrawn", stats)
+                return
+        # a regenerate at this point reuses these logits: the same reply, greedy, without a forward
+        self._prompt_logits = (codes_digest(self.codes), logits.copy())
         reply_ids: list[int] = []
         reason = "length"
         t_dec = time.perf_counter()

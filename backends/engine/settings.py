@@ -37,11 +37,15 @@ class Setting:
         return "--" + self.name.replace("_", "-")
 
     def range_text(self) -> str:
-        low = "" if self.lo is None else f"{'(' if self.lo_open else '['}{self.lo:g}"
+        """``in [1, 1048576]``, ``in (0, 1]``, ``>= 0``: numbers as typed, never in exponent form."""
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else repr(float(x))
+
         if self.hi is None:
-            text = f"{'>' if self.lo_open else '>='} {self.lo:g}" if self.lo is not None else "any"
+            text = f"{'>' if self.lo_open else '>='} {num(self.lo)}" if self.lo is not None else "any"
         else:
-            text = f"{low or '(-inf'}, {self.hi:g}]"
+            low = "(-inf" if self.lo is None else f"{'(' if self.lo_open else '['}{num(self.lo)}"
+            text = f"in {low}, {num(self.hi)}]"
         return text + (" or off" if self.can_be_off else "")
 
     def check(self, v: Any) -> Value:
