@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,12 +32,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, *args: str):
+    def __init__(self, model: Path, *args: str, cache_dir: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.cache_dir = cache_dir or Path(tempfile.mkdtemp(prefix="z2z-serve-"))  # parked conversations: its own
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "z2z_chat.app.cli", "serve", "--model", str(model), "--model-id", "tiny", "--backend",
-             "torch", "--device", "cpu", "--port", str(self.port), *args],
+             "torch", "--device", "cpu", "--port", str(self.port), "--cache-dir", str(self.cache_dir), *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=os.environ | {"HF_HUB_OFFLINE": "1"})
         deadline = time.time() + 120
@@ -56,10 +58,11 @@ class Server:
     def post(self, body, key: str | None = None, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         content = body if isinstance(body, (str, bytes)) else json.dumps(body)
-        return httpx.post(self.url + "/v1/chat/completions", content=content, headers=headers, timeout=60, **kw)
+        return httpx.post(self.url + "/v1/chat/completions", content=content, headers=headers, **({"timeout": 60} | kw))
 
-    def metrics(self) -> dict[str, float]:
-        lines = httpx.get(self.url + "/metrics").text.splitlines()
+    def metrics(self, key: str | None = None) -> dict[str, float]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        lines = httpx.get(self.url + "/metrics", headers=headers).text.splitlines()
         return {k: float(v) for k, v in (ln.split() for ln in lines if not ln.startswith("#"))}
 
     def stop(self) -> int:
@@ -161,8 +164,11 @@ def test_max_tokens_and_stop_strings(server):
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, None),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "invalid_value"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "unsupported_parameter"),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400,
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, 400,
      "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}, 400, "unknown_parameter"),
+    ('{"messages": [{"role": "user", "content": "a\\ud800"}]}', 400, None),
+    ("[" * 100000 + "]" * 100000, 400, None),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "invalid_value"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, 404, "model_not_found"),
     ({"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "context_length_exceeded"),
@@ -229,7 +235,7 @@ def test_with_one_slot_evicted_conversations_are_rebuilt_exactly(server, small):
     alone = [[t for t, _ in conversation(server.client(), c)] for c in (A, B)]
     both = interleaved(small.client(KEY), A, B)
     assert [[t for t, _ in c] for c in both] == alone
-    m = small.metrics()
+    m = small.metrics(KEY)
     assert m["z2z_conversation_cache_restores_total"] >= 4 and m["z2z_conversation_cache_hits_total"] == 0
 
 
@@ -269,3 +275,132 @@ def test_sigterm_during_a_reply_exits_cleanly(model):
         rest = [ln for ln in lines if ln]  # the stream ends properly: the reply was cancelled, not cut off
     assert time.perf_counter() - t < 20 and "Traceback" not in s.log, s.log
     assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(rest)
+
+
+# --- what chat front ends and scripts do -----------------------------------------------------------
+
+def test_a_regenerate_and_an_edit_reuse_the_cache_and_a_regenerate_repeats_the_reply(server):
+    c = server.client()
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": A[0]}]
+    first, _ = ask(c, msgs)
+    msgs += [{"role": "assistant", "content": first}, {"role": "user", "content": A[1]}]
+    second, _ = ask(c, msgs)
+    again, r = ask(c, msgs)  # the client's "regenerate": the same messages again
+    assert again == second and r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens > 0
+    msgs[-1] = {"role": "user", "content": "Write sub, but in one line."}  # an edit of the last message
+    _, r = ask(c, msgs)
+    assert 0 < r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
+    title, r = ask(c, [{"role": "user", "content": "Title for: " + A[0]}], max_tokens=8)  # on the side
+    assert ask(c, msgs[:3] + [{"role": "user", "content": A[1]}])[0] == second  # the first branch is kept
+
+
+def test_a_non_streaming_client_that_disconnects_stops_its_reply(server):
+    before = server.metrics()["z2z_requests_cancelled_total"]
+    body = {"messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 100000}
+    with pytest.raises(httpx.TimeoutException):
+        server.post(body, timeout=1.5)
+    deadline = time.time() + 20
+    while server.metrics()["z2z_requests_cancelled_total"] == before and time.time() < deadline:
+        time.sleep(0.2)
+    assert server.metrics()["z2z_requests_cancelled_total"] == before + 1
+    assert httpx.get(server.url + "/health").json()["busy"] is False
+
+
+def test_http_details_clients_rely_on(server, small):
+    m = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert m["created"] > 1_600_000_000
+    assert httpx.get(server.url + "/v1/models/tiny").json()["id"] == "tiny"
+    assert httpx.get(server.url + "/v1/models/other").status_code == 404
+    pre = httpx.options(server.url + "/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,authorization"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", "http://localhost:3000")
+    before = server.metrics()["z2z_request_client_errors_total"]
+    assert server.post({"messages": []}).status_code == 400
+    assert server.metrics()["z2z_request_client_errors_total"] == before + 1
+    assert httpx.get(small.url + "/metrics").status_code == 401  # the key guards the figures too
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read(model):
+    s = Server(model, "--max-body-mb", "1")
+    try:
+        big = {"messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+        r = s.post(big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert s.post({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_a_busy_port_is_said_before_the_model_loads(model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "serve", "--model", str(model), "--backend",
+                            "torch", "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"127.0.0.1:{port}" in r.stderr and "--port" in r.stderr
+    assert "serving" not in r.stderr and "Traceback" not in r.stderr and time.perf_counter() - t < 30
+
+
+def test_conversations_survive_a_restart(model, tmp_path):
+    s = Server(model, cache_dir=tmp_path)
+    c = s.client()
+    msgs = [{"role": "user", "content": B[0]}]
+    msgs.append({"role": "assistant", "content": ask(c, msgs)[0]})
+    msgs.append({"role": "user", "content": B[1]})
+    kept, _ = ask(c, msgs)  # the reply of the conversation kept in memory
+    first_reply = msgs[1]["content"]
+    assert s.stop() == -signal.SIGTERM
+    s = Server(model, cache_dir=tmp_path)
+    try:
+        again, r = ask(s.client(), msgs)  # a regenerate after the restart: the same reply, nothing re-read
+        assert again == kept and r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens
+        assert s.metrics()["z2z_conversation_cache_restores_total"] == 1
+        assert first_reply
+    finally:
+        s.stop()
+
+
+async def _async_ask(url: str) -> tuple[str, str]:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    msgs = [{"role": "user", "content": A[0]}]
+    r = await client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=20)
+    parts = []
+    async for ch in await client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=20,
+                                                         stream=True):
+        parts += [c.delta.content or "" for c in ch.choices]
+    return r.choices[0].message.content, "".join(parts)
+
+
+def test_the_async_openai_client(server):
+    import asyncio
+
+    whole, streamed = asyncio.run(_async_ask(server.url))
+    assert whole and whole == streamed
+
+
+def test_the_llm_cli(server, tmp_path):
+    pytest.importorskip("llm", reason="the llm CLI: pip install llm")
+    home = tmp_path / "llm"
+    home.mkdir()
+    (home / "extra-openai-models.yaml").write_text(
+        f"- model_id: z2z\n  model_name: tiny\n  api_base: {server.url}/v1\n")
+    env = os.environ | {"LLM_USER_PATH": str(home), "OPENAI_API_KEY": "none"}
+    r = subprocess.run([sys.executable, "-m", "llm", "-m", "z2z", "-o", "temperature", "0", "-o", "max_tokens", "20",
+                        A[0]], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ask(server.client(), [{"role": "user", "content": A[0]}], max_tokens=20)[0].strip()
+
+
+def test_litellm(server):
+    litellm = pytest.importorskip("litellm", reason="litellm: pip install litellm")
+    msgs = [{"role": "user", "content": A[0]}]
+    r = litellm.completion(model="openai/tiny", api_base=server.url + "/v1", api_key="none", messages=msgs,
+                           temperature=0, max_tokens=20)
+    assert r.choices[0].message.content == ask(server.client(), msgs, max_tokens=20)[0]
+    parts = [ch.choices[0].delta.content or "" for ch in litellm.completion(
+        model="openai/tiny", api_base=server.url + "/v1", api_key="none", messages=msgs, temperature=0,
+        max_tokens=20, stream=True) if ch.choices]
+    assert "".join(parts) == r.choices[0].message.content

@@ -24,12 +24,15 @@ again when they return (a re-read can answer slightly differently: see docs/SERV
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from z2z_chat.backends.engine.kv_store import KVStore, SavedKV, codes_digest
 from z2z_chat.backends.engine.session import Session
@@ -152,7 +155,12 @@ class Conversations:
         state = session.to_dict()
         if self.store is not None:
             kv = session.saved_kv() or SavedKV(b"", 0, codes_digest([]))
-            why = self.store.save(cid, SavedKV(kv.data, kv.fed, kv.digest, meta | {"state": state}))
+            extra = {"state": state}
+            if session.prompt_logits is not None:  # a regenerate after a restart gives the first reply again
+                digest, logits = session.prompt_logits
+                extra["logits"] = {"digest": digest, "dtype": logits.dtype.str,
+                                   "data": base64.b64encode(np.ascontiguousarray(logits).tobytes()).decode()}
+            why = self.store.save(cid, SavedKV(kv.data, kv.fed, kv.digest, meta | extra))
             if why is None:
                 self.counters.parked += 1
                 self.parked[cid] = meta
@@ -171,7 +179,8 @@ class Conversations:
         """A parked conversation as a session (its KV cache taken back where it was saved)."""
         meta = self.parked.get(cid)
         kv = self.store.load(cid) if self.store is not None else None
-        state = (kv.meta if kv is not None else meta or {}).get("state")
+        saved = kv.meta if kv is not None else meta or {}
+        state = saved.get("state")
         if meta is None or state is None:
             self._forget(cid)
             return None
@@ -185,6 +194,13 @@ class Conversations:
             return None
         if why and kv is not None and kv.fed:
             log.warning("a parked conversation's KV cache was not used (%s); it is read again", why)
+        kept = saved.get("logits")
+        if why is None and isinstance(kept, dict):
+            try:
+                logits = np.frombuffer(base64.b64decode(kept["data"]), dtype=np.dtype(kept["dtype"]))
+                session.keep_prompt_logits((str(kept["digest"]), logits))
+            except (KeyError, ValueError, TypeError):
+                log.warning("a parked conversation's kept logits were unreadable; a regenerate reads its message again")
         return session
 
     def _forget(self, cid: str) -> None:

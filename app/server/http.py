@@ -163,29 +163,31 @@ async def chat(request: Request) -> Response:
         return _error(request, APIError(429, "the server is busy: too many requests are waiting; retry shortly",
                                         "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}))
     cid = new_id()
-    first = await _next(request, job, events)
-    if isinstance(first, Failed):
-        return _error(request, first.error)
-    if not req.stream:
-        return await _whole(request, job, events, first, cid)
+    watcher = asyncio.create_task(_watch(request, job))  # a streaming response watches by itself
+    try:
+        first = await _next(job, events)
+        if isinstance(first, Failed):
+            return _error(request, first.error)
+        if not req.stream:
+            return await _whole(request, job, events, first, cid)
+    finally:
+        watcher.cancel()
     return StreamingResponse(_sse(request, job, events, first, cid, req.include_usage),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _next(request: Request, job: Job, events: asyncio.Queue, watch: bool = True) -> WorkerEvent:
-    """The job's next event; with ``watch``, a client that went away meanwhile cancels the job
-    (a streaming response watches for that itself: it cancels ``_sse``)."""
-    getter = asyncio.ensure_future(events.get())
+async def _watch(request: Request, job: Job) -> None:
+    """Cancel the job when the client goes away (until the response starts)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        continue
+    job.cancel.set()
+
+
+async def _next(job: Job, events: asyncio.Queue) -> WorkerEvent:
     try:
-        while True:
-            done, _ = await asyncio.wait({getter}, timeout=0.5 if watch else None)
-            if done:
-                return getter.result()
-            if await request.is_disconnected():
-                job.cancel.set()
+        return await events.get()
     except asyncio.CancelledError:
-        getter.cancel()
         job.cancel.set()
         raise
 
@@ -194,7 +196,7 @@ async def _whole(request: Request, job: Job, events: asyncio.Queue, ev: WorkerEv
     text: list[str] = []
     while isinstance(ev, Delta):
         text.append(ev.text)
-        ev = await _next(request, job, events)
+        ev = await _next(job, events)
     if isinstance(ev, Failed):
         return _error(request, ev.error)
     return JSONResponse(completion(cid, _served(request).model_id, "".join(text), ev.finish, usage(ev.stats)))
@@ -211,7 +213,7 @@ async def _sse(request: Request, job: Job, events: asyncio.Queue, ev: WorkerEven
         yield frame(chunk(cid, model_id, {"role": "assistant", "content": ""}))
         while isinstance(ev, Delta):
             yield frame(chunk(cid, model_id, {"content": ev.text}))
-            ev = await _next(request, job, events, watch=False)
+            ev = await _next(job, events)
         if isinstance(ev, Failed):
             yield frame(ev.error.body())  # headers are sent: the error travels in the stream
         elif isinstance(ev, Finished):

@@ -182,6 +182,15 @@ class Session(Resumable):
             self.messages.append({"role": "assistant", "content": "".join(reply)})
             self.marks.append(reply_mark)
 
+    @property
+    def prompt_logits(self) -> tuple[str, np.ndarray] | None:
+        """(digest of the codes, logits after them) kept where the last reply began, for ``regenerate``;
+        a conversation parked elsewhere keeps them with its state (``keep_prompt_logits``)."""
+        return self._prompt_logits
+
+    def keep_prompt_logits(self, kept: tuple[str, np.ndarray] | None) -> None:
+        self._prompt_logits = kept
+
     def _reply(self, settings: GenerationSettings, cancel: threading.Event | None, stats: TurnStats,
                reply: list[str], withdrawn: list[bool], logits: np.ndarray | None = None) -> Iterator[Event]:
         """Prefill what is pending (unless ``logits``, the last fed position's, are given), then decode."""

@@ -78,10 +78,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_tokens", int, 512, 1, 1 << 20,
             help="most base tokens per reply; the reply stops at the code that reaches it "
                  "(a hypertoken counts as the tokens it stands for)", hint="base tokens per reply"),
-    Setting("temperature", float, 0.0, 0, 2, help="0 = greedy", hint="0 = greedy"),
+    Setting("temperature", float, 0.0, 0, 2, help="0 = greedy", hint="0 = greedy"),  # OpenAI's range
     Setting("top_p", float, 1.0, 0, 1, lo_open=True, help="nucleus sampling (1 = off)", hint="1 = off"),
     Setting("top_k", int, 0, 0, 1 << 20, help="sample among the k likeliest (0 = off)", hint="0 = off"),
-    Setting("repetition_penalty", float, 1.0, 0, 10, lo_open=True,
+    Setting("repetition_penalty", float, 1.0, 0, None, lo_open=True,
             help="divide the logits of base tokens written in the last repetition_window codes "
                  "(1 = off)", hint="1 = off"),
     Setting("repetition_window", int, 64, 1, 4096,
