@@ -16,12 +16,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from z2z_chat.backends.errors import Z2ZError
+from z2z_chat.backends.engine.settings import CHAT_KEYS, TABLE
+from z2z_chat.backends.errors import SettingsError, Z2ZError
 
 from z2z_chat.app.store import Message, Store
 
@@ -41,20 +46,48 @@ class Hit:
     message: int = 0
 
 
-def export_jsonl(store: Store, path: Path) -> int:
-    """Write every conversation; returns how many."""
+def export_jsonl(store: Store, path: Path, force: bool = False) -> int:
+    """Write every conversation through a temporary file renamed into place; returns how many.
+    An existing ``path`` is refused unless ``force``; ``ArchiveError`` says what went wrong."""
+    if path.is_dir():
+        raise ArchiveError(f"{path} is a directory: name a file to write")
+    if path.exists() and not force:
+        raise ArchiveError(f"{path} exists; choose another name, or add --force to replace it")
+    if not path.parent.is_dir():
+        raise ArchiveError(f"the directory {path.parent} does not exist")
     convs = store.conversations()
-    with open(path, "w", encoding="utf-8") as f:
-        for c in reversed(convs):  # oldest first, so an import keeps the order
-            tree = store.tree(c.id)
-            local = {m.id: i for i, m in enumerate(tree, 1)}  # ids within the conversation
-            shown = store.messages(c.id)
-            msgs = [{"id": local[m.id], "parent": local.get(m.parent), "role": m.role, "content": m.content,
-                     "stopped": m.stopped} for m in tree]
-            f.write(json.dumps({"title": c.title, "model": c.model, "system": c.system, "settings": c.settings,
-                                "head": local[shown[-1].id] if shown else None, "messages": msgs},
-                               ensure_ascii=False) + "\n")
+    lines = []
+    for c in reversed(convs):  # oldest first, so an import keeps the order
+        tree = store.tree(c.id)
+        local = {m.id: i for i, m in enumerate(tree, 1)}  # ids within the conversation
+        shown = store.messages(c.id)
+        uid, created, updated = store.uid(c.id)
+        msgs = [{"id": local[m.id], "parent": local.get(m.parent), "role": m.role, "content": m.content,
+                 "stopped": m.stopped} for m in tree]
+        lines.append(json.dumps({"uid": uid, "created": created, "updated": updated, "title": c.title,
+                                 "model": c.model, "system": c.system, "settings": c.settings,
+                                 "head": local[shown[-1].id] if shown else None, "messages": msgs},
+                                ensure_ascii=False) + "\n")
+    try:
+        atomic_write(path, "".join(lines))
+    except OSError as e:
+        raise ArchiveError(f"{path} cannot be written ({e.strerror or e})") from None
     return len(convs)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """``text`` to ``path`` whole or not at all: a temporary file beside it, renamed into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: an export is as readable as any file written
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def markdown(store: Store, cid: int) -> str:
@@ -94,6 +127,20 @@ def _branches(tree: list[Message], shown: list[int]) -> list[list[Message]]:
     return ([shown_path] if shown_path else []) + [p for p in paths if p is not shown_path]
 
 
+def _content(content: Any) -> str | None:
+    """Text content: a string, or OpenAI's list of text parts (joined); valid Unicode only."""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        return None
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:  # JSON lets a lone surrogate ("\ud800") through
+        return None
+    return content
+
+
 def _messages(raw: Any, where: str) -> tuple[str | None, list[Message]]:
     """The conversation's messages; with ``id``/``parent`` (our export) a tree, checked: every
     parent is a message before it."""
@@ -101,8 +148,11 @@ def _messages(raw: Any, where: str) -> tuple[str | None, list[Message]]:
         raise ArchiveError(f"{where}: expected a non-empty list of messages")
     system, out, seen = None, [], set()
     for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ArchiveError(f"{where}: message {i + 1} needs a role ({', '.join(ROLES)}) and text content")
+        content = _content(m.get("content")) if isinstance(m, dict) else None
+        if not isinstance(m, dict) or m.get("role") not in ROLES or content is None:
+            raise ArchiveError(f"{where}: message {i + 1} needs a role ({', '.join(ROLES)}) and text content "
+                               "(a string or a list of text parts, valid Unicode)")
+        m = m | {"content": content}
         if m["role"] == "system":
             system = m["content"]
             continue
@@ -114,56 +164,104 @@ def _messages(raw: Any, where: str) -> tuple[str | None, list[Message]]:
     return system, out
 
 
-def _parse(path: Path) -> list[dict[str, Any]]:
+MAX_IMPORT = 256 << 20  # an export of years of chats is a few MB
+
+
+def _read(path: Path) -> str:
+    """The file's text: a regular file (never a FIFO or a device), of a sane size, UTF-8 (a BOM is
+    allowed)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ArchiveError(f"{path} cannot be read as UTF-8 text ({e})") from None
+        st = path.stat()
+    except FileNotFoundError:
+        raise ArchiveError(f"{path} does not exist") from None
+    except OSError as e:
+        raise ArchiveError(f"{path} cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ArchiveError(f"{path} is not a regular file (a directory, a pipe or a device): name an export file")
+    if st.st_size > MAX_IMPORT:
+        raise ArchiveError(f"{path} is {st.st_size >> 20} MB; an import file is at most {MAX_IMPORT >> 20} MB")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ArchiveError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ArchiveError(f"{path} cannot be read ({e.strerror or e})") from None
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ArchiveError(f"{where}: not JSON ({e})") from None
+    except RecursionError:
+        raise ArchiveError(f"{where}: nested too deeply to be a conversation") from None
+
+
+def _settings(raw: Any) -> tuple[dict[str, Any], list[str]]:
+    """The settings the table accepts; the names of those it refused (they take the defaults)."""
+    good, bad = {}, []
+    for k, v in (raw.items() if isinstance(raw, dict) else ()):
+        try:
+            if k not in CHAT_KEYS:
+                raise SettingsError(k)
+            good[k] = TABLE[k].check(v)
+        except SettingsError:
+            bad.append(str(k))
+    return good, bad
+
+
+def _digest(title: str, system: str | None, msgs: list[Message]) -> str:
+    """The id of a conversation that came without one (an OpenAI message list): its content."""
+    data = json.dumps([title, system, [(m.role, m.content, m.id, m.parent) for m in msgs]], ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(data.encode()).hexdigest()[:32]
+
+
+def _parse(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every conversation of the file, checked, and notes on what was left out."""
+    text = _read(path)
+    notes: list[str] = []
     try:  # a whole-file JSON list: one conversation in the OpenAI message format
         whole = json.loads(text)
     except ValueError:
         whole = None
+    except RecursionError:
+        raise ArchiveError(f"{path}: nested too deeply to be a conversation") from None
     if isinstance(whole, list):
         system, msgs = _messages(whole, str(path))
         return [{"title": next((m.content for m in msgs if m.role == "user"), "imported")[:40],
-                 "system": system, "settings": {}, "model": "", "messages": msgs}]
+                 "system": system, "settings": {}, "model": "", "messages": msgs,
+                 "uid": _digest("", system, msgs)}], notes
     convs = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            d = json.loads(line)
-        except ValueError as e:
-            raise ArchiveError(f"{path}:{n}: not JSON ({e})") from None
+        d = _json(line, f"{path}:{n}")
         if not isinstance(d, dict):
             raise ArchiveError(f"{path}:{n}: expected a conversation object")
         system, msgs = _messages(d.get("messages"), f"{path}:{n}")
-        title = d.get("title") if isinstance(d.get("title"), str) and d["title"].strip() else "imported"
-        settings = d.get("settings") if isinstance(d.get("settings"), dict) else {}
-        convs.append({"title": title, "system": d.get("system") if isinstance(d.get("system"), str) else system,
+        system = d["system"] if isinstance(d.get("system"), str) and _content(d["system"]) is not None else system
+        title = _content(d.get("title"))
+        settings, bad = _settings(d.get("settings"))
+        if bad:
+            notes.append(f"{path}:{n}: settings {', '.join(bad)} were not valid and take the defaults")
+        times = {k: float(d[k]) for k in ("created", "updated")
+                 if isinstance(d.get(k), (int, float)) and not isinstance(d[k], bool) and 0 < d[k] < 1e11}
+        title = title if title and title.strip() else "imported"
+        uid = d.get("uid") if isinstance(d.get("uid"), str) and d["uid"].strip() else _digest(title, system, msgs)
+        convs.append({"title": title, "system": system,
                       "settings": settings, "model": d.get("model") if isinstance(d.get("model"), str) else "",
-                      "messages": msgs, "head": d.get("head")})
+                      "messages": msgs, "head": d.get("head"), "uid": uid} | times)
     if not convs:
         raise ArchiveError(f"{path} holds no conversation")
-    return convs
+    return convs, notes
 
 
-def import_file(store: Store, path: Path) -> int:
-    """Import every conversation of ``path`` (all or nothing); returns how many."""
-    convs = _parse(Path(path))
-    for c in convs:
-        cid = store.create(c["title"], c["model"], c["system"], c["settings"])
-        new: dict[int | None, int | None] = {None: None}
-        for m in c["messages"]:
-            kept = Message(m.role, m.content, stopped=m.stopped)
-            if m.id is None:  # a plain list: each message follows the one before
-                store.add_message(cid, kept)
-            else:
-                new[m.id] = store.add_message(cid, kept, parent=new[m.parent])
-        head = c.get("head")
-        if isinstance(head, int) and head in new:
-            store.set_head(cid, new[head], descend=False)
-    return len(convs)
+def import_file(store: Store, path: Path) -> tuple[int, int, list[str]]:
+    """Import every conversation of ``path``, all or nothing (one transaction); those the history
+    already holds (by their id) are skipped. Returns (added, skipped, notes)."""
+    convs, notes = _parse(Path(path))
+    added = store.import_conversations(convs)
+    return added, len(convs) - added, notes
 
 
 def search(store: Store, text: str, limit: int = 200) -> list[Hit]:

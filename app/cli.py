@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", metavar="FILE", help="write every conversation to FILE (JSON Lines), then exit")
     p.add_argument("--import", dest="import_file", metavar="FILE",
                    help="import conversations from FILE (our JSON Lines, or a JSON list of {role, content})")
+    p.add_argument("--force", action="store_true", help="with --export: replace FILE if it exists")
     p.add_argument("--search", metavar="TEXT", help="print the messages containing TEXT: conversation, role, line")
     p.add_argument("--cache", choices=["list", "clean"],
                    help="list what z2z-chat keeps in its cache directory, or remove what is rebuilt on demand "
@@ -138,22 +139,39 @@ def one_shot(args: argparse.Namespace, settings, message: str) -> int:
 
 
 def archive_command(args: argparse.Namespace) -> int:
+    """--import, --export, --search. A file that cannot be read or written is one line, exit 2;
+    a search that matches nothing says so, exit 1 (as grep)."""
     from pathlib import Path
 
     from z2z_chat.app import archive
-    from z2z_chat.app.store import open_store
+    from z2z_chat.app.store import StoreBusy, open_store
 
     store = open_store()
     try:
         if store.warning:
             print(f"z2z-chat: {store.warning}", file=sys.stderr)
         if args.import_file:
-            print(f"imported {archive.import_file(store, Path(args.import_file))} conversation(s)")
+            added, skipped, notes = archive.import_file(store, Path(args.import_file))
+            for note in notes:
+                print(f"z2z-chat: {note}", file=sys.stderr)
+            print(f"imported {added} conversation(s)" + (f", {skipped} already in the history" if skipped else ""))
         if args.export:
-            print(f"exported {archive.export_jsonl(store, Path(args.export))} conversation(s) to {args.export}")
+            n = archive.export_jsonl(store, Path(args.export), force=args.force)
+            print(f"exported {n} conversation(s) to {args.export}")
         if args.search is not None:
-            for h in archive.search(store, args.search):
+            hits = archive.search(store, args.search)
+            for h in hits:
                 print(f"{h.conversation} {h.title!r}\t{h.role}\t{h.line}")
+            if not hits:
+                print(f"z2z-chat: no message matches {args.search!r}", file=sys.stderr)
+                return 1
+    except archive.ArchiveError as e:
+        print(f"z2z-chat: error: {e}", file=sys.stderr)
+        return 2
+    except StoreBusy:  # an import is one transaction: nothing of it was written
+        print(f"z2z-chat: error: the history {store.path} is locked by another program; nothing was imported. "
+              "Try again once it is closed.", file=sys.stderr)
+        return 1
     finally:
         store.close()
     return 0
@@ -197,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         return serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("prompt", "system", "model", "base"):
+    for name in ("prompt", "system", "model", "base", "search"):
         _valid_utf8(parser, f"--{name}", getattr(args, name))
+    if args.search is not None and not args.search.strip():
+        parser.error("--search needs a word to look for")
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty")
     if args.file and args.prompt is None:

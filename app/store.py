@@ -40,6 +40,7 @@ import json
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +50,10 @@ from z2z_chat.backends.errors import Z2ZError
 
 BUSY_WAIT_S = 5.0
 T = TypeVar("T")
-TABLES = {"conversations": {"id", "title", "model", "system", "settings", "state", "created", "updated", "head"},
+TABLES = {"conversations": {"id", "title", "model", "system", "settings", "state", "created", "updated", "head",
+                           "uid"},
           "messages": {"id", "conversation", "role", "content", "units", "stopped", "stats", "created", "parent"}}
-ADDED = {"conversations": {"head"}, "messages": {"parent"}}  # columns newer than the first version
+ADDED = {"conversations": {"head", "uid"}, "messages": {"parent"}}  # columns newer than the first version
 
 
 class NotSaved(Z2ZError):
@@ -92,7 +94,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     state TEXT,
     created REAL NOT NULL,
     updated REAL NOT NULL,
-    head INTEGER
+    head INTEGER,
+    uid TEXT
 );
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -232,9 +235,49 @@ class Store:
     def create(self, title: str, model: str, system: str | None, settings: dict[str, Any]) -> int:
         now = time.time()
         cur = self._write(lambda: self.db.execute(
-            "INSERT INTO conversations (title, model, system, settings, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
-            (title, model, system, json.dumps(settings), now, now)))
+            "INSERT INTO conversations (title, model, system, settings, created, updated, uid) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", (title, model, system, json.dumps(settings), now, now, uuid.uuid4().hex)))
         return int(cur.lastrowid)
+
+    def uid(self, cid: int) -> tuple[str, float, float]:
+        """The conversation's lasting id (the same in every export) and its created/updated times."""
+        r = self.db.execute("SELECT uid, created, updated FROM conversations WHERE id = ?", (cid,)).fetchone()
+        if r is None:
+            raise KeyError(f"no conversation {cid}")
+        return r[0] or "", r[1], r[2]
+
+    def import_conversations(self, convs: list[dict[str, Any]]) -> int:
+        """Add conversations in one transaction (all or none); those whose ``uid`` the history
+        already holds are skipped, so importing a file twice adds nothing. Returns how many were added.
+        Each: title, model, system, settings, uid, created, updated, head, and ``messages``
+        (``Message``s whose ``id``/``parent`` number them within the conversation, or None: in order)."""
+        def write() -> int:
+            added = 0
+            for c in convs:
+                if self.db.execute("SELECT 1 FROM conversations WHERE uid = ?", (c["uid"],)).fetchone():
+                    continue
+                now = time.time()
+                cid = self.db.execute(
+                    "INSERT INTO conversations (title, model, system, settings, created, updated, uid) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)", (c["title"], c["model"], c["system"], json.dumps(c["settings"]),
+                                                     c.get("created") or now, c.get("updated") or now,
+                                                     c["uid"])).lastrowid
+                ids: dict[int | None, int | None] = {None: None}
+                last = None
+                for m in c["messages"]:
+                    parent = last if m.id is None else ids[m.parent]
+                    last = self.db.execute(
+                        "INSERT INTO messages (conversation, role, content, units, stopped, stats, created, parent) "
+                        "VALUES (?, ?, ?, NULL, ?, NULL, ?, ?)",
+                        (cid, m.role, m.content, int(m.stopped), c.get("updated") or now, parent)).lastrowid
+                    if m.id is not None:
+                        ids[m.id] = last
+                head = ids.get(c.get("head")) if isinstance(c.get("head"), int) else None
+                self.db.execute("UPDATE conversations SET head = ? WHERE id = ?", (head or last, cid))
+                added += 1
+            return added
+
+        return self._write(write)
 
     def update(self, cid: int, **fields: Any) -> None:
         cols = {k: (json.dumps(v) if k in ("settings", "state") and v is not None else v) for k, v in fields.items()}
@@ -383,7 +426,7 @@ def _check_ours(path: Path, how: str = "mode=ro") -> None:
             raise NotOurs(f"it holds other tables ({', '.join(sorted(tables))})")
         for t, cols in TABLES.items():
             have = {r[1] for r in ro.execute(f"PRAGMA table_info({t})")}
-            if have not in (cols, cols - ADDED[t]):
+            if not cols - ADDED[t] <= have <= cols:
                 raise NotOurs(f"its table {t} has other columns")
     finally:
         ro.close()
@@ -406,11 +449,32 @@ def _needs_migration(conn: sqlite3.Connection) -> bool:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """A file from before branches: every message follows the one before it (one transaction)."""
+    """A file from before branches: every message follows the one before it; one from before
+    conversation ids (what makes an import idempotent): each gets one. One transaction each."""
     if _needs_migration(conn):
         with conn:
             for statement in MIGRATE.strip().split(";\n"):
                 conn.execute(statement)
+    with conn:
+        if "uid" not in {r[1] for r in conn.execute("PRAGMA table_info(conversations)")}:
+            conn.execute("ALTER TABLE conversations ADD COLUMN uid TEXT")
+        conn.execute("UPDATE conversations SET uid = lower(hex(randomblob(16))) WHERE uid IS NULL")
+        conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS conversations_by_uid ON conversations(uid)")
+
+
+def _check_fts(conn: sqlite3.Connection) -> str | None:
+    """FTS5's own check of the search index (``integrity_check`` does not look inside it); a damaged
+    index is rebuilt from the messages. A note when it was."""
+    if not _has_fts(conn):
+        return None
+    try:
+        with conn:  # an INSERT opens a transaction: end it, or the file stays locked
+            conn.execute(f"INSERT INTO {FTS}({FTS}, rank) VALUES ('integrity-check', 1)")
+        return None
+    except sqlite3.DatabaseError as e:
+        with conn:
+            conn.execute(f"INSERT INTO {FTS}({FTS}) VALUES ('rebuild')")
+        return f"the history's search index was damaged ({e}) and was rebuilt from the messages"
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -517,9 +581,15 @@ def open_store(path: Path | None = None) -> Store:
     fallback = path.with_name(f"{path.stem}-fallback{path.suffix}")
     if not _writable(path):
         return _read_only(path, "is read-only (file, directory or filesystem)")
+    if path.is_dir():
+        return _in_memory(f"The history database {path} is a directory, not a file; move it away or set "
+                          "Z2Z_DATA_DIR to another directory")
     try:
-        store = Store(_connect(path), path)
-        store.warning = _merge_fallback(store, fallback)
+        conn = _connect(path)
+        note = _check_fts(conn)
+        store = Store(conn, path)
+        store.warning = _merge_fallback(store, fallback) or note
+        _migrate(conn)  # conversations moved in from the fallback get their lasting ids
         return store
     except NotOurs as e:
         why = f"is not a z2z-chat history database ({e}); it was left untouched"

@@ -585,8 +585,12 @@ class Z2ZChat(App):
         from z2z_chat.app.controller import export_dir
 
         path = export_dir() / f"z2z-chat-all-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        n = export_jsonl(self.ctl.store, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            n = export_jsonl(self.ctl.store, path)
+        except (OSError, Z2ZError) as e:
+            self.report(e)
+            return
         self.notify(f"Exported {n} conversation(s), every branch, to {path}", timeout=15)
 
     def action_import_file(self) -> None:
@@ -596,11 +600,13 @@ class Z2ZChat(App):
             if not value or not value.strip():
                 return
             try:
-                n = import_file(self.ctl.store, Path(value.strip()).expanduser())
+                added, skipped, notes = import_file(self.ctl.store, Path(value.strip()).expanduser())
             except Z2ZError as e:  # a malformed file names its line; nothing was imported
                 self.report(e)
                 return
-            self.notify(f"Imported {n} conversation(s) from {value.strip()}", timeout=10)
+            more = f" ({skipped} already in the history)" if skipped else ""
+            self.notify("\n".join([f"Imported {added} conversation(s) from {value.strip()}{more}", *notes]),
+                        timeout=10)
             self.refresh_history()
 
         self.push_screen(PromptDialog("Import conversations from (JSON Lines, or a JSON list of {role, content})",

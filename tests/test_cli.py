@@ -202,5 +202,35 @@ def test_export_import_and_search_from_the_command_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(out.read_text() + '{"messages": [{"role": "robot", "content": 1}]}\n')
     r = run("--import", str(bad), data=tmp_path / "c")
-    assert r.returncode == 1 and "bad.jsonl:2" in r.stderr
-    assert "Paris" not in run("--search", "Paris", data=tmp_path / "c").stdout  # nothing was imported
+    assert r.returncode == 2 and "bad.jsonl:2" in r.stderr and "Traceback" not in r.stderr
+    r = run("--search", "Paris", data=tmp_path / "c")  # nothing was imported
+    assert r.returncode == 1 and "no message matches" in r.stderr and r.stdout == ""
+    assert "1 already in the history" in run("--import", str(out), data=b).stdout  # idempotent
+
+
+@pytest.mark.parametrize("target,message", [
+    ("victim.py", "exists; choose another name, or add --force"),
+    ("missing-dir/x.jsonl", "does not exist"),
+    (".", "is a directory"),
+    ("/proc/version", "exists"),
+])
+def test_export_errors_are_one_line_and_touch_nothing(tmp_path, target, message):
+    victim = tmp_path / "victim.py"
+    victim.write_text("print('keep me')\n")
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--export", target], capture_output=True,
+                       text=True, cwd=tmp_path, stdin=subprocess.DEVNULL, env={**os.environ, "Z2Z_DATA_DIR": str(tmp_path)})
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and victim.read_text() == "print('keep me')\n"
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--search", ""], 2, "needs a word"),
+    (["--search", b"\xff\xfe".decode("utf-8", "surrogateescape")], 2, "not valid UTF-8"),
+    (["--max-tokens", "0"], 2, "max_tokens must be an integer in [1, 1048576], got '0'"),
+    (["--import", "/nonexistent/file.jsonl"], 2, "does not exist"),
+])
+def test_bad_values_are_one_line(tmp_path, args, code, message):
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", *args], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, env={**os.environ, "Z2Z_DATA_DIR": str(tmp_path)})
+    assert r.returncode == code and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

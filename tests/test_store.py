@@ -236,3 +236,27 @@ def test_edits_and_regenerations_are_branches_that_are_all_kept(tmp_path):
     s.set_head(cid, u2b)
     assert s.messages(cid)[-1].content == "reply 2c"
     s.close()
+
+
+def test_a_damaged_search_index_is_found_and_rebuilt(tmp_path):
+    db = tmp_path / "history.db"
+    s = open_store(db)
+    if not s.fts:
+        pytest.skip("this SQLite has no FTS5")
+    cid = s.create("chat", "m", None, {})
+    s.add_message(cid, Message("user", "the sieve of Eratosthenes"))
+    with s.db:  # the index disagrees with the messages: integrity_check cannot see it
+        s.db.execute("INSERT INTO messages_fts(rowid, content) VALUES (999, 'ghost words')")
+    s.close()
+    again = open_store(db)
+    assert again.warning and "search index" in again.warning and "rebuilt" in again.warning
+    assert [r[4] for r in again.search("sieve")] == ["the sieve of Eratosthenes"] and not again.search("ghost")
+    again.close()
+    assert open_store(db).warning is None
+
+
+def test_a_history_that_is_a_directory_is_said_and_left_alone(tmp_path):
+    db = tmp_path / "history.db"
+    db.mkdir()
+    s = open_store(db)
+    assert "is a directory" in s.warning and db.is_dir()
