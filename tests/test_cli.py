@@ -226,7 +226,7 @@ def test_export_errors_are_one_line_and_touch_nothing(tmp_path, target, message)
 @pytest.mark.parametrize("args,code,message", [
     (["--search", ""], 2, "needs a word"),
     (["--search", b"\xff\xfe".decode("utf-8", "surrogateescape")], 2, "not valid UTF-8"),
-    (["--max-tokens", "0"], 2, "max_tokens must be an integer in [1, 1048576], got '0'"),
+    (["--max-tokens", "0"], 2, "max_tokens must be an integer in [1, 1048576], got 0"),
     (["--import", "/nonexistent/file.jsonl"], 2, "does not exist"),
 ])
 def test_bad_values_are_one_line(tmp_path, args, code, message):
