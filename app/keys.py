@@ -43,6 +43,13 @@ ENTRY_KEYS = [("e", "edit your message: Enter sends it as a new branch, the old 
               ("< >", "switch between the branches at this message")]
 INPUT_KEYS = [("Enter", "send"), ("Ctrl+J", "new line"), ("Up/Down", "in an empty input: messages sent before"),
               ("Tab", "after /file: complete the path")]
+# Textual's own keys, listed so --help names every key
+APP_KEYS = [("Ctrl+Q", "quit (a reply being written is saved, marked stopped)"),
+            ("Ctrl+P", "every action, searchable (the command palette)"),
+            ("Ctrl+C", "copy the selected text")]
+# typed in the message box instead of a message; anything else starting with "/" and one word is refused
+SLASH_COMMANDS = [("/file PATH ...", "attach text files to the next message (Tab completes the path)"),
+                  ("/help", "list these commands")]
 
 
 def _key(k: str) -> str:
@@ -51,8 +58,8 @@ def _key(k: str) -> str:
 
 def help_text() -> str:
     """The keys, for ``--help``."""
-    sections = [("keys in the app:", [(_key(a.keys), a.help) for a in ACTIONS]),
-                ("in the message box:", INPUT_KEYS),
+    sections = [("keys in the app:", [(_key(a.keys), a.help) for a in ACTIONS] + APP_KEYS),
+                ("in the message box:", INPUT_KEYS + SLASH_COMMANDS),
                 ("on a message (Shift+Tab from the message box reaches them):", ENTRY_KEYS)]
     width = max(len(k) for _, rows in sections for k, _ in rows)
     return "\n".join(line for title, rows in sections for line in [title] + [f"  {k:<{width}}  {h}" for k, h in rows])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import shlex
 import signal
 import sys
@@ -34,7 +35,7 @@ from textual.widgets import Collapsible, Footer, ListView, LoadingIndicator, Sta
 from z2z_chat.backends.errors import Z2ZError
 
 from z2z_chat.app.controller import ChatController, TurnEnd
-from z2z_chat.app.keys import ACTIONS
+from z2z_chat.app.keys import ACTIONS, SLASH_COMMANDS
 from z2z_chat.app.options import AppOptions
 from z2z_chat.app.screens import ConfirmDialog, ModelScreen, PromptDialog, SearchScreen, SettingsScreen, StatsScreen
 from z2z_chat.app.store import NotSaved, default_path, open_store
@@ -354,7 +355,17 @@ class Z2ZChat(App):
         self.push_screen(PromptDialog("Attach a text file (path; several separated by spaces)", paths=True), done)
 
     def _attach_command(self, text: str) -> bool:
-        """``/file PATH ...``, or a lone path to an existing file: attach instead of sending."""
+        """``/file PATH ...``, or a lone path to an existing file: attach instead of sending; ``/help``
+        and unknown ``/word`` commands are answered here, never sent to the model."""
+        word = text.split(maxsplit=1)[0] if text.strip() else ""
+        if re.fullmatch(r"/[A-Za-z]+", word) and word != "/file" and not _is_file(text):
+            listed = "\n".join(f"{c}: {h}" for c, h in SLASH_COMMANDS)
+            if word == "/help":
+                self.notify(listed, title="commands", timeout=12)
+                self.query_one(ChatInput).accepted(text)
+            else:
+                self.notify(f"{word} is not a command; the commands are:\n{listed}", severity="warning", timeout=10)
+            return True
         if text.startswith("/file"):
             paths = shlex.split(text[len("/file"):])
             if not paths:

@@ -12,6 +12,9 @@ built incrementally (one append per token); Textual coalesces the repaints per f
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 from typing import Any
 
 from rich.text import Text
@@ -73,10 +76,10 @@ class ChatInput(TextArea):
         there are several."""
         from z2z_chat.app.attachments import complete_path
 
-        head, _, last = self.text.rpartition(" ")
+        head, last = _last_path(self.text)
         done, matches = complete_path(last)
-        if done != last:
-            self.load_text(f"{head} {done}")
+        if done != last:  # quoted when it holds a space: /file splits its paths as a shell does
+            self.load_text(f"{head} {shlex.quote(done) if ' ' in done else done}")
             self.move_cursor(self.document.end)
         if len(matches) > 1:
             shown = ", ".join(m.rstrip("/").rpartition("/")[2] + ("/" if m.endswith("/") else "") for m in matches[:12])
@@ -302,3 +305,17 @@ class ReplyView(Entry, Vertical, can_focus=True):
         import re
 
         return [m.group(1) for m in re.finditer(r"```[^\n]*\n(.*?)(?:```|\Z)", self.text, re.S)]
+
+
+def _last_path(text: str) -> tuple[str, str]:
+    """(what comes before, the path being typed) in ``/file A B``: the last word, or a longer tail
+    that is quoted or whose directory (with a space in its name) exists, so a path with spaces is
+    completed whole."""
+    for i in (i for i, ch in enumerate(text) if ch == " "):
+        raw = text[i + 1:]
+        tail = raw.strip("'\"")
+        parent = Path(tail).expanduser().parent
+        if tail and (raw[:1] in "'\"" or (" " in str(parent) and parent.is_dir())):
+            return text[:i], tail
+    head, _, last = text.rpartition(" ")
+    return head, last

@@ -15,9 +15,12 @@ Errors of ours (``Z2ZError``) pass through; a missing package or a failed conver
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import os
 import platform
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -86,11 +89,19 @@ def _installed(module: str) -> bool:
 
 
 def _has_cuda() -> bool:
+    """A CUDA GPU torch could use, decided without importing torch (which costs seconds and a few
+    hundred MB to a llama.cpp session): an NVIDIA driver on this machine and a torch build that is
+    not CPU-only. Torch itself reports the device when it is picked."""
     if not _installed("torch"):
         return False
-    import torch
-
-    return torch.cuda.is_available()
+    try:
+        if "+cpu" in importlib.metadata.version("torch"):
+            return False
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if sys.platform == "win32":
+        return Path(os.environ.get("SystemRoot", r"C:\Windows"), "System32", "nvcuda.dll").exists()
+    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def _position_mode(model: str) -> str | None:

@@ -1006,3 +1006,41 @@ def test_an_edit_too_long_for_the_window_stays_in_the_box(tiny_ckpt, tmp_path):
             assert [n.message.split(":")[0] for n in app._notifications] == ["Too long"]
 
     run(go())
+
+
+def test_a_completed_path_with_spaces_is_quoted_and_attaches(tiny_ckpt, tmp_path):
+    d = tmp_path / "my notes"
+    d.mkdir()
+    (d / "plan.txt").write_text("the plan")
+
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32), notifications=True) as pilot:
+            await ready(app, pilot)
+            box = app.query_one("#input")
+            box.insert(f"/file {d}/pl")
+            await pilot.press("tab")
+            await pilot.pause()
+            assert box.text == f"/file '{d}/plan.txt'"
+            await pilot.press("enter")
+            await pilot.pause()
+            assert [a.name for a in app.attachments] == ["plan.txt"]
+
+    run(go())
+
+
+def test_help_and_unknown_slash_commands_are_answered_not_sent(tiny_ckpt, tmp_path):
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32), notifications=True) as pilot:
+            await ready(app, pilot)
+            box = app.query_one("#input")
+            for typed, said in (("/help", "/file PATH"), ("/summarize", "is not a command")):
+                box.load_text(typed)
+                await pilot.press("enter")
+                await pilot.pause()
+                assert any(said in n.message for n in app._notifications), typed
+            assert app.ctl.session is None or not app.ctl.session.messages  # nothing reached the model
+            assert box.text == "/summarize"  # a mistyped command stays in the input
+
+    run(go())

@@ -129,6 +129,8 @@ def test_resume_reproduces_the_uninterrupted_run(trained, tmp_path):
     out = tmp_path / "resumed"
     r = run_train(recipe, "--output", str(out), "--stop_at", "3")  # interrupted after step 3 of 8
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"checkpoint: {out / 'checkpoint-3'}" in r.stdout and "final checkpoint" not in r.stdout
+    assert (out / "checkpoint-3").is_dir() and not (out / "final").exists()
     r = run_train(recipe, "--output", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stdout + r.stderr

@@ -45,7 +45,7 @@ def _run(argv: list[str] | None) -> int:
         print("z2z-train: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     if os.environ.get("RANK", "0") == "0":
-        print(f"final checkpoint: {final}")
+        print(f"{'final checkpoint' if final.name == 'final' else 'checkpoint'}: {final}")
     return 0
 
 

@@ -188,7 +188,8 @@ class MetricsLog:
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
-    """Run (or resume) training; returns the final checkpoint directory."""
+    """Run (or resume) training; returns the checkpoint it ended with: ``final/`` after the last
+    step, ``checkpoint-<step>/`` when ``stop_at`` ended it earlier."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -293,9 +294,11 @@ def _train(acc, cfg: TrainConfig, log) -> Path:
             say(f"step {done}: held-out lm loss {val:.4f}")
         if done % cfg.save_every == 0 or done == cfg.optim.steps or done == cfg.stop_at:
             save(acc, objective, opt, built, out, done, final=done == cfg.optim.steps)
-        if done == cfg.stop_at:
+        if done == cfg.stop_at and done != cfg.optim.steps:
             say(f"stopping after step {done} (stop_at); run the same command to resume")
-            break
+            interrupted.restore()
+            bar.close()
+            return out / f"checkpoint-{done}"
         if interrupted.now(acc, world):  # Ctrl+C: this step is finished, save it before leaving
             if done % cfg.save_every and done != cfg.optim.steps:
                 save(acc, objective, opt, built, out, done, final=False)
