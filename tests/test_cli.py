@@ -1,4 +1,5 @@
-"""``z2z-chat --prompt`` end to end, in a subprocess, with its exit codes."""
+"""``z2z-chat`` end to end, in a subprocess, with its exit codes. Tests that run a model take the
+reference checkpoints (their fixture skips without torch); the others need no framework."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("torch")
 
 
 def z2z(*args: str, timeout: int = 120, stdin: bytes | None = None) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import codecs
 import json
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,20 +13,17 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from reference import ref_logits  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
 from z2z_chat.backends.codec import CodecSession  # noqa: E402
-from z2z_chat.backends.engine.detok import Detokenizer  # noqa: E402
 from z2z_chat.backends.engine.events import Done, GenerationSettings, Notice, Token  # noqa: E402
 from z2z_chat.backends.engine.kv_store import SavedKV, codes_digest  # noqa: E402
 from z2z_chat.backends.engine.session import Session  # noqa: E402
-from z2z_chat.backends.engine.sampling import Sampler, SamplingSettings  # noqa: E402
+from z2z_chat.backends.engine.sampling import SamplingSettings  # noqa: E402
 from z2z_chat.backends.torch_backend import checkpoint  # noqa: E402
 from z2z_chat.backends.torch_backend.backend import TorchState  # noqa: E402
 from z2z_chat.backends.engine.utf8_guard import Utf8Guard  # noqa: E402
 
 GREEDY = GenerationSettings(max_tokens=40)
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "backends" / "default_model"
 
 
 class Recording:
@@ -311,70 +307,6 @@ def test_message_too_long_for_context_is_a_clear_error(rt):
         run(session, "word " * 200, GenerationSettings(max_tokens=8))
 
 
-# --- sampling --------------------------------------------------------------------------------
-
-
-def test_sampler_never_emits_codes_that_do_not_exist():
-    V, C = 10, 6
-    logits = np.full(V + C, -5.0, dtype=np.float32)
-    logits[V + 3:] = 1e9  # adversarial: huge logits on slots that do not exist
-    logits[V + 4] = np.inf
-    for settings in (SamplingSettings(), SamplingSettings(temperature=1.5, seed=1),
-                     SamplingSettings(temperature=1.0, top_k=3, seed=2), SamplingSettings(temperature=1.0, top_p=0.5, seed=3)):
-        s = Sampler(settings, V)
-        picks = {s.sample(logits, n_allowed=3) for _ in range(200)}
-        assert max(picks) < V + 3
-
-
-def test_sampler_settings_behave():
-    V = 8
-    x = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 0], dtype=np.float32)
-    assert Sampler(SamplingSettings(), V).sample(x, 2) == 7
-    topk = {Sampler(SamplingSettings(temperature=1, top_k=2, seed=i), V).sample(x, 2) for i in range(50)}
-    assert topk == {6, 7}
-    topp = {Sampler(SamplingSettings(temperature=1, top_p=0.5, seed=i), V).sample(x, 2) for i in range(50)}
-    assert topp <= {6, 7}
-    a = [Sampler(SamplingSettings(temperature=1, seed=7), V).sample(x, 2) for _ in range(5)]
-    b = [Sampler(SamplingSettings(temperature=1, seed=7), V).sample(x, 2) for _ in range(5)]
-    assert a == b
-    assert Sampler(SamplingSettings(repetition_penalty=100.0), V).sample(x, 2, history=[7]) == 6
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingSettings(top_p=0)
-
-
-# --- detokenizer -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
-@pytest.mark.parametrize("text", ["plain words here", "Über die Brücke 🙂 日本語", "a🙂🙂b", "  spaces\n\ttabs  "])
-@pytest.mark.parametrize("chunk", [1, 2, 3])
-def test_detokenizer_streams_exact_text(tok, text, chunk):
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    d = Detokenizer(tok)
-    parts = [d.add(ids[i:i + chunk]) for i in range(0, len(ids), chunk)] + [d.flush()]
-    assert "".join(parts) == tok.decode(ids) == text
-    assert all("\ufffd" not in p for p in parts)
-
-
-def test_detokenizer_holds_back_split_characters(tok):
-    ids = tok("🙂", add_special_tokens=False)["input_ids"]
-    assert len(ids) > 1  # the emoji is split across byte-level tokens
-    d = Detokenizer(tok)
-    assert [d.add([i]) for i in ids[:-1]] == [""] * (len(ids) - 1)
-    assert d.add(ids[-1:]) == "🙂"
-
-
-def test_detokenizer_flushes_incomplete_bytes(tok):
-    ids = tok("🙂", add_special_tokens=False)["input_ids"]
-    d = Detokenizer(tok)
-    assert d.add(ids[:1]) == ""
-    assert d.flush() == "\ufffd"  # what was generated is shown, not lost
-
-
 # --- lookahead: drafted codes verified in one forward give the same greedy codes --------------
 
 REPETITIVE = ("def f(x):\n    return x + 1\n\ndef f(x):\n    return x + 1\n\n" * 3 +
@@ -461,26 +393,3 @@ def test_utf8_guard_keeps_sampled_replies_valid(rt):
             if guarded:
                 assert "\ufffd" not in text and done.stats.reply_tokens <= 120 + 3 + 2
     assert broken[False] > 0 and broken[True] == 0, broken
-
-
-def test_utf8_guard_knows_bytes_and_boundaries():
-    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)  # SmolLM2's byte-level BPE, shipped in the repo
-    guard = Utf8Guard(tok, len(tok))
-    text = "日本語のテキスト。🙂 Le café <|im_start|>user\n"
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert b"".join(guard.bytes[i] for i in ids) == text.encode()
-    data = "é".encode() + "🙂".encode()  # 2 + 4 bytes
-    byte_ids = {b[0]: i for i, b in enumerate(guard.bytes) if len(b) == 1}
-    lead = [byte_ids[data[0]]]  # the first byte of é: one more owed
-    assert guard.pending(lead) == data[:1]
-    assert guard.fits(data[:1], [byte_ids[data[1]]]) and not guard.fits(data[:1], [byte_ids[ord("a")]])
-    assert not guard.fits(b"", [byte_ids[data[1]]])  # a continuation byte where a character starts
-    assert guard.fits(b"", [byte_ids[data[2]], byte_ids[data[3]]])  # a character may stay incomplete
-    assert guard.pending([byte_ids[data[2]], byte_ids[data[3]]]) == data[2:4]
-    assert not guard.fits(b"\xf0", [byte_ids[0x87]])  # a continuation byte out of the lead's range
-    # ranges Python's incremental decoder only checks at the character's last byte: a surrogate's
-    # prefix (\xed\xb7) passed, and no byte could finish it, so every later code was masked
-    for lead, bad, good in ((0xED, 0xB7, 0x9F), (0xE0, 0x80, 0xA0), (0xF4, 0x90, 0x8F)):
-        assert not guard.fits(bytes([lead]), [byte_ids[bad]]) and guard.fits(bytes([lead]), [byte_ids[good]])
-        assert not guard.finishers(bytes([lead]))[byte_ids[bad]] and guard.finishers(bytes([lead]))[byte_ids[good]]
-    assert guard.pending(ids) == b""

@@ -75,7 +75,7 @@ class KVStore:
         (logged too): nothing depends on the file."""
         header = json.dumps({"format": FORMAT, "identity": self.identity, "key": conversation, "fed": snap.fed,
                              "digest": snap.digest, "size": len(snap.data), "meta": snap.meta,
-                             # damage, not tampering: CRC-32 is 5x cheaper than a hash
+                             # damage, not tampering: CRC-32 is far cheaper than a hash
                              "crc32": zlib.crc32(snap.data)}, ensure_ascii=True).encode() + b"\n"
         if len(header) + len(snap.data) > self.budget or len(header) > MAX_HEADER:
             return f"larger than the cache's budget ({self.budget >> 20} MB)"

@@ -166,9 +166,8 @@ def feed(state: DecodeState, rules: StepRules, code: int) -> np.ndarray:
     """Hand the new entries to the state and feed the code just accepted; its logits.
 
     With ``hyper_batch`` k > 1 the entries are handed over k at a time, and the cScSc candidate
-    never: one output-encoder call for k entries costs far less than k calls (on a CPU, median per
-    call: SmolLM2-135M 3.8 ms for a step's entry and candidate, 5.7 ms for 8 entries; Phi-3.5-mini's
-    size, split over 2 cores, 115 ms and 189 ms). An entry cannot be written until it is handed over; it can always be
+    never: one output-encoder call for k entries costs far less than k calls (docs/BENCHMARKS.md
+    has the measurements). An entry cannot be written until it is handed over; it can always be
     read (the next prefill hands everything over first)."""
     codec = rules.codec
     if rules.hyper_batch == 1:

@@ -252,7 +252,7 @@ class LlamaCppState(_Sequence):
         rows = np.frombuffer(data, dtype=np.int64, count=live * M, offset=at).reshape(live, M)
         vectors = np.frombuffer(data, dtype=np.float32, count=live * D, offset=at + rows.nbytes).reshape(live, D)
         try:
-            self._kv_in(memoryview(data)[16:at], n_past)  # a view: the cache is ~100 MB
+            self._kv_in(memoryview(data)[16:at], n_past)  # a view: the cache can be large, no copy
         except BackendError:
             self.reset()
             raise

@@ -98,8 +98,8 @@ def _encoders(file: Path, config: Zip2ZipConfig, pad: int, kind: str):
     the user cache (keyed by the file's path, size and mtime, the encoder config and ``kind``),
     read back as views of the cached file, which ggml reads where it lies. The checks (finite
     weights, shapes that fit the config: one call on a stand-in row) run when the cache entry is
-    made: a released 4B checkpoint's float32 encoders are 1.8 GB, whose preparing takes seconds,
-    and the check call alone read all of it (0.5 s of every open when it ran at each)."""
+    made: a released 4B checkpoint's float32 encoders are 1.8 GB, and the check call alone reads
+    all of it, which every open would pay if it ran at each."""
     prefixes = ("input_encoder",) + (() if config.encoder["tie_encoders"] else ("output_encoder",))
     cfg = config.encoder
     key = file_key(file, prefixes, encoders.LAYOUT, kind, encoders.QUANT, config.encoder_type, config.model_dim,
@@ -173,7 +173,7 @@ def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n
             "base token, and stock llama.cpp only accepts contiguous positions. Run it with --backend torch "
             "(or mlx on Apple silicon).")
     V, kind = config.compression.initial_vocab_size, _encoder_weights()
-    tok, pad = checkpoint_tokenizer(ck, lean=True)  # no transformers import (2-4 s, 50-240 MB)
+    tok, pad = checkpoint_tokenizer(ck, lean=True)  # no transformers import: seconds and memory saved
     gguf_path = _base_gguf(ck)
     try:
         meta, embed, head = model_tables(gguf_path)

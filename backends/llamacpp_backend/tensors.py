@@ -12,9 +12,8 @@
   cache as ``.npy`` files keyed by the file's path, size and mtime: parsing a GGUF with a 49k-token
   vocabulary takes seconds in Python, opening the cached tables takes none. They are ``RowFile``s:
   rows read with ``pread`` when indexed, not memory maps: the hyper-encoders and the input rows
-  touch a few rows a step, and a map's fault-around made 64 KB resident for each (26-30 MB of
-  SmolLM2's 113 MB table after a 64-token reply, all of it after a long chat; Phi-3.5-mini's
-  two tables are 790 MB).
+  touch a few rows a step, and a map's fault-around makes 64 KB resident for each, which after a
+  long chat is the whole table (docs/BACKENDS.md).
 - ``write_lora_gguf(path, peft_state, alpha, n_head, n_head_kv, arch)``: a PEFT LoRA adapter as a
   llama.cpp adapter GGUF. On ``llama`` llama.cpp stores q/k projection rows permuted for its
   interleaved RoPE, so ``lora_B`` of ``q_proj``/``k_proj`` gets the same row permutation

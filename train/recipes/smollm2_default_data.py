@@ -124,8 +124,8 @@ def chat_prompts(n: int, rng: random.Random) -> list[str]:
 
 
 def generate_chat(prompts: list[str], gguf: Path, log) -> list[dict]:
-    """The base model's greedy answers, written by llama.cpp (~6x transformers' speed on this CPU:
-    the README's "How fast is it" table) from the prompt as the tokenizer's chat template renders it."""
+    """The base model's greedy answers, written by llama.cpp (several times transformers' speed on a
+    CPU: docs/BENCHMARKS.md) from the prompt as the tokenizer's chat template renders it."""
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 

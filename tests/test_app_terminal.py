@@ -1,0 +1,81 @@
+"""The app in a real terminal (tmux): what the Pilot cannot show."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("textual")
+pytest.importorskip("torch")
+
+from z2z_chat.app.store import open_store  # noqa: E402
+from app_pilot import in_tmux  # noqa: E402
+
+
+def test_real_terminal_with_tmux(tiny_ckpt, tmp_path):
+    tmux, screen = in_tmux(tmp_path, f"{sys.executable} -m z2z_chat.app.cli --model {tiny_ckpt} --max-tokens 8 --device cpu")
+    try:
+        time.sleep(1.0)  # let the first frames after loading settle before typing
+        subprocess.run([*tmux, "send-keys", "-l", "hello tmux"], check=True)
+        deadline = time.time() + 20
+        while "hello tmux" not in screen() and time.time() < deadline:  # typed text is echoed in the input
+            time.sleep(0.25)
+        assert "hello tmux" in screen(), screen()
+        subprocess.run([*tmux, "send-keys", "Enter"], check=True)
+        deadline = time.time() + 60
+        while "ttft" not in screen() and time.time() < deadline:
+            time.sleep(0.5)
+        out = screen()
+        assert "hello tmux" in out and "ttft" in out, out
+        subprocess.run([*tmux, "send-keys", "C-q"], check=True)
+        time.sleep(1.5)
+        assert open_store(tmp_path / "history.db").conversations()  # saved on the way out
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+@pytest.mark.slow
+def test_edit_and_branch_in_a_real_terminal(tiny_ckpt, tmp_path):
+    """Shift+Tab reaches the messages, e edits one, Enter sends the edit, < goes back to the first
+    branch: what a user does, through tmux."""
+    tmux, screen = in_tmux(tmp_path, f"{sys.executable} -m z2z_chat.app.cli --model {tiny_ckpt} --max-tokens 8 --device cpu")
+
+    def keys(*k: str, literal: bool = False) -> None:
+        subprocess.run([*tmux, "send-keys", *(["-l"] if literal else []), *k], check=True)
+        time.sleep(0.4)
+
+    def wait_for(text: str, timeout: float = 30) -> str:
+        deadline = time.time() + timeout
+        while text not in screen() and time.time() < deadline:
+            time.sleep(0.25)
+        assert text in screen(), screen()
+        return screen()
+
+    try:
+        time.sleep(1.0)
+        for question in ("first question", "second question"):
+            keys(question, literal=True)
+            keys("Enter")
+            wait_for("ttft")
+            time.sleep(0.5)
+        keys("BTab")
+        keys("BTab")  # the input, then the last reply, then the second question
+        keys("e")
+        wait_for("editing: Enter sends it as a new branch")
+        for _ in range(len("question")):
+            keys("BSpace")
+        keys("edited", literal=True)
+        keys("Enter")
+        out = wait_for("‹ 2/2 ›")
+        assert "second edited" in out and "second question" not in out, out
+        time.sleep(1.0)
+        keys("BTab")
+        keys("BTab")
+        keys("<")
+        out = wait_for("‹ 1/2 ›")
+        assert "second question" in out and "second edited" not in out, out
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
