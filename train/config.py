@@ -8,6 +8,7 @@ M=3, a 2-layer transformer hyper-encoder).
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -99,6 +100,7 @@ class TrainConfig:
     eval_batches: int = 20
     save_every: int = 500
     stop_at: int = 0  # end this run after this step, saving (time-limited jobs); rerun to resume
+    time_budget_s: float = 0.0  # end this run, saving, after the step that passes this many seconds (0: off)
     log_every: int = 10
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
@@ -208,14 +210,19 @@ def _set_dotted(d: dict[str, Any], key: str, value: str) -> None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a .toml / .yaml file and apply ``key=value`` or ``--key value`` overrides."""
+    """Read a .toml / .yaml / .json file and apply ``key=value`` or ``--key value`` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise TrainConfigError(f"config file {p} does not exist")
         text = p.read_text()
-        if p.suffix in (".yaml", ".yml"):
+        if p.suffix == ".json":
+            try:
+                raw = json.loads(text)
+            except ValueError as e:
+                raise TrainConfigError(f"{p}: {e}") from None
+        elif p.suffix in (".yaml", ".yml"):
             import yaml
 
             raw = yaml.safe_load(text) or {}

@@ -257,6 +257,7 @@ def _train(acc, cfg: TrainConfig, log) -> Path:
         metrics.write({"step": 0, "val_lm_loss": round(val0, 5)})
         say(f"step 0: held-out lm loss {val0:.4f} per code (before training; it should fall)")
     interrupted = _Interrupts()
+    began = time.monotonic()
     for step in range(start, cfg.optim.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -292,10 +293,12 @@ def _train(acc, cfg: TrainConfig, log) -> Path:
             val = evaluate(acc.unwrap_model(objective), data, cfg, rows)
             metrics.write({"step": done, "val_lm_loss": round(val, 5)})
             say(f"step {done}: held-out lm loss {val:.4f}")
-        if done % cfg.save_every == 0 or done == cfg.optim.steps or done == cfg.stop_at:
+        over = _over_budget(acc, cfg, began, world)
+        if done % cfg.save_every == 0 or done == cfg.optim.steps or done == cfg.stop_at or over:
             save(acc, objective, opt, built, out, done, final=done == cfg.optim.steps)
-        if done == cfg.stop_at and done != cfg.optim.steps:
-            say(f"stopping after step {done} (stop_at); run the same command to resume")
+        if (done == cfg.stop_at or over) and done != cfg.optim.steps:
+            why = f"the time budget of {cfg.time_budget_s:.0f} s" if over else "stop_at"
+            say(f"stopping after step {done} ({why}); run the same command to resume")
             interrupted.restore()
             bar.close()
             return out / f"checkpoint-{done}"
@@ -310,6 +313,16 @@ def _train(acc, cfg: TrainConfig, log) -> Path:
     if cfg.push_to_hub and acc.is_main_process and (out / "final").is_dir():
         push_to_hub(out / "final", cfg.push_to_hub, say)
     return out / "final"
+
+
+def _over_budget(acc, cfg: TrainConfig, began: float, world: int) -> bool:
+    """``time_budget_s`` has passed; every process decides the same (the slowest clock wins)."""
+    if cfg.time_budget_s <= 0:
+        return False
+    over = float(time.monotonic() - began > cfg.time_budget_s)
+    if world > 1:
+        over = acc.reduce(torch.tensor(over, device=acc.device), "max").item()
+    return bool(over)
 
 
 class _Interrupts:
