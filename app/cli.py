@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attach a text file to the message (repeatable)")
     p.add_argument("--system", help="system prompt")
     add_setting_args(p)
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="with --prompt: the reply is JSON following this schema (structured output)")
     p.add_argument("--stats", action="store_true", help="with --prompt: print a summary line to stderr")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     p.add_argument("--export", metavar="FILE", help="write every conversation to FILE (JSON Lines), then exit")
@@ -99,6 +101,21 @@ def read_message(args: argparse.Namespace) -> str:
     return compose(prompt, files)
 
 
+def read_schema(path: str) -> dict:
+    """A JSON schema file (``--json-schema``); ``GrammarError`` says what is wrong with it."""
+    import json
+
+    from z2z_chat.backends.engine.grammar import GrammarError
+
+    try:
+        schema = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError, RecursionError) as e:
+        raise GrammarError(f"--json-schema {path}: cannot be read as JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise GrammarError(f"--json-schema {path}: a JSON schema is an object")
+    return schema
+
+
 def one_shot(args: argparse.Namespace, settings, message: str) -> int:
     from z2z_chat.backends.engine.events import Done, Notice, Progress, Token
     from z2z_chat.backends.runtime import open_runtime
@@ -106,9 +123,14 @@ def one_shot(args: argparse.Namespace, settings, message: str) -> int:
     rt = open_runtime(args.model, args.backend, args.device, args.dtype, base=args.base,
                       progress=lambda m: print(f"[z2z-chat] {m}", file=sys.stderr, flush=True))
     session = rt.session(system=args.system)
+    grammar = None
+    if args.json_schema:
+        from z2z_chat.backends.engine.grammar import Grammar
+
+        grammar = Grammar.json(rt.tokenizer, read_schema(args.json_schema), session.stop_ids)
     at_line_start, shown = True, False
     try:
-        for ev in session.send(message, settings):
+        for ev in session.send(message, settings, grammar=grammar):
             if isinstance(ev, Progress) and ev.elapsed_s >= 1.0 and sys.stderr.isatty():
                 sys.stderr.write(f"\r[z2z-chat] reading {ev.done:,} / {ev.total:,} positions, "
                                  f"about {ev.eta_s:.0f} s left ")

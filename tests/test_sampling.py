@@ -31,6 +31,8 @@ def test_sampler_settings_behave():
     a = [Sampler(SamplingSettings(temperature=1, seed=7), V).sample(x, 2) for _ in range(5)]
     b = [Sampler(SamplingSettings(temperature=1, seed=7), V).sample(x, 2) for _ in range(5)]
     assert a == b
-    assert Sampler(SamplingSettings(repetition_penalty=100.0), V).sample(x, 2, history=[7]) == 6
+    repeats = np.zeros(V + 2, dtype=np.int64)
+    repeats[7] = 1
+    assert Sampler(SamplingSettings(repetition_penalty=100.0), V).sample(x, 2, repeats) == 6
     with pytest.raises(ValueError, match="top_p"):
         SamplingSettings(top_p=0)

@@ -404,3 +404,23 @@ def test_litellm(server):
         model="openai/tiny", api_base=server.url + "/v1", api_key="none", messages=msgs, temperature=0,
         max_tokens=20, stream=True) if ch.choices]
     assert "".join(parts) == r.choices[0].message.content
+
+
+def test_structured_output_follows_the_schema_streamed_or_not(server):
+    pytest.importorskip("llguidance")
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]},
+                                               "tags": {"type": "array", "maxItems": 2,
+                                                        "items": {"type": "string", "maxLength": 5}}},
+              "required": ["colour", "tags"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}}
+    msgs = [{"role": "user", "content": "Describe a thing."}]
+    text, r = ask(server.client(), msgs, response_format=fmt, max_tokens=200)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(text), schema)
+    streamed, _, _ = ask_stream(server.client(), msgs, response_format=fmt, max_tokens=200)
+    assert streamed == text
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/missing"}}}
+    r = server.post({"messages": msgs, "response_format": bad})
+    assert r.status_code == 400 and "schema" in r.json()["error"]["message"]
+    assert server.post({"messages": msgs, "response_format": {"type": "json_schema"}}).status_code == 400

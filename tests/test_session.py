@@ -405,3 +405,50 @@ def test_hyper_batch_hands_entries_over_k_at_a_time_and_never_writes_one_not_han
     assert handed[len(during) + 1] > 0  # the next turn handed them over before reading
     with pytest.raises(SettingsError, match="hyper_batch"):
         GenerationSettings(hyper_batch=0)
+
+
+def rules_over(tok, text: str, **kw):
+    """StepRules over a codec that has read ``text`` (its entries exist) and the codes it made."""
+    from z2z_chat.backends.codec import CodecSession, encode
+    from z2z_chat.backends.engine.sampling import Sampler, SamplingSettings
+    from z2z_chat.backends.engine.steps import StepRules, Stream
+
+    c = codec_of(tok)
+    codec, stream = CodecSession(c), Stream()
+    codes = encode(tok(text, add_special_tokens=False)["input_ids"], c)[0]
+    for code in codes:
+        codec.push(code)
+    stream.extend(codes, codec)
+    sampling = {k: kw.pop(k) for k in ("repetition_penalty", "repetition_window") if k in kw}
+    window = sampling.get("repetition_window", 64)  # as generate_codes hands it over
+    return StepRules(codec, stream, Sampler(SamplingSettings(**sampling), c.base_vocab_size), 100, frozenset(),
+                     1000, window=window, **kw), codec, codes
+
+
+def test_the_repetition_penalty_counts_base_tokens_whatever_a_code_expands_to(tok):
+    rules, codec, codes = rules_over(tok, "abab abab cdcd", repetition_penalty=1.1, repetition_window=64)
+    V, n = rules.sampler.V, len(codec)
+    seen = {i for c in codes for i in codec.expand(c)}
+    repeats = rules._repeats(n, None, codes)
+    for j in range(n):  # each entry: once for each of its base tokens written recently
+        assert repeats[V + j] == sum(i in seen for i in codec.expand(V + j))
+    assert all(repeats[i] == (i in seen) for i in range(V))
+    short = rules_over(tok, "abab abab cdcd", repetition_penalty=1.1, repetition_window=2)[0]
+    last = [i for c in codes for i in codec.expand(c)][-2:]
+    assert {i for i in range(V) if short._repeats(n, None, codes)[i]} == set(last)
+
+
+def test_the_ngram_block_refuses_a_code_that_repeats_a_run_of_the_reply(tok):
+    rules, codec, codes = rules_over(tok, "abab abab", no_repeat_ngram=3)
+    V = rules.sampler.V
+    entry = next(j for j in range(len(codec)) if len(codec.expand(V + j)) >= 2)
+    ids = codec.expand(V + entry)
+    for i in range(3):  # the reply so far: the entry's tokens, three times over
+        rules.accept(ids[0], (ids[0],))
+        for x in ids[1:]:
+            rules.accept(x, (x,))
+    logits = np.full(V + codec.config.max_codebook_size, -5.0, dtype=np.float32)
+    logits[V + entry], logits[7] = 5.0, 1.0  # the entry would repeat a run: the next best is written
+    assert rules._repeats_run(ids) and rules.pick(logits, len(codec), None, codes) == 7
+    free = rules_over(tok, "abab abab")[0]
+    assert free.pick(logits, len(codec), None, codes) == V + entry

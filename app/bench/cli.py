@@ -8,7 +8,8 @@ import json
 import sys
 
 from z2z_chat.app.options import add_model_args
-from z2z_chat.backends.errors import Z2ZError
+from z2z_chat.backends.engine.settings import TABLE
+from z2z_chat.backends.errors import SettingsError, Z2ZError
 
 
 def _progress(msg: str) -> None:
@@ -98,6 +99,16 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(text: str) -> dict:
+    """``k=v,k=v`` as settings-table values ("" : the defaults)."""
+    out = {}
+    for k, _, v in (kv.strip().partition("=") for kv in text.split(",") if kv.strip()):
+        if k not in TABLE:
+            raise SettingsError(f"unknown setting {k!r} in --policies; the settings are {', '.join(TABLE)}")
+        out[k] = TABLE[k].parse(v)
+    return out
+
+
 def cmd_answers(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -109,8 +120,9 @@ def cmd_answers(args: argparse.Namespace) -> int:
     from z2z_chat.app.bench.compare import load_prompts
 
     prompts = load_prompts(args.prompts)[: args.limit or None]
-    policies = [{"hyper_margin": None if m.strip() == "off" else float(m)} for m in (args.margins or "").split(",") if m]
-    policies += [{"hyper_batch": int(b)} for b in (args.hyper_batches or "").split(",") if b]
+    policies = [{"hyper_margin": TABLE["hyper_margin"].parse(m)} for m in (args.margins or "").split(",") if m]
+    policies += [{"hyper_batch": TABLE["hyper_batch"].parse(b)} for b in (args.hyper_batches or "").split(",") if b]
+    policies += [_policy(p) for p in args.policies.split(";")] if args.policies else []
     if policies:
         _emit(args, f"decoding policies, {rt.describe()}; speed_vs_base: decode tok/s ratio",
               bench_quality.policy_curve(rt, plain, prompts, args.max_tokens, policies, _progress))
@@ -296,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "subtoken's logit by M); the base answers once")
     an.add_argument("--hyper-batches", metavar="K,K,...",
                     help="the same for z2z-chat --hyper-batch: e.g. 1,4,8 (with --margins: both curves, one base)")
+    an.add_argument("--policies", metavar="K=V,...;K=V,...",
+                    help="decoding policies as settings, ';' between policies, an empty one for the defaults: e.g. "
+                         "';repetition_penalty=1.1,repetition_window=64;no_repeat_ngram=4'")
     an.set_defaults(func=cmd_answers)
     sc = sub.add_parser("scale", help="a random-weight model of a released geometry on llama.cpp: load, memory, "
                         "prefill, decode vs plain llama.cpp")

@@ -93,9 +93,10 @@ class _Forced:
 
     def __init__(self, codes: list[int], V: int):
         self.codes, self.argmax = list(codes), Sampler(SamplingSettings(), V)
+        self.s, self.V = self.argmax.s, V
         self.greedy = False  # forced codes are not argmax picks: no lookahead over them
 
-    def sample(self, logits, n_allowed: int, history=()) -> int:
+    def sample(self, logits, n_allowed: int, repeats=None) -> int:
         return self.codes.pop(0) if self.codes else self.argmax.sample(logits, n_allowed)
 
 

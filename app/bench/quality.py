@@ -79,12 +79,13 @@ def loops(answer: str, reason: str) -> bool:
 
 
 def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: int,
-            progress: Callable[[str], None], hyper_margin: float | None = None,
-            base_rows: list[dict] | None = None, hyper_batch: int = 1) -> list[dict]:
+            progress: Callable[[str], None], policy: dict[str, Any] | None = None,
+            base_rows: list[dict] | None = None) -> list[dict]:
     """Both models answer each prompt (a conversation: earlier turns answered first) greedily on
     the same backend; per prompt: the final replies, their compression, speed, correctness against
-    ``expect`` and replacement characters (U+FFFD: bytes cut across a character). ``base_rows``:
-    the base's answers of an earlier call, reused (the base does not depend on the policies)."""
+    ``expect`` and replacement characters (U+FFFD: bytes cut across a character). ``policy``:
+    settings-table values the zip2zip model decodes with (the base answers with the defaults);
+    ``base_rows``: the base's answers of an earlier call, reused (they do not depend on the policy)."""
     from z2z_chat.backends.engine.events import GenerationSettings
 
     out = []
@@ -93,12 +94,11 @@ def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: 
         row: dict[str, Any] = {"kind": p.get("group", ""), "prompt": " / ".join(turns)}
         if base_rows is not None:
             row |= {k: v for k, v in base_rows[i].items() if k.startswith("base_")}
-        for name, r, margin in (("zip", rt, hyper_margin), ("base", plain, None)):
+        for name, r, values in (("zip", rt, policy or {}), ("base", plain, {})):
             if name == "base" and base_rows is not None:
                 continue
             progress(f"answers {i + 1}/{len(prompts)}: {name}")
-            settings = GenerationSettings(max_tokens=max_tokens, hyper_margin=margin,
-                                          hyper_batch=hyper_batch if name == "zip" else 1)
+            settings = GenerationSettings.from_values({"max_tokens": max_tokens} | values)
             text, stats, reason = final_reply(r.session(), turns, settings)
             answer = text.strip()
             row[f"{name}_loops"] = loops(answer, reason)
@@ -117,14 +117,14 @@ def answers(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: 
 
 def policy_curve(rt: Any, plain: Any, prompts: Sequence[dict[str, Any]], max_tokens: int,
                  policies: Sequence[dict[str, Any]], progress: Callable[[str], None]) -> list[dict]:
-    """The decoding policies' trade-off: for each policy (``answers`` keyword arguments:
-    ``hyper_margin``, ``hyper_batch``), right answers, output codes per token and decode speed per
-    group, the base answering once for all of them."""
+    """The decoding policies' trade-off: for each policy (settings-table values: ``hyper_margin``,
+    ``hyper_batch``, ``repetition_penalty``, ``no_repeat_ngram``, ...), right answers, output codes
+    per token, loops to the limit and decode speed per group, the base answering once for all."""
     out, base_rows = [], None
     for policy in policies:
-        label = ", ".join(f"{k}={v}" for k, v in policy.items())
+        label = ", ".join(f"{k}={v}" for k, v in policy.items()) or "defaults"
         progress(f"policy {label}")
-        rows = answers(rt, plain, prompts, max_tokens, progress, base_rows=base_rows, **policy)
+        rows = answers(rt, plain, prompts, max_tokens, progress, policy, base_rows)
         base_rows = rows
         for s in summarize_answers(rows):
             out.append({"policy": label, "prompts": s["prompts"],

@@ -45,6 +45,8 @@ class ChatRequest:
     history: list[dict[str, str]]  # user/assistant turns before the new message, alternating
     message: str  # the new user message
     prefix: str = ""  # an assistant message sent last: the reply continues it
+    json: bool = False  # response_format json_object / json_schema: the reply is JSON
+    schema: dict[str, Any] | None = None  # its JSON schema (None: any JSON object)
     settings: dict[str, Any] = field(default_factory=dict)  # the settings table's names the request gave
     stop: list[str] = field(default_factory=list)
     stream: bool = False
@@ -105,10 +107,6 @@ def _fields(body: dict) -> None:
                 raise _bad(f"{REFUSED[key]} ({key!r}) are not supported by this server", key, "unsupported_parameter")
         elif key not in HANDLED and key not in NO_EFFECT:
             raise _bad(f"unrecognized request argument supplied: {key!r}", key, "unknown_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise _bad("response_format other than {'type': 'text'} is not supported", "response_format",
-                   "unsupported_parameter")
     if body.get("modalities") not in (None, ["text"]):
         raise _bad("this server writes text only (modalities: ['text'])", "modalities", "unsupported_parameter")
     n = body.get("n", 1)
@@ -149,6 +147,26 @@ def _turns(msgs: Any) -> tuple[str | None, list[dict[str, str]]]:
     return ("\n\n".join(system_parts) if system_parts else None), turns
 
 
+def _response_format(fmt: Any) -> tuple[bool, dict[str, Any] | None]:
+    """(JSON wanted, its schema): ``text``, ``json_object`` (any object) or ``json_schema``."""
+    if fmt is None:
+        return False, None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _bad("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                       "response_format")
+        return True, schema
+    raise _bad("response_format must be {'type': 'text' | 'json_object' | 'json_schema'}", "response_format",
+               "unsupported_parameter")
+
+
 def parse_request(body: Any, model_id: str) -> ChatRequest:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
@@ -172,8 +190,9 @@ def parse_request(body: Any, model_id: str) -> ChatRequest:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise _bad("stream_options must be an object", "stream_options")
-    return ChatRequest(system, turns[:-1], turns[-1]["content"], prefix, _settings(body), stop, stream,
-                       bool(opts.get("include_usage")))
+    wants_json, schema = _response_format(body.get("response_format"))
+    return ChatRequest(system, turns[:-1], turns[-1]["content"], prefix, wants_json, schema, _settings(body), stop,
+                       stream, bool(opts.get("include_usage")))
 
 
 def new_id() -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from z2z_chat.app.server.conversations import Conversations, Found
 from z2z_chat.app.server.openai_shapes import APIError, ChatRequest
 from z2z_chat.backends.engine.events import Done, Event, GenerationSettings, Token, TurnStats
+from z2z_chat.backends.engine.grammar import Grammar
 from z2z_chat.backends.engine.prompt import ContextFullError
 from z2z_chat.backends.errors import Z2ZError
 
@@ -187,9 +188,10 @@ class Worker(threading.Thread):
     @staticmethod
     def _turn(session: Any, found: Found, req: ChatRequest, settings: GenerationSettings,
               cancel: threading.Event) -> Iterator[Event]:
+        grammar = Grammar.json(session.tok, req.schema, session.stop_ids) if req.json else None
         if found.regenerate:  # the same messages again: from where the first reply began
-            return session.regenerate(settings, cancel)
-        return session.send(req.message, settings, cancel, prefix=req.prefix)
+            return session.regenerate(settings, cancel, grammar=grammar)
+        return session.send(req.message, settings, cancel, prefix=req.prefix, grammar=grammar)
 
     def _count(self, done: Done, stopped: bool) -> None:
         st, t = done.stats, self.totals

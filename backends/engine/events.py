@@ -130,6 +130,7 @@ class GenerationSettings:
         v = defaults() | check_all(values)
         sampling = SamplingSettings(temperature=float(v["temperature"]), top_k=v["top_k"], top_p=float(v["top_p"]),
                                     repetition_penalty=float(v["repetition_penalty"]),
-                                    repetition_window=v["repetition_window"], seed=v["seed"])
+                                    repetition_window=v["repetition_window"],
+                                    no_repeat_ngram=v["no_repeat_ngram"], seed=v["seed"])
         return cls(v["max_tokens"], sampling, v["lookahead"], hyper_margin=v["hyper_margin"],
                    hyper_batch=v["hyper_batch"], **engine)

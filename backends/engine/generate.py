@@ -30,6 +30,7 @@ import numpy as np
 
 from z2z_chat.backends.codec import CodecSession
 from z2z_chat.backends.engine.events import GenerationSettings
+from z2z_chat.backends.engine.grammar import Grammar
 from z2z_chat.backends.engine.lookahead import generate_lookahead
 from z2z_chat.backends.protocol import DecodeState
 from z2z_chat.backends.engine.sampling import Sampler
@@ -67,14 +68,18 @@ def prefill(state: DecodeState, stream: Stream, cancel: threading.Event | None =
 def generate_codes(state: DecodeState, codec: CodecSession, stream: Stream, logits: np.ndarray,
                    settings: GenerationSettings, *, stop_ids: set[int] | frozenset[int], context_length: int,
                    cancel: threading.Event | None = None, guard: Utf8Guard | None = None,
-                   sampler: Sampler | None = None) -> Iterator[Step]:
+                   sampler: Sampler | None = None, grammar: Grammar | None = None) -> Iterator[Step]:
     """Decode from ``logits`` (the last fed position's) until a stop reason; see the docstring.
-    ``sampler`` replaces the one ``settings.sampling`` makes (the benchmarks force codes with it)."""
+    ``sampler`` replaces the one ``settings.sampling`` makes (the benchmarks force codes with it);
+    ``grammar`` constrains the codes (``grammar.py``)."""
     sampler = sampler or Sampler(settings.sampling, codec.config.base_vocab_size)
-    drafting = settings.lookahead > 0 and sampler.greedy  # lookahead verifies argmax picks, over every entry at once
+    # lookahead verifies argmax picks, over every entry at once; the n-gram block needs the whole
+    # reply written before each pick, which a draft's verification does not have
+    drafting = (settings.lookahead > 0 and sampler.greedy and not settings.sampling.no_repeat_ngram
+                and grammar is None)
     rules = StepRules(codec, stream, sampler, settings.max_tokens, stop_ids, context_length, cancel,
                       settings.sampling.repetition_window, guard, settings.hyper_margin,
-                      1 if drafting else settings.hyper_batch)
+                      1 if drafting else settings.hyper_batch, settings.sampling.no_repeat_ngram, grammar)
     if drafting:
         yield from generate_lookahead(state, rules, logits, settings.lookahead)
         return

@@ -37,6 +37,7 @@ from typing import Any
 
 from z2z_chat.backends.codec import CodecConfig, CodecSession
 from z2z_chat.backends.engine.detok import Detokenizer
+from z2z_chat.backends.engine.grammar import Grammar
 from z2z_chat.backends.engine.generate import PREFILL_CHUNK, generate_codes, prefill_chunks
 from z2z_chat.backends.engine.prompt import ContextFullError, ContextUsage, TurnPlan, plan, reply_room
 from z2z_chat.backends.protocol import DecodeState
@@ -114,9 +115,10 @@ class Session(Resumable):
     # --- one turn ---------------------------------------------------------------------------
 
     def send(self, user_text: str, settings: GenerationSettings | None = None,
-             cancel: threading.Event | None = None, prefix: str = "") -> Iterator[Event]:
+             cancel: threading.Event | None = None, prefix: str = "", grammar: Grammar | None = None) -> Iterator[Event]:
         """Add a user message and stream the reply (see the module docstring). With ``prefix``
-        the reply starts with that text (given, not written: only what follows it is streamed)."""
+        the reply starts with that text (given, not written: only what follows it is streamed);
+        with ``grammar`` the reply follows it (``grammar.py``: structured output)."""
         settings = settings or GenerationSettings()
         p = self._plan(user_text, settings, prefix)
         drop, restart, text, ids = p.drop, p.restart, p.text, p.ids
@@ -149,7 +151,7 @@ class Session(Resumable):
         reply: list[str] = [prefix]
         withdrawn: list[bool] = []
         try:
-            yield from self._reply(settings, cancel, stats, reply, withdrawn)
+            yield from self._reply(settings, cancel, stats, reply, withdrawn, grammar=grammar)
         finally:  # also when the consumer stops early: what was said stays said
             if withdrawn:
                 self.restore(before) if restart else self.rewind(before)
@@ -157,8 +159,8 @@ class Session(Resumable):
                 self.messages.append({"role": "assistant", "content": "".join(reply)})
                 self.marks.append(reply_mark)
 
-    def regenerate(self, settings: GenerationSettings | None = None,
-                   cancel: threading.Event | None = None) -> Iterator[Event]:
+    def regenerate(self, settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
+                   grammar: Grammar | None = None) -> Iterator[Event]:
         """Answer the last message again, when the conversation ends with it (after ``rewind_to``
         the reply): from the logits kept when it was first answered, so nothing is read again and,
         greedy, the reply is the first one; where they are gone (a restored conversation), the
@@ -170,14 +172,14 @@ class Session(Resumable):
         if self.fed != len(self.codes) or kept is None or kept[0] != codes_digest(self.codes):
             text = self.messages[-1]["content"]
             self.rewind_to(len(self.messages) - 1)
-            yield from self.send(text, settings, cancel)
+            yield from self.send(text, settings, cancel, grammar=grammar)
             return
         reply_mark = (len(self.codes), len(self.fed_text))
         stats = TurnStats(codebook_capacity=self.codec_config.max_codebook_size, context_tokens=self.stream.n_base,
                           context_codes=len(self.codes), cached_tokens=self.stream.n_base, cached_codes=self.fed)
         reply: list[str] = []
         try:
-            yield from self._reply(settings, cancel, stats, reply, [], logits=kept[1])
+            yield from self._reply(settings, cancel, stats, reply, [], logits=kept[1], grammar=grammar)
         finally:
             self.messages.append({"role": "assistant", "content": "".join(reply)})
             self.marks.append(reply_mark)
@@ -192,7 +194,8 @@ class Session(Resumable):
         self._prompt_logits = kept
 
     def _reply(self, settings: GenerationSettings, cancel: threading.Event | None, stats: TurnStats,
-               reply: list[str], withdrawn: list[bool], logits: np.ndarray | None = None) -> Iterator[Event]:
+               reply: list[str], withdrawn: list[bool], logits: np.ndarray | None = None,
+               grammar: Grammar | None = None) -> Iterator[Event]:
         """Prefill what is pending (unless ``logits``, the last fed position's, are given), then decode."""
         detok = Detokenizer(self.tok)
         t0 = time.perf_counter()
@@ -213,7 +216,8 @@ class Session(Resumable):
         reason = "length"
         t_dec = time.perf_counter()
         steps = generate_codes(self.state, self.codec, self.stream, logits, settings, stop_ids=self.stop_ids,
-                               context_length=self.state.context_length, cancel=cancel, guard=self.guard)
+                               context_length=self.state.context_length, cancel=cancel, guard=self.guard,
+                               grammar=grammar)
         try:
             for step in steps:
                 if stats.reply_codes == 0:

@@ -82,10 +82,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("top_p", float, 1.0, 0, 1, lo_open=True, help="nucleus sampling (1 = off)", hint="1 = off"),
     Setting("top_k", int, 0, 0, 1 << 20, help="sample among the k likeliest (0 = off)", hint="0 = off"),
     Setting("repetition_penalty", float, 1.0, 0, None, lo_open=True,
-            help="divide the logits of base tokens written in the last repetition_window codes "
-                 "(1 = off)", hint="1 = off"),
+            help="penalize base tokens written in the last repetition_window base tokens, once for each "
+                 "such token a code stands for, as llama.cpp and Ollama do (1 = off; their default 1.1)",
+            hint="1 = off"),
     Setting("repetition_window", int, 64, 1, 4096,
-            help="codes the repetition penalty looks back over", hint="codes looked back"),
+            help="base tokens the repetition penalty looks back over", hint="base tokens looked back"),
+    Setting("no_repeat_ngram", int, 0, 0, 64,
+            help="refuse a code that would repeat a run of this many base tokens already in the reply "
+                 "(0 = off)", hint="0 = off"),
     Setting("lookahead", int, 0, 0, 8,
             help="verify up to N codes drafted from the conversation's own text per forward (greedy only; "
                  "same output, fewer forwards when the reply copies earlier text; 0 = off)",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from z2z_chat.backends.config import positions
 from z2z_chat.backends.protocol import DecodeState
 from z2z_chat.backends.engine.sampling import Sampler
 from z2z_chat.backends.engine.utf8_guard import Utf8Guard
+
+if TYPE_CHECKING:
+    from z2z_chat.backends.engine.grammar import Grammar
 
 
 @dataclass
@@ -79,34 +83,94 @@ class StepRules:
     stop_ids: set[int] | frozenset[int]
     context_length: int
     cancel: threading.Event | None = None
-    window: int = 64  # the repetition penalty's window
+    window: int = 64  # the repetition penalty's window, in base tokens
     guard: Utf8Guard | None = None
     hyper_margin: float | None = None  # a hypertoken must beat its first subtoken's logit by this
     hyper_batch: int = 1  # see ``feed``
+    no_repeat_ngram: int = 0  # refuse a code that repeats a run of this many base tokens of the reply
+    grammar: Grammar | None = None  # structured output: codes whose whole expansion it accepts
     n_base: int = 0  # base tokens accepted this turn
     _firsts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,) first ids
+    _rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.int64))  # (n, M) ids, pad V
+    _reply: list[int] = field(default_factory=list)  # this turn's base ids (the n-gram block's)
+    _grams: set[tuple[int, ...]] = field(default_factory=set)
 
     def recent(self) -> list[int]:
         return self.stream.codes[-self.window - 4:]
 
     def pick(self, logits: np.ndarray, n: int, cand: tuple[int, tuple[int, ...]] | None, recent: list[int]) -> int:
         """The sampler's code among the ``n`` entries (+ the candidate), ``recent`` the codes written
-        last; with a guard, codes that would split a character are refused and the sampler picks
-        again without them."""
-        allowed, history = n + (cand is not None), recent[-self.window:]
+        last; a code that would split a character (with a guard) or repeat a run of the reply (the
+        n-gram block) is refused and the sampler picks again without it."""
+        allowed = n + (cand is not None)
         if self.hyper_margin is not None and allowed:
             logits = self._margin(logits, n, cand)
-        code = self.sampler.sample(logits, allowed, history)
-        if self.guard is None:
+        if self.grammar is not None:
+            logits = self._grammar_mask(logits, n, cand)
+        repeats = self._repeats(n, cand, recent) if self.sampler.s.repetition_penalty != 1.0 else None
+        code = self.sampler.sample(logits, allowed, repeats)
+        if self.guard is None and not self.no_repeat_ngram and self.grammar is None:
             return code
-        codec, guard = self.codec, self.guard
-        pending = guard.pending([i for c in recent[-4:] for i in codec.expand(c)])  # <= 4 bytes matter
+        codec, guard, grammar = self.codec, self.guard, self.grammar
+        pending = guard.pending([i for c in recent[-4:] for i in codec.expand(c)]) if guard else b""
         x = logits
-        while not guard.fits(pending, cand[1] if cand and code == cand[0] else codec.expand(code)):
+        while True:
+            ids = cand[1] if cand and code == cand[0] else codec.expand(code)
+            if ((guard is None or guard.fits(pending, ids)) and not self._repeats_run(ids)
+                    and (grammar is None or len(ids) == 1 or grammar.fits(ids))):
+                return code
             x = np.array(logits, dtype=np.float32) if x is logits else x
             x[code] = -np.inf
-            code = self.sampler.sample(x, allowed, history)
-        return code
+            code = self.sampler.sample(x, allowed, repeats)
+
+    def _grammar_mask(self, logits: np.ndarray, n: int, cand: tuple[int, tuple[int, ...]] | None) -> np.ndarray:
+        """Base tokens the grammar refuses, and hypertokens whose first subtoken it refuses, masked
+        (the rest of a hypertoken's expansion is checked when it is picked: ``Grammar.fits``)."""
+        V = self.sampler.V
+        ok = self.grammar.allowed()  # (V,)
+        x = np.array(logits, dtype=np.float32)  # (V + C,)
+        x[:V][~ok] = -np.inf
+        if n:
+            x[V:V + n][~ok[self._expansions(n)[:, 0]]] = -np.inf
+        if cand is not None and not ok[cand[1][0]]:
+            x[V + n] = -np.inf
+        return x
+
+    def _expansions(self, n: int) -> np.ndarray:
+        """(n, M) base ids of the first ``n`` entries, padded with V; entries only grow within a
+        turn, so rows are appended, not recomputed."""
+        V, M = self.sampler.V, self.codec.config.max_merge_size
+        if self._rows.shape[1] != M:
+            self._rows = np.zeros((0, M), dtype=np.int64)
+        if len(self._rows) < n:
+            new = np.full((n - len(self._rows), M), V, dtype=np.int64)
+            for r, j in enumerate(range(len(self._rows), n)):
+                ids = self.codec.expand(V + j)
+                new[r, :len(ids)] = ids
+            self._rows = np.concatenate([self._rows, new])
+        return self._rows[:n]
+
+    def _repeats(self, n: int, cand: tuple[int, tuple[int, ...]] | None, recent: list[int]) -> np.ndarray:
+        """(V + allowed,) how many of the last ``window`` base tokens each code stands for: a base
+        token once, a hypertoken once for each of its tokens among them (whatever a code expands to,
+        the penalty is the base model's)."""
+        V = self.sampler.V
+        ids = [i for c in recent[-self.window:] for i in self.codec.expand(c)][-self.window:]
+        seen = np.zeros(V + 1, dtype=np.int64)  # the last slot: the pad, never seen
+        seen[ids] = 1
+        counts = [seen[:V], seen[self._expansions(n)].sum(axis=1)]
+        if cand is not None:
+            counts.append(np.array([seen[list(cand[1])].sum()], dtype=np.int64))
+        return np.concatenate(counts)
+
+    def _repeats_run(self, ids: tuple[int, ...]) -> bool:
+        """Writing ``ids`` would repeat a run of ``no_repeat_ngram`` base tokens of this reply."""
+        k = self.no_repeat_ngram
+        if not k:
+            return False
+        tail = self._reply[-(k - 1):] if k > 1 else []
+        seq = tail + list(ids)
+        return any(tuple(seq[i:i + k]) in self._grams for i in range(len(seq) - k + 1))
 
     def _margin(self, logits: np.ndarray, n: int, cand: tuple[int, tuple[int, ...]] | None) -> np.ndarray:
         """The decoding policy: a hypertoken whose logit does not beat its own first subtoken's by
@@ -141,7 +205,7 @@ class StepRules:
             ok = self.guard.finishers(self._pending())
             x = np.full(logits.shape, -np.inf, dtype=np.float32)
             x[:len(ok)][ok] = logits[:len(ok)][ok]
-            return self.sampler.sample(x, 0, self.recent()[-self.window:])
+            return self.sampler.sample(x, 0)
         if self.hyper_batch > 1:  # only what the model was handed (see ``feed``)
             return self.pick(logits, self.codec.fresh, None, self.recent())
         return self.pick(logits, len(self.codec), self.codec.candidate(), self.recent())
@@ -149,6 +213,12 @@ class StepRules:
     def accept(self, code: int, ids: tuple[int, ...], drafted: bool = False) -> Step:
         self.stream.append(code, len(ids))
         self.n_base += len(ids)
+        if self.grammar is not None and code not in self.stop_ids:
+            self.grammar.consume(ids)
+        if self.no_repeat_ngram:
+            k, start = self.no_repeat_ngram, max(len(self._reply) - self.no_repeat_ngram + 1, 0)
+            self._reply += ids
+            self._grams.update(tuple(self._reply[i:i + k]) for i in range(start, len(self._reply) - k + 1))
         if code in self.stop_ids:
             reason = "stop"
         elif self.n_base >= self.max_tokens and not self._mid_character():
