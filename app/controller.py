@@ -79,6 +79,10 @@ class TurnEnd:
 
 
 class ChatController:
+    """The app's state and rules without Textual. Over 250 lines on purpose: every rule that changes
+    the open conversation (open, send, edit, branch, regenerate, settings, model) keeps the history,
+    the engine session and the KV cache consistent together, and is easiest to check in one place."""
+
     def __init__(self, options: AppOptions, store: Store):
         self.options, self.store = options, store
         self.runtime: Any = None

@@ -33,7 +33,7 @@ def test_the_wheel_has_one_top_level_package_with_every_module(wheel):
                if "recipes" not in p.parts and f"z2z_chat/{p.relative_to(ROOT).as_posix()}" not in names]
     assert not missing, f"modules the wheel lacks (add their package to pyproject.toml): {missing}"
     for data in ("backends/default_model/zip2zip_encoders.safetensors", "backends/default_model/eval/prompts.jsonl",
-                 "app/z2z.tcss"):
+                 "app/tui/z2z.tcss"):
         assert f"z2z_chat/{data}" in names
 
 

@@ -99,6 +99,17 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_structured(args: argparse.Namespace) -> int:
+    from z2z_chat.app.bench import structured
+    from z2z_chat.app.bench.compare import load_prompts
+
+    rt = _runtime(args)
+    prompts = [p["turns"][-1] for p in load_prompts(args.prompts)][: args.limit or None]
+    _emit(args, f"structured output per step, {rt.describe()} (greedy; each prompt both ways, alternated)",
+          structured.run(rt, prompts, args.max_tokens, _progress))
+    return 0
+
+
 def _policy(text: str) -> dict:
     """``k=v,k=v`` as settings-table values ("" : the defaults)."""
     out = {}
@@ -312,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="decoding policies as settings, ';' between policies, an empty one for the defaults: e.g. "
                          "';repetition_penalty=1.1,repetition_window=64;no_repeat_ngram=4'")
     an.set_defaults(func=cmd_answers)
+    so = sub.add_parser("structured", help="structured output (a JSON schema) vs unconstrained: time per step")
+    _model_args(so)
+    so.add_argument("--max-tokens", type=int, default=160)
+    so.add_argument("--limit", type=int, default=12, help="first N prompts of the set (default 12)")
+    so.add_argument("--prompts", help="JSONL prompt set (default: the default model's evaluation set)")
+    so.set_defaults(func=cmd_structured)
     sc = sub.add_parser("scale", help="a random-weight model of a released geometry on llama.cpp: load, memory, "
                         "prefill, decode vs plain llama.cpp")
     sc.add_argument("--geometry", default="phi3.5-mini", choices=["phi3.5-mini", "tiny"])
