@@ -82,7 +82,7 @@ def distill_prompts(n: int, seed: int) -> list[list[str]]:
     """``n`` conversations as their user turns (the base answers each in turn)."""
     reuse = _recipe("chat_reuse_data")
 
-    class Material(reuse.Material):  # the same tasks, from what every machine has
+    class PortableMaterial(reuse.Material):  # the same tasks, from what every machine has
         def __init__(self) -> None:
             self.functions = reuse.stdlib_functions()
             self.renamable = [f for f in self.functions if len(reuse.identifiers(f)) >= 2]
@@ -96,7 +96,7 @@ def distill_prompts(n: int, seed: int) -> list[list[str]]:
             k = min(k, len(self.sentences[lang]) - 1)
             return super().sentence(rng, lang, k)
 
-    convs = reuse.conversations(Material(), n, random.Random(seed))
+    convs = reuse.conversations(PortableMaterial(), n, random.Random(seed))
     reuse.check_eval_kept_out(convs, EVAL_SET)
     return [[m["content"] for m in c if m["role"] == "user"] for c in convs]
 
