@@ -205,3 +205,22 @@ def teacher_forced_agreement(backend, loaded, want: list[int], prompt: str) -> f
         backend.add_entries(s.take_new_entries(), s.candidate())
         logits = backend.forward([code], [len(codes) + t])
     return agree / len(want)
+
+
+@pytest.fixture(scope="module", params=["llamacpp", "torch"])
+def tiny_rt(request, ref_checkpoints, tmp_path_factory):
+    """A runtime of the tiny reference checkpoint on llama.cpp (converted, default settings) and on torch."""
+    from z2z_chat.backends.runtime import open_runtime
+
+    ckpt = ref_checkpoints[("llama", "transformer", "compressed")][1]
+    if request.param == "torch":
+        r = open_runtime(str(ckpt), "torch", "cpu")
+    else:
+        pytest.importorskip("llama_cpp", reason='llama.cpp backend: pip install "z2z-chat[llamacpp]"')
+        from z2z_chat.backends.llamacpp_backend.convert import convert
+
+        dst = tmp_path_factory.mktemp("gguf") / "tiny"
+        convert(str(ckpt), dst)
+        r = open_runtime(str(dst), "llamacpp")
+    yield r
+    r.close()

@@ -32,22 +32,9 @@ SCHEMAS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["torch", "llamacpp"])
-def rt(request, ref_checkpoints, tmp_path_factory):
-    from z2z_chat.backends.runtime import open_runtime
-
-    ckpt = ref_checkpoints[("llama", "transformer", "compressed")][1]
-    if request.param == "torch":
-        r = open_runtime(str(ckpt), "torch", "cpu")
-    else:
-        pytest.importorskip("llama_cpp", reason='llama.cpp backend: pip install "z2z-chat[llamacpp]"')
-        from z2z_chat.backends.llamacpp_backend.convert import convert
-
-        dst = tmp_path_factory.mktemp("gguf") / "tiny"
-        convert(str(ckpt), dst)
-        r = open_runtime(str(dst), "llamacpp")
-    yield r
-    r.close()
+@pytest.fixture(scope="module")
+def rt(tiny_rt):
+    return tiny_rt
 
 
 def structured(rt, prompt: str, schema, settings: GenerationSettings) -> tuple[str, int, str]:

@@ -18,23 +18,9 @@ SYSTEM = "You answer briefly."
 TURNS = ["def add(a, b):\n    return a + b", "Now write sub the same way.", "And mul.", "Thanks."]
 
 
-@pytest.fixture(scope="module", params=["llamacpp", "torch"])
-def rt(request, ref_checkpoints, tmp_path_factory):
-    from z2z_chat.backends.runtime import open_runtime
-
-    ckpt = ref_checkpoints[("llama", "transformer", "compressed")][1]
-    if request.param == "torch":
-        pytest.importorskip("torch")
-        r = open_runtime(str(ckpt), "torch", "cpu")
-    else:
-        pytest.importorskip("llama_cpp", reason='llama.cpp backend: pip install "z2z-chat[llamacpp]"')
-        from z2z_chat.backends.llamacpp_backend.convert import convert
-
-        dst = tmp_path_factory.mktemp("gguf") / "tiny"
-        convert(str(ckpt), dst)
-        r = open_runtime(str(dst), "llamacpp")
-    yield r
-    r.close()
+@pytest.fixture(scope="module")
+def rt(tiny_rt):
+    return tiny_rt
 
 
 def ask(convs: Conversations, history: list[dict], message: str, prefix: str = ""):
