@@ -488,3 +488,12 @@ def test_ctrl_c_saves_the_state_it_asks_to_resume_from(trained, tmp_path):
     assert saved >= 2
     r = run_train(recipe, *args[1:], "--stop_at", str(saved + 1))
     assert r.returncode == 0 and f"at step {saved}" in r.stdout + r.stderr, r.stderr[-2000:]
+
+
+def test_stdlib_stands_for_the_running_pythons_standard_library():
+    import json as json_module
+
+    from z2z_chat.train.data import _files
+
+    found = _files("{stdlib}/json/*.py")
+    assert Path(json_module.__file__) in found and all(p.suffix == ".py" for p in found)

@@ -19,6 +19,7 @@ deals them out by step and rank, so sharding across ranks and resume positions a
 from __future__ import annotations
 
 import glob as globlib
+import sysconfig
 import hashlib
 import itertools
 import json
@@ -56,7 +57,9 @@ class Prepared:
 
 
 def _files(path: str) -> list[Path]:
-    p = Path(path).expanduser()
+    """The files of a source path: a file, a directory, or a glob; ``{stdlib}`` stands for the running
+    Python's standard library (a recipe that trains on it works on every OS)."""
+    p = Path(path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])).expanduser()
     if p.is_dir():
         return sorted(f for f in p.rglob("*") if f.is_file())
     found = sorted(Path(f) for f in globlib.glob(str(p), recursive=True))
