@@ -219,8 +219,11 @@ class ChatController:
         return Opened(msgs, notes)
 
     def new_chat(self) -> list[str]:
+        """A new conversation starts from the defaults (the command line's, or those saved with F8),
+        not from the settings or system prompt the previous one was given."""
         notes = self.keep_kv()
         self.ref, self.turns, self.before_last = ConvRef(), [], None
+        self.settings = dict(self.options.settings)
         if self.session is not None:
             self.session.reset()
             self.session.system = self.options.system
@@ -291,12 +294,17 @@ class ChatController:
             writes.append(lambda: self.store.update(ref.id, state=state))
         self.write_all(*writes)
 
-    def prepare_regenerate(self) -> str | None:
+    def prepare_regenerate(self) -> tuple[str, bool] | None:
         """Answer the last message again: the engine goes back to before it and the old reply
-        stays as a branch. Returns the user text to answer again, or None."""
+        stays as a branch; a last message left unanswered (its reply failed) is answered. Returns
+        the user text to answer and whether it had a reply, or None."""
         if self.conv_id is None or self.session is None:
             return None
         msgs = self.store.messages(self.conv_id)
+        if msgs and msgs[-1].role == "user":  # unanswered: the reply goes after it
+            self._rewind(msgs, len(msgs) - 1)
+            self.before_last = self.session.to_dict()
+            return msgs[-1].content, False
         if len(msgs) < 2 or msgs[-1].role != "assistant" or msgs[-2].role != "user":
             return None
         cid, user = self.conv_id, msgs[-2]
@@ -305,7 +313,7 @@ class ChatController:
             self.turns.pop()
         self._rewind(msgs, len(msgs) - 2)  # the state before the user message: send() adds it again
         self.before_last = self.session.to_dict()
-        return user.content
+        return user.content, True
 
     def prepare_edit(self, index: int) -> str:
         """Edit the user message at ``index`` of the branch shown: the engine goes back to before it
@@ -376,9 +384,9 @@ class ChatController:
         self.write(lambda: self.store.update(cid, title=title))
 
     def set_system(self, value: str | None) -> None:
+        """This conversation's system prompt (a new chat starts from the launch's, ``--system``)."""
         if self.session is not None:
             self.session.system = value
-        self.options.system = value
         if self.conv_id is not None:
             ref = self.ref
             self.write(lambda: self.store.update(ref.id, system=value))

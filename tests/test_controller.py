@@ -138,8 +138,8 @@ def test_edit_switch_and_regenerate_keep_every_branch_and_reread_only_from_the_b
     assert ctl.switch_branch(2, -1) is None  # there is no branch before the first
 
     old = ctl.store.messages(cid)[-1]
-    again = ctl.prepare_regenerate()
-    assert again == "third"
+    again, answered = ctl.prepare_regenerate()
+    assert again == "third" and answered
     ctl.run_turn(again, ctl.generation_settings(), None, lambda ev: None)
     ctl.finish_turn(TurnEnd("cancelled"))  # quitting mid-reply: kept as a stopped branch
     last = ctl.store.messages(cid)[-1]
@@ -176,3 +176,25 @@ def test_settings_dialog_validates_like_the_cli(tiny_ckpt, tmp_path):
             ctl.set_settings(bad)
     ctl.set_settings("temperature=0.5 top_k=3")
     assert ctl.generation_settings().sampling.top_k == 3
+
+
+def test_a_new_chat_starts_from_the_defaults_not_from_the_previous_chat(runtime, tiny_ckpt, tmp_path):
+    ctl = controller(runtime, tmp_path / "h.db", tiny_ckpt)
+    turn(ctl, "hello")
+    ctl.set_system("You are a pirate.")
+    ctl.apply_settings(dict(ctl.settings, temperature=0.9, top_k=7))  # this conversation only
+    ctl.new_chat()
+    assert ctl.session.system is None and ctl.settings["temperature"] == 0.0 and ctl.settings["top_k"] == 0
+    ctl.apply_settings(dict(ctl.settings, top_k=3), as_defaults=True)  # saved as the defaults (F8)
+    ctl.new_chat()
+    assert ctl.settings["top_k"] == 3
+
+
+def test_regenerate_answers_a_last_message_left_unanswered(runtime, tiny_ckpt, tmp_path):
+    ctl = controller(runtime, tmp_path / "h.db", tiny_ckpt)
+    turn(ctl, "hello")
+    ctl.begin_turn("second")  # its reply never came (an error, a crash)
+    text, answered = ctl.prepare_regenerate()
+    assert (text, answered) == ("second", False)
+    ctl.finish_turn(ctl.run_turn(text, ctl.generation_settings(), None, lambda ev: None))
+    assert [m.role for m in ctl.store.messages(ctl.conv_id)] == ["user", "assistant", "user", "assistant"]

@@ -172,11 +172,17 @@ class ReplyTurns:
 
     @guarded
     def action_regenerate(self) -> None:
-        text = None if self.generating else self.ctl.prepare_regenerate()
-        if text is None:
-            self.notify("Nothing to regenerate", severity="warning")
+        if self.generating:
+            self.notify("A reply is being written: stop it first (Esc), then Ctrl+R", severity="warning")
             return
-        replies = self.query(ReplyView)
-        if replies:
-            replies.last().remove()
+        again = self.ctl.prepare_regenerate()
+        if again is None:
+            self.notify("Nothing to regenerate: send a message first", severity="warning")
+            return
+        text, answered = again
+        if answered:
+            if self.ctl.settings.get("temperature", 0) == 0:
+                self.notify("Temperature is 0 (greedy): the same reply comes back. Raise it with F8 for another.",
+                            timeout=8)
+            self.query(ReplyView).last().remove()
         self.start_reply(text)
