@@ -229,13 +229,14 @@ class ChatController:
             self.session.system = self.options.system
         return notes
 
-    def begin_turn(self, text: str) -> None:
-        """Record the user's message (creating the conversation on the first one). ``NotSaved``
-        means both are queued: they are written, in order, once the store takes writes again."""
+    def begin_turn(self, text: str, title: str | None = None) -> None:
+        """Record the user's message (creating the conversation on the first one, titled by
+        ``title``: what the user typed, not the files attached). ``NotSaved`` means both are
+        queued: they are written, in order, once the store takes writes again."""
         self.before_last = self.session.to_dict()
         ref, writes = self.ref, []
         if ref.id is None and not ref.creating:
-            title = re.sub(r"\s+", " ", text).strip()[:40] or "chat"
+            title = re.sub(r"\s+", " ", text if title is None else title).strip()[:40] or "chat"
             model, system, settings = self.runtime.model_name if self.runtime else "", self.session.system, dict(self.settings)
 
             def create() -> None:

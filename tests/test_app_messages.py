@@ -232,3 +232,28 @@ def test_help_and_unknown_slash_commands_are_answered_not_sent(tiny_ckpt, tmp_pa
             assert box.text == "/summarize"  # a mistyped command stays in the input
 
     run(go())
+
+
+def test_titles_come_from_the_question_and_a_continued_chat_moves_to_the_top(tiny_ckpt, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a file whose text is no title at all\n" * 3)
+
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32), notifications=True) as pilot:
+            await ready(app, pilot)
+            app.attach_files([str(notes)])
+            await say(app, pilot, "What is in it?")
+            first = app.ctl.conv_id
+            await pilot.press("ctrl+n")
+            await say(app, pilot, "another chat")
+            assert [c.title for c in app.ctl.store.conversations()] == ["another chat", "What is in it?"]
+            app.open_conversation(first)
+            await pilot.pause()
+            await say(app, pilot, "and more?")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            items = app.query("ConversationItem")
+            assert items.first().conv_id == first  # the list follows without a relaunch
+
+    run(go())

@@ -52,16 +52,14 @@ class ReplyTurns:
             self.ctl.prepare_edit(self.editing)
             self.render_messages(self.ctl.store.messages(self.ctl.conv_id)[:self.editing])
             self.editing = None
-        new = self.ctl.conv_id is None
         try:
-            self.ctl.begin_turn(message)
+            self.ctl.begin_turn(message, title=event.text or (files[0].name if files else ""))
         except NotSaved as e:
             self.notify(str(e), severity="warning", timeout=15)
         self.query_one(ChatInput).accepted(event.text)
         self.attachments = []
         self.show_attachments()
-        if new:
-            self.refresh_history()
+        self.refresh_history()  # a new chat joins the list; a continued older one moves to the top
         chat = self.query_one("#chat", VerticalScroll)
         views = [Collapsible(Static(a.text, markup=False), title=self._describe(a), collapsed=True,
                              classes="attachment") for a in files]  # collapsed: in the message, not in the way
