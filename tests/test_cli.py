@@ -233,3 +233,15 @@ def test_bad_values_are_one_line(tmp_path, args, code, message):
                        stdin=subprocess.DEVNULL, env={**os.environ, "Z2Z_DATA_DIR": str(tmp_path)})
     assert r.returncode == code and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_cache_directory_that_cannot_be_made_and_a_base_that_is_no_model_are_one_line_errors(tmp_path):
+    env = {**os.environ, "Z2Z_DATA_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--prompt", "hi"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, env=env | {"Z2Z_CACHE_DIR": "/proc/nope"}, timeout=120)
+    assert r.returncode == 1 and "cache directory /proc/nope" in r.stderr and "Traceback" not in r.stderr
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--prompt", "hi", "--base", str(binary)],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=120)
+    assert r.returncode == 1 and "not a GGUF file" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -5,6 +5,7 @@ greedy parity, quantized agreement, position-mode refusal, and bad files failing
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -561,3 +562,15 @@ def test_flash_attention_is_a_setting(gguf_dirs, monkeypatch):
     assert (finite == np.isfinite(logits["on"])).all()
     np.testing.assert_allclose(logits["on"][finite], logits["off"][finite], atol=2e-3)  # measured: 3e-4
     assert not np.array_equal(logits["on"], logits["off"])  # the kernels round differently: the setting took
+
+
+@pytest.mark.parametrize("name,value", [("Z2Z_CONTEXT", "24"), ("Z2Z_CONTEXT", "0"), ("Z2Z_CONTEXT", "-5"),
+                                        ("Z2Z_CONTEXT", "1000000000"), ("Z2Z_CONTEXT", "lots"),
+                                        ("Z2Z_THREADS", "0"), ("Z2Z_THREADS", "two")])
+def test_window_and_thread_settings_out_of_range_are_one_line_errors(gguf_dirs, name, value):
+    """Below one batch llama.cpp aborted the process (GGML_ASSERT); a billion positions was an
+    out-of-memory kill. Both ends are checked before anything is allocated."""
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--backend", "llamacpp", "--model",
+                        str(gguf_dirs["f32"]), "--prompt", "hi"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, stdin=subprocess.DEVNULL, env=os.environ | {name: value})
+    assert r.returncode == 1 and f"{name}={value!r}" in r.stderr and "Traceback" not in r.stderr, r.stderr

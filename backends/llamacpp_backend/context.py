@@ -68,8 +68,22 @@ def default_window(n_ctx_train: int) -> int:
     is 48 GB of f16 cache, 8,192 positions 3 GB, SmolLM2-135M's 8,192 180 MB."""
     env = os.environ.get("Z2Z_CONTEXT")
     if env:
-        return max(16, int(env))
+        # below one batch llama.cpp aborts the process on the first prefill; above the model's own
+        # window the cache is allocated for positions the model was never trained on (and a large
+        # enough number is an out-of-memory kill, not an error)
+        hi = n_ctx_train if n_ctx_train > 0 else 1 << 17
+        return _env_int("Z2Z_CONTEXT", env, N_BATCH, hi, "positions of the context window")
     return min(n_ctx_train, DEFAULT_WINDOW) if n_ctx_train > 0 else DEFAULT_WINDOW
+
+
+def _env_int(name: str, text: str, lo: int, hi: int, what: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or not lo <= n <= hi:
+        raise BackendError(f"{name}={text!r}: the {what}, an integer in [{lo}, {hi}]; unset it for the default")
+    return n
 
 
 def flash_attention(L) -> int:
@@ -98,7 +112,7 @@ def default_threads() -> int:
     hyper-encoders (``decode(during=...)``). Where the topology is unknown (not Linux), every CPU."""
     env = os.environ.get("Z2Z_THREADS")
     if env:
-        return max(1, int(env))
+        return _env_int("Z2Z_THREADS", env, 1, 1024, "threads llama.cpp decodes on")
     cpus, cores = _cpus(), set()
     for c in cpus:
         try:

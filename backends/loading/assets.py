@@ -32,12 +32,23 @@ class AssetError(Z2ZError, RuntimeError):
 
 
 def cache_dir() -> Path:
+    """The cache directory (``Z2Z_CACHE_DIR``, else the user cache's ``z2z-chat``), made if needed;
+    ``AssetError`` when it cannot be made or written (the message says what to set)."""
     env = os.environ.get("Z2Z_CACHE_DIR")
     if env:
-        return Path(env)
-    import platformdirs
+        path = Path(env)
+    else:
+        import platformdirs
 
-    return platformdirs.user_cache_path("z2z-chat")
+        path = platformdirs.user_cache_path("z2z-chat")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AssetError(f"the cache directory {path} cannot be made ({e.strerror or e}): set Z2Z_CACHE_DIR "
+                         "to a writable directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise AssetError(f"the cache directory {path} is not writable: set Z2Z_CACHE_DIR to a writable directory")
+    return path
 
 
 def file_key(path: Path, *extra: object) -> str:

@@ -87,6 +87,9 @@ def locate_base(spec: str | os.PathLike) -> str:
     """A base given by the user: an existing path (made absolute), else a repo id the cache holds or
     the hub can serve (``CheckpointError`` in seconds otherwise)."""
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        raise CheckpointError(f"base model {spec} is a file but not a GGUF file: give a .gguf file, a Hugging "
+                              "Face model directory or a repo id")
     return str(path.resolve()) if path.exists() else _hub_base(str(spec))
 
 
