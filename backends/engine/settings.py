@@ -42,7 +42,7 @@ class Setting:
             return str(int(x)) if float(x).is_integer() else repr(float(x))
 
         if self.hi is None:
-            text = f"{'>' if self.lo_open else '>='} {num(self.lo)}" if self.lo is not None else "any"
+            text = f"{'>' if self.lo_open else '>='} {num(self.lo)}" if self.lo is not None else "(any finite value)"
         else:
             low = "(-inf" if self.lo is None else f"{'(' if self.lo_open else '['}{num(self.lo)}"
             text = f"in {low}, {num(self.hi)}]"
@@ -96,7 +96,7 @@ SETTINGS: tuple[Setting, ...] = (
             hint="0 = off, greedy only"),
     Setting("seed", int, None, 0, 2**63 - 1, can_be_off=True,
             help="seed of the sampler (off: a new one each reply)", hint="off = random"),
-    Setting("hyper_margin", float, None, -100, 100, can_be_off=True, per_chat=False,
+    Setting("hyper_margin", float, None, None, None, can_be_off=True, per_chat=False,
             help="decoding policy: write a hypertoken only when its logit beats its own first subtoken's "
                  "by M (off: the model's own pick)"),
     Setting("hyper_batch", int, 1, 1, 64, per_chat=False,
