@@ -549,3 +549,34 @@ def test_esc_while_a_long_message_is_read_takes_it_back(tiny_ckpt, tmp_path):
             assert app.ctl.session.to_dict()["messages"] == before["messages"]
 
     run(go())
+
+
+def test_a_message_sent_while_the_model_loads_is_sent_once_it_is_ready(tiny_ckpt, tmp_path, monkeypatch):
+    import time as time_module
+
+    import z2z_chat.backends.runtime as runtime_module
+
+    real = runtime_module.open_runtime
+
+    def slow(*a, **k):
+        time_module.sleep(1.5)  # the default model takes seconds: the user types meanwhile
+        return real(*a, **k)
+
+    monkeypatch.setattr(runtime_module, "open_runtime", slow)
+
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32), notifications=True) as pilot:
+            await pilot.pause()
+            app.query_one("#input").insert("hello early")
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.ctl.runtime is None and app.queued
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            msgs = app.ctl.store.messages(app.ctl.conv_id)
+            assert [m.role for m in msgs] == ["user", "assistant"] and msgs[0].content == "hello early"
+
+    run(go())

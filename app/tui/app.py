@@ -65,6 +65,7 @@ class Z2ZChat(ReplyTurns, Dialogs, App):
         self.started, self.progress = 0.0, None  # the reply being waited for: when it was asked, its reading
         self.editing: int | None = None  # the entry being edited (its index), while it is
         self.reply_saved = True
+        self.queued = False  # a message was sent while the model loaded
         self.status_text = ""
         self.attachments: list = []  # Attachment: files for the next message
         self.last_sent: tuple[str, list, list] = ("", [], [])
@@ -148,6 +149,9 @@ class Z2ZChat(ReplyTurns, Dialogs, App):
             self.query_one("#status", Static).update(text)
 
     def _load_failed(self, error: str) -> None:
+        if self.queued:
+            self.queued = False
+            self.notify("Your message was not sent: it is kept in the input", severity="warning", timeout=15)
         if self.ctl.runtime is None:
             self._loading(False, "no model loaded: F9 opens one")
         else:  # the model loaded before still answers: say so
@@ -168,6 +172,9 @@ class Z2ZChat(ReplyTurns, Dialogs, App):
         for note in self.ctl.attach(rt):
             self.notify(note, severity="warning", timeout=15)
         self.update_status()
+        if self.queued:  # a message typed while the model loaded: it is in the input, send it now
+            self.queued = False
+            self.query_one(ChatInput).action_submit()
 
     def update_status(self, running: bool = False) -> None:
         ctl = self.ctl

@@ -31,8 +31,11 @@ class ReplyTurns:
         if self._attach_command(event.text):
             return
         if self.ctl.runtime is None:
-            self.notify("No model is loaded yet (F9 opens one); your message is kept in the input",
-                        severity="error")
+            if self.query_one("#loading").display:  # the model is on its way: send it once loaded
+                self.queued = True
+                self.notify("The model is still loading: your message is sent as soon as it is ready", timeout=8)
+            else:
+                self.notify("No model is loaded (F9 opens one); your message is kept in the input", severity="error")
             return
         if self.generating or not self.reply_saved:
             self.notify("A reply is still running (Esc stops it); your message is kept in the input",
