@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,5 +79,43 @@ def test_edit_and_branch_in_a_real_terminal(tiny_ckpt, tmp_path):
         keys("<")
         out = wait_for("‹ 1/2 ›")
         assert "second question" in out and "second edited" not in out, out
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGHUP, 129), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_model_loads_ends_the_app_within_seconds(tiny_ckpt, tmp_path, sig, code):
+    """A worker thread inside the model (here: a load that takes minutes) kept the app alive after
+    the terminal closed; now the process ends within its grace period whatever it is doing."""
+    import shutil
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (.ci/run installs it)")
+    status, script = tmp_path / "status", tmp_path / "slow.py"
+    script.write_text(
+        "import sys, time\nimport z2z_chat.backends.runtime as r\n"
+        "def slow(*a, **k):\n    time.sleep(600)\n"
+        "r.open_runtime = slow\nfrom z2z_chat.app.cli import main\n"
+        f"sys.exit(main(['--model', {str(tiny_ckpt)!r}]))\n")
+    env = {**os.environ, "Z2Z_DATA_DIR": str(tmp_path), "TERM": "xterm-256color"}
+    tmux = ["tmux", "-S", str(tmp_path / "tmux.sock")]
+    subprocess.run([*tmux, "new-session", "-d", "-x", "110", "-y", "30",
+                    f"{sys.executable} {script}; echo $? > {status}"], env=env, check=True)
+    try:
+        deadline = time.time() + 30
+        pid = []
+        while not pid and time.time() < deadline:
+            time.sleep(0.5)
+            pid = subprocess.run(["pgrep", "-f", f"^{sys.executable} {script}"], capture_output=True,
+                                 text=True).stdout.split()
+        assert pid, "the app did not start"
+        time.sleep(3.0)  # on screen, loading
+        t = time.time()
+        os.kill(int(pid[0]), sig)
+        while not status.exists() and time.time() - t < 20:
+            time.sleep(0.2)
+        assert status.exists() and time.time() - t < 10, "the app outlived the signal"
+        assert status.read_text().strip() == str(code)
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)

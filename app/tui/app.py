@@ -15,6 +15,7 @@ Textual ends the app with a non-zero exit status.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import threading
@@ -39,6 +40,9 @@ from z2z_chat.app.tui.common import guarded, log_path
 from z2z_chat.app.tui.dialogs import Dialogs
 from z2z_chat.app.tui.turn import ReplyTurns
 from z2z_chat.app.widgets import ChatInput, ConversationItem, EntryAction, ReplyView, UserView
+
+
+SIGNAL_GRACE_S = 4.0  # after SIGTERM/SIGHUP the process ends within this, whatever it was doing
 
 
 class Z2ZChat(ReplyTurns, Dialogs, App):
@@ -66,6 +70,7 @@ class Z2ZChat(ReplyTurns, Dialogs, App):
         self.editing: int | None = None  # the entry being edited (its index), while it is
         self.reply_saved = True
         self.queued = False  # a message was sent while the model loaded
+        self.leaving = False  # a signal asked the app to end
         self.status_text = ""
         self.attachments: list = []  # Attachment: files for the next message
         self.last_sent: tuple[str, list, list] = ("", [], [])
@@ -118,7 +123,29 @@ class Z2ZChat(ReplyTurns, Dialogs, App):
         # written is saved as stopped, pending writes are flushed
         loop = asyncio.get_running_loop()
         for sig, code in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
-            loop.add_signal_handler(sig, lambda code=code: self.call_next(self.leave, code))
+            loop.add_signal_handler(sig, lambda code=code: self._on_signal(code))
+
+    def _on_signal(self, code: int) -> None:
+        """Leave as Ctrl+Q does, and make sure the process ends: a worker thread inside the model
+        (loading it, a long forward) or a terminal that is gone can keep the app from ending, so
+        after ``SIGNAL_GRACE_S`` (or at a second signal) what was written is flushed and the
+        process exits at once."""
+        if self.leaving:
+            self._hard_exit(code)
+        self.leaving = True
+        self.call_next(self.leave, code)
+        timer = threading.Timer(SIGNAL_GRACE_S, self._hard_exit, args=(code,))
+        timer.daemon = True
+        timer.start()
+
+    def _hard_exit(self, code: int) -> None:
+        try:
+            if self.ctl is not None:
+                self.ctl.flush()
+        except NotSaved as e:
+            print(f"z2z-chat: {e}; the last messages could not be saved", file=sys.stderr)
+        finally:
+            os._exit(code)
 
     # --- model ----------------------------------------------------------------------------
 
@@ -361,4 +388,11 @@ class Z2ZChat(ReplyTurns, Dialogs, App):
 def run_app(options: AppOptions) -> int:
     app = Z2ZChat(options)
     app.run()
-    return app.return_code or 0
+    code = app.return_code or 0
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        # a worker still inside the model (loading it): the history is closed, nothing is left to
+        # save, and Python would wait for the thread before exiting
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
