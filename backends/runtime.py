@@ -275,10 +275,10 @@ def gguf_conversion(model: str, base: str | None) -> str:
 
 def open_plain(rt: Runtime, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Runtime:
     """The base model of ``rt`` without zip2zip on the same backend (torch or llama.cpp; MLX gets
-    torch), for side-by-side comparisons."""
+    torch), for side-by-side comparisons; ``base`` another file of it (another quantization)."""
     if rt.backend_name == "llamacpp":
         name, label = "llamacpp", rt.model_name
-        loaded = _module(name).open_checkpoint(rt.model_name, rt.base, plain=True)
+        loaded = _module(name).open_checkpoint(rt.model_name, base or rt.base, plain=True)
     else:
         label = base or rt.base or rt.config.base_model_name_or_path
         name, loaded = "torch", _module("torch").open_base(label, rt.tokenizer, rt.codec, rt.config, device, dtype)

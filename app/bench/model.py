@@ -49,11 +49,13 @@ def _best(f: Callable[[], Any], repeat: int) -> float:
 
 def _plain_state(rt: Runtime):
     """Plain = what a user runs without zip2zip: on llama.cpp the base GGUF fed token ids (no adapter,
-    no embeddings); elsewhere a state of the same model fed base ids."""
+    no embeddings) at the merged model's type (the peer at its best: ``peer.py``); elsewhere a state
+    of the same model fed base ids."""
     if rt.backend_name == "llamacpp":
+        from z2z_chat.app.bench.peer import peer_ggufs
         from z2z_chat.backends.runtime import open_plain
 
-        return open_plain(rt).model.new_state()
+        return open_plain(rt, str(peer_ggufs(rt.base)[-1][1])).model.new_state()
     return rt.model.new_state()
 
 
