@@ -33,6 +33,8 @@ def test_the_rehearsal_writes_a_checkpoint_the_app_opens_and_an_evaluation(tmp_p
     assert any("loss" in m for m in metrics) and json.loads((out / "timing.json").read_text())["total_s"] < 100
     convs = [json.loads(line)["messages"] for line in (out / "distill.jsonl").read_text().splitlines()]
     assert convs and all(c[-1]["role"] == "assistant" for c in convs)  # the base wrote every reply
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (out / "v3").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as their siblings (not 0600)
     with tarfile.open(out / "v3.tar.gz") as tar:
         assert {"v3/zip2zip_config.json", "v3/adapter_model.safetensors"} <= set(tar.getnames())
     chat = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--model", str(out / "v3"), "--backend", "torch",

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from z2z_chat.backends.errors import Z2ZError
+from z2z_chat.backends.loading.assets import as_siblings
 
 
 class ExportError(Z2ZError):
@@ -33,6 +34,7 @@ def export(src: Path, dst: Path, base: str | None, dtype: torch.dtype) -> list[P
         if (src / name).is_file():
             state = {k: v.to(dtype) for k, v in load_file(src / name).items()}
             save_file(state, dst / name)
+            as_siblings(dst / name)
             written.append(dst / name)
     for name in KEEP:
         if (src / name).is_file():

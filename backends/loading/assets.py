@@ -51,6 +51,16 @@ def cache_dir() -> Path:
     return path
 
 
+def as_siblings(*paths: Path) -> None:
+    """Give files the mode a plain ``open`` would (0666 less the umask): safetensors writes 0600, so
+    the weights of a checkpoint were the only files of it others could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in paths:
+        if p.is_file():
+            os.chmod(p, 0o666 & ~umask)
+
+
 def file_key(path: Path, *extra: object) -> str:
     """A cache key for what is derived from ``path`` (and ``extra``): its real path, size and mtime,
     so an edited or replaced file gets a new entry without hashing its bytes."""

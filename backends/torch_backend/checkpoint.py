@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from z2z_chat.backends.loading.assets import as_siblings
+
 from z2z_chat.backends.loading.checkpoint import ENCODER_FILES, Checkpoint
 from z2z_chat.backends.codec import CodecConfig
 from z2z_chat.backends.config import ADAPTER_CONFIG, CONFIG_NAME, Zip2ZipConfig, lora_scale_of
@@ -155,4 +157,5 @@ def save(model: Zip2ZipLM, directory: str | os.PathLike, tokenizer: Any = None,
         model.lm.save_pretrained(out, state_dict=lm_full or None)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    as_siblings(out / ENCODER_FILES[0], out / "adapter_model.safetensors")
     return out
