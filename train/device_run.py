@@ -106,7 +106,7 @@ def distill_prompts(n: int, seed: int) -> list[list[str]]:
 def distill(base: Any, tok: Any, prompts: list[list[str]], max_new_tokens: int, batch: int,
             deadline: float) -> list[Messages]:
     """The base's greedy replies, turn by turn, ``batch`` conversations at a time (left-padded);
-    conversations not reached by ``deadline`` are left out."""
+    conversations not reached by ``deadline`` are left out (the first batch is always written)."""
     import torch
 
     tok.padding_side = "left"
@@ -114,7 +114,7 @@ def distill(base: Any, tok: Any, prompts: list[list[str]], max_new_tokens: int, 
         tok.pad_token = tok.eos_token
     out: list[Messages] = []
     for b in range(0, len(prompts), batch):
-        if time.monotonic() > deadline:
+        if out and time.monotonic() > deadline:
             say(f"distill: the budget ends here, {len(out)} of {len(prompts)} conversations written")
             break
         group = prompts[b:b + batch]
