@@ -30,7 +30,7 @@ def test_the_rehearsal_writes_a_checkpoint_the_app_opens_and_an_evaluation(tmp_p
     assert set(summary) == {"v3", "base"} and "codes_per_token" in summary["v3"]
     assert "| v3 |" in (out / "eval.md").read_text()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("loss" in m for m in metrics) and json.loads((out / "timing.json").read_text())["total_s"] < 100
+    assert any("loss" in m for m in metrics) and json.loads((out / "timing.json").read_text())["total_s"] < 120
     convs = [json.loads(line)["messages"] for line in (out / "distill.jsonl").read_text().splitlines()]
     assert convs and all(c[-1]["role"] == "assistant" for c in convs)  # the base wrote every reply
     modes = {f.name: f.stat().st_mode & 0o777 for f in (out / "v3").iterdir()}
