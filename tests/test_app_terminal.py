@@ -39,6 +39,23 @@ def test_real_terminal_with_tmux(tiny_ckpt, tmp_path):
         subprocess.run([*tmux, "kill-server"], capture_output=True)
 
 
+def gone(pids: list[int], within: float) -> bool:
+    """Every process of ``pids`` has ended within ``within`` seconds."""
+    deadline = time.time() + within
+    while time.time() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                continue
+        if not alive:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 @pytest.mark.slow
 def test_edit_and_branch_in_a_real_terminal(tiny_ckpt, tmp_path):
     """Shift+Tab reaches the messages, e edits one, Enter sends the edit, < goes back to the first
@@ -80,7 +97,10 @@ def test_edit_and_branch_in_a_real_terminal(tiny_ckpt, tmp_path):
         out = wait_for("‹ 1/2 ›")
         assert "second question" in out and "second edited" not in out, out
     finally:
-        subprocess.run([*tmux, "kill-server"], capture_output=True)
+        apps = subprocess.run(["pgrep", "-f", f"z2z_chat.app.cli --model {tiny_ckpt} --max-tokens"],
+                              capture_output=True, text=True).stdout.split()
+        subprocess.run([*tmux, "kill-server"], capture_output=True)  # the terminal closes: SIGHUP
+        assert gone([int(p) for p in apps], 10), "the app outlived its terminal"
 
 
 @pytest.mark.slow
