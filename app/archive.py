@@ -147,6 +147,7 @@ def _messages(raw: Any, where: str) -> tuple[str | None, list[Message]]:
     if not isinstance(raw, list) or not raw:
         raise ArchiveError(f"{where}: expected a non-empty list of messages")
     system, out, seen = None, [], set()
+    tree = any(isinstance(m, dict) and m.get("role") != "system" and m.get("id") is not None for m in raw)
     for i, m in enumerate(raw):
         content = _content(m.get("content")) if isinstance(m, dict) else None
         if not isinstance(m, dict) or m.get("role") not in ROLES or content is None:
@@ -159,6 +160,8 @@ def _messages(raw: Any, where: str) -> tuple[str | None, list[Message]]:
         mid, parent = m.get("id"), m.get("parent")
         if mid is not None and (type(mid) is not int or mid in seen or (parent is not None and parent not in seen)):
             raise ArchiveError(f"{where}: message {i + 1} has a bad id or a parent that does not come before it")
+        if (mid is None) == tree or (mid is None and parent is not None):
+            raise ArchiveError(f"{where}: message {i + 1}: either every message has an id (a tree) or none does")
         seen.add(mid)
         out.append(Message(m["role"], m["content"], stopped=bool(m.get("stopped", False)), id=mid, parent=parent))
     return system, out

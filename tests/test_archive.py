@@ -112,6 +112,9 @@ def test_an_import_is_one_transaction(tmp_path):
     ('{"title": "t", "messages": [{"role": "user", "content": "a\\ud800"}]}\n', "valid Unicode"),
     ("[" * 2000 + "]" * 2000, "nested too deeply|needs a role|non-empty"),
     ('{"title": "t", "messages": [{"role": "user"}]}\n', "text content"),
+    ('{"title": "t", "messages": [{"role": "user", "content": "a", "parent": 1}]}\n', "every message has an id"),
+    ('{"title": "t", "messages": [{"id": 1, "role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
+     "every message has an id"),
 ])
 def test_hostile_import_files_are_refused_and_nothing_is_imported(tmp_path, raw, match):
     path = tmp_path / "bad.jsonl"
