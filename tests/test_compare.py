@@ -33,7 +33,7 @@ def test_compare_reports_every_engine(tiny_ckpt, tmp_path):
     rep = json.loads(r.stdout)
     names = {row["engine"] for row in rep["engines"]}
     assert {"z2z/torch", "z2z/torch+lookahead", "plain/torch", "transformers", "transformers+PLD"} <= names
-    llama = {"z2z/llamacpp", "plain/llamacpp", "llama.cpp", "llama.cpp+PLD"}
+    llama = {"z2z/llamacpp", "plain/llamacpp", "llama.cpp", "llama.cpp+PLD", "llama.cpp q8_0", "llama.cpp q8_0+PLD"}
     if importlib.util.find_spec("llama_cpp"):
         assert llama <= names, rep["skipped"]
     else:  # listed as skipped, with the reason

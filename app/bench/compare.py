@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from z2z_chat.app.bench.engines import Spec, build
+from z2z_chat.app.bench.peer import peer_ggufs
 from z2z_chat.backends.loading.defaults import DEFAULT_MODEL_DIR
 from z2z_chat.app.bench.memory import peak_rss_mb
 from z2z_chat.app.bench.report import agreement, correct, summary
@@ -111,12 +112,18 @@ def plan(info: dict[str, Any], mlx: bool) -> tuple[list[Spec], list[dict[str, st
             specs += [Spec(f"plain/{be}", "plain", be), Spec(f"plain/{be}+lookahead", "plain", be, lookahead=8)]
     if not mlx:
         skip("z2z/mlx", "MLX runs here only on the CPU (for correctness, not speed); pass --mlx to include it")
+    peers = ("llama.cpp", "llama.cpp+PLD", "llama.cpp q8_0", "llama.cpp q8_0+PLD")
     if not _installed("llama_cpp"):
-        skip("llama.cpp", "llama-cpp-python is not installed")
+        for n in peers:
+            skip(n, "llama-cpp-python is not installed")
     elif not info.get("gguf"):
-        skip("llama.cpp", "the base model is not a GGUF file and no conversion was found")
-    else:
+        for n in peers:
+            skip(n, "the base model is not a GGUF file and no conversion was found")
+    else:  # the base's file, and the base at the merged model's type (the peer at its best: peer.py)
         specs += [Spec("llama.cpp", "llamacpp"), Spec("llama.cpp+PLD", "llamacpp", pld=True)]
+        for label, path in peer_ggufs(info["gguf"])[1:]:
+            name = f"llama.cpp {label.rsplit(' ', 1)[-1]}"
+            specs += [Spec(name, "llamacpp", gguf=str(path)), Spec(f"{name}+PLD", "llamacpp", pld=True, gguf=str(path))]
     if not _installed("torch"):
         skip("transformers", "torch is not installed")
         skip("zip2zip-0.2.0", "torch is not installed")

@@ -31,6 +31,7 @@ class Spec:
     backend: str = ""
     lookahead: int = 0
     pld: bool = False
+    gguf: str = ""  # llama-cpp-python's file when it is not the base's own (the peer at q8_0: ``peer.py``)
 
 
 class Z2Z:
@@ -193,7 +194,7 @@ def build(spec: Spec, model: str | None, base: str | None, info: dict[str, Any])
     # peak memory would be the harness's, not llama.cpp's)
     tok = load_tokenizer(info["tokenizer"], lean=spec.kind == "llamacpp")
     if spec.kind == "llamacpp":
-        return LlamaCppPython(spec, info["gguf"], tok, info["n_ctx"])
+        return LlamaCppPython(spec, spec.gguf or info["gguf"], tok, info["n_ctx"])
     if spec.kind == "transformers":
         return Transformers(spec, info["base"], tok)
     return Reference(info["checkpoint"], info["base"], tok, info["codec"])

@@ -68,10 +68,9 @@ def default_window(n_ctx_train: int) -> int:
     is 48 GB of f16 cache, 8,192 positions 3 GB, SmolLM2-135M's 8,192 180 MB."""
     env = os.environ.get("Z2Z_CONTEXT")
     if env:
-        # below one batch llama.cpp aborts the process on the first prefill; above the model's own
-        # window the cache is allocated for positions the model was never trained on (and a large
-        # enough number is an out-of-memory kill, not an error)
-        hi = n_ctx_train if n_ctx_train > 0 else 1 << 17
+        # below one batch llama.cpp aborts the process on the first prefill; far above the model's
+        # own window the cache llama.cpp allocates up front is an out-of-memory kill, not an error
+        hi = 4 * max(n_ctx_train, DEFAULT_WINDOW)
         return _env_int("Z2Z_CONTEXT", env, N_BATCH, hi, "positions of the context window")
     return min(n_ctx_train, DEFAULT_WINDOW) if n_ctx_train > 0 else DEFAULT_WINDOW
 
