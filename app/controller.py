@@ -91,6 +91,8 @@ class ChatController:
         self.turns: list[TurnStats] = []
         self.before_last: dict[str, Any] | None = None
         self.settings: dict[str, Any] = dict(options.settings)
+        self.cancel = threading.Event()  # the running turn's (``stop``)
+        self.reply_pending = False  # a reply was asked for and is not saved yet
         self.pending = PendingWrites()
         self.kv: KVStore | None = None
 
@@ -264,10 +266,24 @@ class ChatController:
         if ref.id is None:
             ref.creating = False
 
+    def start_reply(self) -> None:
+        """A reply is asked for: ``stop`` cancels it, ``finish_turn`` saves it once."""
+        self.cancel.clear()
+        self.reply_pending = True
+
+    def stop(self) -> None:
+        """Esc, a signal, quitting: the reply being written stops within a decode step (or its
+        message is taken back during its prefill)."""
+        if self.reply_pending:
+            self.cancel.set()
+
     def run_turn(self, text: str, settings: GenerationSettings, cancel: threading.Event | None,
                  show: Callable[[Event], None]) -> TurnEnd:
-        """The reply to ``text`` (after ``begin_turn``), each event passed to ``show`` as it comes.
-        Runs on a worker thread: it writes nothing (``finish_turn`` does)."""
+        """The reply to ``text`` (after ``begin_turn``), each event passed to ``show`` as it comes;
+        ``cancel``: another event than the turn's own (``stop``). Runs on a worker thread: it writes
+        nothing (``finish_turn`` does)."""
+        cancel = cancel or self.cancel
+        self.reply_pending = True  # also when no start_reply came first (scripts, tests)
         self.reply_units: list[list[Any]] = []
         end = TurnEnd("error")
         for ev in self.session.send(text, settings, cancel):
@@ -278,11 +294,16 @@ class ChatController:
             show(ev)
         return end
 
-    def finish_turn(self, end: TurnEnd) -> None:
-        """Write how the turn ended (see the module docstring). ``NotSaved``: queued, to tell the user."""
+    def finish_turn(self, end: TurnEnd) -> bool:
+        """Write how the turn ended, once (see the module docstring): False when it was already
+        written (the worker and a quitting app can both end a turn). ``NotSaved``: queued, to tell
+        the user."""
+        if not self.reply_pending:
+            return False
+        self.reply_pending = False
         if end.reason == "withdrawn":
             self.withdraw_turn()
-            return
+            return True
         units = list(getattr(self, "reply_units", []))  # a copy: quitting mid-reply, the worker still runs
         if end.stats is not None:
             self.turns.append(end.stats)
@@ -294,6 +315,7 @@ class ChatController:
             state = {"engine": self.session.to_dict(), "before_last": self.before_last}
             writes.append(lambda: self.store.update(ref.id, state=state))
         self.write_all(*writes)
+        return True
 
     def prepare_regenerate(self) -> tuple[str, bool] | None:
         """Answer the last message again: the engine goes back to before it and the old reply

@@ -534,7 +534,7 @@ def test_esc_while_a_long_message_is_read_takes_it_back(tiny_ckpt, tmp_path):
             def slow_reader(codes, positions):  # Esc arrives while the first chunk is read
                 out = forward(codes, positions)
                 if len(codes) > 100:
-                    app.cancel.set()
+                    app.ctl.stop()
                 return out
 
             state.forward = slow_reader

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from z2z_chat.app.bench.memory import proc_kb
+from z2z_chat.app.bench.peer import peer_ggufs
 
 TURNS = [
     "Write a Python function is_prime(n) that returns True when n is prime.",
@@ -214,16 +215,22 @@ def run(*, model: str | None, gguf: str, tokenizer: Any, threads: int, turns: in
     out: dict[str, Any] = {"turns": len(script), "max_tokens": max_tokens, "threads": threads}
     env_threads = {"Z2Z_THREADS": str(threads)}
     os.environ.update(env_threads)
-    port = _free_port()
-    llama = _Server("llama-cpp-python server", [
-        sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_ctx", "8192", "--n_threads", str(threads),
-        "--n_threads_batch", str(threads), "--port", str(port), "--host", "127.0.0.1"], port, progress)
-    try:
-        progress("llama-cpp-python server: single conversation")
-        out["llama_single"] = _conversation(llama.url, script, max_tokens, count)
-        out["llama_peak_mb"] = llama.peak_mb()
-    finally:
-        llama.stop()
+    peers = {}
+    for label, path in peer_ggufs(gguf, progress):  # the shipped type and the merged model's (peer.py)
+        port = _free_port()
+        llama = _Server(f"{label} server", [
+            sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--n_ctx", "8192", "--n_threads",
+            str(threads), "--n_threads_batch", str(threads), "--port", str(port), "--host", "127.0.0.1"],
+            port, progress)
+        try:
+            progress(f"{label} server: single conversation")
+            peers[label] = {"single": _conversation(llama.url, script, max_tokens, count), "peak_mb": llama.peak_mb()}
+        finally:
+            llama.stop()
+    # the report compares with the faster peer (its total time to first token), and lists both
+    best = min(peers, key=lambda k: sum(t["ttft_s"] for t in peers[k]["single"]))
+    out |= {"peers": peers, "fastest_peer": best, "llama_single": peers[best]["single"],
+            "llama_peak_mb": peers[best]["peak_mb"]}
     port = _free_port()
     cmd = [sys.executable, "-m", "z2z_chat.app.cli", "serve", "--backend", "llamacpp", "--port", str(port),
            "--slots", str(max(conversations, 4))] + (["--model", model] if model else [])
@@ -244,7 +251,8 @@ def run(*, model: str | None, gguf: str, tokenizer: Any, threads: int, turns: in
 
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"single conversation, {r['turns']} turns, up to {r['max_tokens']} tokens per reply, "
-             f"{r['threads']} threads (time to first token, s; decode, tokens/s)",
+             f"{r['threads']} threads (time to first token, s; decode, tokens/s); llama: the faster peer, "
+             f"{r['fastest_peer']}",
              f"{'turn':>4} {'z2z ttft':>9} {'llama ttft':>10} {'ratio':>6} {'z2z tok/s':>9} {'llama tok/s':>11}"]
     for z, l in zip(r["z2z_single"], r["llama_single"]):
         lines.append(f"{z['turn']:>4} {z['ttft_s']:9.3f} {l['ttft_s']:10.3f} {z['ttft_s'] / l['ttft_s']:6.2f} "

@@ -64,11 +64,9 @@ class Z2ZChat(ReplyTurns, Dialogs, App):
         self.store_path = store_path
         self.ctl: ChatController | None = None
         self.coloured = False
-        self.cancel = threading.Event()
         self.reply: ReplyView | None = None
         self.started, self.progress = 0.0, None  # the reply being waited for: when it was asked, its reading
         self.editing: int | None = None  # the entry being edited (its index), while it is
-        self.reply_saved = True
         self.queued = False  # a message was sent while the model loaded
         self.leaving = False  # a signal asked the app to end
         self.status_text = ""
@@ -287,7 +285,7 @@ class Z2ZChat(ReplyTurns, Dialogs, App):
             self.copy_to_clipboard("\n\n".join(blocks))
             self.notify(f"Copied {len(blocks)} code block(s)", timeout=3)
             return
-        if self.generating or not self.reply_saved:
+        if self.generating or self.ctl.reply_pending:
             self.notify("Stop the reply first (Esc)", severity="warning")
             return
         if self.ctl.conv_id is None or entry not in self.entries():
@@ -368,7 +366,7 @@ class Z2ZChat(ReplyTurns, Dialogs, App):
 
     async def leave(self, return_code: int = 0) -> None:
         if self.generating and self.reply is not None:
-            self.cancel.set()
+            self.ctl.stop()
             # save what was said before leaving; the engine state stays at the previous reply
             self.finish_reply(self.reply, TurnEnd("cancelled"))
         self.exit(return_code=return_code)

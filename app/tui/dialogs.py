@@ -26,7 +26,7 @@ class Dialogs:
         def done(found: tuple[int, int] | None) -> None:
             if found is None:
                 return
-            if self.generating or not self.reply_saved:
+            if self.generating or self.ctl.reply_pending:
                 self.notify("Stop the reply first (Esc)", severity="warning")
                 return
             cid, mid = found

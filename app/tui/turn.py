@@ -37,7 +37,7 @@ class ReplyTurns:
             else:
                 self.notify("No model is loaded (F9 opens one); your message is kept in the input", severity="error")
             return
-        if self.generating or not self.reply_saved:
+        if self.generating or self.ctl.reply_pending:
             self.notify("A reply is still running (Esc stops it); your message is kept in the input",
                         severity="warning")
             return
@@ -74,8 +74,7 @@ class ReplyTurns:
     def start_reply(self, text: str) -> None:
         self.reply = ReplyView(coloured=self.coloured, who=self.who())
         self.query_one("#chat", VerticalScroll).mount(self.reply)
-        self.cancel.clear()
-        self.reply_saved = False
+        self.ctl.start_reply()
         self.started, self.progress = time.monotonic(), None
         self.update_status(running=True)
         self.ticker = self.set_interval(0.1, self._tick)
@@ -93,7 +92,7 @@ class ReplyTurns:
         return f"{spin} writing a reply, {elapsed:.1f} s (Esc stops)"
 
     def _tick(self) -> None:
-        if self.reply_saved:
+        if not self.ctl.reply_pending:
             self.ticker.stop()
         else:
             self.update_status(running=True)
@@ -111,7 +110,7 @@ class ReplyTurns:
                 self.call_from_thread(self.notify, ev.text, severity="warning", timeout=10)
 
         try:
-            end = self.ctl.run_turn(text, settings, self.cancel, show)
+            end = self.ctl.run_turn(text, settings, None, show)
         except Exception as e:  # noqa: BLE001 - the worker's boundary
             self.call_from_thread(self.report, e)
             end = TurnEnd("error")
@@ -122,12 +121,10 @@ class ReplyTurns:
 
     @guarded
     def finish_reply(self, reply: ReplyView, end: TurnEnd) -> None:
-        if self.reply_saved:
-            return
-        self.reply_saved = True
         saved = True
         try:
-            self.ctl.finish_turn(end)
+            if not self.ctl.finish_turn(end):  # the controller saves a turn once
+                return
         except NotSaved as e:
             saved = False
             self.notify(str(e), severity="warning", timeout=15)
@@ -163,8 +160,8 @@ class ReplyTurns:
         self.update_status()
 
     def action_stop(self) -> None:
-        if not self.reply_saved:  # a reply is pending, whether or not its worker has started yet
-            self.cancel.set()
+        if self.ctl.reply_pending:  # whether or not its worker has started yet
+            self.ctl.stop()
         elif self.editing is not None:
             self.editing = None
             self.query_one(ChatInput).load_text("")
