@@ -178,16 +178,18 @@ def test_settings_dialog_validates_like_the_cli(tiny_ckpt, tmp_path):
     assert ctl.generation_settings().sampling.top_k == 3
 
 
-def test_a_new_chat_starts_from_the_defaults_not_from_the_previous_chat(runtime, tiny_ckpt, tmp_path):
+def test_a_new_chat_starts_from_the_defaults_not_from_the_previous_chat(runtime, tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("Z2Z_DATA_DIR", str(tmp_path / "data"))  # defaults other tests saved stay theirs
     ctl = controller(runtime, tmp_path / "h.db", tiny_ckpt)
+    defaults = dict(ctl.settings)
     turn(ctl, "hello")
     ctl.set_system("You are a pirate.")
     ctl.apply_settings(dict(ctl.settings, temperature=0.9, top_k=7))  # this conversation only
     ctl.new_chat()
-    assert ctl.session.system is None and ctl.settings["temperature"] == 0.0 and ctl.settings["top_k"] == 0
+    assert ctl.session.system is None and ctl.settings == defaults
     ctl.apply_settings(dict(ctl.settings, top_k=3), as_defaults=True)  # saved as the defaults (F8)
     ctl.new_chat()
-    assert ctl.settings["top_k"] == 3
+    assert ctl.settings == dict(defaults, top_k=3)
 
 
 def test_regenerate_answers_a_last_message_left_unanswered(runtime, tiny_ckpt, tmp_path):

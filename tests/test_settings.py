@@ -27,6 +27,7 @@ def test_one_bound_changed_in_the_table_is_seen_everywhere(lookahead_up_to_3, tm
     from z2z_chat.app.options import load_defaults
     from z2z_chat.backends.engine.events import GenerationSettings
 
+    monkeypatch.setenv("Z2Z_DATA_DIR", str(tmp_path))
     # the command line
     assert build_parser().parse_args(["--lookahead", "3"]).lookahead == 3
     with pytest.raises(SystemExit):
@@ -38,7 +39,6 @@ def test_one_bound_changed_in_the_table_is_seen_everywhere(lookahead_up_to_3, tm
     with pytest.raises(SettingsError):
         GenerationSettings(lookahead=4)
     # the saved defaults: a value the table no longer allows is dropped
-    monkeypatch.setenv("Z2Z_DATA_DIR", str(tmp_path))
     (tmp_path / "settings.json").write_text(json.dumps({"lookahead": 4, "top_k": 5}))
     assert load_defaults() == {"top_k": 5}
     # the server's request checks
@@ -51,9 +51,10 @@ def test_one_bound_changed_in_the_table_is_seen_everywhere(lookahead_up_to_3, tm
         parse_request({"messages": msgs, "lookahead": 4}, "m")
 
 
-def test_every_setting_has_a_flag_a_default_in_range_and_help():
+def test_every_setting_has_a_flag_a_default_in_range_and_help(tmp_path, monkeypatch):
     from z2z_chat.app.cli import build_parser
 
+    monkeypatch.setenv("Z2Z_DATA_DIR", str(tmp_path))  # no defaults saved by other tests
     flags = {a.dest: a for a in build_parser()._actions}
     for s in table.SETTINGS:
         assert s.name in flags and s.help, s.name
