@@ -76,7 +76,9 @@ def test_export_all_and_import_in_the_app(tiny_ckpt, tmp_path, monkeypatch):
     run(go())
 
 
-def test_settings_form_checks_each_field_keeps_the_dialog_open_and_saves_defaults(tiny_ckpt, tmp_path):
+def test_settings_form_checks_each_field_keeps_the_dialog_open_and_saves_defaults(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("Z2Z_DATA_DIR", str(tmp_path / "data"))  # the defaults it saves are not the next tests'
+
     async def go():
         app = make_app(tiny_ckpt, tmp_path / "h.db")
         async with app.run_test(size=(120, 40), notifications=True) as pilot:
