@@ -106,10 +106,24 @@ def markdown(store: Store, cid: int) -> str:
             lines += [f"*The first {shared} message(s) as in branch {seen[branch[shared - 1].id]}.*", ""]
         for m in branch[shared:]:
             seen[m.id] = n
-            lines += [f"{level} {'You' if m.role == 'user' else 'Assistant'}", "", m.content, ""]
+            lines += [f"{level} {'You' if m.role == 'user' else 'Assistant'}", "", _closed(m.content), ""]
             if m.stopped:
                 lines += ["*(stopped)*", ""]
     return "\n".join(lines)
+
+
+def _closed(text: str) -> str:
+    """``text`` with the code fences it left open closed, so a reply cut mid-code does not swallow
+    every later section of the Markdown file."""
+    fence = None
+    for line in text.splitlines():
+        mark = line.lstrip()[:3]
+        if mark in ("```", "~~~"):
+            if fence is None:
+                fence = mark
+            elif mark == fence:
+                fence = None
+    return text if fence is None else text.rstrip("\n") + "\n" + fence
 
 
 def _branches(tree: list[Message], shown: list[int]) -> list[list[Message]]:

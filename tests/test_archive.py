@@ -156,3 +156,15 @@ def test_export_never_overwrites_by_accident(tmp_path):
         with pytest.raises(ArchiveError, match=match):
             export_jsonl(s, path)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_reply_cut_inside_a_code_fence_does_not_swallow_the_rest_of_the_markdown(tmp_path):
+    s = open_store(tmp_path / "s.db")
+    cid = s.create("code", "m", None, {})
+    s.add_message(cid, Message("user", "write code"))
+    s.add_message(cid, Message("assistant", "Here:\n```python\ndef f():\n    return 1", stopped=True))
+    s.add_message(cid, Message("user", "thanks"))
+    text = markdown(s, cid)
+    assert text.count("```") % 2 == 0
+    after = text.split("    return 1", 1)[1]
+    assert after.lstrip().startswith("```") and "## You\n\nthanks" in after
