@@ -49,6 +49,7 @@ APP_KEYS = [("Ctrl+Q", "quit (a reply being written is saved, marked stopped)"),
             ("Ctrl+C", "copy the selected text")]
 # typed in the message box instead of a message; anything else starting with "/" and one word is refused
 SLASH_COMMANDS = [("/file PATH ...", "attach text files to the next message (Tab completes the path)"),
+                  ("/detach [NAME]", "remove an attached file (all of them without a name)"),
                   ("/help", "list these commands")]
 
 

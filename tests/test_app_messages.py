@@ -257,3 +257,27 @@ def test_titles_come_from_the_question_and_a_continued_chat_moves_to_the_top(tin
             assert items.first().conv_id == first  # the list follows without a relaunch
 
     run(go())
+
+
+def test_pending_attachments_can_be_removed_do_not_carry_to_a_new_chat_and_too_long_is_said(tiny_ckpt, tmp_path):
+    small, big = tmp_path / "small.txt", tmp_path / "big.txt"
+    small.write_text("a few words\n")
+    big.write_text("word " * 20000)
+
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32), notifications=True) as pilot:
+            await ready(app, pilot)
+            app.attach_files([str(small), str(big)])
+            await pilot.pause()
+            assert any("do not fit the context window" in n.message for n in app._notifications)
+            box = app.query_one("#input")
+            box.load_text("/detach big.txt")
+            await pilot.press("enter")
+            await pilot.pause()
+            assert [a.name for a in app.attachments] == ["small.txt"]
+            await pilot.press("ctrl+n")
+            await pilot.pause()
+            assert app.attachments == [] and not app.query_one("#attached").display
+
+    run(go())

@@ -319,6 +319,8 @@ class Z2ZChat(ReplyTurns, Dialogs, App):
             self.notify("Stop the reply first (Esc)", severity="warning")
             return
         self.editing = None
+        self.attachments = []  # files attached for the last chat are not the new one's
+        self.show_attachments()
         for note in self.ctl.new_chat():
             self.notify(note, severity="warning", timeout=15)
         self.highlight_open()

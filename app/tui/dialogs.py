@@ -60,13 +60,43 @@ class Dialogs:
             return False
         self.attachments += new
         self.show_attachments()
+        self._warn_if_too_long()
         return True
+
+    def _warn_if_too_long(self) -> None:
+        """Said when attached, not at every send: the files alone do not fit the context window."""
+        from z2z_chat.app.attachments import compose
+        from z2z_chat.backends.engine.prompt import ContextFullError
+
+        if self.ctl.session is None or not self.attachments:
+            return
+        try:
+            self.ctl.session.check_fits(compose("", self.attachments), self.ctl.generation_settings())
+        except ContextFullError as e:
+            self.notify(f"The attached files do not fit the context window ({e}); /detach removes them",
+                        severity="warning", timeout=20)
+
+    def detach(self, name: str = "") -> None:
+        """``/detach [NAME]``: remove a pending attachment (the last one named NAME), or all of them."""
+        if not self.attachments:
+            self.notify("Nothing is attached", severity="warning")
+            return
+        if name:
+            idx = [i for i, a in enumerate(self.attachments) if a.name == name]
+            if not idx:
+                names = ", ".join(a.name for a in self.attachments)
+                self.notify(f"No attachment named {name}; attached: {names}", severity="warning")
+                return
+            del self.attachments[idx[-1]]
+        else:
+            self.attachments = []
+        self.show_attachments()
 
     def show_attachments(self) -> None:
         bar = self.query_one("#attached", Static)
         bar.display = bool(self.attachments)
         sizes = ", ".join(self._describe(a) for a in self.attachments)
-        bar.update(f"attached: {sizes} - sent with the next message")
+        bar.update(f"attached: {sizes} - sent with the next message (/detach NAME removes one)")
 
     def _describe(self, a) -> str:
         """name (size, base tokens, positions it takes against this conversation's codebook)."""
@@ -80,6 +110,10 @@ class Dialogs:
         """``/file PATH ...``, or a lone path to an existing file: attach instead of sending; ``/help``
         and unknown ``/word`` commands are answered here, never sent to the model."""
         word = text.split(maxsplit=1)[0] if text.strip() else ""
+        if word == "/detach":
+            self.detach(text[len("/detach"):].strip())
+            self.query_one(ChatInput).accepted(text)
+            return True
         if re.fullmatch(r"/[A-Za-z]+", word) and word != "/file" and not _is_file(text):
             listed = "\n".join(f"{c}: {h}" for c, h in SLASH_COMMANDS)
             if word == "/help":
