@@ -204,9 +204,10 @@ def _module(name: str, model: str = "") -> Any:
     return importlib.import_module(f".{b.module}", __package__)
 
 
-def _load(name: str, path: str, base: str | None, device: str = "auto", dtype: str = "auto") -> Runtime:
+def _load(name: str, path: str, base: str | None, device: str = "auto", dtype: str = "auto",
+          progress: Callable[[str], None] | None = None) -> Runtime:
     try:
-        loaded = _module(name, path).open_model(path, base, device, dtype)
+        loaded = _module(name, path).open_model(path, base, device, dtype, progress=progress)
     except (ValueError, OSError) as e:  # not ours: a library refused the files
         raise RuntimeOpenError(f"{path}: {e}") from e
     return Runtime.of(loaded, name, path)
@@ -237,16 +238,16 @@ def _open(model: str, backend: str, device: str, dtype: str, base: str | None,
     name = _pick(backend, model, torch_options=(device, dtype) != ("auto", "auto"))
     if name == "mlx":
         _module("mlx")  # the conversion needs it too
-        return _load("mlx", mlx_conversion(model, base, dtype), base, device, dtype)
+        return _load("mlx", mlx_conversion(model, base, dtype), base, device, dtype, progress)
     if name == "llamacpp":
         try:
             _module("llamacpp")
-            return _load("llamacpp", gguf_conversion(model, base), base, device, dtype)
+            return _load("llamacpp", gguf_conversion(model, base), base, device, dtype, progress)
         except RuntimeOpenError as e:
             if backend != "auto":
                 raise
             progress(f"llama.cpp cannot run {model} ({e}); running it on torch instead")
-    return _load("torch", model, base, device, dtype)
+    return _load("torch", model, base, device, dtype, progress)
 
 
 def gguf_conversion(model: str, base: str | None) -> str:

@@ -128,3 +128,24 @@ def test_an_error_after_loading_the_gguf_base_is_one_line_in_a_pipe(tmp_path):
                        stdin=subprocess.DEVNULL, timeout=300)
     assert r.returncode == 1 and "zip2zip_encoders.safetensors is not a readable safetensors file" in r.stderr
     assert "de-quantizing" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_one_shot_says_that_it_builds_the_merged_model(tmp_path):
+    """A fresh cache (after --cache clean, or a new checkpoint): the merge takes seconds, and the
+    one-shot mode says so on stderr instead of sitting silent."""
+    pytest.importorskip("llama_cpp", reason='llama.cpp backend: pip install "z2z-chat[llamacpp]"')
+    import os
+    import subprocess
+    import sys
+
+    from z2z_chat.backends.loading.assets import cache_dir
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "smollm2").symlink_to(cache_dir() / "smollm2", target_is_directory=True)  # the base, not the merge
+    r = subprocess.run([sys.executable, "-m", "z2z_chat.app.cli", "--backend", "llamacpp", "--prompt", "hi",
+                        "--max-tokens", "4"], capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                       env=os.environ | {"Z2Z_CACHE_DIR": str(cache)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "merg" in r.stderr.lower(), r.stderr

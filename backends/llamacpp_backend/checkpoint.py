@@ -154,12 +154,13 @@ def _checked(file: Path, prefix: str, config: Zip2ZipConfig, pad: int, kind: str
     return w
 
 
-def open_model(path: str | Path, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Loaded:
+def open_model(path: str | Path, base: str | None = None, device: str = "auto", dtype: str = "auto",
+               progress=None) -> Loaded:
     """The backend's entry point (``protocol.Loaded``); llama.cpp runs on the CPU in the GGUF's own types."""
     if device not in ("auto", "cpu") or dtype != "auto":
         raise CheckpointError("the llama.cpp backend runs on the CPU in the GGUF's own types: drop --device/--dtype, "
                               "or use --backend torch")
-    return open_checkpoint(path, base)
+    return open_checkpoint(path, base, progress=progress or (lambda m: None))  # the merge says what it does
 
 
 def open_checkpoint(path: str | Path, base: str | None = None, n_ctx: int = 0, n_threads: int | None = None,

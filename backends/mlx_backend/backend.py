@@ -21,7 +21,8 @@ from z2z_chat.backends.loading.sources import context_length_of
 from z2z_chat.backends.mlx_backend.model import Zip2ZipMLX, load_converted, position_logits
 
 
-def open_model(path: str, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Loaded:
+def open_model(path: str, base: str | None = None, device: str = "auto", dtype: str = "auto",
+               progress=None) -> Loaded:
     """The backend's entry point (``protocol.Loaded``) for a directory ``convert/to_mlx.py`` wrote
     (in its own dtype: ``runtime.mlx_conversion`` checks ``dtype``; MLX picks its device)."""
     try:

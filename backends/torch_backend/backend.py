@@ -45,7 +45,8 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
     return dev, dt
 
 
-def open_model(path: str, base: str | None = None, device: str = "auto", dtype: str = "auto") -> Loaded:
+def open_model(path: str, base: str | None = None, device: str = "auto", dtype: str = "auto",
+               progress=None) -> Loaded:
     """The backend's entry point (``protocol.Loaded``)."""
     dev, dt = pick_device(device, dtype)
     ck = checkpoint.load(path, base=base, device=dev, dtype=dt)
