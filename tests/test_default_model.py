@@ -97,7 +97,8 @@ def test_llamacpp_gives_the_recorded_codes():
 
 def test_a_damaged_cached_merge_is_made_again(tmp_path, monkeypatch):
     """The q8_0 merge of the default model lives in the cache; a truncated one (a full disk, a
-    crash while writing) is noticed when read and rebuilt, not loaded or left to fail every run."""
+    crash while writing) or one damaged to the same size is noticed (its size, time and digest
+    were recorded when it was made) and rebuilt, not loaded or left to fail every run."""
     pytest.importorskip("llama_cpp")
     import z2z_chat.backends.llamacpp_backend.checkpoint as ckpt_mod
 
@@ -111,7 +112,17 @@ def test_a_damaged_cached_merge_is_made_again(tmp_path, monkeypatch):
     notes.clear()
     model = ckpt_mod.open_checkpoint(DEFAULT_MODEL_DIR, base=base, progress=notes.append).model
     model.close()
-    assert any("damaged" in n for n in notes) and merged.stat().st_size > 0
+    assert any("changed since it was made" in n for n in notes) and merged.stat().st_size > 0
+    size = merged.stat().st_size
+    with open(merged, "r+b") as f:  # same-size damage: the header still parses, the weights do not
+        f.seek(size // 2)
+        f.write(b"\xff" * 4096)
+    notes.clear()
+    ckpt_mod.open_checkpoint(DEFAULT_MODEL_DIR, base=base, progress=notes.append).model.close()
+    assert any("changed since it was made" in n for n in notes) and merged.stat().st_size == size
+    notes.clear()
+    ckpt_mod.open_checkpoint(DEFAULT_MODEL_DIR, base=base, progress=notes.append).model.close()
+    assert not any("merg" in n or "changed" in n for n in notes)  # sound again: used as it is
 
 
 def test_an_error_after_loading_the_gguf_base_is_one_line_in_a_pipe(tmp_path):

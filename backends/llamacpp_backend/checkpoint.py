@@ -60,6 +60,33 @@ def _base_gguf(ck: Checkpoint) -> Path:
                           f"once with `python convert/to_gguf.py {ck.dir} OUT_DIR`, or run it with --backend torch")
 
 
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _seal(path: Path, seal: Path) -> None:
+    """Record the file as it was made: its size, modification time and digest."""
+    st = path.stat()
+    seal.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": _digest(path)}))
+
+
+def _sealed(path: Path, seal: Path) -> bool:
+    """The cached file is the one that was made: the same size and time, or else the same digest
+    (a copy); a file rewritten in place, even to the same size, is not."""
+    try:
+        record = json.loads(seal.read_text())
+        st = path.stat()
+        if record["size"] != st.st_size:
+            return False
+        return record["mtime_ns"] == st.st_mtime_ns or record["digest"] == _digest(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _merged_or_adapter(ck: Checkpoint, base: Path, progress) -> tuple[Path, Path | None]:
     """(model GGUF, adapter GGUF or None): a ``lora.gguf`` is applied at load; a PEFT adapter is merged
     once into a cached q8_0 copy of the base (see the module docstring)."""
@@ -75,21 +102,18 @@ def _merged_or_adapter(ck: Checkpoint, base: Path, progress) -> tuple[Path, Path
     st = base.stat()
     key = hashlib.sha256(peft.read_bytes() + f"|{alpha}|{base.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     entry = cache_dir() / "llamacpp" / f"merged-{key.hexdigest()[:16]}"
-    out, size = entry / MODEL_FILE, entry / "size"  # size: written once the file is known sound
-    if out.is_file() and not (size.is_file() and size.read_text().strip() == str(out.stat().st_size)):
-        try:  # parsing it takes seconds (a 49k-token vocabulary in Python): once, not at every open
-            check_gguf(out)
-            size.write_text(str(out.stat().st_size))
-        except TensorFileError as e:  # a damaged cache entry (a full disk, a crash): made again
-            progress(f"the cached merge {out} is damaged ({e}); making it again")
-            out.unlink()
+    out, seal = entry / MODEL_FILE, entry / "seal"  # written once the file is known sound
+    if out.is_file() and not _sealed(out, seal):
+        progress(f"the cached merge {out} was changed since it was made; making it again")
+        out.unlink()
     if not out.is_file():
         entry.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         progress(f"merging the LoRA adapter of {ckpt.name} into {base.name} (once)")
         merge_lora_gguf(base, tmp, read_safetensors(peft), float(alpha), "q8_0", progress)
+        check_gguf(tmp)
         tmp.replace(out)
-        size.write_text(str(out.stat().st_size))
+        _seal(out, seal)
     return out, None
 
 
