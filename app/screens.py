@@ -254,6 +254,14 @@ class ModelScreen(ModalScreen["str | None"]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)
 
+    def on_key(self, event) -> None:
+        """Up and Down from the path field reach the list of models opened before."""
+        models = self.query_one("#models", OptionList)
+        if event.key in ("up", "down") and not models.has_focus:
+            event.stop()
+            models.focus()
+            models.highlighted = 0 if event.key == "down" else len(self.choices) - 1
+
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(self.choices[event.option_index])
 

@@ -115,10 +115,14 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _check_exists(model: str) -> None:
-    """A path that does not exist is a typo unless it reads as a Hugging Face repo id (org/name)."""
-    if not Path(model).expanduser().exists() and not _HUB_ID.fullmatch(model):
+    """A path that does not exist is a typo unless it reads as a Hugging Face repo id (org/name)
+    whose org is not a local directory (``out/mdl`` next to a directory ``out`` is a mistyped path)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return
+    if not _HUB_ID.fullmatch(model) or path.parent.is_dir():
         raise RuntimeOpenError(f"{model}: no such checkpoint directory (nor a Hugging Face repo id, org/name); "
-                               "check the path, or omit --model for the embedded default")
+                               "check the path, or choose the embedded default model")
 
 
 def _pick(backend: str, model: str, torch_options: bool = False) -> str:

@@ -164,3 +164,19 @@ def test_a_chat_list_date_reads_as_a_time_today_and_a_day_before():
     assert when(now - 86400 * 3, now) == "29 Nov"
     assert when(t.mktime((2025, 3, 4, 9, 0, 0, 0, 0, -1)), now) == "4 Mar 2025"
     assert when(0, now) == ""
+
+
+def test_f9_arrow_keys_reach_the_list_of_models(tiny_ckpt, tmp_path):
+    async def go():
+        app = make_app(tiny_ckpt, tmp_path / "h.db")
+        async with app.run_test(size=(110, 32), notifications=True) as pilot:
+            await ready(app, pilot)
+            await pilot.press("f9")
+            await pilot.pause()
+            models = app.screen.query_one("#models")
+            await pilot.press("down")
+            await pilot.pause()
+            assert models.has_focus and models.highlighted == 0
+            await pilot.press("escape")
+
+    run(go())

@@ -19,3 +19,14 @@ def test_auto_picks_llama_cpp_for_the_default_model_without_importing_torch():
     picked, imported = r.stdout.split()
     assert imported == "False", "deciding --backend auto imported torch"
     assert picked == "llamacpp"  # no NVIDIA driver here (CI has no GPU)
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from z2z_chat.backends.runtime import RuntimeOpenError, _check_exists
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(RuntimeOpenError, match="no such checkpoint directory") as e:
+        _check_exists("out/defgguf")  # the directory out/ is here: a typo, not a repo
+    assert "--model" not in str(e.value)  # said in the app too, where there is no command line
+    _check_exists("HuggingFaceTB/SmolLM2-135M-Instruct")  # a repo id: the hub lookup says the rest
