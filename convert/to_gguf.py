@@ -9,6 +9,7 @@ hyper-encoders and the zip2zip config. See ``backends/llamacpp_backend/convert.p
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from z2z_chat.backends.llamacpp_backend.tensors import QTYPES  # numpy only
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers reads the tokenizer only; without torch it says at import that models will not
+    # be available, which is true and not this command's business
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     p = argparse.ArgumentParser(prog="convert/to_gguf.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="zip2zip checkpoint (directory or hub id)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,9 @@ def save(model: Zip2ZipLM, directory: str | os.PathLike, tokenizer: Any = None,
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, out / ENCODER_FILES[0])
     if hasattr(model.lm, "peft_config"):
         lm_full = {k.removeprefix("lm."): v for k, v in full.items() if k.startswith("lm.")}
-        model.lm.save_pretrained(out, state_dict=lm_full or None)
+        with warnings.catch_warnings():  # peft warns at every save about the base it cannot reach offline
+            warnings.simplefilter("ignore", UserWarning)
+            model.lm.save_pretrained(out, state_dict=lm_full or None)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     as_siblings(out / ENCODER_FILES[0], out / "adapter_model.safetensors")
