@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--search needs a word to look for")
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty")
+    archive_or_cache = args.export or args.import_file or args.search is not None or args.cache or args.fetch_default
+    if args.prompt is None and not archive_or_cache and _piped_stdin():
+        args.prompt = "-"  # `echo question | z2z-chat`: the piped text is the prompt (one-shot)
     if args.file and args.prompt is None:
         parser.error("--file needs --prompt (in the chat UI, attach files with /file PATH)")
     from z2z_chat.app.attachments import AttachmentError

@@ -131,7 +131,8 @@ def test_files_and_standard_input_reach_the_model(ref_checkpoints, tmp_path):
     with_file = prompt_tokens(z2z(*base, "--prompt", "What does this do?", "--file", str(code)))
     piped = prompt_tokens(z2z(*base, "--prompt", "What does this do?", stdin=code.read_bytes()))
     dash = prompt_tokens(z2z(*base, "--prompt", "-", stdin=b"What does this do?"))
-    assert with_file > alone + 100 and piped > alone + 100 and dash == alone
+    bare = prompt_tokens(z2z(*base, stdin=b"What does this do?"))  # no --prompt: piped text is the prompt
+    assert with_file > alone + 100 and piped > alone + 100 and dash == alone == bare
 
 
 @pytest.mark.parametrize("make,message", [
