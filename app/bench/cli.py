@@ -196,7 +196,7 @@ def cmd_long(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         raise Z2ZError(str(e)) from e
     print(json.dumps(rows, indent=2) if args.json else
-          f"long documents, {rt.describe()} (lcp: llama-cpp-python on the same GGUF)\n{bench_long.format_table(rows)}")
+          f"long documents, {rt.describe()}\n{bench_long.format_table(rows)}")
     return 0
 
 
