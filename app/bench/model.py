@@ -180,12 +180,15 @@ def _row(mode: str, p: dict, z: dict) -> dict:
 
 
 def _create_completion(rt: Runtime, prompt: list[int], steps: int) -> dict:
-    """What a user would run instead: llama-cpp-python's high-level API, greedy, same GGUF and threads."""
+    """What a user would run instead: llama-cpp-python's high-level API, greedy, same threads, on the
+    base at the merged model's type (the peer at its best: ``peer.py``)."""
     from llama_cpp import Llama
 
+    from z2z_chat.app.bench.peer import peer_ggufs
+
     ctx = rt.model.ctx
-    llm = Llama(model_path=rt.base, n_ctx=ctx.n_ctx, n_threads=ctx.n_threads, n_threads_batch=ctx.n_threads,
-                verbose=False)
+    llm = Llama(model_path=str(peer_ggufs(rt.base)[-1][1]), n_ctx=ctx.n_ctx, n_threads=ctx.n_threads,
+                n_threads_batch=ctx.n_threads, verbose=False)
     llm.create_completion(prompt[:8], max_tokens=2, temperature=0.0)  # warm-up
     # create_completion is generate() plus text handling; generate() lets the clock start at the
     # first sampled token, so the figure is decode alone (an eos is decoded on, like ours)
