@@ -48,6 +48,11 @@ from typing import Any, TypeVar
 
 from z2z_chat.backends.errors import Z2ZError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two instances there can still race
+    fcntl = None
+
 BUSY_WAIT_S = 5.0
 T = TypeVar("T")
 TABLES = {"conversations": {"id", "title", "model", "system", "settings", "state", "created", "updated", "head",
@@ -165,6 +170,7 @@ class Conversation:
 class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path, warning: str | None = None, read_only: bool = False):
         self.db, self.path, self.warning, self.read_only = conn, path, warning, read_only
+        self.in_use: int | None = None  # a lock held on a fallback file while this store writes it
         self.repaired = 0  # stored values that could only be read in part
         conn.text_factory = self._text
         self.fts = _has_fts(conn)
@@ -380,6 +386,9 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        if self.in_use is not None:  # the fallback file may be merged by the next launch
+            os.close(self.in_use)
+            self.in_use = None
 
 
 class PendingWrites:
@@ -533,11 +542,42 @@ def _in_memory(why: str) -> Store:
                                          "NOT saved; set Z2Z_DATA_DIR to a writable directory.")
 
 
+def _in_use_lock(fallback: Path, exclusive: bool) -> int | None:
+    """A lock on ``<fallback>.lock`` (its descriptor), or None when it cannot be had now: every
+    instance that writes the fallback file holds a shared one for as long as it runs; a merge needs
+    the exclusive one. (Without ``fcntl``, on Windows, a descriptor without a lock.)"""
+    try:
+        fd = os.open(f"{fallback}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
 def _merge_fallback(store: Store, fallback: Path) -> str | None:
     """Move what a fallback file holds (written while the database was locked at launch) into the
-    database, in one transaction: conversations keep their order, messages their order and fields."""
+    database, in one transaction: conversations keep their order, messages their order and fields.
+    Not while another instance still writes the fallback file (it holds its lock): moving its
+    conversations away would make its next messages fail; they are moved at a later launch."""
     if not fallback.exists() or not _writable(fallback):
         return None
+    lock = _in_use_lock(fallback, exclusive=True)
+    if lock is None:
+        return (f"Another z2z-chat still writes {fallback} (it started while {store.path} was locked); "
+                "its conversations are moved into the history at a launch after it ends.")
+    try:
+        return _move_fallback(store, fallback)
+    finally:
+        os.close(lock)
+
+
+def _move_fallback(store: Store, fallback: Path) -> str | None:
     try:
         _check_ours(fallback)
     except (NotOurs, sqlite3.Error):
@@ -607,5 +647,7 @@ def open_store(path: Path | None = None) -> Store:
                     os.replace(side, aside.with_name(aside.name + ext))
             return Store(_connect(path), path, f"History database {path} was unreadable ({e}); it was moved "
                                                f"to {aside} and a new one was started at {path}.")
-    return Store(_connect(fallback), fallback,
-                 f"History database {path} {why}. This session uses {fallback} (the same file every time).")
+    store = Store(_connect(fallback), fallback,
+                  f"History database {path} {why}. This session uses {fallback} (the same file every time).")
+    store.in_use = _in_use_lock(fallback, exclusive=False)  # a merge waits for every instance that uses it
+    return store

@@ -260,3 +260,29 @@ def test_a_history_that_is_a_directory_is_said_and_left_alone(tmp_path):
     db.mkdir()
     s = open_store(db)
     assert "is a directory" in s.warning and db.is_dir()
+
+
+def test_a_fallback_file_still_written_by_another_instance_is_not_merged_away(tmp_path):
+    """A starts while the history is locked (it writes the fallback file); the lock goes; B starts:
+    B must not move A's conversations away, or A's next messages fail (FOREIGN KEY) while A says
+    they are saved. They are moved at a launch after A ends."""
+    db = tmp_path / "history.db"
+    open_store(db).close()
+    holder = sqlite3.connect(db)
+    holder.execute("BEGIN EXCLUSIVE")
+    a = open_store(db)
+    holder.rollback()
+    holder.close()
+    assert a.path != db
+    cid = a.create("from A", "m", None, {})
+    a.add_message(cid, Message("user", "first"))
+    b = open_store(db)  # the history is free now
+    assert b.path == db and "still writes" in (b.warning or "")
+    a.add_message(cid, Message("assistant", "second"))  # A goes on: nothing is lost
+    assert [m.content for m in a.messages(cid)] == ["first", "second"]
+    b.close()
+    a.close()
+    c = open_store(db)  # A has ended: its conversation is moved in now
+    assert "moved" in (c.warning or "")
+    (conv,) = [x for x in c.conversations() if x.title == "from A"]
+    assert [m.content for m in c.messages(conv.id)] == ["first", "second"]
