@@ -93,7 +93,7 @@ class Totals:
     completion_codes: int = 0
     cached_tokens: int = 0
     errors: int = 0  # answered 5xx (a bug)
-    client_errors: int = 0  # answered 4xx (the HTTP layer counts those it answers itself)
+    client_errors: int = 0  # answered 4xx (counted by the HTTP layer)
     cancelled: int = 0
 
 
@@ -123,8 +123,7 @@ class Worker(threading.Thread):
             self.current = job
             try:
                 self._run(job)
-            except APIError as e:
-                self.totals.client_errors += e.status < 500
+            except APIError as e:  # counted by the HTTP layer, which answers it
                 job.emit(Failed(e))
             except Exception as e:  # a bug: the request gets a 500 and the server keeps serving
                 log.exception("internal error while answering a request")
