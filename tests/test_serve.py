@@ -424,3 +424,10 @@ def test_structured_output_follows_the_schema_streamed_or_not(server):
     r = server.post({"messages": msgs, "response_format": bad})
     assert r.status_code == 400 and "schema" in r.json()["error"]["message"]
     assert server.post({"messages": msgs, "response_format": {"type": "json_schema"}}).status_code == 400
+
+
+def test_a_client_error_the_worker_raises_is_counted_once(server):
+    before = server.metrics()["z2z_request_client_errors_total"]
+    r = server.post({"messages": [{"role": "user", "content": "word " * 5000}]})  # found too long by the worker
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert server.metrics()["z2z_request_client_errors_total"] == before + 1
